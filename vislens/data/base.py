@@ -1,0 +1,35 @@
+"""The record every dataset loader yields: one question about one image."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Box:
+    """An object box in pixels of the original image, ``xyxy = (x0, y0, x1, y1)``."""
+
+    label: str
+    xyxy: tuple[float, float, float, float]
+
+
+@dataclass
+class Sample:
+    """One benchmark item, independent of any model's prompt format.
+
+    ``question`` is the plain question text (no chat template, no image token): each model
+    adapter wraps it in its own template. ``answer`` is one of ``options``; ``objects`` are
+    the object names the question asks about (subject first), used to pick detector boxes.
+    """
+
+    id: str
+    image_path: str
+    question: str
+    options: list[str]
+    answer: str
+    relation: str = ""
+    group: str = ""
+    objects: list[str] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    split: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
