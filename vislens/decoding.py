@@ -1,0 +1,405 @@
+"""Decoding conditions (greedy, ScalingVis, AdaptVis, additive) sharing one prefix prefill.
+
+An intervention changes only the attention row of the last prompt token, so the KV cache of
+the first ``n-1`` tokens is the same under every condition. The engine prefills those once
+per batch, then runs the last token once per distinct *steering setting* (a scale or an
+additive shift of the image-key logits, possibly restricted to layers/heads), records its
+attention row, and continues greedily (unsteered, like the paper) only where some condition
+needs the generated text. AdaptVis reuses the baseline step for its confidence, then reuses
+(or runs) the steps of alpha1/alpha2, each sample taking its own alpha.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import VislensError
+from .models.base import PreparedBatch, VLMAdapter
+from .steering import Steerer, interventions_for
+
+# ----------------------------------------------------------------------------- conditions
+
+#: method -> (required parameters, optional parameters with defaults)
+METHODS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "baseline": ((), {}),
+    "scaling": (("alpha",), {}),
+    "adaptvis": (("alpha1", "alpha2", "beta"), {}),
+    "add": (("delta",), {}),
+}
+_COMMON = {"layers": None, "heads": None, "name": None}
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One decoding condition, e.g. ``scaling:alpha=0.5`` or ``adaptvis:alpha1=0.5,...``.
+
+    ``layers``/``heads`` restrict the intervention (None = all, as in the paper).
+    """
+
+    name: str
+    method: str
+    params: tuple[tuple[str, float], ...] = ()
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+
+    def __getitem__(self, key: str) -> float:
+        return dict(self.params)[key]
+
+    def attrs(self) -> dict[str, Any]:
+        """What the capture file stores about this condition."""
+        out: dict[str, Any] = {"method": self.method, "spec": self.spec()}
+        out.update(dict(self.params))
+        if self.layers is not None:
+            out["layers"] = list(self.layers)
+        if self.heads is not None:
+            out["heads"] = list(self.heads)
+        return out
+
+    def spec(self) -> str:
+        parts = [f"{k}={_fmt(v)}" for k, v in self.params]
+        if self.layers is not None:
+            parts.append("layers=" + _fmt_ints(self.layers))
+        if self.heads is not None:
+            parts.append("heads=" + _fmt_ints(self.heads))
+        return self.method + (":" + ",".join(parts) if parts else "")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def _fmt_ints(v: Sequence[int]) -> str:
+    return "+".join(str(i) for i in v)
+
+
+def _parse_ints(text: str, what: str) -> tuple[int, ...]:
+    out: list[int] = []
+    try:
+        for part in text.replace("+", " ").replace(";", " ").split():
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise VislensError(f"condition option {what}={text!r}: expected integers like 0-15 or 3+7") from None
+    return tuple(sorted(set(out)))
+
+
+def parse_condition(text: str) -> Condition:
+    """Parse ``method[:key=value,...]`` (the ``--condition`` syntax) and validate it.
+
+    Layers/heads take ranges joined by ``+``: ``scaling:alpha=2,layers=8-15+20``.
+    """
+    method, _, rest = text.strip().partition(":")
+    method = method.strip().lower()
+    if method not in METHODS:
+        raise VislensError(f"unknown condition method {method!r} in {text!r}; choose one of "
+                           f"{', '.join(METHODS)}")
+    required, optional = METHODS[method]
+    values: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise VislensError(f"condition {text!r}: expected key=value, got {item!r}")
+        if key not in required and key not in optional and key not in _COMMON:
+            allowed = list(required) + list(optional) + list(_COMMON)
+            raise VislensError(f"condition {text!r}: unknown option {key!r} for {method} "
+                               f"(allowed: {', '.join(allowed)})")
+        values[key] = val.strip()
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise VislensError(f"condition {text!r}: missing {', '.join(missing)}")
+    params = []
+    for key in list(required) + [k for k in optional if k in values]:
+        try:
+            num = float(values[key])
+        except ValueError:
+            raise VislensError(f"condition {text!r}: {key}={values[key]!r} is not a number") from None
+        params.append((key, num))
+    cond = Condition(name=values.get("name") or _default_name(method, dict(params)),
+                     method=method, params=tuple(params),
+                     layers=_parse_ints(values["layers"], "layers") if "layers" in values else None,
+                     heads=_parse_ints(values["heads"], "heads") if "heads" in values else None)
+    validate_condition(cond)
+    return cond
+
+
+def _default_name(method: str, p: dict[str, float]) -> str:
+    if method == "scaling":
+        return f"scaling-{_fmt(p['alpha'])}"
+    if method == "add":
+        return f"add-{_fmt(p['delta'])}"
+    return method
+
+
+def validate_condition(cond: Condition) -> None:
+    """Reject non-finite or out-of-range parameters before any work starts."""
+    for key, v in cond.params:
+        if not math.isfinite(v):
+            raise VislensError(f"condition {cond.name}: {key}={v} is not finite")
+    p = dict(cond.params)
+    for key in ("alpha", "alpha1", "alpha2"):
+        if key in p and p[key] <= 0:
+            raise VislensError(f"condition {cond.name}: {key}={p[key]:g} must be > 0 (a temperature)")
+    if "beta" in p and not 0.0 <= p["beta"] <= 1.0:
+        raise VislensError(f"condition {cond.name}: beta={p['beta']:g} must be in [0, 1] "
+                           "(a probability threshold)")
+    if cond.method == "adaptvis" and not p["alpha1"] <= p["alpha2"]:
+        raise VislensError(f"condition {cond.name}: alpha1={p['alpha1']:g} should smooth and "
+                           f"alpha2={p['alpha2']:g} sharpen (alpha1 <= alpha2)")
+
+
+def check_conditions(conds: Sequence[Condition]) -> None:
+    names = [c.name for c in conds]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise VislensError(f"two conditions are named {dup[0]!r}; add name=... to one of them")
+    if not conds:
+        raise VislensError("no condition given (e.g. --condition baseline)")
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class ConditionResult:
+    """One sample under one condition."""
+
+    text: str
+    first_token: int
+    confidence: float
+    option_probs: np.ndarray
+    alpha_used: float
+    image_attention: np.ndarray | None = None  # [L, H, G, G] float32
+    image_mass: np.ndarray | None = None  # [L, H]
+    text_mass: np.ndarray | None = None  # [L, H]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+SettingKey = tuple[str, float, "tuple[int, ...] | None", "tuple[int, ...] | None"]
+BASELINE_KEY: SettingKey = ("scale", 1.0, None, None)
+
+
+def setting_of(cond: Condition, alpha: float | None = None) -> SettingKey:
+    """The steering setting a (non-adaptive) condition, or AdaptVis with a chosen alpha, uses."""
+    if cond.method == "baseline":
+        return BASELINE_KEY
+    if cond.method == "add":
+        return ("add", cond["delta"], cond.layers, cond.heads)
+    value = cond["alpha"] if alpha is None else alpha
+    if value == 1.0:
+        return BASELINE_KEY
+    return ("scale", float(value), cond.layers, cond.heads)
+
+
+def adaptvis_alpha(confidence: np.ndarray, alpha1: float, alpha2: float, beta: float) -> np.ndarray:
+    """Eq. 3: alpha1 (smooth) where the unsteered confidence is below beta, else alpha2."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    return np.where(confidence < beta, alpha1, alpha2)
+
+
+@dataclass
+class _Step:
+    """What one steering setting produced for the whole batch."""
+
+    logits: torch.Tensor  # [B, V] fp32, first generated token
+    probs: torch.Tensor  # [B, V] fp32
+    grids: np.ndarray | None  # [B, L, H, G, G]
+    image_mass: np.ndarray | None
+    text_mass: np.ndarray | None
+    tokens: list[list[int]] | None = None  # generated continuation (None: not generated)
+    rows: dict[int, torch.Tensor] | None = None  # raw [B, H, K] rows when keep_rows
+
+
+class DecodingEngine:
+    """Runs several conditions over a batch with one shared prefix prefill.
+
+    ``record`` stores the answer position's attention (grid, image and text mass) per
+    condition; ``max_new_tokens`` bounds the greedy continuation (1 = first token only).
+    """
+
+    def __init__(self, adapter: VLMAdapter, *, max_new_tokens: int = 16, grid: int = 24,
+                 record: bool = True) -> None:
+        if max_new_tokens < 1:
+            raise VislensError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.adapter = adapter
+        self.model = adapter.model
+        self.max_new_tokens = max_new_tokens
+        self.grid = grid
+        self.record = record
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        self.forward_calls = 0
+
+    # -- forward helpers ----------------------------------------------------------------
+    def _forward(self, **kw) -> Any:
+        self.forward_calls += 1
+        if self._keep_kw:
+            kw[self._keep_kw] = 1
+        return self.model(**kw)
+
+    def _cache_of(self, out: Any) -> Any:
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
+
+    def prefill(self, batch: PreparedBatch) -> Any:
+        """Run the first n-1 prompt tokens (all image tokens included) and return the cache."""
+        out = self._forward(input_ids=batch.input_ids[:, :-1],
+                            attention_mask=batch.attention_mask[:, :-1],
+                            position_ids=batch.position_ids[..., :-1], use_cache=True,
+                            **batch.vision)
+        return self._cache_of(out)
+
+    def step(self, batch: PreparedBatch, cache: Any, key: SettingKey, generate: bool = False,
+             keep_rows: bool = False) -> _Step:
+        """Run the last prompt token under one steering setting on top of the prefix cache.
+
+        The cache is cropped back to the prefix afterwards, ready for the next setting.
+        """
+        kind, value, layers, heads = key
+        b = batch.size
+        ivs = interventions_for(kind, [value] * b, layers=layers, heads=heads)
+        steerer = Steerer(batch.image_keys, interventions=ivs, record=self.record)
+        with steerer:
+            out = self._forward(input_ids=batch.input_ids[:, -1:],
+                                attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids[..., -1:],
+                                use_cache=True, **{self._cache_kw: cache})
+        logits = out.logits[:, -1].float()
+        probs = torch.softmax(logits, dim=-1)
+        grids = imass = tmass = None
+        if self.record:
+            grids, imass, tmass = self.reduce_records(batch, steerer.records)
+        tokens = self._continue(batch, cache, probs) if generate else None
+        cache.crop(-(1 + (len(tokens[0]) - 1 if tokens else 0)))
+        return _Step(logits, probs, grids, imass, tmass, tokens,
+                     steerer.records if keep_rows else None)
+
+    def _continue(self, batch: PreparedBatch, cache: Any, probs: torch.Tensor) -> list[list[int]]:
+        """Greedy, unsteered continuation after the first token; leaves tokens in ``cache``."""
+        eos = torch.tensor(sorted(self.adapter.eos_token_ids), device=probs.device)
+        tok = probs.argmax(-1)
+        seqs = [tok]
+        done = torch.isin(tok, eos)
+        mask = batch.attention_mask
+        for step in range(self.max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = self._forward(input_ids=tok[:, None], attention_mask=mask,
+                                position_ids=self.adapter.next_position(batch.position_ids, step),
+                                use_cache=True, **{self._cache_kw: cache})
+            tok = out.logits[:, -1].argmax(-1)
+            seqs.append(tok)
+            done |= torch.isin(tok, eos)
+        stacked = torch.stack(seqs, dim=1).tolist()
+        eos_set = self.adapter.eos_token_ids
+        cut = []
+        for row in stacked:
+            end = next((j for j, t in enumerate(row) if t in eos_set), len(row))
+            cut.append(row[:end])
+        # pad rows to the number of fed tokens so the caller can crop the cache
+        n_fed = len(seqs)
+        return [r + [-1] * (n_fed - len(r)) for r in cut]
+
+    def reduce_records(self, batch: PreparedBatch, records: dict[int, torch.Tensor]):
+        """Answer-position rows [L][B, H, K] -> grid maps, image mass and text mass (numpy)."""
+        layers = sorted(records)
+        if len(layers) != self.adapter.num_layers:
+            raise RuntimeError(f"recorded {len(layers)} of {self.adapter.num_layers} layers; "
+                               "is the language model using the 'vislens' attention?")
+        rows = torch.stack([records[l] for l in layers], dim=1)  # [B, L, H, K]
+        img = batch.image_keys[:, None, None, :].to(rows.device)
+        image_mass = (rows * img).sum(-1)
+        valid = batch.attention_mask.bool()[:, None, None, :].to(rows.device)
+        text_mass = (rows * (valid & ~img)).sum(-1)
+        g = self.grid
+        grids = []
+        for i, layout in enumerate(batch.layouts):
+            proj = torch.as_tensor(layout.projection(g), dtype=torch.float32, device=rows.device)
+            pos = torch.as_tensor(layout.positions, device=rows.device)
+            grids.append((rows[i][..., pos] @ proj).reshape(*rows.shape[1:3], g, g))
+        return (torch.stack(grids).cpu().numpy(), image_mass.cpu().numpy(),
+                text_mass.cpu().numpy())
+
+    # -- the public entry point ---------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, images: Sequence[Any], questions: Sequence[str],
+            options: Sequence[Sequence[str]], conditions: Sequence[Condition]
+            ) -> list[dict[str, ConditionResult]]:
+        """Results per sample (in input order), keyed by condition name."""
+        check_conditions(conditions)
+        batch = self.adapter.prepare(images, questions)
+        opt_ids = [self.adapter.option_token_ids(o) for o in options]
+        cache = self.prefill(batch)
+        steps: dict[SettingKey, _Step] = {}
+        b = batch.size
+
+        def need(key: SettingKey, generate: bool) -> _Step:
+            st = steps.get(key)
+            if st is None or (generate and st.tokens is None):
+                st = self.step(batch, cache, key, generate)
+                steps[key] = st
+            return st
+
+        fixed = {c.name: setting_of(c) for c in conditions if c.method != "adaptvis"}
+        text_keys = set(fixed.values()) if self.max_new_tokens > 1 else set()
+        gen = self.max_new_tokens > 1
+        # baseline first: AdaptVis needs its confidence, and it is usually requested anyway
+        adaptive = [c for c in conditions if c.method == "adaptvis"]
+        if adaptive or BASELINE_KEY in fixed.values():
+            need(BASELINE_KEY, BASELINE_KEY in text_keys)
+        for key in dict.fromkeys(fixed.values()):
+            need(key, key in text_keys)
+        chosen: dict[str, np.ndarray] = {}
+        if adaptive:
+            base_conf = steps[BASELINE_KEY].probs.max(-1).values.cpu().numpy()
+            for c in adaptive:
+                alphas = adaptvis_alpha(base_conf, c["alpha1"], c["alpha2"], c["beta"])
+                chosen[c.name] = alphas
+                for a in dict.fromkeys(alphas.tolist()):
+                    need(setting_of(c, a), gen)
+
+        results: list[dict[str, ConditionResult]] = [{} for _ in range(b)]
+        for c in conditions:
+            for i in range(b):
+                alpha = float(chosen[c.name][i]) if c.method == "adaptvis" else \
+                    (c["alpha"] if c.method == "scaling" else 1.0)
+                key = setting_of(c, alpha) if c.method == "adaptvis" else fixed[c.name]
+                results[i][c.name] = self._result(steps[key], i, opt_ids[i], alpha)
+        return results
+
+    def _result(self, st: _Step, i: int, opt_ids: Sequence[Sequence[int]], alpha: float
+                ) -> ConditionResult:
+        p = st.probs[i]
+        first = int(p.argmax())
+        if st.tokens is not None:
+            ids = [t for t in st.tokens[i] if t >= 0]
+        else:
+            ids = [] if first in self.adapter.eos_token_ids else [first]
+        text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        option_probs = np.array([float(p[list(ids_k)].sum()) if ids_k else 0.0
+                                 for ids_k in opt_ids], dtype=np.float32)
+        return ConditionResult(
+            text=text, first_token=first, confidence=float(p.max()), option_probs=option_probs,
+            alpha_used=float(alpha),
+            image_attention=None if st.grids is None else st.grids[i],
+            image_mass=None if st.image_mass is None else st.image_mass[i],
+            text_mass=None if st.text_mass is None else st.text_mass[i])
+
+
+def run_conditions(adapter: VLMAdapter, images: Sequence[Any], questions: Sequence[str],
+                   options: Sequence[Sequence[str]], conditions: Sequence[Condition | str], *,
+                   max_new_tokens: int = 16, grid: int = 24, record: bool = True
+                   ) -> list[dict[str, ConditionResult]]:
+    """Convenience wrapper: parse string conditions and run one batch."""
+    conds = [c if isinstance(c, Condition) else parse_condition(c) for c in conditions]
+    engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, grid=grid, record=record)
+    return engine.run(images, questions, options, conds)

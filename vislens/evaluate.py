@@ -1,0 +1,335 @@
+"""Answer matching and accuracy tables for the spatial-reasoning benchmarks.
+
+Two families of answer matchers:
+
+- the paper's rules (:func:`match_paper`, :func:`match_vsr_paper`), reproduced exactly,
+  quirks included, so numbers are comparable with the published tables;
+- a strict rule (:func:`match_first_word`) that only accepts the generation's first word.
+
+Percentages: :func:`accuracy` returns a fraction in [0, 1] (like scikit-learn); the
+table-style outputs (:func:`pair_set_accuracy`, :func:`accuracy_table`) report
+percentages, as the paper's tables do, in columns ending in ``acc``.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+from .errors import VislensError
+
+__all__ = [
+    "accuracy",
+    "accuracy_table",
+    "match_first_word",
+    "match_paper",
+    "match_vsr_paper",
+    "pair_set_accuracy",
+    "to_markdown",
+    "vsr_scores",
+]
+
+_WORD = re.compile(r"[^\W\d_]+")  # a run of letters (any script): punctuation/digits split words
+
+# The two relation pairs of each What'sUp subset; "left"/"right" is in both.
+_SUBSET_PAIRS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
+    "a": (("left", "right"), ("on", "under")),
+    "b": (("left", "right"), ("front", "behind")),
+}
+
+
+# --------------------------------------------------------------------------- matchers
+
+
+def match_paper(generation: str, gold: str) -> bool:
+    """The paper's What'sUp rule: case-insensitive substring, except "front" never means On.
+
+    Exactly ``(gold in gen or gold.lower() in gen.lower()) and not (gold.lower() == 'on'
+    and 'front' in gen.strip().lower())``. Being a substring test it is lenient: "one"
+    matches On and "bright" matches Right; and "in front" does not match On.
+    """
+    return (gold in generation or gold.lower() in generation.lower()) and not (
+        gold.lower() == "on" and "front" in generation.strip().lower()
+    )
+
+
+def _first_word(text: str) -> str | None:
+    """Lower-cased first alphabetic word; a leading "in front" counts as "front"."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return None
+    if words[0] == "in" and len(words) > 1 and words[1] == "front":
+        return "front"
+    return words[0]
+
+
+def match_first_word(generation: str, gold: str) -> bool:
+    """Strict rule: the generation's first alphabetic word equals the gold's first word.
+
+    Case-insensitive; punctuation and digits separate words ("Left." -> "left"). A leading
+    "in front (of)" reads as "front", so "in front of" and "Front" both match gold Front.
+    Otherwise only the first word counts: "on top of" matches On, not Top; "bright" does
+    not match Right; "The answer is left" does not match Left.
+    """
+    g = _first_word(gold)
+    if g is None:
+        raise VislensError(f"gold answer {gold!r} has no alphabetic word")
+    return _first_word(generation) == g
+
+
+def match_vsr_paper(generation: str, label: int) -> bool:
+    """The paper's VSR rule, case-sensitive: label 1 is correct iff ``'Yes' in gen``,
+    label 0 iff ``'No' in gen`` (so "yes" never matches, and "None" counts as No)."""
+    if label not in (0, 1):
+        raise VislensError(f"VSR label must be 0 or 1, got {label!r}")
+    return ("Yes" in generation) if int(label) == 1 else ("No" in generation)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def _bool_array(values: np.ndarray | Sequence[bool], name: str = "correct") -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype == bool:
+        return arr
+    if arr.size == 0:
+        return arr.astype(bool)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number) or not np.isin(arr, (0, 1)).all():
+        raise VislensError(f"{name}: expected bool or 0/1 values")
+    return arr.astype(bool)
+
+
+def accuracy(correct: np.ndarray | Sequence[bool]) -> float:
+    """Fraction of correct answers in [0, 1]; NaN for an empty selection."""
+    c = _bool_array(correct)
+    return float(c.mean()) if c.size else float("nan")
+
+
+def _canonical_relation(rel: str) -> str:
+    word = _first_word(str(rel))
+    if word is None:
+        raise VislensError(f"relation {rel!r} has no alphabetic word")
+    return word
+
+
+def pair_set_accuracy(
+    relations: Sequence[str] | np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    correct: Sequence[bool] | np.ndarray,
+    subset: Literal["a", "b"],
+    *,
+    paper_denominators: bool = False,
+) -> dict[str, float]:
+    """What'sUp pair and set accuracy (percent) over groups of one subject/object pair.
+
+    Each group (same subject, object and image set) asks about up to four relations.
+    Subset ``"a"`` pairs {left, right} and {on, under}; subset ``"b"`` pairs {left, right}
+    and {front, behind}. A *pair* is correct when both of its relations are answered
+    correctly; a *set* when all four are. Relation names are matched on their first word
+    ("left of" = left, "in front of" = front).
+
+    Denominators:
+
+    - default (vislens): the number of *complete* pairs/sets present, so a subsample or a
+      group with a missing question neither helps nor hurts:
+      ``pair_acc = 100 * pair_correct / n_pairs``, ``set_acc = 100 * set_correct / n_sets``;
+    - ``paper_denominators=True``: ``N / 2`` and ``N / 4`` with ``N`` the number of
+      questions, as the paper's code does. Equal to the default on the full benchmark, but
+      biased low on a subsample where some pairs/sets are incomplete.
+
+    Returns ``pair_acc``, ``set_acc`` (NaN when the denominator is 0), ``pair_correct``,
+    ``set_correct``, ``n_pairs``, ``n_sets`` (the denominators actually used).
+    """
+    if subset not in _SUBSET_PAIRS:
+        raise VislensError(f"subset: expected 'a' or 'b', got {subset!r}")
+    rel = [_canonical_relation(r) for r in np.asarray(relations, dtype=object).ravel()]
+    grp = np.asarray(groups, dtype=object).ravel()
+    cor = _bool_array(np.asarray(correct).ravel())
+    if not (len(rel) == len(grp) == len(cor)):
+        raise VislensError(
+            f"relations, groups and correct differ in length: {len(rel)}, {len(grp)}, {len(cor)}"
+        )
+    pairs = _SUBSET_PAIRS[subset]
+    allowed = {r for pair in pairs for r in pair}
+    by_group: dict[object, dict[str, bool]] = {}
+    for r, g, c in zip(rel, grp, cor):
+        if r not in allowed:
+            raise VislensError(f"relation {r!r} is not in subset {subset!r} ({sorted(allowed)})")
+        answers = by_group.setdefault(g, {})
+        if r in answers:
+            raise VislensError(f"group {g!r} has relation {r!r} more than once")
+        answers[r] = bool(c)
+
+    pair_correct = n_pairs = set_correct = n_sets = 0
+    for answers in by_group.values():
+        for pair in pairs:
+            if all(r in answers for r in pair):
+                n_pairs += 1
+                pair_correct += all(answers[r] for r in pair)
+        if len(answers) == len(allowed):
+            n_sets += 1
+            set_correct += all(answers.values())
+
+    n = len(rel)
+    den_pair: float = n / 2 if paper_denominators else n_pairs
+    den_set: float = n / 4 if paper_denominators else n_sets
+    return {
+        "pair_acc": 100.0 * pair_correct / den_pair if den_pair else float("nan"),
+        "set_acc": 100.0 * set_correct / den_set if den_set else float("nan"),
+        "pair_correct": pair_correct,
+        "set_correct": set_correct,
+        "n_pairs": den_pair,
+        "n_sets": den_set,
+    }
+
+
+def vsr_scores(pred_yes: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """Accuracy, precision/recall/F1 and the paper's F1 variant for VSR yes/no answers.
+
+    Standard metrics (scikit-learn, positive class = label 1 "yes"): ``precision`` =
+    TP/(TP+FP), ``recall`` = TP/(TP+FN), ``f1`` their harmonic mean.
+
+    The paper's code reports different quantities under the same names; here they are
+    ``precision_paper`` = TP/(TP+FN) (really the recall / true-positive rate),
+    ``recall_paper`` = TN/(TN+FP) (really the specificity / true-negative rate) and
+    ``f1_paper`` = their harmonic mean (a balanced-accuracy-like score, not an F1). Also
+    returns the counts ``tp``, ``fn``, ``tn``, ``fp``. Undefined ratios are NaN.
+    """
+    pred = _bool_array(np.asarray(pred_yes).ravel(), "pred_yes")
+    y = _bool_array(np.asarray(label).ravel(), "label")
+    if pred.shape != y.shape:
+        raise VislensError(f"pred_yes {pred.shape} and label {y.shape} differ in shape")
+    if y.size == 0:
+        raise VislensError("vsr_scores: no samples")
+    (tn, fp), (fn, tp) = confusion_matrix(y, pred, labels=[False, True])
+    p, r, f, _ = precision_recall_fscore_support(
+        y, pred, labels=[True], average=None, zero_division=np.nan
+    )
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    p_paper = ratio(tp, tp + fn)
+    r_paper = ratio(tn, tn + fp)
+    if math.isnan(p_paper) or math.isnan(r_paper):
+        f_paper = float("nan")
+    else:
+        f_paper = ratio(2 * p_paper * r_paper, p_paper + r_paper)
+    return {
+        "accuracy": float(np.mean(pred == y)),
+        "precision": float(p[0]),
+        "recall": float(r[0]),
+        "f1": float(f[0]),
+        "precision_paper": float(p_paper),
+        "recall_paper": float(r_paper),
+        "f1_paper": float(f_paper),
+        "tp": int(tp),
+        "fn": int(fn),
+        "tn": int(tn),
+        "fp": int(fp),
+    }
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def accuracy_table(
+    df: pd.DataFrame,
+    by: Sequence[str] = ("condition",),
+    *,
+    columns: str | None = "relation",
+    pair_set: Literal["a", "b"] | None = None,
+    paper_denominators: bool = False,
+) -> pd.DataFrame:
+    """Accuracy (percent) per row key and per relation, like the paper's tables.
+
+    ``df`` is tidy: one row per question with the ``by`` columns (default ``condition``),
+    ``relation`` and a bool ``correct`` (plus ``group`` when ``pair_set`` is given). Returns
+    one row per ``by`` value (first-appearance order) with columns ``n`` (questions),
+    one accuracy per ``columns`` value (first-appearance order; omitted when
+    ``columns=None``), ``acc`` (over all questions) and, with ``pair_set="a"|"b"``,
+    ``pair_acc`` and ``set_acc`` from :func:`pair_set_accuracy`.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    needed = set(by) | {"correct"}
+    if columns is not None:
+        needed.add(columns)
+    if pair_set is not None:
+        needed |= {"relation", "group"}
+    missing = sorted(needed - set(df.columns))
+    if missing:
+        raise VislensError(f"accuracy_table: missing column(s) {missing}")
+    if not by:
+        raise VislensError("accuracy_table: 'by' must name at least one column")
+
+    col_values = list(pd.unique(df[columns])) if columns is not None else []
+    rows = []
+    for key, part in df.groupby(by, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        correct = _bool_array(part["correct"].to_numpy())
+        row: dict[object, object] = dict(zip(by, key))
+        row["n"] = len(part)
+        for v in col_values:
+            sel = (part[columns] == v).to_numpy()
+            row[v] = 100.0 * accuracy(correct[sel])
+        row["acc"] = 100.0 * accuracy(correct)
+        if pair_set is not None:
+            ps = pair_set_accuracy(
+                part["relation"].to_numpy(),
+                part["group"].to_numpy(),
+                correct,
+                pair_set,
+                paper_denominators=paper_denominators,
+            )
+            row["pair_acc"] = ps["pair_acc"]
+            row["set_acc"] = ps["set_acc"]
+        rows.append(row)
+    order = [*by, "n", *col_values, "acc"] + (["pair_acc", "set_acc"] if pair_set else [])
+    return pd.DataFrame(rows, columns=order).set_index(by)
+
+
+def _cell(value: object, floatfmt: str) -> str:
+    if isinstance(value, (float, np.floating)):
+        text = "nan" if np.isnan(value) else format(value, floatfmt)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(df: pd.DataFrame, *, floatfmt: str = ".1f", index: bool | None = None) -> str:
+    """Render ``df`` as a GitHub pipe table without the optional ``tabulate`` package.
+
+    Floats use ``floatfmt`` (NaN prints as ``nan``); numeric columns are right-aligned;
+    ``|`` in cells is escaped. ``index=None`` includes the index unless it is a default
+    ``RangeIndex``. MultiIndex levels become separate columns; MultiIndex column labels are
+    joined with ``" / "``.
+    """
+    frame = df
+    if index is None:
+        index = not (isinstance(df.index, pd.RangeIndex) and df.index.name is None)
+    if index:
+        names = [n if n is not None else "" for n in df.index.names]
+        frame = df.reset_index(names=[n or f"level_{i}" for i, n in enumerate(names)])
+        header_override = {i: n for i, n in enumerate(names)}
+    else:
+        header_override = {}
+
+    def label(c: object) -> str:
+        return " / ".join(map(str, c)) if isinstance(c, tuple) else str(c)
+
+    headers = [header_override.get(i, label(c)) for i, c in enumerate(frame.columns)]
+    numeric = [
+        pd.api.types.is_numeric_dtype(frame.iloc[:, i]) and not pd.api.types.is_bool_dtype(frame.iloc[:, i])
+        for i in range(frame.shape[1])
+    ]
+    body = [[_cell(v, floatfmt) for v in row] for row in frame.itertuples(index=False, name=None)]
+    lines = [
+        "| " + " | ".join(_cell(h, floatfmt) for h in headers) + " |",
+        "|" + "|".join("---:" if num else ":---" for num in numeric) + "|",
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"

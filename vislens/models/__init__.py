@@ -1,0 +1,110 @@
+"""Model adapters: ``load_model`` picks the adapter from the checkpoint's config.
+
+Supported: LLaVA-1.5 (``llava-hf/llava-1.5-7b-hf``, 13b), LLaVA-1.6 / NeXT
+(``llava-hf/llava-v1.6-*``), Qwen2-VL and Qwen2.5-VL. No ``trust_remote_code``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import VislensError
+from .base import PreparedBatch, VLMAdapter
+from .layout import ImageLayout, area_projection, grid_rects
+
+__all__ = ["load_model", "VLMAdapter", "PreparedBatch", "ImageLayout", "area_projection",
+           "grid_rects", "ADAPTERS", "resolve_dtype", "resolve_device"]
+
+
+def _registry() -> dict[str, tuple[type[VLMAdapter], str]]:
+    from .llava import LlavaAdapter
+    from .llava_next import LlavaNextAdapter
+    from .qwen2_vl import Qwen2VLAdapter
+
+    return {
+        "llava": (LlavaAdapter, "LlavaForConditionalGeneration"),
+        "llava_next": (LlavaNextAdapter, "LlavaNextForConditionalGeneration"),
+        "qwen2_vl": (Qwen2VLAdapter, "Qwen2VLForConditionalGeneration"),
+        "qwen2_5_vl": (Qwen2VLAdapter, "Qwen2_5_VLForConditionalGeneration"),
+    }
+
+
+ADAPTERS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: Any, device: str):
+    """``"auto"`` -> bfloat16 on CUDA (what 7B users run), float32 on CPU."""
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise VislensError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None = "auto", *,
+               revision: str | None = None, local_files_only: bool | None = None) -> VLMAdapter:
+    """Load a supported VLM checkpoint (hub id or local directory) and wrap it in its adapter.
+
+    The language model's attention is switched to vislens's registered ``"vislens"``
+    function (plain SDPA unless a :class:`~vislens.steering.Steerer` is armed); the vision
+    tower keeps SDPA. ``device`` may be ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``
+    (``device_map="auto"`` across GPUs is used for ``"balanced"``).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    from ..steering import register_attention
+
+    name = str(name_or_path)
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise VislensError(f"{name}: not a model directory (no config.json)")
+        if not any(any(path.glob(g)) for g in _WEIGHT_GLOBS):
+            raise VislensError(f"{name}: model directory has no weights (*.safetensors or *.bin)")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise VislensError(f"{name}: no such model directory")
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision,
+                                            local_files_only=local_files_only)
+    except (OSError, ValueError) as exc:
+        raise VislensError(f"{name}: cannot read the model config ({str(exc).splitlines()[0]})") from exc
+    registry = _registry()
+    model_type = getattr(config, "model_type", "")
+    if model_type not in registry:
+        archs = getattr(config, "architectures", None) or [model_type]
+        raise VislensError(f"{name}: unsupported architecture {archs[0]!r}; vislens supports "
+                           f"{', '.join(ADAPTERS)}")
+    adapter_cls, class_name = registry[model_type]
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    model_cls = getattr(transformers, class_name)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, revision=revision, attn_implementation="sdpa")
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    if device == "balanced":
+        kwargs["device_map"] = "auto"
+    model = model_cls.from_pretrained(name, **kwargs)
+    if device != "balanced":
+        model = model.to(device)
+    model.eval()
+    model.set_attn_implementation({"text_config": register_attention()})
+    processor = AutoProcessor.from_pretrained(name, revision=revision,
+                                              local_files_only=local_files_only)
+    return adapter_cls(model, processor, name, revision=revision or getattr(config, "_commit_hash", None))

@@ -1,0 +1,180 @@
+"""The model adapter interface: prompts, batching, positions and image layouts per family."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import VislensError
+from .layout import ImageLayout
+
+
+@dataclass
+class PreparedBatch:
+    """A left-padded batch ready for the decoding engine.
+
+    ``position_ids`` is ``[B, n]`` (Llama-style) or ``[3, B, n]`` (Qwen2-VL M-RoPE);
+    ``image_keys`` [B, n] marks image-token positions; ``vision`` holds the pixel inputs.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    image_keys: torch.Tensor
+    vision: dict[str, Any]
+    layouts: list[ImageLayout]
+    prompts: list[str]
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class VLMAdapter:
+    """Wraps a transformers VLM and its processor with what vislens needs to know.
+
+    Subclasses implement :meth:`layouts`; most also override :meth:`position_ids`.
+    """
+
+    family: ClassVar[str] = "base"
+    default_template: ClassVar[str] = "USER: <image>\n{question} ASSISTANT:"
+    #: processor outputs used only to compute positions, not passed to the model
+    position_only_keys: ClassVar[tuple[str, ...]] = ("mm_token_type_ids",)
+
+    def __init__(self, model: torch.nn.Module, processor: Any, name: str,
+                 revision: str | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer.padding_side = "left"
+        self.name = name
+        self.revision = revision or ""
+        self.config = model.config
+        self.text_config = getattr(model.config, "text_config", model.config)
+        self.image_token_id = int(model.config.image_token_id)
+
+    # -- facts --------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.text_config):
+            eos = getattr(src, "eos_token_id", None) if src is not None else None
+            if eos is not None:
+                ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    # -- prompts ------------------------------------------------------------------------
+    def format_prompt(self, question: str) -> str:
+        """The model's chat template around ``question`` with one image, generation prompt on.
+
+        A ``question`` that already contains the image token is taken as a complete prompt.
+        """
+        image_token = getattr(self.processor, "image_token", None) or "<image>"
+        if image_token in question:
+            return question
+        if getattr(self.processor, "chat_template", None):
+            msgs = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(msgs, add_generation_prompt=True,
+                                                      tokenize=False)
+        return self.default_template.format(question=question)
+
+    def answer_prefix(self) -> str:
+        """Text between the prompt's end and the answer (a space for 'ASSISTANT: Left')."""
+        return " "
+
+    def option_token_ids(self, options: Sequence[str]) -> list[list[int]]:
+        """For each option, the distinct first tokens that start it as an answer.
+
+        Case variants ("Left", "left") are both counted: a model may answer in either.
+        """
+        out = []
+        for opt in options:
+            ids = []
+            for form in dict.fromkeys([opt, opt.lower(), opt.capitalize()]):
+                toks = self.tokenizer(self.answer_prefix() + form, add_special_tokens=False)["input_ids"]
+                toks = [t for t in toks if t not in self._space_ids()]
+                if toks and toks[0] not in ids:
+                    ids.append(int(toks[0]))
+            out.append(ids)
+        return out
+
+    def _space_ids(self) -> set[int]:
+        toks = self.tokenizer(self.answer_prefix(), add_special_tokens=False)["input_ids"]
+        return set(toks)
+
+    # -- batches ------------------------------------------------------------------------
+    def prepare(self, images: Sequence[Any], questions: Sequence[str]) -> PreparedBatch:
+        """Tokenise a batch (left padding), locate image tokens, compute positions."""
+        if len(images) != len(questions):
+            raise VislensError(f"{len(images)} images but {len(questions)} questions")
+        prompts = [self.format_prompt(q) for q in questions]
+        enc = self.processor(images=list(images), text=prompts, return_tensors="pt",
+                             padding=True)
+        ids = enc["input_ids"]
+        image_keys = ids == self.image_token_id
+        for i, p in enumerate(prompts):
+            if not bool(image_keys[i].any()):
+                raise VislensError(f"prompt {i} has no image token after processing: {p[:80]!r}")
+            if bool(image_keys[i, -1]):
+                raise VislensError(f"prompt {i} ends with an image token; the answer position "
+                                   "must be a text token")
+        attention_mask = enc["attention_mask"]
+        vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        position_ids = self.position_ids(ids, attention_mask, vision)
+        layouts = self.layouts(ids, image_keys, vision, [im.size for im in images])
+        for key in self.position_only_keys:  # explicit positions make these unnecessary
+            vision.pop(key, None)
+        dev = self.device
+        vision = {k: (v.to(dev, self.dtype) if torch.is_floating_point(v) else v.to(dev))
+                  if torch.is_tensor(v) else v for k, v in vision.items()}
+        return PreparedBatch(ids.to(dev), attention_mask.to(dev), position_ids.to(dev),
+                             image_keys.to(dev), vision, layouts, prompts)
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     vision: dict[str, Any]) -> torch.Tensor:
+        """Llama-style positions that skip left padding, as ``generate`` computes them."""
+        pos = attention_mask.long().cumsum(-1) - 1
+        return pos.clamp(min=0)
+
+    def next_position(self, position_ids: torch.Tensor, steps: int) -> torch.Tensor:
+        """Positions of the ``steps``-th generated token (0 = first), shaped like one column."""
+        return position_ids.amax(dim=-1, keepdim=True) + 1 + steps
+
+    def text_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    vision: dict[str, Any]) -> dict[str, Any]:
+        """Extra forward kwargs a family needs along with input ids (none by default)."""
+        return {}
+
+    def layouts(self, input_ids: torch.Tensor, image_keys: torch.Tensor,
+                vision: dict[str, Any], sizes: list[tuple[int, int]]) -> list[ImageLayout]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _positions(image_keys: torch.Tensor, i: int) -> np.ndarray:
+        return torch.nonzero(image_keys[i]).flatten().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.name, "family": self.family, "model_revision": self.revision,
+                "num_layers": self.num_layers, "num_heads": self.num_heads,
+                "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
