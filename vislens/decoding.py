@@ -258,7 +258,7 @@ class DecodingEngine:
         return self._cache_of(out)
 
     def step(self, batch: PreparedBatch, cache: Any, key: SettingKey, generate: bool = False,
-             keep_rows: bool = False) -> _Step:
+             keep_rows: bool = False, record: bool | None = None) -> _Step:
         """Run the last prompt token under one steering setting on top of the prefix cache.
 
         The cache is cropped back to the prefix afterwards, ready for the next setting.
@@ -266,7 +266,8 @@ class DecodingEngine:
         kind, value, layers, heads = key
         b = batch.size
         ivs = interventions_for(kind, [value] * b, layers=layers, heads=heads)
-        steerer = Steerer(batch.image_keys, interventions=ivs, record=self.record)
+        record = self.record if record is None else record
+        steerer = Steerer(batch.image_keys, interventions=ivs, record=record)
         with steerer:
             out = self._forward(input_ids=batch.input_ids[:, -1:],
                                 attention_mask=batch.attention_mask,
@@ -275,7 +276,7 @@ class DecodingEngine:
         logits = out.logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
         grids = imass = tmass = None
-        if self.record:
+        if record:
             grids, imass, tmass = self.reduce_records(batch, steerer.records)
         tokens = self._continue(batch, cache, probs) if generate else None
         cache.crop(-(1 + (len(tokens[0]) - 1 if tokens else 0)))
@@ -321,12 +322,13 @@ class DecodingEngine:
         valid = batch.attention_mask.bool()[:, None, None, :].to(rows.device)
         text_mass = (rows * (valid & ~img)).sum(-1)
         g = self.grid
-        grids = []
+        grids = rows.new_zeros(rows.shape[0], *rows.shape[1:3], g * g)
         for i, layout in enumerate(batch.layouts):
-            proj = torch.as_tensor(layout.projection(g), dtype=torch.float32, device=rows.device)
-            pos = torch.as_tensor(layout.positions, device=rows.device)
-            grids.append((rows[i][..., pos] @ proj).reshape(*rows.shape[1:3], g, g))
-        return (torch.stack(grids).cpu().numpy(), image_mass.cpu().numpy(),
+            tok, cell, w = layout.projection_entries(g)  # sparse: a few cells per token
+            pos = torch.as_tensor(layout.positions[tok], device=rows.device)
+            vals = rows[i][..., pos] * torch.as_tensor(w, dtype=rows.dtype, device=rows.device)
+            grids[i].index_add_(-1, torch.as_tensor(cell, device=rows.device), vals)
+        return (grids.reshape(*grids.shape[:3], g, g).cpu().numpy(), image_mass.cpu().numpy(),
                 text_mass.cpu().numpy())
 
     # -- the public entry point ---------------------------------------------------------
@@ -342,10 +344,11 @@ class DecodingEngine:
         steps: dict[SettingKey, _Step] = {}
         b = batch.size
 
-        def need(key: SettingKey, generate: bool) -> _Step:
+        def need(key: SettingKey, generate: bool, record: bool = True) -> _Step:
             st = steps.get(key)
-            if st is None or (generate and st.tokens is None):
-                st = self.step(batch, cache, key, generate)
+            record = record and self.record
+            if st is None or (generate and st.tokens is None) or (record and st.grids is None):
+                st = self.step(batch, cache, key, generate, record=record)
                 steps[key] = st
             return st
 
@@ -355,7 +358,8 @@ class DecodingEngine:
         # baseline first: AdaptVis needs its confidence, and it is usually requested anyway
         adaptive = [c for c in conditions if c.method == "adaptvis"]
         if adaptive or BASELINE_KEY in fixed.values():
-            need(BASELINE_KEY, BASELINE_KEY in text_keys)
+            # an AdaptVis-only run needs the baseline's confidence, not its attention
+            need(BASELINE_KEY, BASELINE_KEY in text_keys, record=BASELINE_KEY in fixed.values())
         for key in dict.fromkeys(fixed.values()):
             need(key, key in text_keys)
         chosen: dict[str, np.ndarray] = {}

@@ -28,6 +28,8 @@ class ImageLayout:
     image_size: tuple[int, int]
     kinds: np.ndarray
     _proj: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _entries: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.positions) != len(self.rects) or len(self.rects) != len(self.kinds):
@@ -51,6 +53,14 @@ class ImageLayout:
         if grid not in self._proj:
             self._proj[grid] = area_projection(self.rects, grid)
         return self._proj[grid]
+
+    def projection_entries(self, grid: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Non-zero entries of :meth:`projection` as (token, cell, weight) arrays."""
+        if grid not in self._entries:
+            proj = self.projection(grid)
+            tok, cell = np.nonzero(proj)
+            self._entries[grid] = (tok, cell, proj[tok, cell])
+        return self._entries[grid]
 
     def to_grid(self, values: np.ndarray, grid: int = 24) -> np.ndarray:
         """Project ``values[..., T]`` onto the analysis grid: ``[..., G, G]``."""

@@ -1,0 +1,491 @@
+"""Synthetic two-object scenes in the style of WhatsUp's Controlled_A / Controlled_B.
+
+They are the training and evaluation data of vislens's model organism (a tiny LLaVA-style
+VLM that sees a 48x48 image as a 24x24 grid of 2-pixel patches), so every scene is simple
+enough to learn at that resolution and comes with *exact* object boxes.
+
+A scene is a light, plain background with two flat-coloured objects from :data:`OBJECTS`
+(each a distinct shape and colour with a one-word name). The question asks where the first
+object (subject) is in relation to the second (reference):
+
+* subset ``"a"``: ``left``, ``right`` (side by side), ``on`` (subject resting on top of the
+  reference, touching it), ``under`` (directly below it, touching);
+* subset ``"b"``: ``left``, ``right``, ``front`` (subject overlaps the reference, is lower in
+  the image and larger), ``behind`` (partly occluded by the reference, higher and smaller).
+
+Boxes are tight pixel boxes ``(x0, y0, x1, y1)`` with exclusive ends (pixel columns
+``x0 .. x1-1``), of the whole object even where it is occluded. Everything is seeded per scene
+from ``(seed, mode, subset, index)``, so the same arguments give identical images, and the
+first ``k`` scenes of a run do not depend on how many are generated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .data.base import Box, Sample
+from .errors import VislensError
+
+__all__ = [
+    "OBJECTS", "RELATIONS", "OPTIONS", "MIN_SIZE", "ObjectSpec", "Scene",
+    "object_names", "question_for", "generate_groups", "generate_scenes",
+    "write_scenes", "synthesize",
+]
+
+MIN_SIZE = 32
+"""Smallest image side (pixels) at which objects stay recognisable (about 7-11 px)."""
+
+RELATIONS: dict[str, tuple[str, ...]] = {
+    "a": ("left", "right", "on", "under"),
+    "b": ("left", "right", "front", "behind"),
+}
+OPTIONS: dict[str, list[str]] = {s: [r.capitalize() for r in rels] for s, rels in RELATIONS.items()}
+
+_BACKGROUND = (238, 236, 230)
+_BG_JITTER = 6
+_SUBSET_CODE = {"a": 1, "b": 2}
+_MODE_GROUPS, _MODE_IID, _STREAM_PAIRS, _STREAM_RELATIONS = 1, 2, 1, 2
+
+
+# --------------------------------------------------------------------------- catalogue
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """One catalogue object: a single lower-case word, a shape and a flat RGB colour."""
+
+    name: str
+    shape: str
+    color: tuple[int, int, int]
+
+
+OBJECTS: tuple[ObjectSpec, ...] = (
+    ObjectSpec("ball", "circle", (214, 39, 40)),
+    ObjectSpec("box", "square", (31, 90, 220)),
+    ObjectSpec("tree", "triangle", (34, 150, 50)),
+    ObjectSpec("star", "star", (235, 185, 0)),
+    ObjectSpec("ring", "ring", (140, 60, 180)),
+    ObjectSpec("cross", "cross", (245, 120, 20)),
+    ObjectSpec("diamond", "diamond", (0, 170, 190)),
+    ObjectSpec("moon", "crescent", (70, 70, 85)),
+    ObjectSpec("house", "pentagon", (140, 85, 40)),
+    ObjectSpec("heart", "heart", (235, 90, 170)),
+)
+_BY_NAME = {o.name: o for o in OBJECTS}
+
+
+def object_names() -> list[str]:
+    """The catalogue's object names, in catalogue order."""
+    return [o.name for o in OBJECTS]
+
+
+def question_for(subj: str, obj: str, subset: str) -> str:
+    """The WhatsUp-style question about ``subj`` relative to ``obj`` for ``subset``."""
+    rels = RELATIONS[_check_subset(subset)]
+    return (f"Where is the {subj} in relation to the {obj}? "
+            f"Answer with {', '.join(rels[:-1])} or {rels[-1]}.")
+
+
+# --------------------------------------------------------------------------- shapes
+# Each shape is a predicate on unit coordinates (u, v) in [0, 1]^2 sampled at pixel centres,
+# so masks are crisp (no anti-aliasing) and the tight box is exactly the drawn pixels.
+
+def _polygon(vertices: Sequence[tuple[float, float]]) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Even-odd point-in-polygon predicate for unit-coordinate vertices."""
+    pts = np.asarray(vertices, dtype=np.float64)
+
+    def inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        out = np.zeros(u.shape, dtype=bool)
+        for (x1, y1), (x2, y2) in zip(pts, np.roll(pts, -1, axis=0)):
+            if y1 == y2:
+                continue
+            crosses = (y1 > v) != (y2 > v)
+            x_at = x1 + (v - y1) * (x2 - x1) / (y2 - y1)
+            out ^= crosses & (u < x_at)
+        return out
+
+    return inside
+
+
+def _star_vertices(points: int = 5, inner: float = 0.5) -> list[tuple[float, float]]:
+    """Vertices of a ``points``-pointed star filling the unit square, tip up (fat at low res)."""
+    verts = []
+    for k in range(2 * points):
+        r = 0.56 if k % 2 == 0 else 0.56 * inner
+        a = -math.pi / 2 + k * math.pi / points
+        verts.append((0.5 + r * math.cos(a), 0.56 + r * math.sin(a)))
+    return verts
+
+
+def _circle(u: np.ndarray, v: np.ndarray, cx: float = 0.5, cy: float = 0.5, r: float = 0.5) -> np.ndarray:
+    return (u - cx) ** 2 + (v - cy) ** 2 <= r * r
+
+
+def _heart(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    x, y = (u - 0.5) * 2.5, (0.58 - v) * 2.5
+    return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+
+
+_SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "circle": _circle,
+    "square": lambda u, v: (np.abs(u - 0.5) <= 0.43) & (np.abs(v - 0.5) <= 0.43),
+    "triangle": lambda u, v: np.abs(u - 0.5) <= v / 2,
+    "star": _polygon(_star_vertices()),
+    "ring": lambda u, v: _circle(u, v) & ~_circle(u, v, r=0.27),
+    "cross": lambda u, v: ((np.abs(u - 0.5) <= 0.18) | (np.abs(v - 0.5) <= 0.18)),
+    "diamond": lambda u, v: np.abs(u - 0.5) + np.abs(v - 0.5) <= 0.5,
+    "crescent": lambda u, v: _circle(u, v) & ~_circle(u, v, cx=0.8, r=0.42),
+    "pentagon": _polygon([(0.5, 0.0), (1.0, 0.45), (1.0, 1.0), (0.0, 1.0), (0.0, 0.45)]),
+    "heart": _heart,
+}
+
+
+@lru_cache(maxsize=4096)
+def _mask(shape: str, side: int) -> np.ndarray:
+    """The shape rasterised in a ``side`` x ``side`` square, cropped to its drawn pixels."""
+    c = (np.arange(side, dtype=np.float64) + 0.5) / side
+    u, v = np.meshgrid(c, c)
+    m = _SHAPES[shape](u, v)
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    m = np.ascontiguousarray(m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+    m.flags.writeable = False
+    return m
+
+
+# --------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True)
+class _Placed:
+    """An object mask at integer top-left ``(x, y)``; ``xyxy`` is its exact pixel box."""
+
+    spec: ObjectSpec
+    mask: np.ndarray
+    x: int
+    y: int
+
+    @property
+    def xyxy(self) -> tuple[int, int, int, int]:
+        h, w = self.mask.shape
+        return self.x, self.y, self.x + w, self.y + h
+
+
+def _px(rng: np.random.Generator, lo: float, hi: float, scale: float) -> int:
+    """A size in pixels drawn uniformly from ``[lo, hi]`` reference pixels (at 48 px)."""
+    return max(3, round(rng.uniform(lo, hi) * scale))
+
+
+def _jitter(rng: np.random.Generator, amount: int) -> int:
+    """A uniform integer offset in ``[-amount, amount]``."""
+    return int(rng.integers(-amount, amount + 1))
+
+
+def _side_by_side(rng, left: np.ndarray, right: np.ndarray, scale: float, room: int):
+    """Relative top-lefts of two masks side by side on a common centre line."""
+    (hl, wl), (hr, wr) = left.shape, right.shape
+    lo, hi = max(1, round(2 * scale)), min(round(12 * scale), room - wl - wr)
+    gap = int(rng.integers(lo, max(lo, hi) + 1))
+    j = max(1, round(scale))
+    return (0, -(hl // 2) + _jitter(rng, j)), (wl + gap, -(hr // 2) + _jitter(rng, j))
+
+
+def _stacked(rng, top: np.ndarray, bottom: np.ndarray, scale: float):
+    """Relative top-lefts of ``top`` resting on ``bottom``: touching, centres aligned."""
+    (ht, wt), (_, wb) = top.shape, bottom.shape
+    j = max(1, round(scale))
+    return (-(wt // 2) + _jitter(rng, j), -ht), (-(wb // 2) + _jitter(rng, j), 0)
+
+
+def _in_depth(rng, front: np.ndarray, back: np.ndarray):
+    """Relative top-lefts of ``front`` (lower, overlapping) and ``back`` (its top half visible)."""
+    wf, (hb, wb) = front.shape[1], back.shape
+    t = int(rng.integers(math.ceil(0.45 * hb), max(math.ceil(0.45 * hb), int(0.65 * hb)) + 1))
+    dx = _jitter(rng, max(1, int(0.35 * wb)))
+    return (-(wf // 2) + dx, t), (-(wb // 2), 0)
+
+
+def _translate(rng: np.random.Generator, rel: list[tuple[int, int]], masks: list[np.ndarray],
+               size: int, margin: int) -> list[tuple[int, int]]:
+    """Move a relative arrangement to a random spot fully inside the image (with margin)."""
+    x0 = min(x for x, _ in rel)
+    y0 = min(y for _, y in rel)
+    x1 = max(x + m.shape[1] for (x, _), m in zip(rel, masks))
+    y1 = max(y + m.shape[0] for (_, y), m in zip(rel, masks))
+    if x1 - x0 > size - 2 * margin or y1 - y0 > size - 2 * margin:  # pragma: no cover
+        raise AssertionError("synth layout does not fit the image; size/scale constants broken")
+    tx = int(rng.integers(margin - x0, size - margin - x1 + 1))
+    ty = int(rng.integers(margin - y0, size - margin - y1 + 1))
+    return [(x + tx, y + ty) for x, y in rel]
+
+
+def _depth_sizes(rng, front: ObjectSpec, back: ObjectSpec, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Masks for a front object and a strictly smaller (in width and height) back object."""
+    mf = _mask(front.shape, _px(rng, 13, 16, scale))
+    side = max(3, round(mf.shape[0] * rng.uniform(0.62, 0.75)))
+    while side > 3 and (_mask(back.shape, side).shape[0] >= mf.shape[0]
+                        or _mask(back.shape, side).shape[1] >= mf.shape[1]):
+        side -= 1
+    return mf, _mask(back.shape, side)
+
+
+def _layout(rng: np.random.Generator, subj: ObjectSpec, obj: ObjectSpec, relation: str,
+            subset: str, size: int) -> list[_Placed]:
+    """Place subject and reference for ``relation``; returned in drawing order (back first)."""
+    scale = size / 48
+    margin = max(1, round(2 * scale))
+    if relation in ("left", "right"):
+        if subset == "b":  # same depth, same nominal size: size stays a pure depth cue
+            s = _px(rng, 11, 15, scale)
+            ms, mo = _mask(subj.shape, s), _mask(obj.shape, s)
+        else:
+            ms, mo = _mask(subj.shape, _px(rng, 10, 16, scale)), _mask(obj.shape, _px(rng, 10, 16, scale))
+        pair = (ms, mo) if relation == "left" else (mo, ms)
+        rel = list(_side_by_side(rng, *pair, scale, size - 2 * margin))
+        if relation == "right":
+            rel.reverse()
+        order = [(subj, ms), (obj, mo)]
+    elif relation in ("on", "under"):
+        ms, mo = _mask(subj.shape, _px(rng, 10, 16, scale)), _mask(obj.shape, _px(rng, 10, 16, scale))
+        if relation == "on":
+            rel = list(_stacked(rng, ms, mo, scale))
+        else:
+            rel = list(_stacked(rng, mo, ms, scale))[::-1]
+        order = [(subj, ms), (obj, mo)]
+    else:  # front / behind
+        front, back = (subj, obj) if relation == "front" else (obj, subj)
+        mf, mb = _depth_sizes(rng, front, back, scale)
+        f_xy, b_xy = _in_depth(rng, mf, mb)
+        rel, order = [b_xy, f_xy], [(back, mb), (front, mf)]
+    xy = _translate(rng, rel, [m for _, m in order], size, margin)
+    return [_Placed(spec, m, x, y) for (spec, m), (x, y) in zip(order, xy)]
+
+
+def _render(placed: Sequence[_Placed], size: int, background: tuple[int, int, int]) -> Image.Image:
+    """Paint the objects in order (later ones over earlier ones) on a flat background."""
+    arr = np.empty((size, size, 3), dtype=np.uint8)
+    arr[:] = background
+    for p in placed:
+        h, w = p.mask.shape
+        arr[p.y:p.y + h, p.x:p.x + w][p.mask] = p.spec.color
+    return Image.fromarray(arr, "RGB")
+
+
+# --------------------------------------------------------------------------- scenes
+
+@dataclass
+class Scene:
+    """One rendered scene: the image and its benchmark record.
+
+    ``sample.image_path`` is the path :func:`write_scenes` will write the PNG to, relative to
+    the JSONL file (``images/<id>.png``); ``sample.meta["subset"]`` is ``"a"`` or ``"b"``.
+    """
+
+    image: Image.Image
+    sample: Sample
+
+    def record(self) -> dict:
+        """The scene's JSONL object (generic vislens JSONL format)."""
+        s = self.sample
+        return {
+            "id": s.id, "image": s.image_path, "question": s.question, "options": list(s.options),
+            "answer": s.answer, "relation": s.relation, "group": s.group, "objects": list(s.objects),
+            "boxes": [{"label": b.label, "xyxy": [int(v) for v in b.xyxy]} for b in s.boxes],
+        }
+
+
+def _scene_rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+def _make_scene(rng: np.random.Generator, scene_id: str, subj: str, obj: str, relation: str,
+                subset: str, size: int, group: str = "") -> Scene:
+    """Lay out, render and describe one scene."""
+    s_spec, o_spec = _BY_NAME[subj], _BY_NAME[obj]
+    background = tuple(int(c) for c in np.asarray(_BACKGROUND) + rng.integers(-_BG_JITTER, _BG_JITTER + 1, 3))
+    placed = _layout(rng, s_spec, o_spec, relation, subset, size)
+    image = _render(placed, size, background)
+    box_of = {p.spec.name: Box(p.spec.name, tuple(float(v) for v in p.xyxy)) for p in placed}
+    sample = Sample(
+        id=scene_id, image_path=f"images/{scene_id}.png", question=question_for(subj, obj, subset),
+        options=list(OPTIONS[subset]), answer=relation.capitalize(), relation=relation, group=group,
+        objects=[subj, obj], boxes=[box_of[subj], box_of[obj]],
+        meta={"subset": subset, "source": "vislens.synth", "size": size},
+    )
+    return Scene(image, sample)
+
+
+def generate_groups(n_groups: int, subset: str, seed: int, size: int = 48,
+                    objects: Sequence[str] | None = None) -> list[Scene]:
+    """Balanced evaluation scenes: ``n_groups`` groups of one ordered pair in every relation.
+
+    Each group holds 4 scenes of the same ``(subject, reference)`` pair, one per relation of
+    ``subset`` (the WhatsUp pair/set-accuracy unit). Pairs are taken from a seeded shuffle of
+    all ordered pairs of ``objects`` (default: the whole catalogue), reshuffled when used up;
+    the group key is ``"subj|obj"``, with ``#2``, ``#3``... appended when a pair repeats.
+    """
+    _check_positive("n_groups", n_groups)
+    subset, names = _check_subset(subset), _check_objects(objects)
+    _check_seed(seed)
+    _check_size(size)
+    code = _SUBSET_CODE[subset]
+    pairs = [(a, b) for a in names for b in names if a != b]
+    pair_rng = _scene_rng(seed, _MODE_GROUPS, code, 0, _STREAM_PAIRS)
+    order: list[tuple[str, str]] = []
+    while len(order) < n_groups:
+        order.extend(pairs[i] for i in pair_rng.permutation(len(pairs)))
+    seen: dict[str, int] = {}
+    scenes = []
+    for g, (subj, obj) in enumerate(order[:n_groups]):
+        key = f"{subj}|{obj}"
+        seen[key] = seen.get(key, 0) + 1
+        group = key if seen[key] == 1 else f"{key}#{seen[key]}"
+        for r, relation in enumerate(RELATIONS[subset]):
+            rng = _scene_rng(seed, _MODE_GROUPS, code, 1, g, r)
+            scenes.append(_make_scene(rng, f"{subset}_g{g:05d}_{relation}", subj, obj,
+                                      relation, subset, size, group))
+    return scenes
+
+
+def generate_scenes(n: int, subset: str, seed: int,
+                    relation_weights: Mapping[str, float] | None = None, size: int = 48,
+                    objects: Sequence[str] | None = None) -> list[Scene]:
+    """I.i.d. scenes whose relation is drawn with ``relation_weights`` (default: uniform).
+
+    Used for training with a familiarity bias, e.g. ``{"left": 4, "right": 4, "on": 1,
+    "under": 1}``; relations missing from the mapping get weight 0. The subject/reference
+    pair is a uniform ordered pair of distinct ``objects``. ``group`` is empty.
+    """
+    _check_positive("n", n)
+    subset, names = _check_subset(subset), _check_objects(objects)
+    _check_seed(seed)
+    _check_size(size)
+    code = _SUBSET_CODE[subset]
+    rels = RELATIONS[subset]
+    p = _relation_probs(relation_weights, subset)
+    drawn = _scene_rng(seed, _MODE_IID, code, 0, _STREAM_RELATIONS).choice(len(rels), size=n, p=p)
+    scenes = []
+    for i, k in enumerate(drawn):
+        rng = _scene_rng(seed, _MODE_IID, code, 1, i)
+        a, b = rng.choice(len(names), size=2, replace=False)
+        scenes.append(_make_scene(rng, f"{subset}_s{i:06d}", names[a], names[b], rels[k], subset, size))
+    return scenes
+
+
+# --------------------------------------------------------------------------- output
+
+def write_scenes(items: Iterable[Scene], out_dir: str | os.PathLike, name: str = "scenes.jsonl") -> Path:
+    """Write each scene's PNG under ``out_dir`` and their records to ``out_dir/name``.
+
+    Image paths in the JSONL are relative to it (``images/<id>.png``). Returns the JSONL path.
+    The JSONL is written to a temporary file and renamed, so a failure leaves no partial file.
+    """
+    scenes = list(items)
+    if not scenes:
+        raise VislensError("write_scenes: items is empty; nothing to write")
+    ids = [s.sample.id for s in scenes]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise VislensError(f"write_scenes: duplicate scene id {dup!r} in items")
+    out = Path(out_dir)
+    for s in scenes:
+        rel = Path(s.sample.image_path)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise VislensError(f"write_scenes: image_path {s.sample.image_path!r} of scene "
+                               f"{s.sample.id!r} must be relative and inside out_dir")
+    jsonl = out / name
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    for s in scenes:
+        path = out / s.sample.image_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        s.image.save(path, format="PNG")
+    tmp = jsonl.with_name(jsonl.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for s in scenes:
+            f.write(json.dumps(s.record(), ensure_ascii=False) + "\n")
+    os.replace(tmp, jsonl)
+    return jsonl
+
+
+def synthesize(out_dir: str | os.PathLike, n: int, seed: int,
+               subsets: Sequence[str] = ("a", "b"), size: int = 48) -> Path:
+    """Write balanced Controlled-style sets: ``out_dir/controlled_{subset}.jsonl`` + images.
+
+    ``n`` is the number of scenes per subset, rounded up to whole groups of 4. Backs
+    ``vislens synth --out DIR --n N --seed S``; the same arguments give byte-identical files.
+    Returns ``out_dir``.
+    """
+    _check_positive("n", n)
+    if isinstance(subsets, str) or not subsets:
+        raise VislensError(f"subsets must be a non-empty sequence of 'a'/'b', got {subsets!r}")
+    subsets = list(dict.fromkeys(_check_subset(s) for s in subsets))
+    _check_seed(seed)
+    _check_size(size)
+    out = Path(out_dir)
+    for subset in subsets:
+        scenes = generate_groups(math.ceil(n / 4), subset, seed, size=size)
+        write_scenes(scenes, out, name=f"controlled_{subset}.jsonl")
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_positive(arg: str, value: object) -> None:
+    if not _is_int(value) or value <= 0:
+        raise VislensError(f"{arg} must be a positive integer, got {value!r}")
+
+
+def _check_seed(seed: object) -> None:
+    if not _is_int(seed) or seed < 0:
+        raise VislensError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def _check_size(size: object) -> None:
+    if not _is_int(size) or size < MIN_SIZE:
+        raise VislensError(f"size must be an integer >= {MIN_SIZE} (image side in pixels), got {size!r}")
+
+
+def _check_subset(subset: object) -> str:
+    if subset not in RELATIONS:
+        raise VislensError(f"subset must be 'a' or 'b', got {subset!r}")
+    return str(subset)
+
+
+def _check_objects(objects: Sequence[str] | None) -> list[str]:
+    if objects is None:
+        return object_names()
+    names = list(dict.fromkeys(objects)) if not isinstance(objects, str) else [objects]
+    unknown = [o for o in names if o not in _BY_NAME]
+    if unknown:
+        raise VislensError(f"objects: unknown object {unknown[0]!r} (known: {', '.join(object_names())})")
+    if len(names) < 2:
+        raise VislensError(f"objects must name at least 2 distinct objects, got {list(objects)!r}")
+    return names
+
+
+def _relation_probs(weights: Mapping[str, float] | None, subset: str) -> np.ndarray:
+    """Normalised relation probabilities in ``RELATIONS[subset]`` order."""
+    rels = RELATIONS[subset]
+    if weights is None:
+        return np.full(len(rels), 1 / len(rels))
+    if not isinstance(weights, Mapping):
+        raise VislensError(f"relation_weights must be a dict of relation -> weight, got {weights!r}")
+    for rel, w in weights.items():
+        if rel not in rels:
+            raise VislensError(f"relation_weights: unknown relation {rel!r} for subset {subset!r} "
+                               f"(expected {', '.join(rels)})")
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not math.isfinite(w) or w < 0:
+            raise VislensError(f"relation_weights: weight of {rel!r} must be a finite number >= 0, got {w!r}")
+    p = np.array([float(weights.get(r, 0.0)) for r in rels])
+    if p.sum() <= 0:
+        raise VislensError(f"relation_weights: weights must not all be zero, got {dict(weights)!r}")
+    return p / p.sum()
