@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -333,3 +334,60 @@ def to_markdown(df: pd.DataFrame, *, floatfmt: str = ".1f", index: bool | None =
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- capture files
+
+def _subset_of(relations: pd.Series) -> str | None:
+    """Controlled-style subset ("a": on/under, "b": front/behind) from the gold relations."""
+    rel = {_canonical_relation(r) for r in relations.dropna().unique() if r}
+    if rel and rel <= {"left", "right", "on", "under"} and rel & {"on", "under"}:
+        return "a"
+    if rel and rel <= {"left", "right", "front", "behind"} and rel & {"front", "behind"}:
+        return "b"
+    return None
+
+
+def evaluate_capture(path: str | Path, out_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """Accuracy tables of a capture file under both answer matchers.
+
+    Per condition and per gold relation; pair and set accuracy when the samples form complete
+    Controlled-style groups; VSR-style yes/no data adds standard F1 and the paper's variant.
+    Writes ``accuracy.csv`` (and ``vsr.csv``) into ``out_dir`` when given.
+    """
+    from .store import open_capture
+
+    with open_capture(path) as cap:
+        tab = cap.table()
+    if tab.empty:
+        raise VislensError(f"{path}: no completed samples to evaluate")
+    tables: dict[str, pd.DataFrame] = {}
+    subset = _subset_of(tab["relation"]) if "group" in tab and tab["group"].astype(bool).all() else None
+    rows = []
+    for matcher, fn in (("paper", match_paper), ("first-word", match_first_word)):
+        t = tab.copy()
+        yesno = t["answer"].str.lower().isin(["yes", "no"]).all()
+        if yesno and matcher == "paper":
+            t["correct"] = [match_vsr_paper(p, int(a.lower() == "yes"))
+                            for p, a in zip(t["prediction"], t["answer"])]
+        else:
+            t["correct"] = [fn(p, a) for p, a in zip(t["prediction"], t["answer"])]
+        acc = accuracy_table(t, by=("condition",), pair_set=subset)
+        acc.insert(0, "matcher", matcher)
+        rows.append(acc)
+        if yesno:
+            vs = []
+            for cond, g in t.groupby("condition", sort=False):
+                pred_yes = np.array([p.strip().lower().startswith("yes") if matcher != "paper"
+                                     else ("Yes" in p) for p in g["prediction"]])
+                label = (g["answer"].str.lower() == "yes").astype(int).to_numpy()
+                vs.append({"matcher": matcher, "condition": cond, **vsr_scores(pred_yes, label)})
+            tables.setdefault("vsr", pd.DataFrame())
+            tables["vsr"] = pd.concat([tables["vsr"], pd.DataFrame(vs)], ignore_index=True)
+    tables["accuracy"] = pd.concat(rows)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, df in tables.items():
+            df.to_csv(out / f"{name}.csv")
+    return tables

@@ -13,7 +13,7 @@ from .base import PreparedBatch, VLMAdapter
 from .layout import ImageLayout, area_projection, grid_rects
 
 __all__ = ["load_model", "VLMAdapter", "PreparedBatch", "ImageLayout", "area_projection",
-           "grid_rects", "ADAPTERS", "resolve_dtype", "resolve_device"]
+           "grid_rects", "ADAPTERS", "resolve_dtype", "resolve_device", "organism_path"]
 
 
 def _registry() -> dict[str, tuple[type[VLMAdapter], str]]:
@@ -31,6 +31,11 @@ def _registry() -> dict[str, tuple[type[VLMAdapter], str]]:
 
 ADAPTERS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def organism_path() -> Path:
+    """Where the committed model organism lives (``data/organism`` in the repository)."""
+    return Path(__file__).resolve().parents[2] / "data" / "organism"
 
 
 def resolve_device(device: str | None) -> str:
@@ -72,6 +77,8 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
     from ..steering import register_attention
 
     name = str(name_or_path)
+    if name == "organism":  # the embedded default: vislens's own tiny trained LLaVA
+        name = str(organism_path())
     path = Path(name)
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():

@@ -124,13 +124,26 @@ class VLMAdapter:
         return set(toks)
 
     # -- batches ------------------------------------------------------------------------
-    def prepare(self, images: Sequence[Any], questions: Sequence[str]) -> PreparedBatch:
-        """Tokenise a batch (left padding), locate image tokens, compute positions."""
+    def prepare(self, images: Sequence[Any], questions: Sequence[str], *,
+                raw_prompts: bool = False) -> PreparedBatch:
+        """Tokenise a batch (left padding), locate image tokens, compute positions.
+
+        ``questions`` are wrapped in the model's chat template unless ``raw_prompts``, in
+        which case they must already hold the image token where the image goes.
+        """
         if len(images) != len(questions):
             raise VislensError(f"{len(images)} images but {len(questions)} questions")
-        prompts = [self.format_prompt(q) for q in questions]
-        enc = self.processor(images=list(images), text=prompts, return_tensors="pt",
-                             padding=True)
+        prompts = list(questions) if raw_prompts else [self.format_prompt(q) for q in questions]
+        image_token = getattr(self.processor, "image_token", None) or "<image>"
+        for i, p in enumerate(prompts):
+            if image_token not in p:
+                raise VislensError(f"prompt {i} has no image token {image_token!r}: {p[:60]!r}")
+        try:
+            enc = self.processor(images=list(images), text=prompts, return_tensors="pt",
+                                 padding=True)
+        except (ValueError, TypeError) as exc:
+            raise VislensError(f"{self.name}: the processor rejected the batch: "
+                               f"{str(exc).splitlines()[0]}") from None
         ids = enc["input_ids"]
         image_keys = ids == self.image_token_id
         for i, p in enumerate(prompts):

@@ -1,0 +1,154 @@
+"""load_model on tiny checkpoints of every family, image layouts, and bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ARCHS, random_image
+from vislens.errors import VislensError
+from vislens.models import load_model
+from vislens.models.layout import area_projection, grid_rects
+from vislens.models.llava import clip_view
+
+Q = "Where is the ball in relation to the box? Answer with left, right, on or under."
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_model_by_path_picks_the_family(tiny_dir, arch):
+    adapter = load_model(tiny_dir(arch), dtype="float32", device="cpu")
+    expect = {"qwen2_5_vl": "qwen2_vl"}.get(arch, arch)
+    assert adapter.family == expect
+    assert adapter.model.config.text_config._attn_implementation == "vislens"
+    assert adapter.model.config.vision_config._attn_implementation != "vislens"
+    assert adapter.dtype == torch.float32 and adapter.device.type == "cpu"
+    assert adapter.num_layers == 3 and adapter.num_heads == 4
+
+
+def test_dtype_option(tiny_dir):
+    adapter = load_model(tiny_dir("llava"), dtype="bfloat16", device="cpu")
+    assert adapter.dtype == torch.bfloat16
+
+
+def test_llava_layout_square_is_the_patch_grid(tiny_adapter):
+    adapter = tiny_adapter("llava")
+    batch = adapter.prepare([random_image(0, (48, 48))], [Q])
+    lay = batch.layouts[0]
+    assert lay.num_tokens == 576
+    pos = lay.positions
+    assert np.array_equal(pos, np.arange(pos[0], pos[0] + 576))  # contiguous
+    assert np.array_equal(np.nonzero(batch.image_keys[0].numpy())[0], pos)
+    np.testing.assert_allclose(lay.projection(24), np.eye(576), atol=1e-12)
+    # a coarser grid sums 2x2 patches
+    v = np.arange(576, dtype=float)
+    g12 = lay.to_grid(v, 12)
+    assert g12[0, 0] == pytest.approx(v[0] + v[1] + v[24] + v[25])
+
+
+def test_center_crop_geometry_hand_computed():
+    class IP:  # CLIP-style: shortest edge 48, center crop 48
+        size = {"shortest_edge": 48}
+        crop_size = {"height": 48, "width": 48}
+        do_center_crop = True
+        do_resize = True
+
+    # 120 x 60 image -> resized 96 x 48 -> central 48 px = x in [24, 72] of 96 -> [0.25, 0.75]
+    assert clip_view(120, 60, IP()) == pytest.approx((0.25, 0.0, 0.75, 1.0))
+    assert clip_view(50, 50, IP()) == pytest.approx((0.0, 0.0, 1.0, 1.0))
+
+
+def test_llava_layout_wide_image_sees_only_the_center(tiny_adapter):
+    adapter = tiny_adapter("llava")
+    lay = adapter.prepare([random_image(1, (96, 48))], [Q]).layouts[0]
+    vis = lay.visible(24)
+    assert vis[:, :6].max() == 0 and vis[:, -6:].max() == 0 and vis[:, 6:18].min() == pytest.approx(1)
+    # token (0, 0) covers x in [0.25, 0.25 + 0.5/24], y in [0, 1/24]
+    np.testing.assert_allclose(lay.rects[0], [0.25, 0, 0.25 + 0.5 / 24, 1 / 24])
+
+
+def test_area_projection_hand_computed():
+    rects = np.array([[0.0, 0.0, 0.5, 0.5],      # exactly cell (0, 0) of a 2x2 grid
+                      [0.25, 0.25, 0.75, 0.75],  # a quarter in each cell
+                      [np.nan] * 4])
+    p = area_projection(rects, 2)
+    np.testing.assert_allclose(p, [[1, 0, 0, 0], [0.25, 0.25, 0.25, 0.25], [0, 0, 0, 0]])
+    np.testing.assert_allclose(grid_rects(2, 3)[4], [1 / 3, 0.5, 2 / 3, 1.0])
+
+
+def test_llava_next_layout(tiny_adapter):
+    adapter = tiny_adapter("llava_next")
+    img = random_image(2, (60, 40))
+    batch = adapter.prepare([img], [Q])
+    lay = batch.layouts[0]
+    assert lay.num_tokens == int(batch.image_keys[0].sum())
+    kinds = lay.kinds
+    assert (kinds[:576] == "base").all()  # base grid first
+    tiles = kinds == "tile"
+    newline = kinds == "newline"
+    assert newline.sum() > 0 and not np.isnan(lay.rects[tiles]).any() and np.isnan(lay.rects[newline]).all()
+    # a newline ends every canvas row: the token before each newline is a tile token
+    idx = np.nonzero(newline)[0]
+    assert (kinds[idx - 1] == "tile").all() and kinds[-1] == "newline"
+    # base tokens tile the whole image once; tile tokens cover it once more (unpadded canvas)
+    area = lambda r: ((r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])).sum()
+    assert area(lay.rects[kinds == "base"]) == pytest.approx(1.0)
+    assert area(lay.rects[tiles]) == pytest.approx(1.0, abs=0.05)
+    # rows of tile tokens go left to right, top to bottom
+    first_row = lay.rects[576:idx[0]]
+    assert np.all(np.diff(first_row[:, 0]) > 0)
+    grid = lay.to_grid(np.where(lay.spatial, 1.0, 0.0), 24)
+    assert grid.sum() == pytest.approx(lay.spatial.sum())
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_layout(tiny_adapter, arch):
+    adapter = tiny_adapter(arch)
+    batch = adapter.prepare([random_image(3, (140, 112))], [Q])
+    t, h, w = batch.vision["image_grid_thw"][0].tolist()
+    lay = batch.layouts[0]
+    assert lay.num_tokens == t * h * w // 4
+    cols = w // 2
+    k = cols + 1  # second merged row, second column
+    np.testing.assert_allclose(lay.rects[k], [1 / cols, 2 / h, 2 / cols, 4 / h])
+    assert batch.position_ids.shape[0] == 3
+
+
+def test_unknown_architecture(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    with pytest.raises(VislensError, match="unsupported architecture 'LlamaForCausalLM'"):
+        load_model(tmp_path / "llama")
+
+
+def test_model_dir_without_weights(tmp_path, tiny_dir):
+    src = tiny_dir("llava")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(VislensError, match="no weights"):
+        load_model(tmp_path / "m")
+    with pytest.raises(VislensError, match="no such model directory"):
+        load_model(tmp_path / "missing" / "model")
+    with pytest.raises(VislensError, match="unknown dtype"):
+        load_model(src, dtype="float8")
+
+
+def test_prompt_without_image_token(tiny_adapter):
+    adapter = tiny_adapter("llava")
+    with pytest.raises(VislensError, match="no image token"):
+        adapter.prepare([random_image(4)], ["USER: where? ASSISTANT:"], raw_prompts=True)
+
+
+def test_option_token_ids_and_chat_template(tiny_adapter):
+    adapter = tiny_adapter("llava")
+    prompt = adapter.format_prompt("Where is it?")
+    assert prompt.startswith("USER: <image>\n") and prompt.endswith("ASSISTANT:")
+    ids = adapter.option_token_ids(["Left", "Right"])
+    tok = adapter.tokenizer
+    assert tok.convert_ids_to_tokens(ids[0]) == ["Left", "left"]
+    qwen = tiny_adapter("qwen2_vl")
+    assert qwen.format_prompt("Where?").endswith("<|im_start|>assistant\n")

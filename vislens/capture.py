@@ -1,0 +1,266 @@
+"""``vislens capture``: run decoding conditions over a benchmark into a resumable HDF5 file.
+
+The job validates everything it can before touching the model or the output (conditions,
+dataset, split, shard, images of the selected samples), then writes batch after batch through
+:class:`vislens.store.CaptureWriter`, whose commit protocol makes a killed job resumable by
+running the same command again.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .data import Sample, assign_splits, load_dataset, select_split
+from .decoding import Condition, DecodingEngine, check_conditions, parse_condition
+from .errors import VislensError
+
+MATCHERS = ("paper", "first-word")
+
+
+@dataclass
+class CaptureSummary:
+    """What a capture job did, for printing and for tests."""
+
+    path: Path
+    n_total: int
+    n_written: int
+    n_failed: int
+    seconds: float
+    accuracy: dict[str, float] = field(default_factory=dict)
+    complete: bool = False
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise VislensError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise VislensError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def is_correct(prediction: str, sample: Sample, matcher: str = "paper") -> bool:
+    """Answer matching: the paper's substring rule (VSR: its case-sensitive Yes/No) or strict first word."""
+    from .evaluate import match_first_word, match_paper, match_vsr_paper
+
+    if matcher == "first-word":
+        return match_first_word(prediction, sample.answer)
+    if [o.lower() for o in sample.options] == ["yes", "no"]:
+        return match_vsr_paper(prediction, int(sample.answer.lower() == "yes"))
+    return match_paper(prediction, sample.answer)
+
+
+def check_options_in_prompt(samples: Sequence[Sample]) -> list[str]:
+    """Samples whose options are not all offered by the question's "Answer with ..." clause.
+
+    Raises for the first such sample unless the loader flagged it as a known quirk of the
+    published data (``meta["answer_not_in_options"]``); returns the ids of flagged ones.
+    """
+    flagged = []
+    for s in samples:
+        q = s.question.lower()
+        if "answer with" not in q:
+            continue
+        offered = q.split("answer with", 1)[1]
+        missing = [o for o in s.options if o.lower() not in offered]
+        if missing:
+            if s.meta.get("answer_not_in_options"):
+                flagged.append(s.id)
+                continue
+            raise VislensError(f"sample {s.id}: option(s) {missing} are not offered by its prompt "
+                               f"({s.question[-80:]!r})")
+    return flagged
+
+
+def select_samples(dataset: str, data_root: str | None, *, split: str = "all",
+                   limit: int | None = None, shard: tuple[int, int] | None = None,
+                   split_seed: int = 0, val_fraction: float = 0.2
+                   ) -> tuple[list[Sample], list[int]]:
+    """Load, split, limit and shard a dataset; returns samples and their indices in the split."""
+    if split not in ("val", "test", "all"):
+        raise VislensError(f"--split {split!r}: choose val, test or all")
+    samples = load_dataset(dataset, data_root)
+    if not samples:
+        raise VislensError(f"dataset {dataset} has no samples")
+    assign_splits(samples, val_fraction=val_fraction, seed=split_seed)
+    chosen = select_split(samples, split)
+    if limit is not None:
+        if limit < 1:
+            raise VislensError(f"--limit {limit}: must be >= 1")
+        chosen = chosen[:limit]
+    index = list(range(len(chosen)))
+    if shard is not None:
+        i, n = shard
+        index = index[i::n]
+        chosen = [chosen[k] for k in index]
+    return chosen, index
+
+
+def _open_image(sample: Sample):
+    from PIL import Image, UnidentifiedImageError
+
+    path = sample.image_path
+    if not path:
+        raise VislensError(f"sample {sample.id}: no image path")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise VislensError(f"{path}: image not found (sample {sample.id})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise VislensError(f"{path}: cannot decode image (sample {sample.id}): "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _image_size(sample: Sample) -> tuple[int, int] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(sample.image_path) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+def annotation_masks(samples: Sequence[Sample], grid: int):
+    """Box masks from the dataset's own boxes (synthetic scenes, JSONL), or None."""
+    if not any(s.boxes for s in samples):
+        return None, None, None
+    from .boxes import box_mask
+
+    sizes, masks = [], np.zeros((len(samples), grid, grid), dtype=np.float32)
+    for k, s in enumerate(samples):
+        size = _image_size(s) or (0, 0)
+        sizes.append(size)
+        if s.boxes and size[0] > 0:
+            wanted = [b for b in s.boxes if not s.objects or b.label in s.objects] or s.boxes
+            masks[k] = box_mask(np.array([b.xyxy for b in wanted], dtype=np.float64), size, grid)
+    return masks, [list(s.boxes) for s in samples], sizes
+
+
+def run_capture(*, model: str | Any, dataset: str, out: str | Path,
+                conditions: Sequence[str | Condition], data_root: str | None = None,
+                split: str = "all", limit: int | None = None, batch_size: int = 8,
+                shard: str | None = None, dtype: str = "auto", device: str = "auto",
+                on_error: str = "stop", max_new_tokens: int = 16, grid: int = 24,
+                matcher: str = "paper", split_seed: int = 0, command: str | None = None,
+                progress: bool = True, log: Callable[[str], None] = print) -> CaptureSummary:
+    """Capture attention and answers for every (sample, condition); resumable.
+
+    ``model`` is a name/path for :func:`vislens.models.load_model` or an already loaded
+    adapter. Returns a :class:`CaptureSummary`.
+    """
+    from .store import CaptureWriter, shard_path
+
+    conds = [c if isinstance(c, Condition) else parse_condition(c) for c in conditions]
+    check_conditions(conds)
+    if on_error not in ("stop", "skip"):
+        raise VislensError(f"--on-error {on_error!r}: choose stop or skip")
+    if matcher not in MATCHERS:
+        raise VislensError(f"--matcher {matcher!r}: choose one of {', '.join(MATCHERS)}")
+    if batch_size < 1:
+        raise VislensError(f"--batch-size {batch_size}: must be >= 1")
+    shard_t = parse_shard(shard)
+    samples, index = select_samples(dataset, data_root, split=split, limit=limit, shard=shard_t,
+                                    split_seed=split_seed)
+    flagged = check_options_in_prompt(samples)
+    if flagged:
+        log(f"note: {len(flagged)} sample(s) whose gold answer is not offered by the prompt "
+            f"(published data): {', '.join(flagged[:5])}")
+    out_path = Path(out)
+    if shard_t is not None:
+        out_path = shard_path(out_path, *shard_t)
+    if on_error == "stop":  # fail before loading the model, not after hours of work
+        from .data import check_images
+
+        problems = check_images(samples)
+        if problems:
+            sid, reason = problems[0]
+            raise VislensError(f"sample {sid}: {reason} (use --on-error skip to list and skip "
+                               f"{len(problems)} such sample(s))")
+    masks, boxes, sizes = annotation_masks(samples, grid)
+
+    if isinstance(model, (str, Path)):
+        from .models import load_model
+
+        adapter = load_model(model, dtype=dtype, device=device)
+    else:
+        adapter = model
+    attrs = {**adapter.describe(), "vislens_version": __version__, "dataset": dataset,
+             "data_root": str(data_root or ""), "split": split, "split_seed": split_seed,
+             "limit": -1 if limit is None else limit, "max_new_tokens": max_new_tokens,
+             "matcher": matcher, "shard": shard or "",
+             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "command": command if command is not None else shlex.join(sys.argv)}
+    num_options = max(len(s.options) for s in samples)
+    writer = CaptureWriter.open(out_path, samples=samples, conditions=conds, grid=grid,
+                                num_layers=adapter.num_layers, num_heads=adapter.num_heads,
+                                num_options=num_options, attrs=attrs, sample_index=index,
+                                sizes=sizes, box_masks=masks, boxes=boxes)
+    t0 = time.perf_counter()
+    written = failed = 0
+    correct_counts = {c.name: [0, 0] for c in conds}
+    try:
+        pending = [int(r) for r in writer.pending_indices()]
+        if len(pending) < len(samples):
+            log(f"resuming {out_path}: {len(samples) - len(pending)} of {len(samples)} samples "
+                "already done")
+        engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, grid=grid)
+        bar = _progress(len(pending), enabled=progress)
+        for start in range(0, len(pending), batch_size):
+            rows = pending[start:start + batch_size]
+            ok_rows, images = [], []
+            for r in rows:
+                try:
+                    images.append(_open_image(samples[r]))
+                    ok_rows.append(r)
+                except VislensError as exc:
+                    if on_error == "stop":
+                        raise
+                    writer.write_failure(r, str(exc))
+                    failed += 1
+            if ok_rows:
+                batch = [samples[r] for r in ok_rows]
+                results = engine.run(images, [s.question for s in batch],
+                                     [s.options for s in batch], conds)
+                correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
+                           for rs, s in zip(results, batch)]
+                writer.write_batch(ok_rows, results, correct,
+                                   sizes=[im.size for im in images])
+                for cr in correct:
+                    for name, ok in cr.items():
+                        correct_counts[name][0] += int(ok)
+                        correct_counts[name][1] += 1
+                written += len(ok_rows)
+            bar.update(len(rows))
+        bar.close()
+        complete = len(writer.pending_indices()) == 0
+        final = writer.finalize() if complete else out_path
+    except KeyboardInterrupt:
+        log(f"interrupted: {written} sample(s) written to {out_path}; run the same command "
+            "again to resume")
+        raise
+    finally:
+        writer.close()
+    acc = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in correct_counts.items()}
+    return CaptureSummary(Path(final), len(samples), written, failed,
+                          time.perf_counter() - t0, acc, complete)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="sample", disable=not enabled, dynamic_ncols=True,
+                desc="capture", file=sys.stderr)
