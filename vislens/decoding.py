@@ -30,8 +30,14 @@ METHODS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "scaling": (("alpha",), {}),
     "adaptvis": (("alpha1", "alpha2", "beta"), {}),
     "add": (("delta",), {}),
+    # baselines (contrastive decoding rules, no attention steering)
+    "vcd": ((), {"alpha": 1.0, "beta": 0.1, "noise_steps": 500, "seed": 0}),
+    "dola": ((), {"relative_top": 0.1}),
 }
 _COMMON = {"layers": None, "heads": None, "name": None}
+#: methods whose ``layers`` option is a string (not a steering restriction)
+_STRING_OPTIONS = {"dola": {"layers": "high"}}
+CONTRASTIVE = ("vcd", "dola")
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,17 @@ class Condition:
     params: tuple[tuple[str, float], ...] = ()
     layers: tuple[int, ...] | None = None
     heads: tuple[int, ...] | None = None
+    options: tuple[tuple[str, str], ...] = ()
 
-    def __getitem__(self, key: str) -> float:
-        return dict(self.params)[key]
+    def __getitem__(self, key: str) -> Any:
+        merged = {**dict(self.options), **dict(self.params)}
+        return merged[key]
 
     def attrs(self) -> dict[str, Any]:
         """What the capture file stores about this condition."""
         out: dict[str, Any] = {"method": self.method, "spec": self.spec()}
         out.update(dict(self.params))
+        out.update(dict(self.options))
         if self.layers is not None:
             out["layers"] = list(self.layers)
         if self.heads is not None:
@@ -62,6 +71,7 @@ class Condition:
 
     def spec(self) -> str:
         parts = [f"{k}={_fmt(v)}" for k, v in self.params]
+        parts += [f"{k}={v}" for k, v in self.options]
         if self.layers is not None:
             parts.append("layers=" + _fmt_ints(self.layers))
         if self.heads is not None:
@@ -102,6 +112,7 @@ def parse_condition(text: str) -> Condition:
         raise VislensError(f"unknown condition method {method!r} in {text!r}; choose one of "
                            f"{', '.join(METHODS)}")
     required, optional = METHODS[method]
+    string_opts = _STRING_OPTIONS.get(method, {})
     values: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, val = item.partition("=")
@@ -116,15 +127,19 @@ def parse_condition(text: str) -> Condition:
     missing = [k for k in required if k not in values]
     if missing:
         raise VislensError(f"condition {text!r}: missing {', '.join(missing)}")
+    options = tuple((k, values.pop(k, default)) for k, default in string_opts.items())
     params = []
-    for key in list(required) + [k for k in optional if k in values]:
+    for key in list(required) + list(optional):
+        if key not in values:
+            params.append((key, float(optional[key])))
+            continue
         try:
             num = float(values[key])
         except ValueError:
             raise VislensError(f"condition {text!r}: {key}={values[key]!r} is not a number") from None
         params.append((key, num))
     cond = Condition(name=values.get("name") or _default_name(method, dict(params)),
-                     method=method, params=tuple(params),
+                     method=method, params=tuple(params), options=options,
                      layers=_parse_ints(values["layers"], "layers") if "layers" in values else None,
                      heads=_parse_ints(values["heads"], "heads") if "heads" in values else None)
     validate_condition(cond)
@@ -136,7 +151,7 @@ def _default_name(method: str, p: dict[str, float]) -> str:
         return f"scaling-{_fmt(p['alpha'])}"
     if method == "add":
         return f"add-{_fmt(p['delta'])}"
-    return method
+    return method  # baseline, adaptvis, vcd, dola
 
 
 def validate_condition(cond: Condition) -> None:
@@ -148,6 +163,24 @@ def validate_condition(cond: Condition) -> None:
     for key in ("alpha", "alpha1", "alpha2"):
         if key in p and p[key] <= 0:
             raise VislensError(f"condition {cond.name}: {key}={p[key]:g} must be > 0 (a temperature)")
+    if cond.method == "vcd":
+        if p["alpha"] < 0:
+            raise VislensError(f"condition {cond.name}: alpha={p['alpha']:g} must be >= 0")
+        if not 0.0 < p["beta"] <= 1.0:
+            raise VislensError(f"condition {cond.name}: beta={p['beta']:g} must be in (0, 1] "
+                               "(the plausibility cutoff)")
+        if not (0 <= p["noise_steps"] < NOISE_STEPS and float(p["noise_steps"]).is_integer()):
+            raise VislensError(f"condition {cond.name}: noise_steps={p['noise_steps']:g} must be "
+                               f"an integer in [0, {NOISE_STEPS - 1}]")
+        return
+    if cond.method == "dola":
+        if not 0.0 < p["relative_top"] < 1.0:
+            raise VislensError(f"condition {cond.name}: relative_top={p['relative_top']:g} "
+                               "must be in (0, 1)")
+        layers = cond["layers"]
+        if layers not in ("high", "low"):
+            _parse_ints(layers, "layers")
+        return
     if "beta" in p and not 0.0 <= p["beta"] <= 1.0:
         raise VislensError(f"condition {cond.name}: beta={p['beta']:g} must be in [0, 1] "
                            "(a probability threshold)")
@@ -202,6 +235,76 @@ def adaptvis_alpha(confidence: np.ndarray, alpha1: float, alpha2: float, beta: f
     """Eq. 3: alpha1 (smooth) where the unsteered confidence is below beta, else alpha2."""
     confidence = np.asarray(confidence, dtype=np.float64)
     return np.where(confidence < beta, alpha1, alpha2)
+
+
+NOISE_STEPS = 1000  # VCD's diffusion schedule length
+
+
+def diffusion_noise(x: torch.Tensor, noise_steps: int, generator: torch.Generator) -> torch.Tensor:
+    """VCD's distorted view: the forward diffusion process run ``noise_steps`` of 1000 steps.
+
+    ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` with a sigmoid beta schedule from 1e-5
+    to 5e-3 (as VCD uses), applied to the processed pixel tensor.
+    """
+    betas = torch.sigmoid(torch.linspace(-6, 6, NOISE_STEPS, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
+    abar = torch.cumprod(1 - betas, dim=0)[int(noise_steps)]
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, torch.float32)
+    return (abar.sqrt() * x.float() + (1 - abar).sqrt() * eps).to(x.dtype)
+
+
+def vcd_scores(real: torch.Tensor, noisy: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Visual contrastive decoding: ``(1 + alpha) l(v) - alpha l(v')`` on plausible tokens.
+
+    Tokens whose probability under the real image is below ``beta`` times the most likely
+    token's get -inf (the adaptive plausibility constraint).
+    """
+    real, noisy = real.float(), noisy.float()
+    cutoff = math.log(beta) + real.max(dim=-1, keepdim=True).values
+    scores = (1 + alpha) * real - alpha * noisy
+    return scores.masked_fill(real < cutoff, float("-inf"))
+
+
+def dola_candidates(spec: str, num_layers: int) -> list[int]:
+    """Premature-layer candidates (hidden-state indices; 0 = embeddings) for DoLa.
+
+    ``"low"``/``"high"``: every second layer of the lower/upper half (for models over 40
+    layers, the first/last 20), as the DoLa paper and transformers 4.x did; or an explicit
+    list such as ``"0+2+4"``. The final layer is never a candidate.
+    """
+    if spec in ("low", "high"):
+        if num_layers <= 40:
+            lo, hi = (0, num_layers // 2) if spec == "low" else (num_layers // 2, num_layers)
+        else:
+            lo, hi = (0, 20) if spec == "low" else (num_layers - 20, num_layers)
+        layers = list(range(lo, hi, 2))
+    else:
+        layers = list(_parse_ints(spec, "layers"))
+    bad = [l for l in layers if not 0 <= l < num_layers]
+    if bad or not layers:
+        raise VislensError(f"dola layers={spec!r}: need indices in [0, {num_layers - 1}] "
+                           f"(0 = embeddings, {num_layers} = final layer)")
+    return layers
+
+
+def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: float = 0.1
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoLa: contrast the final layer with the premature layer of largest Jensen-Shannon divergence.
+
+    ``final`` [B, V] logits, ``premature`` [C, B, V] early-exit logits of the candidates.
+    Returns the scores ``log p_final - log p_premature`` (-inf where ``p_final`` is below
+    ``relative_top`` times its maximum) and the chosen candidate index per row.
+    """
+    lf = torch.log_softmax(final.float(), dim=-1)
+    lp = torch.log_softmax(premature.float(), dim=-1)
+    m = 0.5 * (lf.exp()[None] + lp.exp())
+    log_m = m.clamp_min(1e-30).log()
+    kl_f = (lf.exp()[None] * (lf[None] - log_m)).sum(-1)
+    kl_p = (lp.exp() * (lp - log_m)).sum(-1)
+    jsd = 0.5 * (kl_f + kl_p)  # [C, B]
+    pick = jsd.argmax(dim=0)  # [B]
+    chosen = lp[pick, torch.arange(final.shape[0], device=final.device)]
+    cutoff = math.log(relative_top) + lf.max(dim=-1, keepdim=True).values
+    return (lf - chosen).masked_fill(lf < cutoff, float("-inf")), pick
 
 
 @dataclass
@@ -285,8 +388,19 @@ class DecodingEngine:
 
     def _continue(self, batch: PreparedBatch, cache: Any, probs: torch.Tensor) -> list[list[int]]:
         """Greedy, unsteered continuation after the first token; leaves tokens in ``cache``."""
-        eos = torch.tensor(sorted(self.adapter.eos_token_ids), device=probs.device)
-        tok = probs.argmax(-1)
+        def scores(tok, mask, pos):
+            return self._forward(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                                 use_cache=True, **{self._cache_kw: cache}).logits[:, -1]
+        return self._decode_loop(batch, probs, scores)
+
+    def _decode_loop(self, batch: PreparedBatch, first: torch.Tensor,
+                     next_scores: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                     ) -> list[list[int]]:
+        """Greedy decoding from the first token's scores; ``next_scores(tok, mask, pos)`` feeds
+        one token per row and returns the next scores. Rows are padded with -1 after EOS to the
+        number of tokens fed, so callers can crop their caches by that length."""
+        eos = torch.tensor(sorted(self.adapter.eos_token_ids), device=first.device)
+        tok = first.argmax(-1)
         seqs = [tok]
         done = torch.isin(tok, eos)
         mask = batch.attention_mask
@@ -294,21 +408,69 @@ class DecodingEngine:
             if bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = self._forward(input_ids=tok[:, None], attention_mask=mask,
-                                position_ids=self.adapter.next_position(batch.position_ids, step),
-                                use_cache=True, **{self._cache_kw: cache})
-            tok = out.logits[:, -1].argmax(-1)
+            tok = next_scores(tok, mask, self.adapter.next_position(batch.position_ids, step)).argmax(-1)
             seqs.append(tok)
             done |= torch.isin(tok, eos)
         stacked = torch.stack(seqs, dim=1).tolist()
         eos_set = self.adapter.eos_token_ids
+        n_fed = len(seqs)
         cut = []
         for row in stacked:
             end = next((j for j, t in enumerate(row) if t in eos_set), len(row))
-            cut.append(row[:end])
-        # pad rows to the number of fed tokens so the caller can crop the cache
-        n_fed = len(seqs)
-        return [r + [-1] * (n_fed - len(r)) for r in cut]
+            cut.append(row[:end] + [-1] * (n_fed - end))
+        return cut
+
+    def contrastive_step(self, batch: PreparedBatch, cache: Any, cond: Condition,
+                         keys: Sequence[str], generate: bool) -> _Step:
+        """VCD or DoLa decoding (no steering): first-token scores and optional continuation."""
+        last = dict(input_ids=batch.input_ids[:, -1:], attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids[..., -1:], use_cache=True)
+        if cond.method == "vcd":
+            noisy = PreparedBatch(**{**batch.__dict__, "vision": self._noised(batch, cond, keys)})
+            cache2 = self.prefill(noisy)
+            caches = (cache, cache2)
+
+            def both(**kw):
+                outs = [self._forward(**kw, **{self._cache_kw: c}).logits[:, -1] for c in caches]
+                return vcd_scores(outs[0], outs[1], cond["alpha"], cond["beta"])
+
+            first = both(**last)
+            step_scores = lambda tok, mask, pos: both(input_ids=tok[:, None], attention_mask=mask,
+                                                      position_ids=pos, use_cache=True)
+        else:
+            cands = dola_candidates(cond["layers"], self.adapter.num_layers)
+            head, norm = self.model.get_output_embeddings(), self.adapter.final_norm()
+
+            def dola(**kw):
+                out = self._forward(**kw, output_hidden_states=True, **{self._cache_kw: cache})
+                hs = out.hidden_states
+                prem = torch.stack([head(norm(hs[j][:, -1])) for j in cands])
+                return dola_scores(out.logits[:, -1], prem, cond["relative_top"])[0]
+
+            first = dola(**last)
+            step_scores = lambda tok, mask, pos: dola(input_ids=tok[:, None], attention_mask=mask,
+                                                      position_ids=pos, use_cache=True)
+        tokens = self._decode_loop(batch, first, step_scores) if generate else None
+        cache.crop(-(len(tokens[0]) if tokens else 1))
+        probs = torch.softmax(first.float(), dim=-1)
+        return _Step(first.float(), probs, None, None, None, tokens)
+
+    def _noised(self, batch: PreparedBatch, cond: Condition, keys: Sequence[str]) -> dict[str, Any]:
+        """The batch's pixel inputs with per-sample deterministic diffusion noise."""
+        import hashlib
+
+        pix = batch.vision["pixel_values"]
+        if "image_grid_thw" in batch.vision:  # Qwen2-VL: patches of all images concatenated
+            sizes = batch.vision["image_grid_thw"].prod(-1).tolist()
+        else:
+            sizes = [1] * pix.shape[0]
+        parts, start = [], 0
+        for key, n in zip(keys, sizes):
+            digest = hashlib.sha256(f"{int(cond['seed'])}:{key}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            parts.append(diffusion_noise(pix[start:start + n], int(cond["noise_steps"]), gen))
+            start += n
+        return {**batch.vision, "pixel_values": torch.cat(parts)}
 
     def reduce_records(self, batch: PreparedBatch, records: dict[int, torch.Tensor]):
         """Answer-position rows [L][B, H, K] -> grid maps, image mass and text mass (numpy)."""
@@ -334,15 +496,21 @@ class DecodingEngine:
     # -- the public entry point ---------------------------------------------------------
     @torch.inference_mode()
     def run(self, images: Sequence[Any], questions: Sequence[str],
-            options: Sequence[Sequence[str]], conditions: Sequence[Condition]
-            ) -> list[dict[str, ConditionResult]]:
-        """Results per sample (in input order), keyed by condition name."""
+            options: Sequence[Sequence[str]], conditions: Sequence[Condition],
+            sample_keys: Sequence[str] | None = None) -> list[dict[str, ConditionResult]]:
+        """Results per sample (in input order), keyed by condition name.
+
+        ``sample_keys`` (e.g. sample ids) seed per-sample randomness such as VCD's noise;
+        they default to the questions.
+        """
         check_conditions(conditions)
         batch = self.adapter.prepare(images, questions)
+        keys = list(sample_keys) if sample_keys is not None else list(questions)
         opt_ids = [self.adapter.option_token_ids(o) for o in options]
         cache = self.prefill(batch)
         steps: dict[SettingKey, _Step] = {}
         b = batch.size
+        gen = self.max_new_tokens > 1
 
         def need(key: SettingKey, generate: bool, record: bool = True) -> _Step:
             st = steps.get(key)
@@ -352,16 +520,17 @@ class DecodingEngine:
                 steps[key] = st
             return st
 
-        fixed = {c.name: setting_of(c) for c in conditions if c.method != "adaptvis"}
-        text_keys = set(fixed.values()) if self.max_new_tokens > 1 else set()
-        gen = self.max_new_tokens > 1
-        # baseline first: AdaptVis needs its confidence, and it is usually requested anyway
-        adaptive = [c for c in conditions if c.method == "adaptvis"]
-        if adaptive or BASELINE_KEY in fixed.values():
-            # an AdaptVis-only run needs the baseline's confidence, not its attention
-            need(BASELINE_KEY, BASELINE_KEY in text_keys, record=BASELINE_KEY in fixed.values())
+        steered = [c for c in conditions if c.method not in CONTRASTIVE]
+        fixed = {c.name: setting_of(c) for c in steered if c.method != "adaptvis"}
+        adaptive = [c for c in steered if c.method == "adaptvis"]
+        contrastive = [c for c in conditions if c.method in CONTRASTIVE]
+        # the baseline step first: AdaptVis needs its confidence, VCD/DoLa its attention
+        # (they do not change attention), and it is usually requested anyway
+        if adaptive or contrastive or BASELINE_KEY in fixed.values():
+            need(BASELINE_KEY, gen and BASELINE_KEY in fixed.values(),
+                 record=BASELINE_KEY in fixed.values() or bool(contrastive))
         for key in dict.fromkeys(fixed.values()):
-            need(key, key in text_keys)
+            need(key, gen)
         chosen: dict[str, np.ndarray] = {}
         if adaptive:
             base_conf = steps[BASELINE_KEY].probs.max(-1).values.cpu().numpy()
@@ -370,18 +539,23 @@ class DecodingEngine:
                 chosen[c.name] = alphas
                 for a in dict.fromkeys(alphas.tolist()):
                     need(setting_of(c, a), gen)
+        special = {c.name: self.contrastive_step(batch, cache, c, keys, gen) for c in contrastive}
 
         results: list[dict[str, ConditionResult]] = [{} for _ in range(b)]
         for c in conditions:
             for i in range(b):
+                if c.name in special:
+                    results[i][c.name] = self._result(special[c.name], i, opt_ids[i], 1.0,
+                                                      attention=steps[BASELINE_KEY])
+                    continue
                 alpha = float(chosen[c.name][i]) if c.method == "adaptvis" else \
                     (c["alpha"] if c.method == "scaling" else 1.0)
                 key = setting_of(c, alpha) if c.method == "adaptvis" else fixed[c.name]
                 results[i][c.name] = self._result(steps[key], i, opt_ids[i], alpha)
         return results
 
-    def _result(self, st: _Step, i: int, opt_ids: Sequence[Sequence[int]], alpha: float
-                ) -> ConditionResult:
+    def _result(self, st: _Step, i: int, opt_ids: Sequence[Sequence[int]], alpha: float,
+                attention: _Step | None = None) -> ConditionResult:
         p = st.probs[i]
         first = int(p.argmax())
         if st.tokens is not None:
@@ -389,14 +563,15 @@ class DecodingEngine:
         else:
             ids = [] if first in self.adapter.eos_token_ids else [first]
         text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        att = attention if attention is not None else st
         option_probs = np.array([float(p[list(ids_k)].sum()) if ids_k else 0.0
                                  for ids_k in opt_ids], dtype=np.float32)
         return ConditionResult(
             text=text, first_token=first, confidence=float(p.max()), option_probs=option_probs,
             alpha_used=float(alpha),
-            image_attention=None if st.grids is None else st.grids[i],
-            image_mass=None if st.image_mass is None else st.image_mass[i],
-            text_mass=None if st.text_mass is None else st.text_mass[i])
+            image_attention=None if att.grids is None else att.grids[i],
+            image_mass=None if att.image_mass is None else att.image_mass[i],
+            text_mass=None if att.text_mass is None else att.text_mass[i])
 
 
 def run_conditions(adapter: VLMAdapter, images: Sequence[Any], questions: Sequence[str],

@@ -83,6 +83,14 @@ class VLMAdapter:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
 
+    def final_norm(self) -> torch.nn.Module:
+        """The language model's final norm (applied before the LM head), for early exits."""
+        lm = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        for cand in (lm, getattr(getattr(self.model, "model", None), "language_model", None)):
+            if cand is not None and hasattr(cand, "norm"):
+                return cand.norm
+        raise VislensError(f"{self.name}: cannot find the language model's final norm")
+
     # -- prompts ------------------------------------------------------------------------
     def format_prompt(self, question: str) -> str:
         """The model's chat template around ``question`` with one image, generation prompt on.

@@ -1,0 +1,141 @@
+"""VCD and DoLa conditions against plain, cache-free implementations of their formulas."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+
+from conftest import random_image
+from vislens.decoding import DecodingEngine, dola_candidates, parse_condition
+
+Q = "Where is the ball in relation to the box? Answer with left, right, on or under."
+OPTS = ["Left", "Right", "On", "Under"]
+
+
+def plain_noise(pix, steps, key, seed=0):
+    """Forward diffusion with VCD's sigmoid schedule, written out step by step."""
+    betas = [1e-5 + (5e-3 - 1e-5) / (1 + math.exp(-x)) for x in np.linspace(-6, 6, 1000)]
+    abar = 1.0
+    for t in range(steps + 1):
+        abar *= 1 - betas[t]
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    eps = torch.randn(pix.shape, generator=g)
+    return math.sqrt(abar) * pix + math.sqrt(1 - abar) * eps
+
+
+def full_logits(model, ids, vision):
+    extra = {}
+    if "image_grid_thw" in vision:  # Qwen2-VL computes its own M-RoPE from token types
+        extra["mm_token_type_ids"] = (ids == model.config.image_token_id).long()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), **vision, **extra).logits[:, -1].float()
+
+
+def plain_greedy(score_fn, ids, steps, eos):
+    out = []
+    for _ in range(steps):
+        tok = int(score_fn(ids).argmax(-1))
+        out.append(tok)
+        if tok in eos:
+            break
+        ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_vcd_matches_plain_formula(tiny_adapter, arch):
+    adapter = tiny_adapter(arch)
+    img = random_image(0, (48, 48))
+    batch = adapter.prepare([img], [Q])
+    noisy = {**batch.vision, "pixel_values": plain_noise(batch.vision["pixel_values"], 500, "s1")}
+    a, b = 1.0, 0.1
+
+    def score(ids):
+        real, fake = full_logits(adapter.model, ids, batch.vision), full_logits(adapter.model, ids, noisy)
+        s = (1 + a) * real - a * fake
+        keep = torch.softmax(real, -1) >= b * torch.softmax(real, -1).max()
+        return torch.where(keep, s, torch.tensor(float("-inf")))
+
+    first = score(batch.input_ids)
+    expect = plain_greedy(score, batch.input_ids, 4, adapter.eos_token_ids)
+    engine = DecodingEngine(adapter, max_new_tokens=4)
+    res = engine.run([img], [Q], [OPTS], [parse_condition("vcd:alpha=1,beta=0.1,noise_steps=500")],
+                     sample_keys=["s1"])[0]["vcd"]
+    probs = torch.softmax(first, -1)[0]
+    assert res.confidence == pytest.approx(float(probs.max()), abs=1e-4)
+    expect_text = adapter.tokenizer.decode([t for t in expect if t not in adapter.eos_token_ids],
+                                           skip_special_tokens=True).strip()
+    assert res.text == expect_text
+    # the noise is deterministic per sample key
+    res2 = engine.run([img], [Q], [OPTS], [parse_condition("vcd")], sample_keys=["s1"])[0]["vcd"]
+    res3 = engine.run([img], [Q], [OPTS], [parse_condition("vcd")], sample_keys=["other"])[0]["vcd"]
+    assert res2.confidence == res.confidence and res3.confidence != res.confidence
+
+
+def test_dola_matches_plain_formula(tiny_dir):
+    from vislens.models import load_model
+
+    adapter = load_model(tiny_dir("llava"), dtype="float32", device="cpu")
+    img = random_image(1, (48, 48))
+    batch = adapter.prepare([img], [Q])
+    model = adapter.model
+    cands = dola_candidates("high", adapter.num_layers)
+    norm = model.model.language_model.norm
+    assert cands == [1]  # 3 layers: upper half, every second layer
+
+    def score(ids, candidates=(0, 1)):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
+                        **batch.vision)
+        final = torch.log_softmax(out.logits[0, -1].float(), -1)
+        best, best_j = -1.0, None
+        for j in candidates:
+            with torch.no_grad():
+                prem = torch.log_softmax(model.lm_head(norm(out.hidden_states[j][0, -1])).float(), -1)
+            d = jensenshannon(final.exp().numpy(), prem.exp().numpy()) ** 2
+            if d > best:
+                best, best_j = d, prem
+        s = final - best_j
+        return torch.where(final >= math.log(0.1) + final.max(), s, torch.tensor(float("-inf")))[None]
+
+    expect = plain_greedy(score, batch.input_ids, 3, adapter.eos_token_ids)
+    res = DecodingEngine(adapter, max_new_tokens=3).run(
+        [img], [Q], [OPTS], [parse_condition("dola:layers=0+1,name=d")])[0]["d"]
+    assert res.first_token == expect[0]
+    assert res.confidence == pytest.approx(float(torch.softmax(score(batch.input_ids), -1).max()), abs=1e-4)
+    assert res.text == adapter.tokenizer.decode(
+        [t for t in expect if t not in adapter.eos_token_ids], skip_special_tokens=True).strip()
+
+
+def test_baselines_record_the_unsteered_attention(tiny_adapter):
+    adapter = tiny_adapter("llava")
+    res = DecodingEngine(adapter, max_new_tokens=1).run(
+        [random_image(2)], [Q], [OPTS], [parse_condition(c) for c in ("baseline", "vcd", "dola")])[0]
+    np.testing.assert_array_equal(res["vcd"].image_attention, res["baseline"].image_attention)
+    np.testing.assert_array_equal(res["dola"].image_mass, res["baseline"].image_mass)
+
+
+def test_dola_candidates():
+    assert dola_candidates("low", 32) == list(range(0, 16, 2))
+    assert dola_candidates("high", 32) == list(range(16, 32, 2))
+    assert dola_candidates("high", 60) == list(range(40, 60, 2))
+    assert dola_candidates("3+5", 32) == [3, 5]
+    from vislens.errors import VislensError
+
+    with pytest.raises(VislensError, match="layers"):
+        dola_candidates("40", 32)
+
+
+@pytest.mark.parametrize("spec, msg", [("vcd:beta=0", "beta"), ("vcd:noise_steps=1000", "noise_steps"),
+                                       ("vcd:alpha=-1", "alpha"), ("dola:relative_top=1", "relative_top"),
+                                       ("dola:layers=x", "layers")])
+def test_bad_baseline_options(spec, msg):
+    from vislens.errors import VislensError
+
+    with pytest.raises(VislensError, match=msg):
+        parse_condition(spec)
