@@ -162,6 +162,8 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     ``model`` is a name/path for :func:`vislens.models.load_model` or an already loaded
     adapter. Returns a :class:`CaptureSummary`.
     """
+    import torch
+
     from .store import CaptureWriter, shard_path
 
     conds = [c if isinstance(c, Condition) else parse_condition(c) for c in conditions]
@@ -175,6 +177,8 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     shard_t = parse_shard(shard)
     samples, index = select_samples(dataset, data_root, split=split, limit=limit, shard=shard_t,
                                     split_seed=split_seed)
+    n_selected = len(select_samples(dataset, data_root, split=split, limit=limit,
+                                    split_seed=split_seed)[0]) if shard_t else len(samples)
     flagged = check_options_in_prompt(samples)
     if flagged:
         log(f"note: {len(flagged)} sample(s) whose gold answer is not offered by the prompt "
@@ -201,7 +205,7 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     attrs = {**adapter.describe(), "vislens_version": __version__, "dataset": dataset,
              "data_root": str(data_root or ""), "split": split, "split_seed": split_seed,
              "limit": -1 if limit is None else limit, "max_new_tokens": max_new_tokens,
-             "matcher": matcher, "shard": shard or "",
+             "matcher": matcher, "shard": shard or "", "total_samples": n_selected,
              "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
              "command": command if command is not None else shlex.join(sys.argv)}
     num_options = max(len(s.options) for s in samples)
@@ -217,7 +221,8 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
         if len(pending) < len(samples):
             log(f"resuming {out_path}: {len(samples) - len(pending)} of {len(samples)} samples "
                 "already done")
-        engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, grid=grid)
+        engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, grid=grid,
+                                attention_dtype=torch.float16)
         bar = _progress(len(pending), enabled=progress)
         for start in range(0, len(pending), batch_size):
             rows = pending[start:start + batch_size]
@@ -234,7 +239,8 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
             if ok_rows:
                 batch = [samples[r] for r in ok_rows]
                 results = engine.run(images, [s.question for s in batch],
-                                     [s.options for s in batch], conds)
+                                     [s.options for s in batch], conds,
+                                     sample_keys=[s.id for s in batch])
                 correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
                            for rs, s in zip(results, batch)]
                 writer.write_batch(ok_rows, results, correct,

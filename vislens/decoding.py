@@ -209,7 +209,7 @@ class ConditionResult:
     confidence: float
     option_probs: np.ndarray
     alpha_used: float
-    image_attention: np.ndarray | None = None  # [L, H, G, G] float32
+    image_attention: np.ndarray | None = None  # [L, H, G, G] (engine's attention_dtype)
     image_mass: np.ndarray | None = None  # [L, H]
     text_mass: np.ndarray | None = None  # [L, H]
     extras: dict[str, Any] = field(default_factory=dict)
@@ -328,7 +328,7 @@ class DecodingEngine:
     """
 
     def __init__(self, adapter: VLMAdapter, *, max_new_tokens: int = 16, grid: int = 24,
-                 record: bool = True) -> None:
+                 record: bool = True, attention_dtype: torch.dtype = torch.float32) -> None:
         if max_new_tokens < 1:
             raise VislensError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.adapter = adapter
@@ -336,6 +336,7 @@ class DecodingEngine:
         self.max_new_tokens = max_new_tokens
         self.grid = grid
         self.record = record
+        self.attention_dtype = attention_dtype  # float16 halves the device->host copy for stores
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
@@ -490,7 +491,8 @@ class DecodingEngine:
             pos = torch.as_tensor(layout.positions[tok], device=rows.device)
             vals = rows[i][..., pos] * torch.as_tensor(w, dtype=rows.dtype, device=rows.device)
             grids[i].index_add_(-1, torch.as_tensor(cell, device=rows.device), vals)
-        return (grids.reshape(*grids.shape[:3], g, g).cpu().numpy(), image_mass.cpu().numpy(),
+        grids = grids.reshape(*grids.shape[:3], g, g).to(self.attention_dtype)
+        return (grids.cpu().numpy(), image_mass.cpu().numpy(),
                 text_mass.cpu().numpy())
 
     # -- the public entry point ---------------------------------------------------------

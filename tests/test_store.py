@@ -1,0 +1,576 @@
+"""Capture store: round trip, crash safety under SIGKILL, resume checks, finalize, merge.
+
+A deterministic generator gives every (sample, condition) its own arrays, so any row read
+back can be checked exactly against a fresh regeneration.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+from vislens.data.base import Box, Sample
+from vislens.errors import VislensError
+from vislens.store import (FORMAT, FORMAT_VERSION, PREDICTION_BYTES, CaptureWriter, merge,
+                           open_capture, shard_path)
+
+TESTS = Path(__file__).resolve().parent
+L, H, G, K = 2, 2, 4, 3
+SEED = 20250
+
+
+@dataclass(frozen=True)
+class FakeCondition:
+    """Stands in for decoding.Condition (which imports torch) in the kill-test child."""
+
+    name: str
+    method: str
+    params: tuple[tuple[str, float], ...] = ()
+    layers: tuple[int, ...] | None = None
+
+    def attrs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "spec": f"{self.method}:{self.params}"}
+        out.update(dict(self.params))
+        if self.layers is not None:
+            out["layers"] = list(self.layers)
+        return out
+
+
+@dataclass
+class FakeResult:
+    """Same fields as decoding.ConditionResult."""
+
+    text: str
+    first_token: int
+    confidence: float
+    option_probs: np.ndarray
+    alpha_used: float
+    image_attention: np.ndarray | None = None
+    image_mass: np.ndarray | None = None
+    text_mass: np.ndarray | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+CONDS = (FakeCondition("baseline", "baseline"),
+         FakeCondition("scaling-0.5", "scaling", (("alpha", 0.5),), layers=(0, 1)))
+OPTIONS = ["Left", "Right", "On"]
+ATTRS = {"model": "tiny/llava", "model_revision": "abc", "dataset": "synthetic",
+         "max_new_tokens": 4, "matcher": "paper"}
+
+
+def make_samples(n: int, offset: int = 0) -> list[Sample]:
+    return [Sample(id=f"s{i:04d}", image_path=f"images/{i}.jpg", question=f"Where is mug {i}?",
+                   options=OPTIONS[:2 + i % 2], answer=OPTIONS[i % 2],
+                   relation=OPTIONS[i % 2].lower(), group=f"g{i // 4}", split="test",
+                   boxes=[Box("mug", (1.0, 2.0, 3.0 + i, 4.0))])
+            for i in range(offset, offset + n)]
+
+
+def gen(row: int, ci: int) -> FakeResult:
+    """The deterministic result of dataset position ``row`` under condition ``ci``."""
+    rng = np.random.default_rng([SEED, row, ci])
+    nopt = 2 + row % 2
+    probs = rng.dirichlet(np.ones(nopt)).astype(np.float32)
+    return FakeResult(
+        text=f"answer {row}/{ci} " + "é" * (row % 4),
+        first_token=row,
+        confidence=float(probs.max()),
+        option_probs=probs,
+        alpha_used=0.5 * (ci + 1),
+        image_attention=rng.random((L, H, G, G)).astype(np.float16).astype(np.float32),
+        image_mass=rng.random((L, H)).astype(np.float32),
+        text_mass=rng.random((L, H)).astype(np.float32),
+    )
+
+
+def gold_correct(row: int, ci: int) -> bool:
+    return (row + ci) % 3 == 0
+
+
+def fails(row: int) -> bool:
+    return row % 11 == 7
+
+
+def open_writer(path: Path, n: int, *, offset: int = 0, conds=CONDS, attrs=None,
+                boxes: bool = True, **kw) -> CaptureWriter:
+    samples = make_samples(n, offset)
+    masks = np.stack([np.full((G, G), (i % 5) / 4, dtype=np.float32)
+                      for i in range(offset, offset + n)]) if boxes else None
+    return CaptureWriter.open(
+        path, samples=samples, conditions=conds, grid=G, num_layers=L, num_heads=H,
+        num_options=K, attrs=attrs or ATTRS,
+        sample_index=list(range(offset, offset + n)), box_masks=masks,
+        boxes=[s.boxes for s in samples] if boxes else None, **kw)
+
+
+def write_rows(w: CaptureWriter, rows, index: np.ndarray | None = None) -> None:
+    """Write ``rows`` (file rows) in one batch; failing ones as failures."""
+    rows = list(rows)
+    pos = (lambda r: r) if index is None else (lambda r: int(index[r]))
+    good = [r for r in rows if not fails(pos(r))]
+    for r in rows:
+        if fails(pos(r)):
+            w.write_failure(r, f"cannot open image {pos(r)}: broken\nsecond line")
+    w.write_batch(good, [{c.name: gen(pos(r), ci) for ci, c in enumerate(CONDS)} for r in good],
+                  [{c.name: gold_correct(pos(r), ci) for ci, c in enumerate(CONDS)} for r in good],
+                  sizes=[(100 + pos(r), 50) for r in good])
+
+
+def check_rows(cap, required_all: bool = False) -> int:
+    """Every done row equals the generator; returns the number of rows done everywhere."""
+    idx = cap.samples["index"].to_numpy()
+    smp = cap.samples
+    all_done = np.ones(len(cap), dtype=bool)
+    for ci, c in enumerate(cap.conditions):
+        done = cap.done(c)
+        all_done &= done
+        rows = np.flatnonzero(done)
+        attn = cap.attention(c, rows)
+        img, txt = cap.masses(c)
+        tab = cap.table([c]).set_index("row")
+        for k, r in enumerate(rows):
+            ref = gen(int(idx[r]), ci)
+            np.testing.assert_array_equal(attn[k], ref.image_attention)
+            np.testing.assert_array_equal(img[r], ref.image_mass)
+            np.testing.assert_array_equal(txt[r], ref.text_mass)
+            t = tab.loc[r]
+            assert t["prediction"] == ref.text
+            assert t["correct"] == gold_correct(int(idx[r]), ci)
+            assert t["confidence"] == np.float32(ref.confidence)
+            assert t["alpha_used"] == np.float32(ref.alpha_used)
+            for o, p in zip(smp["options"][r], ref.option_probs):
+                assert t[f"p_{o}"] == p
+            assert smp["width"][r] == 100 + idx[r]
+        assert np.isnan(attn).sum() == 0
+        assert np.isnan(img[~done]).all()
+    failed = smp["failed"].to_numpy()
+    for r in np.flatnonzero(failed):
+        assert fails(int(idx[r]))
+        assert smp["reason"][r] == f"cannot open image {idx[r]}: broken second line"
+    if required_all:
+        assert (all_done | failed).all()
+    return int(all_done.sum())
+
+
+def child_main(path: str, n: int) -> None:
+    """Kill-test child: resume ``path`` and write batch after batch, then finalize."""
+    with open_writer(Path(path), n) as w:
+        pending = w.pending_indices()
+        for i in range(0, len(pending), 3):
+            write_rows(w, pending[i:i + 3])
+            print("batch", flush=True)
+        w.finalize()
+        print("finalized", flush=True)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_shard_path():
+    assert shard_path("out/run.h5", 1, 4) == Path("out/run.shard1-of-4.h5")
+    assert shard_path("run", 2, 2) == Path("run.shard2-of-2.h5")
+    with pytest.raises(VislensError):
+        shard_path("run.h5", 5, 4)
+
+
+def test_float16_conversion_is_exact():
+    from vislens.store import _to_f16
+
+    rng = np.random.default_rng(0)
+    edge = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519, 65520, 1e10, -1e-8, 2.0**-14,
+                     2.0**-14 * (1 - 2.0**-11), 2.0**-25, 3 * 2.0**-25, 2.0**-24, -2.0**-24,
+                     1.5 * 2.0**-24, 2.5 * 2.0**-24, 1e-45], dtype=np.float32)
+    vals = np.concatenate([edge, (rng.standard_normal(100_000)
+                                  * 10.0 ** rng.uniform(-12, 6, 100_000)).astype(np.float32)])
+    with np.errstate(all="ignore"):
+        ref = vals.astype(np.float16)
+    np.testing.assert_array_equal(_to_f16(vals).view(np.uint16), ref.view(np.uint16))
+    assert np.isnan(_to_f16(np.array([np.nan, -np.nan], np.float32))).all()
+    assert _to_f16(np.ones((2, 3), np.float32)).shape == (2, 3)
+
+
+def test_lazy_open_capture():
+    import vislens
+    from vislens import store
+
+    assert vislens.open_capture is store.open_capture
+
+
+def test_round_trip_working_and_final(tmp_path):
+    path = tmp_path / "run.h5"
+    n = 12
+    w = open_writer(path, n, attrs={"model": "tiny/llava", "shard": None,
+                                    "layers_probed": [1, 2], "meta": {"a": 1}})
+    assert path.exists() and (tmp_path / "run.h5.lock").exists()
+    assert list(w.pending_indices()) == list(range(n))
+    write_rows(w, [5, 3, 4, 0])  # unsorted, with a gap
+    write_rows(w, [7, 8])  # row 7 fails
+    with open_capture(path) as cap:  # readable while the writer holds it
+        assert cap.attrs["complete"] is False
+        assert check_rows(cap) == 5
+        assert cap.table(done_only=False).shape[0] == 2 * n
+    assert list(w.pending_indices()) == [1, 2, 6, 9, 10, 11]
+    assert w.finalize() == path  # not complete yet: untouched
+    write_rows(w, w.pending_indices())
+    with open_capture(path) as cap:
+        working = {"samples": cap.samples, "table": cap.table(),
+                   "attn": cap.attention("scaling-0.5"), "boxes": cap.boxes(),
+                   "mask": cap.box_mask(), "masses": cap.masses("baseline")}
+        assert h5py.check_string_dtype(cap._f["samples/id"].dtype).length is not None
+    w.finalize()
+    w.close()
+    assert not (tmp_path / "run.h5.tmp").exists() and not (tmp_path / "run.h5.lock").exists()
+
+    with open_capture(path) as cap:
+        a = cap.attrs
+        assert a["format"] == FORMAT and a["format_version"] == FORMAT_VERSION
+        assert a["complete"] is True and a["grid"] == [G, G]
+        assert (a["num_layers"], a["num_heads"], a["num_options"]) == (L, H, K)
+        assert a["model"] == "tiny/llava" and "shard" not in a
+        assert a["layers_probed"] == [1, 2] and a["meta"] == '{"a": 1}'
+        assert {"created_utc", "command", "vislens_version", "model_revision"} <= set(a)
+        assert cap.conditions == ["baseline", "scaling-0.5"]
+        assert cap.condition_attrs("scaling-0.5") == CONDS[1].attrs()
+        check_rows(cap, required_all=True)
+        ds = cap._f["conditions/baseline/image_attention"]
+        assert ds.compression == "gzip" and ds.shuffle and ds.chunks == (1, L, H, G, G)
+        assert h5py.check_string_dtype(cap._f["samples/id"].dtype).length is None
+        smp = cap.samples
+        assert smp["options"][0] == ["Left", "Right"] and smp["options"][1] == OPTIONS
+        assert list(smp.columns) == ["id", "question", "answer", "relation", "image_path",
+                                     "group", "split", "options", "index", "width", "height",
+                                     "failed", "reason"]
+        assert smp.equals(working["samples"])
+        assert cap.table().equals(working["table"])
+        np.testing.assert_array_equal(cap.attention("scaling-0.5"), working["attn"])
+        assert np.isnan(cap.attention("baseline", [7])).all()  # failed row
+        np.testing.assert_array_equal(cap.attention("baseline", [3, 1, 3], layers=[1, 0]),
+                                      cap.attention("baseline")[[3, 1, 3]][:, [1, 0]])
+        np.testing.assert_array_equal(cap.attention("baseline", layers=-1)[:, 0],
+                                      cap.attention("baseline")[:, 1])
+        chunks = list(cap.iter_attention("baseline", chunk=5))
+        assert [len(r) for r, _ in chunks] == [5, 5, 1]
+        np.testing.assert_array_equal(np.concatenate([x for _, x in chunks]),
+                                      cap.attention("baseline", np.concatenate([r for r, _ in chunks])))
+        for x, y in zip(cap.masses("baseline"), working["masses"]):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(cap.box_mask(), working["mask"])
+        assert cap.boxes().equals(working["boxes"])
+        assert list(cap.boxes()["id"]) == [f"s{i:04d}" for i in range(n)]
+        tab = cap.table()
+        assert {"id", "condition", "method", "prediction", "correct", "confidence", "alpha_used",
+                "relation", "group", "answer", "split", "p_Left", "p_Right", "p_On"} <= set(tab)
+        assert len(tab) == 2 * (n - 1) and set(tab["method"]) == {"baseline", "scaling"}
+
+    # reopening a complete file with the same spec is a no-op resume
+    before = path.read_bytes()
+    with open_writer(path, n, attrs={"model": "tiny/llava", "layers_probed": [1, 2],
+                                     "meta": {"a": 1}}) as w2:
+        assert w2.pending_indices().size == 0
+        assert w2.finalize() == path
+        with pytest.raises(VislensError, match="complete"):
+            write_rows(w2, [0])
+    assert path.read_bytes() == before
+
+
+def test_real_condition_objects(tmp_path):
+    from vislens.decoding import ConditionResult, parse_condition
+
+    conds = [parse_condition("baseline"), parse_condition("scaling:alpha=0.5,layers=0-1"),
+             parse_condition("adaptvis:alpha1=0.5,alpha2=1.5,beta=0.3")]
+    path = tmp_path / "real.h5"
+    samples = make_samples(2)
+    with CaptureWriter.open(path, samples=samples, conditions=conds, grid=G, num_layers=L,
+                            num_heads=H, num_options=K, attrs={"model": "m"}) as w:
+        res = ConditionResult(text="Left", first_token=3, confidence=0.9,
+                              option_probs=np.array([0.9, 0.1]), alpha_used=1.0,
+                              image_attention=np.ones((L, H, G, G), np.float32),
+                              image_mass=np.ones((L, H)), text_mass=np.zeros((L, H)))
+        w.write_batch([0, 1], [{c.name: res for c in conds}] * 2,
+                      [{c.name: True for c in conds}] * 2)
+        w.finalize()
+    with open_capture(path) as cap:
+        assert cap.conditions == ["baseline", "scaling-0.5", "adaptvis"]
+        for c in conds:
+            assert cap.condition_attrs(c.name) == c.attrs()
+        assert cap.table()["p_Left"].tolist() == [np.float32(0.9)] * 6
+    with pytest.raises(VislensError, match=r"attr alpha2"):
+        CaptureWriter.open(path, samples=samples, conditions=[
+            conds[0], conds[1], parse_condition("adaptvis:alpha1=0.5,alpha2=2,beta=0.3")],
+            grid=G, num_layers=L, num_heads=H, num_options=K, attrs={"model": "m"})
+
+
+@pytest.mark.slow
+def test_sigkill_during_writes_then_resume(tmp_path):
+    """Kill a writing process with SIGKILL at random points, check, resume, repeat."""
+    path = tmp_path / "killed.h5"
+    n = 240
+    rng = random.Random()
+    code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_store; "
+            f"test_store.child_main({str(path)!r}, {n})")
+    killed = 0
+    for cycle in range(3):
+        with open(tmp_path / f"child{cycle}.err", "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                    stderr=err, cwd=TESTS.parent)
+            want = rng.randint(1, 6)
+            seen = 0
+            while seen < want:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                seen += line.startswith(b"batch")
+            time.sleep(rng.uniform(0, 0.01))
+            proc.send_signal(signal.SIGKILL)
+            rc = proc.wait()
+            proc.stdout.close()
+        err_text = (tmp_path / f"child{cycle}.err").read_text()
+        assert rc in (0, -signal.SIGKILL), err_text
+        killed += rc == -signal.SIGKILL
+        assert not (tmp_path / "killed.h5.tmp").exists() or rc == -signal.SIGKILL
+        with open_capture(path) as cap:
+            check_rows(cap)
+            if cap.complete:  # the child outran the kill: nothing left to interrupt
+                break
+    assert killed >= 1
+    with open_writer(path, n) as w:  # the dead writer's lock is gone; leftover .tmp removed
+        assert not (tmp_path / "killed.h5.tmp").exists()
+        pending = w.pending_indices()
+        for i in range(0, len(pending), 7):
+            write_rows(w, pending[i:i + 7])
+        assert w.pending_indices().size == 0
+        w.finalize()
+    with open_capture(path) as cap:
+        assert cap.attrs["complete"] is True
+        assert check_rows(cap, required_all=True) == n - sum(fails(i) for i in range(n))
+
+
+def test_second_writer_refused(tmp_path):
+    path = tmp_path / "run.h5"
+    w = open_writer(path, 4)
+    with pytest.raises(VislensError) as exc:
+        open_writer(path, 4)
+    assert str(exc.value) == f"{path} is being written by another vislens job (pid {os.getpid()})"
+    w.close()
+    open_writer(path, 4).close()  # released
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_resume_mismatch_refused(tmp_path):
+    path = tmp_path / "run.h5"
+    with open_writer(path, 6) as w:
+        write_rows(w, [0, 1])
+    digest = _md5(path)
+    cases = [
+        (dict(attrs={"model": "other", "model_revision": "abc", "dataset": "synthetic",
+                     "max_new_tokens": 4, "matcher": "paper"}), "model"),
+        (dict(attrs={"model": "tiny/llava", "model_revision": "abc", "dataset": "synthetic",
+                     "max_new_tokens": 8, "matcher": "paper"}), "attr max_new_tokens"),
+        (dict(offset=1), r"samples/id\[0\]"),
+        (dict(conds=CONDS[:1]), "conditions"),
+        (dict(conds=(CONDS[0], FakeCondition("scaling-0.5", "scaling", (("alpha", 0.6),)))),
+         "conditions/scaling-0.5 attr alpha"),
+    ]
+    for kw, field_name in cases:
+        with pytest.raises(VislensError, match=f"cannot resume: {field_name} is") as exc:
+            open_writer(path, 6, **kw)
+        msg = str(exc.value)
+        assert "\n" not in msg and msg.startswith(str(path))
+    with pytest.raises(VislensError, match="number of samples"):
+        open_writer(path, 7)
+    with pytest.raises(VislensError, match="grid is"):
+        CaptureWriter.open(path, samples=make_samples(6), conditions=CONDS, grid=G + 1,
+                           num_layers=L, num_heads=H, num_options=K, attrs=ATTRS)
+    assert _md5(path) == digest  # nothing modified
+    with open_writer(path, 6) as w:  # the right spec resumes
+        assert list(w.pending_indices()) == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("attr,value,match", [("format_version", 2, "format_version 2"),
+                                              ("format", "something-else", "not a vislens")])
+def test_wrong_format_refused(tmp_path, attr, value, match):
+    path = tmp_path / "run.h5"
+    open_writer(path, 3).close()
+    with h5py.File(path, "r+") as f:
+        f.attrs[attr] = value
+    with pytest.raises(VislensError, match=match) as exc:
+        open_capture(path)
+    assert str(path) in str(exc.value)
+    with pytest.raises(VislensError, match=match):
+        open_writer(path, 3)
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(VislensError, match="junk.h5"):
+        open_capture(tmp_path / "junk.h5")
+    with pytest.raises(VislensError, match="no such"):
+        open_capture(tmp_path / "missing.h5")
+
+
+def test_finalize_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "run.h5"
+    w = open_writer(path, 8)
+    write_rows(w, range(8))
+
+    def broken(src, dst):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(VislensError, match="working file is intact"):
+        w.finalize()
+    monkeypatch.undo()
+    assert not (tmp_path / "run.h5.tmp").exists()
+    with open_capture(path) as cap:
+        assert cap.attrs["complete"] is False
+        check_rows(cap, required_all=True)
+    assert w.finalize() == path  # retry works, writer still usable
+    w.close()
+    with open_capture(path) as cap:
+        assert cap.attrs["complete"] is True
+        check_rows(cap, required_all=True)
+
+    # a leftover .tmp (kill during finalize) is removed by the next writer
+    other = tmp_path / "b.h5"
+    open_writer(other, 2).close()
+    (tmp_path / "b.h5.tmp").write_bytes(b"half-written")
+    with open_writer(other, 2) as w2:
+        assert not (tmp_path / "b.h5.tmp").exists()
+        assert w2.pending_indices().size == 2
+
+
+def _raw_ranges(path: Path) -> list[tuple[int, int]]:
+    """Byte ranges of raw dataset storage (chunks or contiguous blocks) in ``path``."""
+    ranges: list[tuple[int, int]] = []
+
+    def visit(_name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.size:
+            if obj.chunks:
+                for i in range(obj.id.get_num_chunks()):
+                    info = obj.id.get_chunk_info(i)
+                    ranges.append((info.byte_offset, info.byte_offset + info.size))
+            else:
+                ranges.append((obj.id.get_offset(), obj.id.get_offset() + obj.id.get_storage_size()))
+
+    with h5py.File(path, "r") as f:
+        f.visititems(visit)
+    return ranges
+
+
+def test_writer_only_overwrites_raw_data(tmp_path):
+    """After creation, writes (batches, rewrites, failures) touch only raw dataset bytes."""
+    path = tmp_path / "run.h5"
+    open_writer(path, 9).close()
+    before = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    with open_writer(path, 9) as w:
+        write_rows(w, [0, 1, 2, 3])
+        write_rows(w, [2, 8])  # rewrites done row 2
+        write_rows(w, [6, 7])  # 7 fails
+        w.write_failure(0, "late failure")
+    after = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    assert after.size == before.size
+    changed = np.flatnonzero(before != after)
+    assert changed.size > 0
+    ranges = np.array(_raw_ranges(path))
+    inside = ((changed[:, None] >= ranges[:, 0]) & (changed[:, None] < ranges[:, 1])).any(axis=1)
+    assert inside.all(), f"metadata bytes changed at {changed[~inside][:10]}"
+
+
+def test_write_batch_validation(tmp_path):
+    path = tmp_path / "run.h5"
+    with open_writer(path, 3) as w:
+        bad = gen(0, 0)
+        bad.image_attention = np.zeros((L, H, G + 1, G), np.float32)
+        with pytest.raises(VislensError, match="row 0 condition baseline: image_attention shape"):
+            w.write_batch([0], [{"baseline": bad, "scaling-0.5": gen(0, 1)}],
+                          [{"baseline": True, "scaling-0.5": True}])
+        with pytest.raises(VislensError, match="lacks condition 'scaling-0.5'"):
+            w.write_batch([0], [{"baseline": gen(0, 0)}], [{"baseline": True}])
+        with pytest.raises(VislensError, match="out of range"):
+            write_rows(w, [3])
+        assert w.pending_indices().size == 3
+        long = gen(1, 0)
+        long.text = "é" * 200  # 400 bytes
+        long.image_attention = None  # not recorded -> NaN
+        w.write_batch([1], [{"baseline": long, "scaling-0.5": gen(1, 1)}],
+                      [{"baseline": False, "scaling-0.5": True}])
+        with open_capture(path) as cap:
+            pred = cap.table(["baseline"])["prediction"][0]
+            assert pred == "é" * (PREDICTION_BYTES // 2)
+            assert np.isnan(cap.attention("baseline", [1])).all()
+    with pytest.raises(VislensError, match="more than num_options"):
+        CaptureWriter.open(tmp_path / "x.h5", samples=make_samples(3), conditions=CONDS, grid=G,
+                           num_layers=L, num_heads=H, num_options=2, attrs={"model": "m"})
+    with pytest.raises(VislensError, match="attrs must name the model"):
+        CaptureWriter.open(tmp_path / "x.h5", samples=make_samples(3), conditions=CONDS, grid=G,
+                           num_layers=L, num_heads=H, num_options=K, attrs={})
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "x.h5.lock").exists()
+
+
+def _shard(tmp_path: Path, out: Path, i: int, n: int, total: int, finalize: bool = True) -> Path:
+    """Shard i/n of ``total`` samples, round-robin: dataset positions i-1, i-1+n, ..."""
+    index = np.arange(i - 1, total, n)
+    samples = [make_samples(1, int(j))[0] for j in index]
+    path = shard_path(out, i, n)
+    w = CaptureWriter.open(path, samples=samples, conditions=CONDS, grid=G, num_layers=L,
+                           num_heads=H, num_options=K, sample_index=index,
+                           attrs={"model": "tiny/llava", "shard": f"{i}/{n}"},
+                           box_masks=np.stack([np.full((G, G), (j % 5) / 4, np.float32)
+                                               for j in index]),
+                           boxes=[s.boxes for s in samples])
+    write_rows(w, range(len(index)), index=index)
+    if finalize:
+        w.finalize()
+    w.close()
+    return path
+
+
+def test_merge_equals_unsharded(tmp_path):
+    total = 14
+    full = tmp_path / "full.h5"
+    with open_writer(full, total, attrs={"model": "tiny/llava"}) as w:
+        write_rows(w, range(total))
+        w.finalize()
+    out = tmp_path / "run.h5"
+    shards = [_shard(tmp_path, out, i, 3, total, finalize=i != 2) for i in (1, 2, 3)]
+    assert merge(out, shards[::-1]) == out
+    with open_capture(out) as m, open_capture(full) as ref:
+        assert m.attrs["complete"] is True and "shard" not in m.attrs
+        assert m.samples.equals(ref.samples)
+        assert m.table().equals(ref.table())
+        for c in ref.conditions:
+            np.testing.assert_array_equal(m.attention(c), ref.attention(c))
+            for x, y in zip(m.masses(c), ref.masses(c)):
+                np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(m.box_mask(), ref.box_mask())
+        assert m.boxes().equals(ref.boxes())
+        check_rows(m, required_all=True)
+
+    with pytest.raises(VislensError, match=r"missing shard\(s\) 2/3"):
+        merge(tmp_path / "m1.h5", [shards[0], shards[2]])
+    with pytest.raises(VislensError, match="given twice"):
+        merge(tmp_path / "m2.h5", [shards[0], shards[0], shards[2]])
+    with pytest.raises(VislensError, match="sample index 0 .* is also in"):
+        merge(tmp_path / "m3.h5", [shards[0], full])
+    with pytest.raises(VislensError, match="attr model is"):
+        odd = tmp_path / "odd.h5"
+        with open_writer(odd, 2, offset=100, attrs={"model": "other"}) as w:
+            write_rows(w, range(2))
+        merge(tmp_path / "m4.h5", [full, odd])
+    part = tmp_path / "part.h5"
+    with open_writer(part, 3, offset=200, attrs={"model": "tiny/llava"}) as w:
+        write_rows(w, [0])
+    with pytest.raises(VislensError, match=r"part.h5: merge: 2 sample\(s\) not done \(e.g. s0201"):
+        merge(tmp_path / "m5.h5", [full, part])
+    assert not any(tmp_path.glob("m*.h5*"))
