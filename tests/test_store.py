@@ -179,9 +179,9 @@ def child_main(path: str, n: int) -> None:
 
 def test_shard_path():
     assert shard_path("out/run.h5", 1, 4) == Path("out/run.shard1-of-4.h5")
-    assert shard_path("run", 2, 2) == Path("run.shard2-of-2.h5")
+    assert shard_path("run", 0, 2) == Path("run.shard0-of-2.h5")
     with pytest.raises(VislensError):
-        shard_path("run.h5", 5, 4)
+        shard_path("run.h5", 4, 4)
 
 
 def test_float16_conversion_is_exact():
@@ -519,8 +519,8 @@ def test_write_batch_validation(tmp_path):
 
 
 def _shard(tmp_path: Path, out: Path, i: int, n: int, total: int, finalize: bool = True) -> Path:
-    """Shard i/n of ``total`` samples, round-robin: dataset positions i-1, i-1+n, ..."""
-    index = np.arange(i - 1, total, n)
+    """Shard i/n (0-based) of ``total`` samples, round-robin: dataset positions i, i+n, ..."""
+    index = np.arange(i, total, n)
     samples = [make_samples(1, int(j))[0] for j in index]
     path = shard_path(out, i, n)
     w = CaptureWriter.open(path, samples=samples, conditions=CONDS, grid=G, num_layers=L,
@@ -543,7 +543,7 @@ def test_merge_equals_unsharded(tmp_path):
         write_rows(w, range(total))
         w.finalize()
     out = tmp_path / "run.h5"
-    shards = [_shard(tmp_path, out, i, 3, total, finalize=i != 2) for i in (1, 2, 3)]
+    shards = [_shard(tmp_path, out, i, 3, total, finalize=i != 1) for i in (0, 1, 2)]
     assert merge(out, shards[::-1]) == out
     with open_capture(out) as m, open_capture(full) as ref:
         assert m.attrs["complete"] is True and "shard" not in m.attrs
@@ -557,7 +557,7 @@ def test_merge_equals_unsharded(tmp_path):
         assert m.boxes().equals(ref.boxes())
         check_rows(m, required_all=True)
 
-    with pytest.raises(VislensError, match=r"missing shard\(s\) 2/3"):
+    with pytest.raises(VislensError, match=r"missing shard\(s\) 1/3"):
         merge(tmp_path / "m1.h5", [shards[0], shards[2]])
     with pytest.raises(VislensError, match="given twice"):
         merge(tmp_path / "m2.h5", [shards[0], shards[0], shards[2]])

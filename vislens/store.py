@@ -76,10 +76,10 @@ _BLOCK = 32  # attention rows handled per step when compacting
 
 
 def shard_path(out: str | Path, i: int, n: int) -> Path:
-    """Path of shard ``i`` (1-based) of ``n``: ``run.h5`` -> ``run.shard1-of-4.h5``."""
+    """Path of shard ``i`` (0-based, as ``--shard I/N``) of ``n``: ``run.h5`` -> ``run.shard0-of-4.h5``."""
     out = Path(out)
-    if not 1 <= i <= n:
-        raise VislensError(f"shard {i}/{n}: expected 1 <= i <= n")
+    if not 0 <= i < n:
+        raise VislensError(f"shard {i}/{n}: expected 0 <= i < n")
     suffix = out.suffix or ".h5"
     return out.with_name(f"{out.stem if out.suffix else out.name}.shard{i}-of-{n}{suffix}")
 
@@ -1025,7 +1025,7 @@ def merge(out: str | Path, shards: Sequence[str | Path]) -> Path:
     Every shard must have the same spec (model, grid, shapes, conditions and their attrs,
     other attrs except ``shard``/``command``/...), be complete (every sample done or
     failed), and no dataset position may occur twice. With a ``shard`` attr like
-    ``"2/4"`` every shard 1..n must be given; with a ``total_samples`` attr the shards
+    ``"2/4"`` every shard 0..n-1 must be given; with a ``total_samples`` attr the shards
     must hold that many samples. The result equals an unsharded run's file.
     """
     out = Path(out)
@@ -1061,7 +1061,7 @@ def merge(out: str | Path, shards: Sequence[str | Path]) -> Path:
                 seen[s[0]] = p
             n_shards = counts.pop() if len(counts) == 1 else None
             if n_shards is not None and len(seen) != n_shards:
-                base = min(seen) if seen else 1
+                base = 0  # --shard I/N is 0-based
                 missing = [i for i in range(base, base + n_shards) if i not in seen]
                 raise VislensError(f"{out}: merge: missing shard(s) "
                                    f"{', '.join(f'{i}/{n_shards}' for i in missing)} "

@@ -1,0 +1,228 @@
+"""The capture job end to end on a tiny model: contents, resume after SIGKILL, shards, errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vislens.capture import run_capture
+from vislens.errors import VislensError
+from vislens.store import CaptureWriter, open_capture
+
+CONDS = ["baseline", "scaling:alpha=0.5", "adaptvis:alpha1=0.5,alpha2=2,beta=0.5"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from vislens.synth import generate_groups, write_scenes
+
+    out = tmp_path_factory.mktemp("scenes")
+    return write_scenes(generate_groups(2, "a", seed=3), out, name="a.jsonl")
+
+
+def cap(tiny_dir, scenes, out, **kw):
+    args = dict(model=str(tiny_dir("llava")), dataset=f"jsonl:{scenes}", out=out, conditions=CONDS,
+                batch_size=3, max_new_tokens=3, device="cpu", progress=False, log=lambda m: None)
+    args.update(kw)
+    return run_capture(**args)
+
+
+def test_capture_contents_match_the_engine(tiny_dir, tiny_adapter, scenes, tmp_path):
+    from PIL import Image
+
+    from vislens.data import load_jsonl
+    from vislens.decoding import run_conditions
+    from vislens.evaluate import match_paper
+
+    summary = cap(tiny_dir, scenes, tmp_path / "c.h5")
+    assert summary.complete and summary.n_written == 8
+    samples = load_jsonl(scenes)
+    ref = run_conditions(tiny_adapter("llava"), [Image.open(s.image_path).convert("RGB") for s in samples],
+                         [s.question for s in samples], [s.options for s in samples], CONDS,
+                         max_new_tokens=3)
+    with open_capture(summary.path) as c:
+        assert c.attrs["format"] == "vislens-capture" and c.attrs["complete"]
+        assert list(c.conditions) == ["baseline", "scaling-0.5", "adaptvis"]
+        assert list(c.samples["id"]) == [s.id for s in samples]
+        tab = c.table()
+        assert len(tab) == 8 * 3
+        for name in c.conditions:
+            attn = c.attention(name)
+            im, tm = c.masses(name)
+            for i, r in enumerate(ref):
+                np.testing.assert_allclose(attn[i], r[name].image_attention, atol=2e-3)
+                np.testing.assert_allclose(im[i], r[name].image_mass, atol=1e-5)
+            t = tab[tab["condition"] == name].sort_values("row")
+            assert list(t["prediction"]) == [r[name].text for r in ref]
+            assert list(t["correct"]) == [match_paper(r[name].text, s.answer) for r, s in zip(ref, samples)]
+            np.testing.assert_allclose(t["alpha_used"], [r[name].alpha_used for r in ref])
+        # annotation boxes -> masks: each mask covers the two objects' boxes
+        mask = c.box_mask()
+        assert mask.shape == (8, 24, 24)
+        for m, s in zip(mask, samples):
+            area = sum((b.xyxy[2] - b.xyxy[0]) * (b.xyxy[3] - b.xyxy[1]) for b in s.boxes)
+            assert m.sum() * (48 / 24) ** 2 <= area + 1e-6 and m.sum() > 0
+
+
+def _run_cli(args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "vislens", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_capture_resumes_after_sigkill(tiny_dir, scenes, tmp_path):
+    """Kill a real capture process mid-run; the same command finishes it, equal to a clean run."""
+    out = tmp_path / "k.h5"
+    args = ["capture", "--model", str(tiny_dir("llava")), "--dataset", f"jsonl:{scenes}",
+            "--out", str(out), "--batch-size", "1", "--max-new-tokens", "3", "--quiet",
+            "--device", "cpu", *sum((["--condition", c] for c in CONDS), [])]
+    proc = _run_cli(args)
+    deadline = time.time() + 120
+    killed_with = None
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists():
+            try:
+                with open_capture(out) as c:
+                    n_done = int(c.done("adaptvis").sum())
+            except Exception:
+                n_done = 0
+            if 2 <= n_done < 8:
+                proc.send_signal(signal.SIGKILL)
+                killed_with = n_done
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_with is not None, "capture finished before it could be killed"
+    with open_capture(out) as c:  # readable after the kill, partial
+        assert not c.attrs["complete"] and 2 <= int(c.done("baseline").sum()) < 8
+    second = _run_cli(args)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    clean = cap(tiny_dir, scenes, tmp_path / "clean.h5", batch_size=1)
+    with open_capture(out) as a, open_capture(clean.path) as b:
+        assert a.attrs["complete"]
+        for name in b.conditions:
+            np.testing.assert_array_equal(a.attention(name), b.attention(name))
+            ta, tb = a.table([name]), b.table([name])
+            assert list(ta["prediction"]) == list(tb["prediction"])
+
+
+def test_shards_merge_to_the_unsharded_run(tiny_dir, scenes, tmp_path):
+    from vislens.store import merge
+
+    full = cap(tiny_dir, scenes, tmp_path / "full.h5", batch_size=1)
+    parts = [cap(tiny_dir, scenes, tmp_path / "run.h5", shard=f"{i}/3", batch_size=1).path
+             for i in range(3)]
+    assert parts[1].name == "run.shard1-of-3.h5"
+    merged = merge(tmp_path / "merged.h5", parts)
+    with open_capture(full.path) as a, open_capture(merged) as b:
+        assert list(a.samples["id"]) == list(b.samples["id"])
+        for name in a.conditions:
+            np.testing.assert_array_equal(a.attention(name), b.attention(name))
+            assert list(a.table([name])["prediction"]) == list(b.table([name])["prediction"])
+
+
+def test_second_writer_is_refused(tiny_dir, scenes, tmp_path):
+    out = tmp_path / "busy.h5"
+    partial = cap(tiny_dir, scenes, out, limit=2)
+    assert partial.complete
+    from vislens.data import load_jsonl
+    from vislens.decoding import parse_condition
+
+    samples = load_jsonl(scenes)[:2]
+    with CaptureWriter.open(tmp_path / "held.h5", samples=samples, conditions=[parse_condition("baseline")],
+                            grid=24, num_layers=3, num_heads=4, num_options=4, attrs={"model": "x"}):
+        with pytest.raises(VislensError, match="being written by another vislens job"):
+            cap(tiny_dir, scenes, tmp_path / "held.h5", conditions=["baseline"], limit=2)
+
+
+def test_on_error_skip_lists_bad_images(tiny_dir, scenes, tmp_path):
+    lines = Path(scenes).read_text().splitlines()[:4]
+    recs = [json.loads(l) for l in lines]
+    img_dir = Path(scenes).parent
+    recs[1]["image"] = str(img_dir / "missing.png")
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"not a png")
+    recs[2]["image"] = str(bad)
+    recs[0]["image"] = str(img_dir / recs[0]["image"])
+    recs[3]["image"] = str(img_dir / recs[3]["image"])
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    with pytest.raises(VislensError, match="missing.png"):
+        cap(tiny_dir, data, tmp_path / "stop.h5")
+    assert not (tmp_path / "stop.h5").exists()  # nothing written before the check
+    s = cap(tiny_dir, data, tmp_path / "skip.h5", on_error="skip")
+    assert s.complete and s.n_written == 2
+    with open_capture(s.path) as c:
+        smp = c.samples
+        failed = smp[smp["failed"]]
+        assert list(failed["id"]) == [recs[1]["id"], recs[2]["id"]]
+        assert "missing.png" in failed["reason"].iloc[0] and "corrupt.png" in failed["reason"].iloc[1]
+        assert len(c.table()) == 2 * 3
+
+
+def test_resume_with_other_conditions_is_refused(tiny_dir, scenes, tmp_path):
+    out = tmp_path / "r.h5"
+    cap(tiny_dir, scenes, out, limit=2, conditions=["baseline"])
+    before = out.read_bytes()
+    with pytest.raises(VislensError, match=str(out.name)):
+        cap(tiny_dir, scenes, out, limit=2, conditions=["scaling:alpha=2"])
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--dataset", "whatsup:nope"], "unknown dataset"),
+    (["--condition", "scaling:alpha=nan"], "not finite"),
+    (["--shard", "3/2"], "--shard"),
+    (["--model", "/no/such/model"], "no such model directory"),
+])
+def test_cli_bad_input_one_line(tiny_dir, scenes, tmp_path, argv, msg, capsys):
+    from vislens.cli import main
+
+    base = {"--model": str(tiny_dir("llava")), "--dataset": f"jsonl:{scenes}",
+            "--out": str(tmp_path / "x.h5"), "--condition": "baseline"}
+    for k, v in zip(argv[::2], argv[1::2]):
+        base[k] = v
+    code = main(["capture", "--quiet", *sum(([k, v] for k, v in base.items()), [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and msg in err and len(err.splitlines()) == 1
+
+
+def test_malformed_jsonl_names_file_and_line(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "image": "x.png", "question": "q", "options": ["A"], "answer": "A"}\n{oops\n')
+    with pytest.raises(VislensError, match=r"bad.jsonl:2"):
+        cap(tiny_dir, bad, tmp_path / "o.h5")
+
+
+def test_options_not_in_prompt(tiny_dir, scenes, tmp_path):
+    rec = json.loads(Path(scenes).read_text().splitlines()[0])
+    rec["options"] = rec["options"] + ["Above"]
+    rec["image"] = str(Path(scenes).parent / rec["image"])
+    p = tmp_path / "o.jsonl"
+    p.write_text(json.dumps(rec))
+    with pytest.raises(VislensError, match="not offered by its prompt"):
+        cap(tiny_dir, p, tmp_path / "o.h5")
+
+
+def test_evaluate_tables(tiny_dir, scenes, tmp_path):
+    from vislens.evaluate import evaluate_capture, match_first_word
+
+    s = cap(tiny_dir, scenes, tmp_path / "e.h5")
+    tables = evaluate_capture(s.path, tmp_path / "eval")
+    acc = tables["accuracy"]
+    with open_capture(s.path) as c:
+        tab = c.table()
+    for name, g in tab.groupby("condition"):
+        expect = 100 * np.mean([match_first_word(p, a) for p, a in zip(g["prediction"], g["answer"])])
+        row = acc[(acc["matcher"] == "first-word")].loc[name]
+        assert row["acc"] == pytest.approx(expect)
+        assert "pair_acc" in row and "set_acc" in row
+    assert (tmp_path / "eval" / "accuracy.csv").exists()
