@@ -51,6 +51,7 @@ def test_capture_contents_match_the_engine(tiny_dir, tiny_adapter, scenes, tmp_p
         assert c.attrs["format"] == "vislens-capture" and c.attrs["complete"]
         assert list(c.conditions) == ["baseline", "scaling-0.5", "adaptvis"]
         assert list(c.samples["id"]) == [s.id for s in samples]
+        assert (c.samples["n_image_tokens"] == 576).all() and (c.samples["n_text_tokens"] > 10).all()
         tab = c.table()
         assert len(tab) == 8 * 3
         for name in c.conditions:

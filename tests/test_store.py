@@ -250,7 +250,7 @@ def test_round_trip_working_and_final(tmp_path):
         assert smp["options"][0] == ["Left", "Right"] and smp["options"][1] == OPTIONS
         assert list(smp.columns) == ["id", "question", "answer", "relation", "image_path",
                                      "group", "split", "options", "index", "width", "height",
-                                     "failed", "reason"]
+                                     "n_image_tokens", "n_text_tokens", "failed", "reason"]
         assert smp.equals(working["samples"])
         assert cap.table().equals(working["table"])
         np.testing.assert_array_equal(cap.attention("scaling-0.5"), working["attn"])

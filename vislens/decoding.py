@@ -212,6 +212,8 @@ class ConditionResult:
     image_attention: np.ndarray | None = None  # [L, H, G, G] (engine's attention_dtype)
     image_mass: np.ndarray | None = None  # [L, H]
     text_mass: np.ndarray | None = None  # [L, H]
+    n_image_tokens: int = 0  # image tokens of this sample's prompt (Figure 3's token share)
+    n_text_tokens: int = 0  # other non-padding prompt tokens
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -554,6 +556,11 @@ class DecodingEngine:
                     (c["alpha"] if c.method == "scaling" else 1.0)
                 key = setting_of(c, alpha) if c.method == "adaptvis" else fixed[c.name]
                 results[i][c.name] = self._result(steps[key], i, opt_ids[i], alpha)
+        n_img = batch.image_keys.sum(-1).tolist()
+        n_all = batch.attention_mask.sum(-1).tolist()
+        for i, res in enumerate(results):
+            for r in res.values():
+                r.n_image_tokens, r.n_text_tokens = int(n_img[i]), int(n_all[i] - n_img[i])
         return results
 
     def _result(self, st: _Step, i: int, opt_ids: Sequence[Sequence[int]], alpha: float,

@@ -521,6 +521,11 @@ class CaptureWriter:
                         np.array([it.confidence for it in items], dtype=np.float32))
             _write_rows(g["alpha_used"], rows,
                         np.array([it.alpha_used for it in items], dtype=np.float32))
+        first = [results[k][self._conds[0]] for k in order] if self._conds else []
+        if first and all(hasattr(it, "n_image_tokens") for it in first):
+            for name in ("n_image_tokens", "n_text_tokens"):
+                _write_rows(f[f"samples/{name}"], rows,
+                            np.array([getattr(it, name) for it in first], dtype=np.int32))
         if sizes is not None:
             wh = np.array([(0, 0) if s is None else tuple(s) for s in sizes], dtype=np.int64)[order]
             _write_rows(f["samples/width"], rows, wh[:, 0].astype(np.int32))
@@ -777,6 +782,8 @@ class _JobSpec:
                 _alloc(gs, "index", np.int64, (n,))[...] = self.index
                 _alloc(gs, "width", np.int32, (n,))[...] = self.sizes[:, 0]
                 _alloc(gs, "height", np.int32, (n,))[...] = self.sizes[:, 1]
+                for name in ("n_image_tokens", "n_text_tokens"):
+                    _alloc(gs, name, np.int32, (n,))[...] = np.zeros(n, dtype=np.int32)
 
                 ge = f.create_group("errors")
                 _alloc(ge, "failed", bool, (n,))[...] = np.zeros(n, dtype=bool)
@@ -893,7 +900,8 @@ def _build_final(dst: Path, sources: Sequence[h5py.File], src_of: np.ndarray,
     with h5py.File(dst, "w") as out:
         _set_attrs(out, attrs)
         gs = out.create_group("samples")
-        for name in (*SAMPLE_TEXT_FIELDS, "options", "index", "width", "height"):
+        for name in (*SAMPLE_TEXT_FIELDS, "options", "index", "width", "height",
+                     "n_image_tokens", "n_text_tokens"):
             _final_dataset(gs, name, _gather(sources, f"samples/{name}", src_of, row_of))
         ge = out.create_group("errors")
         failed = _gather(sources, "errors/failed", src_of, row_of).astype(bool)
@@ -1184,7 +1192,8 @@ class Capture:
 
     @property
     def samples(self) -> pd.DataFrame:
-        """One row per sample: text fields, options (list), index, width, height, failed, reason."""
+        """One row per sample: text fields, options (list), index, width, height, token counts
+        (``n_image_tokens``, ``n_text_tokens``; 0 when unknown), failed, reason."""
         f = self._f
         if self._static is None:
             cols: dict[str, Any] = {name: _text(f[f"samples/{name}"])
@@ -1196,6 +1205,8 @@ class Capture:
         df = self._static.copy()
         df["width"] = f["samples/width"][()].astype(np.int32)
         df["height"] = f["samples/height"][()].astype(np.int32)
+        for name in ("n_image_tokens", "n_text_tokens"):
+            df[name] = f[f"samples/{name}"][()].astype(np.int32)
         df["failed"] = _failed(f)
         df["reason"] = _text(f["errors/reason"]) if "errors/reason" in f else ""
         return df
