@@ -538,3 +538,83 @@ def detect_boxes(samples: Sequence[Sample], weights: str | Path, *, conf: float 
                 s.id, s.image_path, tuple(image.size),  # type: ignore[arg-type]
                 match_detections(s.objects, xyxy, scores, classes, names, conf))
     return [r for r in results if r is not None]
+
+
+# ----------------------------------------------------------------------------- capture files
+
+_OBJECT_PATTERNS = (
+    re.compile(r"where (?:is|are) the (.+?) in relation to (?:the )?(.+?)\s*\?", re.I),
+    re.compile(r"where (?:is|are) the (.+?) in the (?:photo|image|picture)", re.I),
+)
+
+
+def objects_from_question(question: str) -> list[str]:
+    """Object names of a WhatsUp-style question ("Where is the A in relation to the B?")."""
+    for pat in _OBJECT_PATTERNS:
+        m = pat.search(question)
+        if m:
+            return [g.strip() for g in m.groups() if g]
+    return []
+
+
+def capture_samples(cap: Any) -> list[Sample]:
+    """The capture's samples with their object names (and dataset boxes) restored.
+
+    The dataset named in the capture's attrs is reloaded when its files are still there
+    (this restores ``objects`` and ``boxes`` exactly); otherwise objects are parsed from the
+    WhatsUp-style question text.
+    """
+    smp = cap.samples
+    by_id: dict[str, Sample] = {}
+    dataset, root = cap.attrs.get("dataset", ""), cap.attrs.get("data_root", "") or None
+    if dataset:
+        from .data import load_dataset
+
+        try:
+            by_id = {s.id: s for s in load_dataset(dataset, root)}
+        except VislensError:
+            by_id = {}
+    out = []
+    for row in smp.itertuples(index=False):
+        src = by_id.get(row.id)
+        out.append(Sample(id=row.id, image_path=row.image_path, question=row.question,
+                          options=list(row.options), answer=row.answer, relation=row.relation,
+                          group=row.group, split=row.split,
+                          objects=list(src.objects) if src and src.objects else objects_from_question(row.question),
+                          boxes=list(src.boxes) if src else []))
+    return out
+
+
+def attach_boxes(path: str | Path, detector: str = "annotations", *, weights: str | Path | None = None,
+                 conf: float = 0.25, batch: int = 16, device: str | None = None,
+                 on_error: str = "skip") -> dict[str, int]:
+    """``vislens boxes``: detect (or take) the question objects' boxes and store them with
+    their analysis-grid masks in the capture's ``/boxes/`` (atomic rewrite of the file)."""
+    from .store import open_capture, replace_boxes
+
+    if detector not in ("annotations", "yolo"):
+        raise VislensError(f"--detector {detector!r}: choose annotations or yolo")
+    if detector == "yolo":
+        if weights is None:
+            raise VislensError("--detector yolo needs --weights PATH (e.g. yolov8x.pt you downloaded)")
+        _check_weights(weights)
+    with open_capture(path) as cap:
+        grid = int(np.asarray(cap.attrs["grid"]).ravel()[0])
+        samples = capture_samples(cap)
+        sizes = list(zip(cap.samples["width"], cap.samples["height"]))
+    if detector == "yolo":
+        results = detect_boxes(samples, weights, conf=conf, batch=batch, device=device,
+                               on_error="raise" if on_error == "stop" else on_error)
+    else:
+        results = annotation_boxes(samples)
+    masks = np.zeros((len(samples), grid, grid), dtype=np.float32)
+    for i, res in enumerate(results):
+        size = res.image_size or (int(sizes[i][0]), int(sizes[i][1]))
+        if res.detections and size[0] > 0:
+            masks[i] = box_mask(res.xyxy, size, grid)
+    replace_boxes(path, masks, [r.detections for r in results], detector,
+                  unmatched=[r.unmatched for r in results])
+    n_found = sum(len(r.detections) for r in results)
+    n_missing = sum(len(r.unmatched) for r in results)
+    return {"samples": len(samples), "boxes": n_found, "unmatched": n_missing,
+            "with_mask": int((masks.sum(axis=(1, 2)) > 0).sum())}

@@ -56,6 +56,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_boxes(args: argparse.Namespace) -> int:
+    from .boxes import attach_boxes
+
+    r = attach_boxes(args.file, args.detector, weights=args.weights, conf=args.conf,
+                     batch=args.batch_size, device=args.device, on_error=args.on_error)
+    print(f"{args.file}: {r['boxes']} box(es) for {r['samples']} samples ({r['with_mask']} with a "
+          f"mask); {r['unmatched']} question object(s) without a box")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .synth import synthesize
 
@@ -118,6 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out")
     m.add_argument("shards", nargs="+")
     m.set_defaults(func=_cmd_merge)
+
+    b = sub.add_parser("boxes", help="object boxes (YOLO or dataset annotations) -> patch masks in a capture")
+    b.add_argument("file")
+    b.add_argument("--detector", default="annotations", choices=["annotations", "yolo"])
+    b.add_argument("--weights", help="YOLO weights file (ultralytics), e.g. yolov8x.pt")
+    b.add_argument("--conf", type=float, default=0.25, help="detection confidence threshold")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--device", default=None)
+    b.add_argument("--on-error", default="skip", choices=["stop", "skip"],
+                   help="unreadable images: record as unmatched (skip) or stop")
+    b.set_defaults(func=_cmd_boxes)
 
     s = sub.add_parser("synth", help="render synthetic two-object scenes (JSONL + PNG)")
     s.add_argument("--out", required=True)

@@ -47,6 +47,7 @@ __all__ = [
     "merge",
     "open_capture",
     "shard_path",
+    "replace_boxes",
 ]
 
 FORMAT = "vislens-capture"
@@ -888,7 +889,7 @@ def _final_dataset(g: h5py.Group, name: str, data: np.ndarray) -> None:
 
 
 def _build_final(dst: Path, sources: Sequence[h5py.File], src_of: np.ndarray,
-                 row_of: np.ndarray, attrs: Mapping[str, Any]) -> None:
+                 row_of: np.ndarray, attrs: Mapping[str, Any], *, with_boxes: bool = True) -> None:
     """Write a final (compact, ``complete``) capture file from rows of one or more sources.
 
     Output row ``r`` is row ``row_of[r]`` of ``sources[src_of[r]]``. Values of rows that
@@ -926,7 +927,7 @@ def _build_final(dst: Path, sources: Sequence[h5py.File], src_of: np.ndarray,
             _copy_attention(g, sources, name, src_of, row_of, done)
 
         src_boxes = ["boxes" in s for s in sources]
-        if any(src_boxes):
+        if with_boxes and any(src_boxes):
             _final_boxes(out, sources, src_of, row_of)
 
 
@@ -1013,6 +1014,57 @@ def _final_boxes(out: h5py.File, sources: Sequence[h5py.File], src_of: np.ndarra
     _final_dataset(gb, "label", np.concatenate(parts["label"]).astype(object)[order])
     _final_dataset(gb, "xyxy", np.concatenate(parts["xyxy"]).astype(np.float32)[order])
     _final_dataset(gb, "score", np.concatenate(parts["score"]).astype(np.float32)[order])
+
+
+def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[Any]],
+                  source: str, unmatched: Sequence[Sequence[Any]] | None = None) -> Path:
+    """Replace ``/boxes`` of a complete capture, atomically (``FILE.tmp`` + ``os.replace``).
+
+    ``boxes[i]`` are objects with ``label``, ``xyxy`` (and ``score``) for sample row ``i``;
+    ``unmatched[i]`` objects with ``label`` and ``reason`` (question objects without a box)
+    go to ``/boxes/unmatched_{sample,label,reason}``. The capture's other content is copied
+    chunk for chunk; a kill at any moment leaves either the old or the new file.
+    """
+    path = Path(path)
+    lock = _Lock(path)
+    tmp = _tmp_of(path)
+    try:
+        with _open_h5(path) as src:
+            _check_format(src, path)
+            attrs = _read_attrs(src)
+            if not attrs.get("complete"):
+                raise VislensError(f"{path}: the capture is not complete; finish (resume) the "
+                                   "capture job before adding boxes")
+            n = src["samples/id"].shape[0]
+            if masks.shape[0] != n or len(boxes) != n:
+                raise VislensError(f"{path}: {masks.shape[0]} masks / {len(boxes)} box lists for "
+                                   f"{n} samples")
+            _build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n), attrs,
+                         with_boxes=False)
+        with h5py.File(tmp, "r+", locking=False) as f:
+            _write_boxes(f, masks.astype(np.float32), boxes, source, fixed=False)
+            if unmatched is not None:
+                rows = [i for i, us in enumerate(unmatched) for _ in us]
+                labels = [str(u.label) for us in unmatched for u in us]
+                reasons = [str(u.reason) for us in unmatched for u in us]
+                gb = f["boxes"]
+                gb.create_dataset("unmatched_sample", data=np.asarray(rows, dtype=np.int64))
+                gb.create_dataset("unmatched_label", data=np.asarray(labels, dtype=object),
+                                  dtype=h5py.string_dtype("utf-8"))
+                gb.create_dataset("unmatched_reason", data=np.asarray(reasons, dtype=object),
+                                  dtype=h5py.string_dtype("utf-8"))
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    finally:
+        lock.release()
+    return path
 
 
 # ----------------------------------------------------------------------------- merge
@@ -1350,6 +1402,17 @@ class Capture:
             "label": _text(b["label"]), "x0": xyxy[:, 0], "y0": xyxy[:, 1],
             "x1": xyxy[:, 2], "y1": xyxy[:, 3], "score": b["score"][()].astype(np.float32),
         })
+
+    def unmatched(self) -> pd.DataFrame | None:
+        """Question objects the detector found no box for: row, id, label, reason."""
+        if "boxes/unmatched_sample" not in self._f:
+            return None
+        b = self._f["boxes"]
+        rows = b["unmatched_sample"][()].astype(np.int64)
+        ids = _text(self._f["samples/id"])
+        return pd.DataFrame({"row": rows, "id": ids[rows] if rows.size else np.array([], dtype=object),
+                             "label": _text(b["unmatched_label"]),
+                             "reason": _text(b["unmatched_reason"])})
 
     # ------------------------------------------------------------------ lifetime
 

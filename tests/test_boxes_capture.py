@@ -1,0 +1,82 @@
+"""``vislens boxes`` on a capture file: annotation boxes and (untrained, offline) YOLO."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vislens.boxes import box_mask, objects_from_question
+from vislens.errors import VislensError
+from vislens.store import open_capture
+
+
+@pytest.fixture(scope="module")
+def capture_file(tiny_dir, tmp_path_factory):
+    from vislens.capture import run_capture
+    from vislens.synth import generate_groups, write_scenes
+
+    tmp = tmp_path_factory.mktemp("boxcap")
+    data = write_scenes(generate_groups(1, "a", seed=5), tmp / "s", name="a.jsonl")
+    s = run_capture(model=str(tiny_dir("llava")), dataset=f"jsonl:{data}", out=tmp / "c.h5",
+                    conditions=["baseline"], max_new_tokens=1, device="cpu", progress=False,
+                    log=lambda m: None)
+    return s.path, data
+
+
+def test_objects_from_question():
+    assert objects_from_question("Where is the beer bottle in relation to the armchair? Answer with left") == \
+        ["beer bottle", "armchair"]
+    assert objects_from_question("Where are the cats in the photo? Answer with top") == ["cats"]
+
+
+def test_annotation_boxes_replace_the_mask_atomically(capture_file, tmp_path):
+    from vislens.cli import main
+
+    path, data = capture_file
+    target = tmp_path / "c.h5"
+    target.write_bytes(path.read_bytes())
+    with open_capture(target) as c:
+        before = c.attention("baseline")
+    assert main(["boxes", str(target), "--detector", "annotations"]) == 0
+    recs = [json.loads(l) for l in data.read_text().splitlines()]
+    with open_capture(target) as c:
+        assert c.boxes() is not None and len(c.boxes()) == 2 * len(recs)
+        mask = c.box_mask()
+        for i, r in enumerate(recs):
+            expect = box_mask(np.array([b["xyxy"] for b in r["boxes"]], float), (48, 48), 24)
+            np.testing.assert_allclose(mask[i], expect)
+        np.testing.assert_array_equal(c.attention("baseline"), before)  # nothing else changed
+        assert c.attrs["complete"]
+
+
+def test_yolo_plumbing_offline_records_unmatched(capture_file, tmp_path, monkeypatch):
+    import socket
+
+    from vislens.boxes import attach_boxes
+
+    def no_net(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_net)
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "yolo"))
+    path, _ = capture_file
+    target = tmp_path / "y.h5"
+    target.write_bytes(path.read_bytes())
+    r = attach_boxes(target, "yolo", weights="yolov8n.yaml", conf=0.99)
+    assert r["samples"] == 4 and r["boxes"] + r["unmatched"] == 8
+    with open_capture(target) as c:
+        um = c.unmatched()
+        assert len(um) == r["unmatched"] and um["reason"].str.len().min() > 0
+
+
+def test_boxes_errors(capture_file, tmp_path):
+    from vislens.boxes import attach_boxes
+
+    path, _ = capture_file
+    with pytest.raises(VislensError, match="--weights"):
+        attach_boxes(path, "yolo")
+    with pytest.raises(VislensError, match="nope.pt"):
+        attach_boxes(path, "yolo", weights=tmp_path / "nope.pt")
+    with pytest.raises(VislensError, match="--detector"):
+        attach_boxes(path, "sam")
