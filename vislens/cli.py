@@ -66,6 +66,16 @@ def _cmd_boxes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = args.out or str(Path(args.file).with_suffix("")) + "-report"
+    conds = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
+    path = write_report(args.file, out, conditions=conds, chunk=args.chunk)
+    print(f"wrote {path} (and CSV/PNG files beside it)")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .synth import synthesize
 
@@ -139,6 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--on-error", default="skip", choices=["stop", "skip"],
                    help="unreadable images: record as unmatched (skip) or stop")
     b.set_defaults(func=_cmd_boxes)
+
+    r = sub.add_parser("report", help="per-layer AUROC report: CSV, plots and report.md")
+    r.add_argument("file")
+    r.add_argument("--out", help="output folder (default: FILE-report/)")
+    r.add_argument("--conditions", help="comma-separated subset of the capture's conditions")
+    r.add_argument("--chunk", type=int, default=32, help="samples read per chunk (memory)")
+    r.set_defaults(func=_cmd_report)
+
+    from . import figures as _figures
+
+    fg = sub.add_parser("figures", help="the paper's figures (3-10, 14, 15, 26) from a capture file")
+    _figures.add_arguments(fg)
+    fg.set_defaults(func=_figures.run)
 
     s = sub.add_parser("synth", help="render synthetic two-object scenes (JSONL + PNG)")
     s.add_argument("--out", required=True)

@@ -1258,7 +1258,8 @@ class Capture:
         df["width"] = f["samples/width"][()].astype(np.int32)
         df["height"] = f["samples/height"][()].astype(np.int32)
         for name in ("n_image_tokens", "n_text_tokens"):
-            df[name] = f[f"samples/{name}"][()].astype(np.int32)
+            ds = f.get(f"samples/{name}")
+            df[name] = ds[()].astype(np.int32) if ds is not None else np.zeros(len(df), np.int32)
         df["failed"] = _failed(f)
         df["reason"] = _text(f["errors/reason"]) if "errors/reason" in f else ""
         return df

@@ -1,0 +1,65 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Scaling the image attention: accuracy and confidence (Figures 8 and 15)
+#
+# ScalingVis multiplies the answer position's image attention logits by α (α < 1 smooths
+# the attention over the image, α > 1 sharpens it). Figure 8 sweeps α over the capture's
+# `scaling` conditions (the baseline is α = 1), per gold relation; Figure 15 shows the
+# confidence of the first answer token by gold relation, the signal AdaptVis uses to choose
+# between smoothing and sharpening.
+
+# %% tags=["parameters"]
+# Parameters. CAPTURE: a capture file; None -> $VISLENS_CAPTURE, else the demo capture
+# vislens-demo/capture_a.h5 at the repository root (created with the demo if missing).
+# FIGURES_DIR: None -> $VISLENS_FIGURES_DIR, else figures/ at the repository root.
+CAPTURE = None
+FIGURES_DIR = None
+FORMAT = "png"
+LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else the middle layer
+
+# %%
+# %matplotlib inline
+from vislens import analysis, figures, plots
+from vislens.store import open_capture
+
+capture = figures.resolve_capture(CAPTURE)
+out_dir = figures.resolve_figures_dir(FIGURES_DIR)
+cap = open_capture(capture)
+print(cap)
+print("figures go to", out_dir)
+
+# %% [markdown]
+# Accuracy and mean confidence per condition and gold relation:
+
+# %%
+table = cap.table()
+table.pivot_table(index="relation", columns="condition", values="correct", aggfunc="mean").round(3)
+
+# %% [markdown]
+# ## Figure 8: accuracy and confidence vs α, per gold relation
+
+# %%
+fig8 = figures.attempt(lambda: plots.scaling_sweep(cap), out_dir, "fig08_scaling_sweep", FORMAT)
+fig8
+
+# %% [markdown]
+# ## Figure 15: confidence by gold relation (baseline)
+
+# %%
+fig15 = figures.attempt(lambda: plots.confidence_by_relation(table), out_dir,
+                        "fig15_confidence_by_relation", FORMAT)
+fig15

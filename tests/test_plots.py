@@ -1,0 +1,484 @@
+"""Figures (vislens.plots) and `vislens figures` (vislens.figures) on synthetic captures.
+
+The captures are written directly with CaptureWriter (no model): attention is a softmax of
+known logits, correct answers look at the object boxes in the middle layers and incorrect
+ones elsewhere, so AUROC, ROC and the before/after figures have a known answer.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from vislens import figures, plots  # noqa: E402
+from vislens.boxes import box_mask  # noqa: E402
+from vislens.data.base import Box, Sample  # noqa: E402
+from vislens.errors import VislensError  # noqa: E402
+from vislens.store import CaptureWriter, open_capture  # noqa: E402
+
+L, H, G = 5, 3, 8
+W_IMG, H_IMG = 64, 48  # not square: the grid is laid over the whole image
+FOCUS_LAYER = 2  # where correct answers look at the objects
+RELATIONS = ("left", "right", "on", "under")
+OPTIONS = ["Left", "Right", "On", "Under"]
+ALL_CONDITIONS = ("baseline", "scaling:0.5", "scaling:2", "add:-1", "add:1", "adaptvis")
+
+
+@dataclass(frozen=True)
+class Cond:
+    name: str
+    method: str
+    params: tuple = ()
+
+    def attrs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "spec": self.name}
+        out.update(dict(self.params))
+        return out
+
+
+def _cond(spec: str) -> Cond:
+    if spec == "baseline":
+        return Cond("baseline", "baseline")
+    if spec == "adaptvis":
+        return Cond("adaptvis", "adaptvis", (("alpha1", 0.5), ("alpha2", 2.0), ("beta", 0.5)))
+    method, value = spec.split(":")
+    v = float(value)
+    if method == "scaling":
+        return Cond(f"scaling-{v:g}", "scaling", (("alpha", v),))
+    return Cond(f"add-{v:g}", "add", (("delta", v),))
+
+
+@dataclass
+class Result:
+    text: str
+    first_token: int
+    confidence: float
+    option_probs: np.ndarray
+    alpha_used: float
+    image_attention: np.ndarray | None = None
+    image_mass: np.ndarray | None = None
+    text_mass: np.ndarray | None = None
+    n_image_tokens: int = G * G
+    n_text_tokens: int = 20
+    extras: dict = field(default_factory=dict)
+
+
+def _boxes(rel: str, rng: np.random.Generator) -> list[Box]:
+    s = 12
+    x, y = int(rng.integers(4, 14)), int(rng.integers(4, 12))
+    if rel in ("left", "right"):
+        a, b = (x, y, x + s, y + s), (x + 26, y + 4, x + 26 + s, y + 4 + s)
+    else:
+        a, b = (x + 10, y, x + 10 + s, y + s), (x + 10, y + 18, x + 10 + s, y + 18 + s)
+    if rel in ("right", "under"):
+        a, b = b, a
+    return [Box("cube", tuple(map(float, a))), Box("ball", tuple(map(float, b)))]
+
+
+def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_boxes: bool = True,
+                 with_images: bool = True, all_correct: bool = False, tokens: bool = True,
+                 attrs: dict | None = None, seed: int = 0) -> Path:
+    """Write a complete synthetic capture file at ``path``; returns ``path``."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    conds = [_cond(c) for c in conditions]
+    img_dir = path.parent / f"{path.stem}-images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    samples, boxes, masks = [], [], []
+    for i in range(n):
+        rel = RELATIONS[i % 4]
+        bx = _boxes(rel, rng)
+        image_path = img_dir / f"s{i}.png"
+        if with_images:
+            im = Image.new("RGB", (W_IMG, H_IMG), (200, 200, 190))
+            d = ImageDraw.Draw(im)
+            d.rectangle(bx[0].xyxy, fill=(200, 40, 40))
+            d.ellipse(bx[1].xyxy, fill=(40, 40, 200))
+            im.save(image_path)
+        samples.append(Sample(id=f"s{i:03d}", image_path=str(image_path),
+                              question=f"Where is the cube in relation to the ball? Answer with "
+                                       f"left, right, on or under.",
+                              options=list(OPTIONS), answer=rel.capitalize(), relation=rel,
+                              group=f"g{i // 4}", objects=["cube", "ball"], boxes=bx))
+        boxes.append(bx)
+        masks.append(box_mask(np.array([b.xyxy for b in bx]), (W_IMG, H_IMG), G))
+    masks = np.stack(masks)
+    correct = np.ones(n, bool) if all_correct else (rng.random(n) < 0.55)
+    if not all_correct:
+        correct[:2] = [True, False]
+    # logits [n, L, H, G, G]: noise + focus on the mask (correct) or on a distractor (incorrect)
+    focus = np.where(np.arange(L) == FOCUS_LAYER, 1.0, 0.08)
+    distract = np.zeros((n, G, G))
+    for i in range(n):
+        r, c = rng.integers(0, G, 2)
+        distract[i, r, c] = 1.0
+    target = np.where(correct[:, None, None], masks, distract)
+    z = rng.normal(0, 0.7, (n, L, H, G, G)) + 4.0 * focus[None, :, None, None, None] * target[:, None, None]
+    base_mass = 0.1 + 0.05 * rng.random((n, L, H))
+    flip = rng.random((len(conds), n)) < 0.25
+    conf = np.where(correct, 0.55 + 0.4 * rng.random(n), 0.25 + 0.4 * rng.random(n))
+
+    def result(i: int, k: int, c: Cond) -> tuple[Result, bool]:
+        p = dict(c.params)
+        alpha = p.get("alpha", 1.0) if c.method == "scaling" else 1.0
+        delta = p.get("delta", 0.0) if c.method == "add" else 0.0
+        w = np.exp(alpha * z[i])
+        w /= w.sum(axis=(-1, -2), keepdims=True)
+        mass = base_mass[i] * np.exp(delta) / (base_mass[i] * np.exp(delta) + 1 - base_mass[i])
+        ok = bool(correct[i]) if c.method == "baseline" or all_correct else bool(correct[i] ^ flip[k, i])
+        gold = OPTIONS.index(samples[i].answer)
+        pred = gold if ok else (gold + 1) % 4
+        probs = np.full(4, 0.05, np.float32)
+        probs[pred] = conf[i]
+        r = Result(text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
+                   option_probs=probs, alpha_used=alpha, image_attention=(w * mass[..., None, None]).astype(np.float32),
+                   image_mass=mass.astype(np.float32), text_mass=(1 - mass).astype(np.float32))
+        if not tokens:
+            r.n_image_tokens = r.n_text_tokens = 0
+        return r, ok
+
+    path.unlink(missing_ok=True)
+    w = CaptureWriter.open(path, samples=samples, conditions=conds, grid=G, num_layers=L, num_heads=H,
+                           num_options=4,
+                           attrs={"model": "synthetic", "dataset": "synthetic", **(attrs or {})},
+                           sizes=[(W_IMG, H_IMG)] * n, box_masks=masks if with_boxes else None,
+                           boxes=boxes if with_boxes else None)
+    try:
+        for start in range(0, n, 16):
+            rows = list(range(start, min(n, start + 16)))
+            res, cor = [], []
+            for i in rows:
+                out = {c.name: result(i, k, c) for k, c in enumerate(conds)}
+                res.append({name: r for name, (r, _) in out.items()})
+                cor.append({name: ok for name, (_, ok) in out.items()})
+            w.write_batch(rows, res, cor)
+        w.finalize()
+    finally:
+        w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def caps(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("plots")
+    return {
+        "full": make_capture(root / "full.h5"),
+        "bare": make_capture(root / "bare.h5", conditions=("baseline", "scaling:2"), with_boxes=False,
+                             with_images=False, tokens=False, n=12),
+        "allright": make_capture(root / "allright.h5", conditions=("baseline",), all_correct=True, n=8),
+    }
+
+
+def _axes(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def _texts(fig) -> str:
+    out = [fig._suptitle.get_text() if fig._suptitle else ""]
+    for sf in getattr(fig, "subfigs", []):
+        out.append(sf._suptitle.get_text() if sf._suptitle else "")
+    for ax in fig.axes:
+        out += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        out += [t.get_text() for t in ax.texts]
+        leg = ax.get_legend()
+        if leg is not None:
+            out += [t.get_text() for t in leg.get_texts()]
+    out += [t.get_text() for t in fig.texts]
+    for leg in fig.legends:
+        out += [t.get_text() for t in leg.get_texts()]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- every figure
+
+
+def test_attention_share(caps):
+    fig = plots.attention_share(caps["full"])
+    ax, bx = _axes(fig)
+    assert ax.get_xlabel() == "layer" and "%" in ax.get_ylabel()
+    assert len(ax.lines) == 2  # attention share per layer + token share
+    assert np.allclose(ax.lines[0].get_xdata(), np.arange(L))
+    token = ax.lines[1].get_ydata()[0]
+    assert token == pytest.approx(100 * G * G / (G * G + 20), abs=0.01)
+    assert "of the prompt" in fig._suptitle.get_text()
+    assert len(bx.patches) == 2
+
+
+def test_attention_share_without_token_counts(caps):
+    fig = plots.attention_share(caps["bare"])
+    ax, _ = _axes(fig)
+    assert len(ax.lines) == 1
+    assert "token share not drawn" in fig._suptitle.get_text()
+    fig = plots.attention_share(caps["bare"], n_text_tokens=36)  # image tokens default to G*G
+    ax, _ = _axes(fig)
+    assert ax.lines[1].get_ydata()[0] == pytest.approx(100 * 64 / 100)
+
+
+def test_attention_share_token_counts_from_root_attrs(tmp_path):
+    path = make_capture(tmp_path / "attrs.h5", n=4, conditions=("baseline",), tokens=False,
+                        attrs={"n_image_tokens": 576, "n_text_tokens": 24})
+    with open_capture(path) as cap:
+        ni, nt, origin = plots.token_counts(cap)
+    assert (ni, nt) == (576, 24) and "attr n_text_tokens" in origin
+    ax, _ = _axes(plots.attention_share(path))
+    assert ax.lines[1].get_ydata()[0] == pytest.approx(96.0)
+
+
+def test_colour_maps_read_in_greyscale():
+    import inspect
+
+    src = inspect.getsource(plots).lower()
+    assert plots.CMAP in ("viridis", "cividis", "magma", "inferno", "plasma")
+    for name in ("jet", "rainbow", "hsv", "gist_rainbow", "nipy_spectral"):
+        assert f'"{name}"' not in src and f"'{name}'" not in src
+
+
+def test_add_constant_accuracy(caps):
+    fig = plots.add_constant_accuracy(caps["full"])
+    (ax,) = _axes(fig)
+    assert ax.get_xscale() == "log"
+    assert "e^δ" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
+    line = ax.lines[0]
+    assert np.allclose(sorted(line.get_xdata()), np.exp([-1, 0, 1]))
+    with open_capture(caps["full"]) as cap:
+        acc = cap.table(conditions=["baseline"])["correct"].mean() * 100
+    x, y = np.asarray(line.get_xdata()), np.asarray(line.get_ydata())
+    assert y[np.argmin(abs(x - 1))] == pytest.approx(acc)  # baseline at e^0 = 1
+
+
+def test_attention_heatmaps(caps):
+    fig = plots.attention_heatmaps(caps["full"], FOCUS_LAYER, n_examples=3)
+    panels = _axes(fig)
+    assert len(panels) == 6 and len(fig.axes) == 7  # 2 outcomes x 3 examples + colour bar
+    assert "share of the image attention" in fig.axes[-1].get_ylabel()
+    for ax in panels:
+        underlay, heat = ax.get_images()
+        assert heat.get_cmap().name == plots.CMAP
+        assert tuple(heat.get_extent()) == (0, W_IMG, H_IMG, 0)  # grid over the whole image
+        assert heat.get_array().shape == (G, G)
+        assert len(ax.patches) == 2  # the two object boxes
+        assert "Where is the cube" in ax.get_title()
+    assert panels[0].get_ylabel() == "correct answers" and panels[3].get_ylabel() == "incorrect answers"
+
+
+def test_heatmaps_without_images_or_boxes(caps):
+    fig = plots.attention_heatmaps(caps["bare"], 1, n_examples=2)
+    for ax in _axes(fig):
+        assert len(ax.get_images()) == 1 and len(ax.patches) == 0
+        assert "image not found" in [t.get_text() for t in ax.texts]
+
+
+def test_overlap_roc_and_best_layers(caps):
+    assert plots.best_layers(caps["full"], 1) == [FOCUS_LAYER]
+    assert plots.default_layer(caps["full"]) == FOCUS_LAYER
+    fig = plots.overlap_roc(caps["full"])
+    axes = _axes(fig)
+    assert len(axes) == 2 and axes[0].get_title() == f"layer {FOCUS_LAYER}"
+    assert "AUROC" in _texts(fig) and "false positive rate" in axes[0].get_xlabel()
+    fig = plots.overlap_roc(caps["full"], [0, 1, 4])
+    assert [a.get_title() for a in _axes(fig)] == ["layer 0", "layer 1", "layer 4"]
+
+
+def test_overlap_roc_from_stats(caps):
+    from vislens.analysis import all_stats
+
+    stats = all_stats(caps["full"], ["baseline", "scaling-2"])
+    fig = plots.overlap_roc(stats, condition="scaling-2")
+    assert "scaling-2" in fig._suptitle.get_text()
+
+
+def test_report_helpers(caps):
+    """vislens.report draws its per-layer AUROC and ROC figures with these."""
+    from vislens.analysis import all_stats, per_layer_auroc_table
+
+    stats = all_stats(caps["full"], ["baseline", "scaling-2"])
+    fig = plots.plot_layer_auroc(per_layer_auroc_table(stats))
+    (ax,) = _axes(fig)
+    assert len(ax.lines) == 3 and ax.get_xlabel() == "layer"  # chance + 2 conditions
+    assert [a.get_title() for a in _axes(plots.plot_roc_layers(stats[0], [2, 4]))] == ["layer 2", "layer 4"]
+    with pytest.raises(VislensError, match="no defined per-layer AUROC"):
+        plots.plot_layer_auroc(per_layer_auroc_table(all_stats(caps["allright"])))
+
+
+def test_variance_and_auroc(caps):
+    fig = plots.variance_and_auroc(caps["full"])
+    ax, bx = _axes(fig)
+    assert ax.get_xlabel() == bx.get_xlabel() == "layer"
+    assert "variance" in ax.get_ylabel() and "AUROC" in bx.get_ylabel()
+    curve = bx.lines[-1]
+    assert int(np.argmax(curve.get_ydata())) == FOCUS_LAYER
+    rows, var = plots.cell_variance(caps["full"])
+    assert var.shape == (32, L) and np.all(var >= 0)
+    # correct answers are concentrated on the boxes at the focus layer
+    fig = plots.variance_and_auroc(caps["bare"])  # no mask: the AUROC panel says why
+    assert "box mask" in _texts(fig)
+
+
+def test_scaling_sweep(caps):
+    fig = plots.scaling_sweep(caps["full"])
+    ax, bx = _axes(fig)
+    assert ax.get_xscale() == "log" and "α" in ax.get_xlabel()
+    assert "accuracy" in ax.get_ylabel() and "confidence" in bx.get_ylabel()
+    data_lines = [ln for ln in ax.lines if len(ln.get_xdata()) == 3]
+    assert len(data_lines) == 1 + len(RELATIONS)  # all + one per relation
+    assert np.allclose(data_lines[0].get_xdata(), [0.5, 1, 2])
+    assert "AdaptVis" in _texts(fig)
+
+
+@pytest.mark.parametrize("kind,alpha", [("smooth", "0.5"), ("sharpen", "2")])
+def test_before_after(caps, kind, alpha):
+    fig = plots.before_after(caps["full"], FOCUS_LAYER, kind=kind, n_examples=3)
+    panels = _axes(fig)
+    assert len(panels) == 6 and len(fig.axes) == 9  # 3 examples x (before, after) + 3 colour bars
+    titles = [a.get_title() for a in panels]
+    assert all(t.startswith("baseline") for t in titles[::2])
+    assert all(f"ScalingVis α={alpha}" in t for t in titles[1::2])
+    before, after = (np.asarray(panels[i].get_images()[-1].get_array()) for i in (0, 1))
+    peak = lambda m: np.nanmax(m) / np.nanmean(m)  # noqa: E731
+    assert (peak(after) < peak(before)) if kind == "smooth" else (peak(after) > peak(before))
+
+
+def test_entropy_skewness(caps):
+    fig = plots.entropy_skewness(caps["full"], FOCUS_LAYER)
+    ax, bx = _axes(fig)
+    assert "entropy" in ax.get_ylabel() and "nats" in ax.get_ylabel() and "skewness" in bx.get_ylabel()
+    assert bx.get_xlabel() == "condition"
+    assert [t.get_text() for t in bx.get_xticklabels()] == ["baseline", "scaling-0.5", "scaling-2",
+                                                           "add--1", "add-1", "adaptvis"]
+    assert len(ax.patches) >= 6
+
+
+def test_confidence_by_relation(caps):
+    fig = plots.confidence_by_relation(caps["full"])
+    (ax,) = _axes(fig)
+    labels = " ".join(t.get_text() for t in ax.get_xticklabels())
+    assert all(r in labels for r in RELATIONS)
+    assert "confidence" in ax.get_ylabel() and ax.get_xlabel() == "gold relation"
+    with open_capture(caps["full"]) as cap:
+        fig = plots.confidence_by_relation(cap.table(), condition="scaling-2")
+    assert "scaling-2" in fig._suptitle.get_text()
+
+
+def test_log_attention_distribution_scales_with_alpha(caps):
+    fig = plots.log_attention_distribution(caps["full"], 0)
+    (ax,) = _axes(fig)
+    assert "log w" in ax.get_xlabel() and "logit" in ax.get_xlabel()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    sd = {t.split(" (")[0]: float(t.rsplit("sd ", 1)[1].rstrip(")")) for t in legend}
+    # ScalingVis multiplies image logits by alpha: the centred log weights scale by alpha
+    assert sd["ScalingVis α=0.5"] / sd["baseline"] == pytest.approx(0.5, rel=0.03)
+    assert sd["ScalingVis α=2"] / sd["baseline"] == pytest.approx(2.0, rel=0.03)
+
+
+def test_centred_log_attention_drops_zeros():
+    w = np.array([[[0.5, 0.25], [0.25, 0.0]]], dtype=np.float32)
+    v = plots.centred_log_attention(w)
+    assert v.size == 3 and abs(v.mean()) < 1e-12
+
+
+def test_figures_do_not_touch_pyplot(caps):
+    import matplotlib.pyplot as plt
+
+    plots.attention_share(caps["full"])
+    plots.scaling_sweep(caps["full"])
+    assert plt.get_fignums() == []
+
+
+# ----------------------------------------------------------------------------- graceful failure
+
+
+def test_missing_inputs_raise_one_line_errors(caps):
+    cases = [
+        (lambda: plots.add_constant_accuracy(caps["bare"]), "no 'add' conditions"),
+        (lambda: plots.overlap_roc(caps["bare"]), "no object box mask"),
+        (lambda: plots.overlap_roc(caps["allright"]), "AUROC undefined, all 8 answers are correct"),
+        (lambda: plots.scaling_sweep(caps["allright"]), "no 'scaling' conditions"),
+        (lambda: plots.before_after(caps["bare"], kind="smooth"), "alpha < 1"),
+        (lambda: plots.log_attention_distribution(caps["allright"]), "nothing to compare"),
+        (lambda: plots.attention_heatmaps(caps["full"], layer=L), f"layer {L} out of range"),
+        (lambda: plots.attention_share(caps["full"], condition="nope"), "no condition 'nope'"),
+        (lambda: plots.attention_share("/nonexistent/x.h5"), "no such capture file"),
+    ]
+    for call, text in cases:
+        with pytest.raises(VislensError, match=text) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_single_class_still_draws_what_it_can(caps):
+    assert plots.default_layer(caps["allright"]) == L // 2
+    fig = plots.attention_heatmaps(caps["allright"], n_examples=2)
+    assert len(_axes(fig)) == 2 and "no incorrect answers" in fig._suptitle.get_text()
+    fig = plots.variance_and_auroc(caps["allright"])
+    assert "AUROC undefined" in " ".join(_texts(fig).split())
+
+
+# ----------------------------------------------------------------------------- write_figures / CLI
+
+
+def test_write_figures_all(caps, tmp_path):
+    notes: list[str] = []
+    paths = figures.write_figures(caps["full"], tmp_path / "figs", log=notes.append)
+    names = sorted(p.name for p in paths)
+    lay = FOCUS_LAYER
+    assert names == sorted([
+        "fig03_attention_share.png", "fig04_add_constant_accuracy.png", f"fig05_heatmaps_layer{lay}.png",
+        "fig06_overlap_roc.png", "fig07_variance_and_auroc.png", "fig08_scaling_sweep.png",
+        f"fig09_smoothing_layer{lay}.png", f"fig10_sharpening_layer{lay}.png",
+        f"fig14_entropy_skewness_layer{lay}.png", "fig15_confidence_by_relation.png",
+        f"fig26_log_attention_layer{lay}.png"])
+    for p in paths:
+        assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
+    assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (layer {lay})"]
+
+
+def test_write_figures_skips_what_is_missing(caps, tmp_path):
+    notes: list[str] = []
+    paths = figures.write_figures(caps["bare"], tmp_path, log=notes.append)
+    skipped = {n.split(":")[0] for n in notes if n.startswith("skipped")}
+    assert skipped == {"skipped fig04_add_constant_accuracy", "skipped fig06_overlap_roc",
+                       "skipped fig09_smoothing_layer2"}
+    assert all("\n" not in n for n in notes)
+    assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer2.png",
+                                       "fig10_sharpening_layer2.png", "fig26_log_attention_layer2.png"}
+
+
+def test_main_cli(caps, tmp_path, capsys):
+    out = tmp_path / "pdf"
+    assert figures.main([str(caps["full"]), "--out", str(out), "--layer", "1", "--format", "pdf",
+                         "--only", "3,5"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["fig03_attention_share.pdf", "fig05_heatmaps_layer1.pdf"]
+    assert (out / "fig03_attention_share.pdf").read_bytes()[:4] == b"%PDF"
+    assert figures.main([str(tmp_path / "missing.h5"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vislens: error:") and "missing.h5" in err[0]
+    assert figures.main([str(caps["full"]), "--out", str(out), "--layer", "99"]) == 2
+    assert figures.main([str(caps["full"]), "--out", str(out), "--only", "2"]) == 2
+
+
+def test_add_arguments_parses_subcommand():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers()
+    figures.add_arguments(sub.add_parser("figures"))
+    args = p.parse_args(["figures", "x.h5", "--out", "o", "--layer", "17", "--format", "pdf"])
+    assert (args.file, args.out, args.layer, args.format, args.only) == ("x.h5", "o", 17, "pdf", None)
+
+
+def test_resolve_paths(caps, tmp_path, monkeypatch):
+    monkeypatch.setenv("VISLENS_CAPTURE", str(caps["bare"]))
+    monkeypatch.setenv("VISLENS_FIGURES_DIR", str(tmp_path / "f"))
+    assert figures.resolve_capture() == caps["bare"]
+    assert figures.resolve_figures_dir() == tmp_path / "f" and (tmp_path / "f").is_dir()
+    monkeypatch.setenv("VISLENS_CAPTURE", str(tmp_path / "nope.h5"))
+    with pytest.raises(VislensError, match="no such capture file"):
+        figures.resolve_capture()
+    assert figures.repo_root() == Path(figures.__file__).resolve().parents[1]

@@ -1,0 +1,289 @@
+"""``vislens figures FILE.h5 --out figures/``: the paper's figures from one capture file.
+
+:func:`write_figures` draws every figure of :mod:`vislens.plots` the capture can support and
+skips the others with a one-line note (a figure that needs ``add`` conditions, a box mask or
+both correct and incorrect answers raises :class:`~vislens.errors.VislensError`, which is
+caught here). Statistics are streamed once per condition and shared between figures.
+
+The notebooks in ``notebooks/`` use :func:`resolve_capture` and :func:`resolve_figures_dir`
+so that ``VISLENS_CAPTURE`` / ``VISLENS_FIGURES_DIR`` can point them elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .errors import VislensError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .analysis import LayerStats
+    from .store import Capture
+
+__all__ = [
+    "DEMO_CAPTURE",
+    "FIGURES",
+    "FigureSpec",
+    "add_arguments",
+    "attempt",
+    "main",
+    "repo_root",
+    "resolve_capture",
+    "resolve_figures_dir",
+    "run",
+    "save_figure",
+    "write_figures",
+]
+
+FORMATS = ("png", "pdf", "svg")
+#: the organism demo's capture, relative to the repository root (``make demo`` writes it)
+DEMO_CAPTURE = Path("vislens-demo") / "capture_a.h5"
+
+
+class _Context:
+    """One open capture plus lazily computed, shared per-condition statistics."""
+
+    def __init__(self, cap: "Capture", layer: int | None) -> None:
+        from . import plots
+
+        self.cap = cap
+        self._stats: dict[str, "LayerStats"] = {}
+        self._mask = cap.box_mask()
+        self.base: str | None
+        try:
+            self.base = plots.baseline_condition(cap)
+        except VislensError:
+            self.base = None
+        n_layers = int(cap.attrs["num_layers"])
+        if layer is not None:
+            self.layer = plots._check_layer(layer, n_layers, cap.path)
+        elif self.base is not None and self.base_done():
+            self.layer = plots.default_layer(self.stats(self.base))
+        else:
+            self.layer = n_layers // 2
+
+    def base_done(self) -> bool:
+        return self.base is not None and bool(self.cap.done(self.base).any())
+
+    def stats(self, condition: str) -> "LayerStats":
+        from .analysis import condition_stats
+
+        if condition not in self._stats:
+            self._stats[condition] = condition_stats(self.cap, condition, mask=self._mask)
+        return self._stats[condition]
+
+    def all_stats(self) -> list["LayerStats"]:
+        return [self.stats(c) for c in self.cap.conditions if self.cap.done(c).any()]
+
+    def base_stats(self) -> "LayerStats":
+        if self.base is None:
+            raise VislensError(f"{self.cap.path}: no baseline condition")
+        return self.stats(self.base)
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure :func:`write_figures` writes: paper number, file stem, how to draw it."""
+
+    number: int
+    stem: str
+    draw: Callable[[_Context], "Figure"]
+    per_layer: bool = False
+
+    def filename(self, layer: int, fmt: str) -> str:
+        stem = f"fig{self.number:02d}_{self.stem}" + (f"_layer{layer}" if self.per_layer else "")
+        return f"{stem}.{fmt}"
+
+
+def _specs() -> list[FigureSpec]:
+    from . import plots
+
+    return [
+        FigureSpec(3, "attention_share", lambda c: plots.attention_share(c.cap)),
+        FigureSpec(4, "add_constant_accuracy", lambda c: plots.add_constant_accuracy(c.cap)),
+        FigureSpec(5, "heatmaps", lambda c: plots.attention_heatmaps(c.cap, c.layer), per_layer=True),
+        FigureSpec(6, "overlap_roc", lambda c: plots.overlap_roc(c.base_stats())),
+        FigureSpec(7, "variance_and_auroc",
+                   lambda c: plots.variance_and_auroc(c.cap, stats=c.base_stats())),
+        FigureSpec(8, "scaling_sweep", lambda c: plots.scaling_sweep(c.cap)),
+        FigureSpec(9, "smoothing", lambda c: plots.before_after(c.cap, c.layer, kind="smooth"),
+                   per_layer=True),
+        FigureSpec(10, "sharpening", lambda c: plots.before_after(c.cap, c.layer, kind="sharpen"),
+                   per_layer=True),
+        FigureSpec(14, "entropy_skewness", lambda c: plots.entropy_skewness(c.all_stats(), c.layer),
+                   per_layer=True),
+        FigureSpec(15, "confidence_by_relation", lambda c: plots.confidence_by_relation(c.cap)),
+        FigureSpec(26, "log_attention", lambda c: plots.log_attention_distribution(c.cap, c.layer),
+                   per_layer=True),
+    ]
+
+
+#: paper figure numbers :func:`write_figures` knows
+FIGURES: tuple[int, ...] = (3, 4, 5, 6, 7, 8, 9, 10, 14, 15, 26)
+
+
+def save_figure(fig: "Figure", out_dir: str | os.PathLike, name: str, fmt: str = "png") -> Path:
+    """Save ``fig`` as ``out_dir/name.fmt`` in the vislens style; returns the path."""
+    from .plots import vislens_style
+
+    if fmt not in FORMATS:
+        raise VislensError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (name if name.endswith(f".{fmt}") else f"{name}.{fmt}")
+    with vislens_style():
+        fig.savefig(path, format=fmt, metadata=None if fmt != "png" else {"Software": "vislens"})
+    return path
+
+
+def attempt(draw: Callable[[], "Figure"], out_dir: str | os.PathLike | None = None,
+            name: str | None = None, fmt: str = "png", log: Callable[[str], None] = print
+            ) -> "Figure | None":
+    """``draw()`` and save the figure as ``out_dir/name.fmt``; on VislensError log why and return None.
+
+    For notebooks: a figure the capture cannot support is skipped with a one-line note
+    instead of stopping the notebook.
+    """
+    try:
+        fig = draw()
+    except VislensError as exc:
+        log(f"skipped {name or 'figure'}: {str(exc).splitlines()[0]}")
+        return None
+    if out_dir is not None and name:
+        log(f"saved {save_figure(fig, out_dir, name, fmt)}")
+    return fig
+
+
+def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                  layer: int | None = None, fmt: str = "png", only: Sequence[int] | None = None,
+                  log: Callable[[str], None] = print) -> list[Path]:
+    """Write every figure the capture supports into ``out_dir``; returns the written paths.
+
+    ``layer`` (for the per-layer figures 5, 9, 10, 14, 26) defaults to the best-AUROC
+    layer of the baseline when the capture has a box mask, else the middle layer. ``only``
+    restricts to some paper figure numbers. A figure the capture cannot support is skipped
+    with one line through ``log``: ``skipped fig04_add_constant_accuracy: ...``.
+    """
+    from .store import open_capture
+
+    if fmt not in FORMATS:
+        raise VislensError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    wanted = set(FIGURES if only is None else only)
+    unknown = sorted(wanted - set(FIGURES))
+    if unknown:
+        known = ", ".join(map(str, FIGURES))
+        raise VislensError(f"no figure {unknown[0]} (vislens draws figures {known})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with open_capture(capture_path) as cap:
+        ctx = _Context(cap, layer)
+        for spec in _specs():
+            if spec.number not in wanted:
+                continue
+            name = spec.filename(ctx.layer, fmt)
+            try:
+                fig = spec.draw(ctx)
+            except VislensError as exc:
+                log(f"skipped {Path(name).stem}: {str(exc).splitlines()[0]}")
+                continue
+            written.append(save_figure(fig, out, name, fmt))
+            fig.clear()
+    log(f"wrote {len(written)} figure(s) to {out} (layer {ctx.layer})")
+    return written
+
+
+# ----------------------------------------------------------------------------- notebooks
+
+
+def repo_root() -> Path:
+    """The repository root (the folder holding ``pyproject.toml`` above the package), else cwd."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").is_file():
+        return here
+    return Path.cwd()
+
+
+def resolve_capture(path: str | os.PathLike | None = None, *, create: bool = True,
+                    log: Callable[[str], None] = print) -> Path:
+    """The capture a notebook reads: ``path``, else ``$VISLENS_CAPTURE``, else the demo's.
+
+    The demo capture (``vislens-demo/capture_a.h5`` at the repository root) is created
+    with :func:`vislens.demo.run_demo` when missing (and ``create``).
+    """
+    if path is None:
+        path = os.environ.get("VISLENS_CAPTURE") or None
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise VislensError(f"{p}: no such capture file")
+        return p
+    p = repo_root() / DEMO_CAPTURE
+    if not p.is_file():
+        if not create:
+            raise VislensError(f"{p}: no demo capture (run `make demo`)")
+        from .demo import run_demo
+
+        log(f"{p} is missing: running the demo to create it (a few minutes on a CPU)")
+        written = run_demo(out_dir=p.parent, log=log)
+        p = Path(written.get("capture_a", p))
+    return p
+
+
+def resolve_figures_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where notebooks save figures: ``path``, else ``$VISLENS_FIGURES_DIR``, else ``figures/``."""
+    if path is None:
+        path = os.environ.get("VISLENS_FIGURES_DIR") or (repo_root() / "figures")
+    p = Path(path).expanduser()
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _figure_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected figure numbers like 3,5,26, got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``FILE --out --layer --format --only`` to ``parser`` (the ``vislens figures`` subcommand)."""
+    parser.add_argument("file", metavar="FILE.h5", help="capture file")
+    parser.add_argument("--out", default="figures", help="output folder (default: figures/)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="layer of the per-layer figures (default: best-AUROC layer if the "
+                             "capture has a box mask, else the middle layer)")
+    parser.add_argument("--format", default="png", choices=FORMATS, help="file format (default: png)")
+    parser.add_argument("--only", type=_figure_list, default=None, metavar="N,N,...",
+                        help=f"only these paper figures (of {','.join(map(str, FIGURES))})")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run from parsed :func:`add_arguments` arguments (VislensError propagates)."""
+    write_figures(args.file, args.out, layer=args.layer, fmt=args.format, only=args.only)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vislens figures`` as a function: 0 on success, 2 (one error line) on bad input."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="vislens figures", description="Draw the paper's figures from a capture file."))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except VislensError as exc:
+        print(f"vislens: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

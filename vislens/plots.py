@@ -1,0 +1,1213 @@
+"""The paper's figures, one function per figure, from a capture file or precomputed stats.
+
+Every function takes a :class:`~vislens.store.Capture` (or a path to one; some also take
+:class:`~vislens.analysis.LayerStats` or a results table) and returns a
+:class:`matplotlib.figure.Figure` built without pyplot (nothing is shown, nothing leaks into
+pyplot's figure list; save it with ``fig.savefig`` or display it in a notebook). All figures
+share one style (:func:`vislens_style`) and colour maps that read in greyscale (viridis /
+cividis, plus markers and line styles for categorical series).
+
+When a capture lacks what a figure needs (no ``add`` conditions, no box mask, only one
+class so an AUROC is undefined, ...) the function raises a one-line
+:class:`~vislens.errors.VislensError` naming what is missing;
+:func:`vislens.figures.write_figures` skips that figure and writes the rest.
+
+===========================  ==========  ===========================================
+function                     paper       needs
+===========================  ==========  ===========================================
+:func:`attention_share`      Figure 3    image/text attention masses (token counts optional)
+:func:`add_constant_accuracy`  Figure 4  conditions with method ``add``
+:func:`attention_heatmaps`   Figure 5    attention; boxes and images optional
+:func:`overlap_roc`          Figure 6    box mask, both correct and incorrect answers
+:func:`variance_and_auroc`   Figure 7    attention; box mask for the AUROC panel
+:func:`scaling_sweep`        Figure 8    conditions with method ``scaling``
+:func:`before_after`         Figs 9, 10  a ``scaling`` condition with alpha < 1 / > 1
+:func:`entropy_skewness`     Figure 14   attention
+:func:`confidence_by_relation`  Fig. 15  gold relations
+:func:`log_attention_distribution`  Fig. 26  a baseline and a steered condition
+===========================  ==========  ===========================================
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import textwrap
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from . import metrics
+from .errors import VislensError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from .analysis import LayerStats
+    from .store import Capture
+
+__all__ = [
+    "CMAP",
+    "add_constant_accuracy",
+    "attention_heatmaps",
+    "attention_share",
+    "baseline_condition",
+    "before_after",
+    "best_layers",
+    "cell_variance",
+    "centred_log_attention",
+    "condition_label",
+    "confidence_by_relation",
+    "default_layer",
+    "entropy_skewness",
+    "log_attention_distribution",
+    "overlap_roc",
+    "pick_examples",
+    "plot_layer_auroc",
+    "plot_roc_layers",
+    "scaling_condition",
+    "scaling_sweep",
+    "token_counts",
+    "variance_and_auroc",
+    "vislens_style",
+]
+
+Source = Union["Capture", str, os.PathLike]
+
+#: sequential colour map of every heatmap (perceptually uniform, monotone in lightness)
+CMAP = "viridis"
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
+_LINESTYLES = ("-", "--", "-.", ":")
+_OUTCOMES = ("correct", "incorrect")
+
+
+# ----------------------------------------------------------------------------- style
+
+
+def _rc() -> dict[str, Any]:
+    import seaborn as sns
+    from cycler import cycler
+
+    rc: dict[str, Any] = {}
+    rc.update(sns.axes_style("whitegrid"))
+    rc.update(sns.plotting_context("paper", font_scale=1.15))
+    rc.update({
+        "image.cmap": CMAP,
+        "axes.prop_cycle": cycler(color=_series_colors(6)),
+        "axes.titlesize": 10,
+        "axes.titleweight": "normal",
+        "figure.titlesize": 12,
+        "legend.frameon": True,
+        "legend.framealpha": 0.85,
+        "legend.fontsize": 8.5,
+        "grid.linewidth": 0.6,
+        "lines.linewidth": 1.8,
+        "lines.markersize": 5.5,
+        "savefig.dpi": 150,
+        "savefig.bbox": "tight",
+        "figure.dpi": 100,
+        "font.family": "sans-serif",
+    })
+    return rc
+
+
+@contextmanager
+def vislens_style() -> Iterator[None]:
+    """The one vislens plotting style (seaborn ``whitegrid`` / ``paper`` + vislens colours).
+
+    Every plot function builds its figure inside it; wrap ``fig.savefig`` in it too when
+    saving yourself (:func:`vislens.figures.save_figure` does).
+    """
+    import matplotlib as mpl
+
+    with mpl.rc_context(_rc()):
+        yield
+
+
+def _styled(fn: Callable[..., "Figure"]) -> Callable[..., "Figure"]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> "Figure":
+        with vislens_style():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _series_colors(n: int) -> list[Any]:
+    """``n`` categorical colours sampled from viridis (distinct lightness, greyscale-safe)."""
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["viridis"]
+    if n <= 1:
+        return [cmap(0.25)]
+    return [cmap(x) for x in np.linspace(0.0, 0.85, n)]
+
+
+def _outcome_palette() -> dict[str, Any]:
+    import matplotlib as mpl
+
+    cmap = mpl.colormaps["viridis"]
+    return {"correct": cmap(0.72), "incorrect": cmap(0.08)}
+
+
+@contextmanager
+def _quiet_seaborn() -> Iterator[None]:
+    """Silence seaborn 0.13's use of matplotlib APIs deprecated in 3.11 (``vert=``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*vert: bool was deprecated",
+                                category=DeprecationWarning)
+        yield
+
+
+def _figure(width: float, height: float) -> "Figure":
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _footer(fig: "Figure", text: str) -> None:
+    """Small grey provenance line under the figure (kept by ``bbox_inches="tight"``)."""
+    fig.text(0.0, -0.01, text, fontsize=7, color="0.4", ha="left", va="top")
+
+
+def _integer_layers(*axes: "Axes") -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _style_key(i: int) -> dict[str, Any]:
+    return {"marker": _MARKERS[i % len(_MARKERS)], "linestyle": _LINESTYLES[(i // 3) % len(_LINESTYLES)]}
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@contextmanager
+def _capture(source: Source) -> Iterator["Capture"]:
+    """Yield an open capture; open (and close afterwards) when given a path."""
+    from .store import Capture, open_capture
+
+    if isinstance(source, Capture):
+        yield source
+        return
+    if isinstance(source, (str, os.PathLike)):
+        cap = open_capture(source)
+        try:
+            yield cap
+        finally:
+            cap.close()
+        return
+    raise VislensError(f"expected a Capture or a capture file path, got {type(source).__name__}")
+
+
+def baseline_condition(cap: "Capture") -> str:
+    """Name of the capture's baseline condition (``"baseline"``, else the first of method baseline)."""
+    if "baseline" in cap.conditions:
+        return "baseline"
+    for name in cap.conditions:
+        if cap.condition_attrs(name).get("method") == "baseline":
+            return name
+    raise VislensError(f"{cap.path}: no baseline condition (capture with --condition baseline)")
+
+
+def _methods(cap: "Capture", method: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for name in cap.conditions:
+        attrs = cap.condition_attrs(name)
+        if attrs.get("method") == method:
+            out.append((name, attrs))
+    return out
+
+
+def condition_label(name: str, attrs: Mapping[str, Any] | None = None) -> str:
+    """Human label of a condition from its attrs, e.g. ``ScalingVis α=0.5``, ``add δ=-1``."""
+    a = dict(attrs or {})
+    method = a.get("method", "")
+    where = ""
+    if a.get("layers") is not None:
+        layers = list(np.atleast_1d(a["layers"]))
+        where = f", layers {_ranges(layers)}"
+    if method == "baseline":
+        return "baseline"
+    if method == "scaling" and "alpha" in a:
+        return f"ScalingVis α={a['alpha']:g}{where}"
+    if method == "add" and "delta" in a:
+        return f"add δ={a['delta']:g}{where}"
+    if method == "adaptvis" and {"alpha1", "alpha2", "beta"} <= a.keys():
+        return f"AdaptVis (α₁={a['alpha1']:g}, α₂={a['alpha2']:g}, β={a['beta']:g}){where}"
+    return name
+
+
+def _ranges(values: Sequence[int]) -> str:
+    vals = sorted(int(v) for v in values)
+    parts, start = [], None
+    for i, v in enumerate(vals):
+        if start is None:
+            start = v
+        if i + 1 == len(vals) or vals[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return "+".join(parts)
+
+
+def _label(cap: "Capture", name: str) -> str:
+    return condition_label(name, cap.condition_attrs(name))
+
+
+def _num_layers(cap: "Capture") -> int:
+    return int(cap.attrs["num_layers"])
+
+
+def _grid(cap: "Capture") -> int:
+    g = cap.attrs.get("grid")
+    return int(np.atleast_1d(g)[0])
+
+
+def _check_layer(layer: int, n_layers: int, where: Any) -> int:
+    if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
+        raise VislensError(f"{where}: layer must be an integer, got {layer!r}")
+    layer = int(layer)
+    if layer < 0:
+        layer += n_layers
+    if not 0 <= layer < n_layers:
+        raise VislensError(f"{where}: layer {layer} out of range (the capture has {n_layers} "
+                           f"layers, 0-{n_layers - 1})")
+    return layer
+
+
+def _stats_for(source: Any, condition: str | None = None) -> "LayerStats":
+    """LayerStats of ``condition`` from stats, a list of stats, a capture or a path."""
+    from .analysis import LayerStats, condition_stats
+
+    if isinstance(source, LayerStats):
+        if condition is not None and source.condition != condition:
+            raise VislensError(f"stats are for condition {source.condition!r}, not {condition!r}")
+        return source
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, LayerStats) for s in source):
+        if condition is None:
+            return source[0]
+        for st in source:
+            if st.condition == condition:
+                return st
+        have = ", ".join(s.condition for s in source)
+        raise VislensError(f"no stats for condition {condition!r} (have {have})")
+    with _capture(source) as cap:
+        return condition_stats(cap, condition or baseline_condition(cap))
+
+
+def _stats_list(source: Any, conditions: Sequence[str] | None = None) -> list["LayerStats"]:
+    from .analysis import LayerStats, condition_stats
+
+    if isinstance(source, LayerStats):
+        return [source]
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, LayerStats) for s in source):
+        if conditions is None:
+            return list(source)
+        by = {s.condition: s for s in source}
+        missing = [c for c in conditions if c not in by]
+        if missing:
+            raise VislensError(f"no stats for condition {missing[0]!r}")
+        return [by[c] for c in conditions]
+    with _capture(source) as cap:
+        names = list(conditions) if conditions else list(cap.conditions)
+        mask = cap.box_mask()
+        return [condition_stats(cap, c, mask=mask) for c in names]
+
+
+def _auroc_curve(st: "LayerStats") -> pd.DataFrame:
+    """Per-layer AUROC of head-mean overlap for ``st``; raises when it cannot exist."""
+    if st.overlap is None:
+        raise VislensError(f"condition {st.condition!r}: the capture has no object box mask "
+                           "(/boxes/mask), so there is no overlap to score")
+    df = metrics.per_layer_auroc(st.overlap, st.correct)
+    if not np.isfinite(df["auroc"]).any():
+        n_pos, n_neg = int(np.sum(st.correct)), int(np.sum(~np.asarray(st.correct, bool)))
+        if n_pos == 0 or n_neg == 0:
+            only = "correct" if n_neg == 0 else "incorrect"
+            raise VislensError(f"condition {st.condition!r}: AUROC undefined, all {n_pos + n_neg} "
+                               f"answers are {only} (need both classes)")
+        raise VislensError(f"condition {st.condition!r}: AUROC undefined at every layer "
+                           "(overlap is NaN: empty masks or all-zero attention)")
+    return df
+
+
+def best_layers(stats: Any, k: int = 1, *, condition: str | None = None) -> list[int]:
+    """The ``k`` layers whose head-mean overlap best predicts a correct answer (AUROC)."""
+    st = _stats_for(stats, condition)
+    df = _auroc_curve(st)
+    df = df[np.isfinite(df["auroc"])].sort_values(["auroc", "layer"], ascending=[False, True])
+    return [int(x) for x in df["layer"].head(k)]
+
+
+def default_layer(source: Any, condition: str | None = None) -> int:
+    """Best-AUROC layer when a box mask exists and the AUROC is defined, else the middle layer."""
+    st = _stats_for(source, condition)
+    try:
+        return best_layers(st, 1)[0]
+    except VislensError:
+        return st.num_layers // 2
+
+
+# ----------------------------------------------------------------------------- Figure 3
+
+
+def token_counts(cap: "Capture", n_image_tokens: Any = None, n_text_tokens: Any = None
+                 ) -> tuple[np.ndarray | float, np.ndarray | float | None, str]:
+    """Image and text token counts for Figure 3, and where they came from.
+
+    Explicit arguments win; then per-sample ``/samples/n_image_tokens`` /
+    ``n_text_tokens`` (0 = unknown), then root attrs of those names. Image tokens default
+    to the grid cell count ``G*G`` (576 for LLaVA-1.5). Text tokens stay ``None`` when
+    unknown: the token share is then not drawn.
+    """
+    smp = cap.samples
+    src = []
+
+    def stored(name: str) -> np.ndarray | float | None:
+        if name in smp.columns:
+            v = smp[name].to_numpy(dtype=float)
+            if np.any(v > 0):
+                src.append(f"/samples/{name}")
+                return np.where(v > 0, v, np.nan)
+        if cap.attrs.get(name) is not None:
+            src.append(f"attr {name}")
+            return float(cap.attrs[name])
+        return None
+
+    ni = n_image_tokens if n_image_tokens is not None else stored("n_image_tokens")
+    nt = n_text_tokens if n_text_tokens is not None else stored("n_text_tokens")
+    if n_image_tokens is not None or n_text_tokens is not None:
+        src.insert(0, "arguments")
+    if ni is None:
+        g = _grid(cap)
+        ni = float(g * g)
+        src.append(f"image tokens = grid cells ({g}x{g})")
+    return ni, nt, ", ".join(src)
+
+
+@_styled
+def attention_share(source: Source, *, condition: str | None = None,
+                    n_image_tokens: int | np.ndarray | None = None,
+                    n_text_tokens: int | np.ndarray | None = None) -> "Figure":
+    """Figure 3: image tokens' share of the prompt vs their share of the attention, per layer.
+
+    Attention share = ``image_mass / (image_mass + text_mass)`` of the answer position,
+    head-mean, per sample and layer (line: mean over samples, band: 10th-90th percentile).
+    Token share = ``n_image / (n_image + n_text)`` (dashed), from the arguments or the
+    capture (see :func:`token_counts`); without text token counts only the attention share
+    is drawn and the title says so.
+    """
+    with _capture(source) as cap:
+        cond = condition or baseline_condition(cap)
+        img, txt = cap.masses(cond)
+        done = cap.done(cond)
+        if not done.any():
+            raise VislensError(f"{cap.path}: condition {cond!r} has no completed samples")
+        ni, nt, origin = token_counts(cap, n_image_tokens, n_text_tokens)
+        im, tx = img[done].mean(axis=-1), txt[done].mean(axis=-1)  # [n, L] head-mean
+        # per-sample counts: NaN where unknown; both must be known for a token share
+        n_img = np.broadcast_to(np.asarray(ni, dtype=float), done.shape)[done]
+        n_txt = np.broadcast_to(np.asarray(np.nan if nt is None else nt, dtype=float), done.shape)[done]
+        known = np.isfinite(n_img) & np.isfinite(n_txt)
+        share = metrics.attention_share(im, tx, np.where(known, n_img, 0.0), np.where(known, n_txt, 0.0))
+        att = share.attention_share
+        token = float(share.token_share[known, 0].mean()) if known.any() else None
+        model = str(cap.attrs.get("model", ""))
+        label = _label(cap, cond)
+    if not np.isfinite(att).any():
+        raise VislensError(f"condition {cond!r}: no image/text attention masses stored")
+    L = att.shape[1]
+    layers = np.arange(L)
+    mean = np.nanmean(att, axis=0) * 100
+    lo, hi = (np.nanpercentile(att, q, axis=0) * 100 for q in (10, 90))
+    pal = _series_colors(3)
+
+    fig = _figure(9.0, 3.6)
+    ax, bx = fig.subplots(1, 2, width_ratios=[3, 1])
+    ax.fill_between(layers, lo, hi, color=pal[1], alpha=0.25, linewidth=0, label="10th-90th percentile")
+    ax.plot(layers, mean, color=pal[1], marker="o", label="image share of the attention")
+    if token is not None:
+        ax.axhline(token * 100, color=pal[0], linestyle="--", label="image share of the prompt tokens")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("image share (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(-0.5, L - 0.5)
+    ax.legend(loc="best")
+    att_all = float(np.nanmean(att)) * 100
+    names = ["prompt tokens", "attention"]
+    values = [token * 100 if token is not None else np.nan, att_all]
+    bars = bx.bar(names, np.nan_to_num(values), color=[pal[0], pal[1]], edgecolor="black", linewidth=0.6)
+    for b, v in zip(bars, values):
+        text = f"{v:.0f}%" if np.isfinite(v) else "not\nstored"
+        bx.annotate(text, (b.get_x() + b.get_width() / 2, np.nan_to_num(v)), ha="center", va="bottom",
+                    xytext=(0, 3), textcoords="offset points", fontsize=9)
+    bx.set_ylim(0, 110)
+    bx.set_ylabel("image share, all layers (%)")
+    bx.grid(axis="x", visible=False)
+    if token is not None:
+        title = (f"Image tokens: {token * 100:.0f}% of the prompt, {att_all:.0f}% of the answer "
+                 f"position's attention ({label})")
+    else:
+        title = (f"Image share of the answer position's attention: {att_all:.0f}% ({label}); token "
+                 f"share not drawn: the capture stores no text token counts")
+    fig.suptitle(textwrap.fill(title, 110))
+    _integer_layers(ax)
+    _footer(fig, f"model: {model}; token counts: {origin}; attention share = image mass / "
+                 "(image + text mass), head mean")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Figure 4
+
+
+def _accuracy(tab: pd.DataFrame) -> tuple[float, float, int]:
+    """accuracy (%), half-width of a 95% Wilson interval (%), n."""
+    n = int(len(tab))
+    if n == 0:
+        return math.nan, math.nan, 0
+    p = float(tab["correct"].mean())
+    z = 1.96
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p * 100, half * 100, n
+
+
+@_styled
+def add_constant_accuracy(source: Source) -> "Figure":
+    """Figure 4: accuracy vs an additive constant on the image attention logits.
+
+    Conditions with method ``add`` (attr ``delta``) multiply every image weight by
+    ``e**delta`` before renormalising; the baseline is ``delta = 0``. x axis: the factor
+    ``e**delta`` (log scale; top axis: delta). Error bars: 95% Wilson intervals. Conditions
+    restricted to some layers/heads get their own line.
+    """
+    with _capture(source) as cap:
+        adds = _methods(cap, "add")
+        if not adds:
+            raise VislensError(f"{cap.path}: no 'add' conditions (capture with --condition add:delta=D)")
+        base = baseline_condition(cap)
+        tab = cap.table()
+        groups: dict[str, list[tuple[float, str]]] = {}
+        for name, attrs in adds:
+            key = ""
+            if attrs.get("layers") is not None:
+                key += f"layers {_ranges(np.atleast_1d(attrs['layers']))}"
+            if attrs.get("heads") is not None:
+                key += (" " if key else "") + f"heads {_ranges(np.atleast_1d(attrs['heads']))}"
+            groups.setdefault(key or "all layers and heads", []).append((float(attrs["delta"]), name))
+        model = str(cap.attrs.get("model", ""))
+    base_acc = _accuracy(tab[tab["condition"] == base])
+    fig = _figure(6.2, 4.2)
+    ax = fig.subplots()
+    colors = _series_colors(max(2, len(groups)))
+    all_x = [1.0]
+    for i, (key, items) in enumerate(sorted(groups.items())):
+        pts = [(0.0, *base_acc)] + [(d, *_accuracy(tab[tab["condition"] == n])) for d, n in items]
+        pts.sort()
+        d = np.array([p[0] for p in pts])
+        acc = np.array([p[1] for p in pts])
+        err = np.array([p[2] for p in pts])
+        ax.errorbar(np.exp(d), acc, yerr=err, color=colors[i], capsize=3, label=key, **_style_key(i))
+        all_x.extend(np.exp(d).tolist())
+    ax.errorbar([1.0], [base_acc[0]], yerr=[base_acc[1]], color="black", marker="*", markersize=12,
+                linestyle="none", capsize=3, label=f"baseline (δ = 0), n = {base_acc[2]}", zorder=5)
+    ax.set_xscale("log")
+    xs = sorted(set(round(x, 9) for x in all_x))
+    ax.set_xticks(xs)
+    ax.set_xticklabels([f"{x:.3g}\nδ={math.log(x):+.3g}".replace("δ=+0", "δ=0") for x in xs])
+    ax.minorticks_off()
+    ax.set_xlabel("factor e^δ on the image attention weights (log scale; δ added to image logits)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="best")
+    fig.suptitle("Accuracy vs a constant δ added to the image attention logits")
+    _footer(fig, f"model: {model}; error bars: 95% Wilson intervals")
+    return fig
+
+
+# ----------------------------------------------------------------------------- heatmaps
+
+
+def _resolve_image(path: str, cap_dir: Path) -> Path | None:
+    if not path:
+        return None
+    p = Path(path)
+    for cand in ([p] if p.is_absolute() else [cap_dir / p, Path.cwd() / p]):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _load_grey(path: str, cap_dir: Path) -> np.ndarray | None:
+    """Greyscale image as float array, or None when the file is missing or unreadable."""
+    found = _resolve_image(path, cap_dir)
+    if found is None:
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(found) as im:
+            return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except Exception:  # unreadable image: draw the heatmap without an underlay
+        return None
+
+
+def _short_question(q: str, width: int = 34, lines: int = 3) -> str:
+    q = " ".join(str(q).split())
+    if "?" in q:
+        q = q[:q.index("?") + 1]
+    wrapped = textwrap.wrap(q, width) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][:max(0, width - 1)] + "…"
+    return "\n".join(wrapped)
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def _head_mean_share(attn: np.ndarray) -> np.ndarray:
+    """[..., H, G, G] -> [..., G, G] head-mean map as % of its image attention."""
+    m = attn.mean(axis=-3)
+    return metrics.normalize_maps(m) * 100.0
+
+
+def pick_examples(tab: pd.DataFrame, n: int, *, correct: bool | None = None) -> list[int]:
+    """Up to ``n`` capture rows (of one outcome if ``correct`` is given), round-robin over
+    gold relations; within a relation the most confident answers first (a confident
+    mistake is the interesting failure). ``tab``: rows of :meth:`Capture.table`."""
+    t = tab if correct is None else tab[tab["correct"] == correct]
+    if t.empty or n <= 0:
+        return []
+    t = t.sort_values(["confidence", "row"], ascending=[False, True])
+    queues = {rel: list(g["row"]) for rel, g in t.groupby("relation", sort=False)}
+    order = list(dict.fromkeys(t["relation"]))
+    out: list[int] = []
+    while len(out) < n and any(queues.values()):
+        for rel in order:
+            if queues[rel] and len(out) < n:
+                out.append(int(queues[rel].pop(0)))
+    return out
+
+
+class _Panels:
+    """What the heatmap figures need about the capture's samples, read once."""
+
+    def __init__(self, cap: "Capture") -> None:
+        self.cap_dir = cap.path.parent
+        self.samples = cap.samples
+        self.boxes = cap.boxes()
+        self.grid = _grid(cap)
+
+    def draw(self, ax: "Axes", row: int, amap: np.ndarray, norm: Any, title: str) -> Any:
+        from matplotlib import patheffects
+        from matplotlib.patches import Rectangle
+
+        s = self.samples.iloc[row]
+        image = _load_grey(str(s["image_path"]), self.cap_dir)
+        w, h = int(s["width"]), int(s["height"])
+        if (w <= 0 or h <= 0) and image is not None:
+            h, w = image.shape[:2]
+        pixels = w > 0 and h > 0
+        if not pixels:
+            w = h = self.grid
+        extent = (0, w, h, 0)
+        if image is not None:
+            ax.imshow(image, cmap="gray", extent=extent, vmin=0, vmax=1, interpolation="bilinear")
+        mappable = ax.imshow(amap, cmap=CMAP, norm=norm, extent=extent, interpolation="nearest",
+                             alpha=0.62 if image is not None else 1.0)
+        if pixels and self.boxes is not None:
+            stroke = [patheffects.withStroke(linewidth=3.2, foreground="black")]
+            for _, b in self.boxes[self.boxes["row"] == row].iterrows():
+                rect = Rectangle((b["x0"], b["y0"]), b["x1"] - b["x0"], b["y1"] - b["y0"], fill=False,
+                                 edgecolor="white", linewidth=1.6)
+                rect.set_path_effects(stroke)
+                ax.add_patch(rect)
+                ax.text(b["x0"], b["y0"], f" {b['label']}", color="white", fontsize=7, va="bottom",
+                        ha="left", path_effects=[patheffects.withStroke(linewidth=2, foreground="black")],
+                        clip_on=True)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.grid(False)
+        ax.set_title(title, fontsize=8)
+        if image is None:
+            ax.text(0.02, 0.02, "image not found", transform=ax.transAxes, fontsize=6.5, color="white",
+                    path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
+        return mappable
+
+
+def _norm(maps: Sequence[np.ndarray]):
+    from matplotlib.colors import Normalize
+
+    vals = np.concatenate([np.ravel(m) for m in maps]) if maps else np.array([])
+    vals = vals[np.isfinite(vals)]
+    vmax = float(np.percentile(vals, 99.5)) if vals.size else 1.0
+    return Normalize(vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
+
+
+def _scalar_mappable(norm: Any) -> Any:
+    """Colour bar source with the heatmap's norm and colour map but no overlay transparency."""
+    from matplotlib.cm import ScalarMappable
+
+    return ScalarMappable(norm=norm, cmap=CMAP)
+
+
+_CBAR_LABEL = "share of the image attention per grid cell (%)"
+
+
+@_styled
+def attention_heatmaps(source: Source, layer: int | None = None, *, condition: str | None = None,
+                       rows: Mapping[str, Sequence[int]] | None = None, n_examples: int = 3
+                       ) -> "Figure":
+    """Figure 5: where the answer position looks, correct vs incorrect answers, at ``layer``.
+
+    Each panel is the head-mean attention at ``layer`` as a share of the image attention,
+    on the analysis grid laid over the whole original image (cell ``(r, c)`` covers rows
+    ``r/G..(r+1)/G`` of the image height and columns ``c/G..(c+1)/G`` of its width), over
+    the image in grey (skipped when the file is missing) with the question's object boxes.
+    One colour scale for all panels. ``rows`` may give ``{"correct": [...], "incorrect":
+    [...]}``; by default :func:`pick_examples` chooses ``n_examples`` of each.
+    """
+    with _capture(source) as cap:
+        cond = condition or baseline_condition(cap)
+        L = _num_layers(cap)
+        layer = _check_layer(layer if layer is not None else default_layer(cap, cond), L, cap.path)
+        tab = cap.table(conditions=[cond])
+        if tab.empty:
+            raise VislensError(f"{cap.path}: condition {cond!r} has no completed samples")
+        if rows is None:
+            chosen = {o: pick_examples(tab, n_examples, correct=(o == "correct")) for o in _OUTCOMES}
+        else:
+            chosen = {o: [int(r) for r in rows.get(o, [])] for o in _OUTCOMES}
+        chosen = {o: r for o, r in chosen.items() if r}
+        if not chosen:
+            raise VislensError(f"{cap.path}: no examples to draw for condition {cond!r}")
+        panels = _Panels(cap)
+        maps = {o: _head_mean_share(cap.attention(cond, rows=r, layers=[layer])[:, 0])
+                for o, r in chosen.items()}
+        by_row = tab.set_index("row")
+        label = _label(cap, cond)
+        ncol = max(len(r) for r in chosen.values())
+        norm = _norm(list(maps.values()))
+        fig = _figure(2.55 * ncol + 1.0, 3.0 * len(chosen) + 0.4)
+        axes = np.atleast_2d(fig.subplots(len(chosen), ncol, squeeze=False))
+        for i, (outcome, rws) in enumerate(chosen.items()):
+            for j in range(ncol):
+                ax = axes[i, j]
+                if j >= len(rws):
+                    ax.set_axis_off()
+                    continue
+                r = rws[j]
+                info = by_row.loc[r]
+                title = (f"{_short_question(panels.samples.iloc[r]['question'])}\n"
+                         f"gold {info['answer']} · pred {str(info['prediction']).strip()[:18]} "
+                         f"{_mark(bool(info['correct']))}")
+                panels.draw(ax, r, maps[outcome][j], norm, title)
+                if j == 0:
+                    ax.set_ylabel(f"{outcome} answers", fontsize=10)
+        fig.colorbar(_scalar_mappable(norm), ax=axes, shrink=0.8, label=_CBAR_LABEL)
+        missing = [o for o in _OUTCOMES if o not in chosen]
+        note = f" (no {missing[0]} answers in this capture)" if missing and rows is None else ""
+        fig.suptitle(f"Attention of the answer position over the image, layer {layer}, head mean, "
+                     f"{label}{note}")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Figures 6-7
+
+
+@_styled
+def overlap_roc(source: Any, layers: Sequence[int] | None = None, *, condition: str | None = None
+                ) -> "Figure":
+    """Figure 6: ROC of attention/box overlap predicting a correct answer, at two layers.
+
+    The score is the cosine overlap of the head-mean map with the object mask
+    (:func:`vislens.metrics.overlap`). ``layers`` default to the two best-AUROC layers.
+    ``source``: a capture, a path, or :class:`~vislens.analysis.LayerStats`.
+    """
+    st = _stats_for(source, condition)
+    curve = _auroc_curve(st)
+    if layers is None:
+        layers = best_layers(st, 2)
+    layers = [_check_layer(x, st.num_layers, f"condition {st.condition!r}") for x in layers]
+    if not layers:
+        raise VislensError("overlap_roc: no layers to draw")
+    fig = _figure(3.6 * len(layers) + 0.3, 3.9)
+    axes = np.atleast_1d(fig.subplots(1, len(layers), sharey=True))
+    pal = _series_colors(3)
+    for ax, layer in zip(axes, layers):
+        fpr, tpr, _ = metrics.roc(st.overlap[:, layer], st.correct)
+        row = curve[curve["layer"] == layer].iloc[0]
+        ax.plot([0, 1], [0, 1], color="0.55", linestyle=":", linewidth=1, label="chance (0.5)")
+        ax.plot(fpr, tpr, color=pal[0], drawstyle="steps-post",
+                label=f"AUROC {row['auroc']:.3f}\n{int(row['n_pos'])} correct / "
+                      f"{int(row['n_neg'])} incorrect")
+        ax.fill_between(fpr, 0, tpr, step="post", color=pal[1], alpha=0.15, linewidth=0)
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("false positive rate (incorrect scored high)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_aspect("equal")
+        ax.legend(loc="lower right")
+    axes[0].set_ylabel("true positive rate (correct scored high)")
+    fig.suptitle(f"Attention/object overlap predicts a correct answer ({st.condition})")
+    return fig
+
+
+@_styled
+def plot_layer_auroc(auroc: pd.DataFrame) -> "Figure":
+    """Overlap AUROC across layers, one line per condition.
+
+    ``auroc`` is :func:`vislens.analysis.per_layer_auroc_table` (``condition, layer, auroc,
+    n_pos, n_neg``); undefined AUROCs (one class) leave gaps.
+    """
+    if auroc is None or auroc.empty or not np.isfinite(auroc["auroc"].to_numpy(float)).any():
+        raise VislensError("no defined per-layer AUROC (no box mask, or only one class of answers)")
+    names = list(dict.fromkeys(auroc["condition"]))
+    colors = _series_colors(max(2, len(names)))
+    fig = _figure(6.4, 4.0)
+    ax = fig.subplots()
+    ax.axhline(0.5, color="0.55", linestyle=":", linewidth=1, label="chance")
+    for i, name in enumerate(names):
+        d = auroc[auroc["condition"] == name].sort_values("layer")
+        ax.plot(d["layer"], d["auroc"], color=colors[i], label=str(name), **_style_key(i))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("AUROC (overlap → correct)")
+    ax.set_ylim(0, 1.04)
+    _integer_layers(ax)
+    ax.legend(loc="best")
+    fig.suptitle("Attention/object overlap as a predictor of a correct answer, per layer")
+    return fig
+
+
+def plot_roc_layers(stats: Any, layers: Sequence[int] | None = None) -> "Figure":
+    """ROC curves of the overlap at ``layers`` (default: the two best): :func:`overlap_roc`."""
+    return overlap_roc(stats, layers)
+
+
+def cell_variance(source: Source, condition: str | None = None, *, chunk: int = 32
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, var[n, L])``: per sample and layer, the variance over grid cells of the head-mean
+    map divided by its mean (``p * G*G`` with ``p`` the map normalised to sum 1): 0 for a
+    uniform map, large when attention is concentrated on a few cells (grid-size free)."""
+    with _capture(source) as cap:
+        cond = condition or baseline_condition(cap)
+        rows, parts = [], []
+        for r, attn in cap.iter_attention(cond, chunk=chunk):
+            p = metrics.normalize_maps(attn.mean(axis=2))  # [n, L, G, G]
+            cells = p.shape[-1] * p.shape[-2]
+            parts.append(np.var((p * cells).reshape(p.shape[:2] + (-1,)), axis=-1))
+            rows.append(np.asarray(r))
+        if not parts:
+            raise VislensError(f"{cap.path}: condition {cond!r} has no completed samples")
+        return np.concatenate(rows), np.concatenate(parts)
+
+
+@_styled
+def variance_and_auroc(source: Source, *, condition: str | None = None,
+                       stats: "LayerStats | Sequence[LayerStats] | None" = None) -> "Figure":
+    """Figure 7: concentration of the image attention (left) and overlap AUROC (right) per layer.
+
+    Left: per layer, the variance over grid cells of the head-mean attention relative to
+    uniform (:func:`cell_variance`), mean over samples for correct and incorrect answers
+    with 25th-75th percentile bands; the caption gives the across-layer variance of image
+    attention mass per sample (:func:`vislens.metrics.layer_variance`). Right: AUROC of
+    the head-mean overlap with the object mask predicting a correct answer, per layer
+    (without a box mask, or with one class only, the right panel says why it is empty).
+    """
+    with _capture(source) as cap:
+        cond = condition or baseline_condition(cap)
+        st = _stats_for(stats if stats is not None else cap, cond)
+        rows, var = cell_variance(cap, cond)
+    pos = {int(r): i for i, r in enumerate(st.rows)}
+    correct = np.array([bool(st.correct[pos[int(r)]]) for r in rows])
+    L = var.shape[1]
+    layers = np.arange(L)
+    pal = _outcome_palette()
+    fig = _figure(10.0, 3.9)
+    ax, bx = fig.subplots(1, 2)
+    for i, (outcome, sel) in enumerate((("correct", correct), ("incorrect", ~correct))):
+        if not sel.any():
+            continue
+        v = var[sel]
+        ax.fill_between(layers, np.nanpercentile(v, 25, axis=0), np.nanpercentile(v, 75, axis=0),
+                        color=pal[outcome], alpha=0.2, linewidth=0)
+        ax.plot(layers, np.nanmean(v, axis=0), color=pal[outcome], label=f"{outcome} (n={int(sel.sum())})",
+                **_style_key(i))
+    if np.nanmin(var) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("variance over cells of attention ÷ uniform\n(0 for a uniform map" +
+                  ("; log scale)" if ax.get_yscale() == "log" else ")"))
+    ax.set_title("how concentrated the image attention is")
+    ax.set_xlim(-0.5, L - 0.5)
+    ax.legend(loc="best")
+    lv = np.var(st.image_mass, axis=1)
+    ax.text(0.01, -0.22, f"variance of image attention mass across layers, per sample: mean "
+            f"{np.nanmean(lv):.3g}", transform=ax.transAxes, fontsize=7, color="0.35")
+    bx.axhline(0.5, color="0.55", linestyle=":", linewidth=1, label="chance")
+    bx.set_xlabel("layer")
+    bx.set_ylabel("AUROC (overlap → correct)")
+    bx.set_xlim(-0.5, L - 0.5)
+    bx.set_ylim(0, 1.04)
+    bx.set_title("overlap with the object boxes predicts a correct answer")
+    try:
+        curve = _auroc_curve(st)
+    except VislensError as exc:
+        bx.text(0.5, 0.5, textwrap.fill(f"no AUROC: {exc}", 40), transform=bx.transAxes, ha="center",
+                va="center", fontsize=8, color="0.3")
+    else:
+        col = _series_colors(3)[0]
+        bx.plot(curve["layer"], curve["auroc"], color=col, marker="o", label="AUROC per layer")
+        best = curve.loc[curve["auroc"].idxmax()]
+        bx.scatter([best["layer"]], [best["auroc"]], s=120, facecolors="none", edgecolors="black",
+                   zorder=5, label=f"best: layer {int(best['layer'])} ({best['auroc']:.2f})")
+        bx.legend(loc="best")
+    _integer_layers(ax, bx)
+    fig.suptitle(f"Image attention across layers ({st.condition})")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Figure 8
+
+
+def _top_relations(tab: pd.DataFrame, k: int) -> list[str]:
+    rel = tab.loc[tab["relation"].astype(str) != "", "relation"].astype(str)
+    counts = rel.value_counts()
+    return sorted(counts.index[:k], key=lambda r: (-counts[r], r))
+
+
+@_styled
+def scaling_sweep(source: Source, *, max_relations: int = 8) -> "Figure":
+    """Figure 8: accuracy (left) and confidence (right) vs the ScalingVis coefficient alpha.
+
+    One line per gold relation (the ``max_relations`` most frequent) plus all samples
+    (black); the baseline is ``alpha = 1``; x axis log2-scaled. An AdaptVis condition, if
+    present, is drawn as a horizontal reference on the accuracy panel.
+    """
+    with _capture(source) as cap:
+        scal = _methods(cap, "scaling")
+        if not scal:
+            raise VislensError(f"{cap.path}: no 'scaling' conditions (capture with "
+                               "--condition scaling:alpha=A)")
+        base = baseline_condition(cap)
+        tab = cap.table()
+        adapt = [(n, a) for n, a in _methods(cap, "adaptvis")]
+        alpha_of = {base: 1.0}
+        for name, attrs in scal:
+            if attrs.get("layers") is None and attrs.get("heads") is None:
+                alpha_of.setdefault(name, float(attrs["alpha"]))
+        if len(alpha_of) < 2:
+            raise VislensError(f"{cap.path}: no unrestricted 'scaling' condition (all are limited "
+                               "to some layers/heads)")
+        model = str(cap.attrs.get("model", ""))
+    t = tab[tab["condition"].isin(alpha_of)].assign(alpha=lambda d: d["condition"].map(alpha_of))
+    t = t.drop_duplicates(["row", "alpha"])
+    rels = _top_relations(t, max_relations)
+    fig = _figure(10.5, 4.0)
+    ax, bx = fig.subplots(1, 2, sharex=True)
+    colors = _series_colors(max(2, len(rels)))
+    for k, (what, axis, unit) in enumerate((("correct", ax, "accuracy (%)"),
+                                            ("confidence", bx, "mean confidence (%)"))):
+        overall = t.groupby("alpha")[what].mean() * 100
+        axis.plot(overall.index, overall.values, color="black", linewidth=2.6, marker="o",
+                  label=f"all (n={t['row'].nunique()})", zorder=4)
+        for i, rel in enumerate(rels):
+            sub = t[t["relation"].astype(str) == rel]
+            g = sub.groupby("alpha")[what].mean() * 100
+            axis.plot(g.index, g.values, color=colors[i], label=f"{rel} (n={sub['row'].nunique()})",
+                      **_style_key(i))
+        axis.axvline(1.0, color="0.5", linestyle=":", linewidth=1)
+        axis.set_ylabel(unit)
+        axis.set_ylim(0, 100)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("ScalingVis α (log₂ scale)")
+    for i, (name, attrs) in enumerate(adapt[:2]):
+        acc = tab.loc[tab["condition"] == name, "correct"].mean() * 100
+        ax.axhline(acc, color="0.3", linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
+                   label=f"{condition_label(name, attrs)}: {acc:.0f}%")
+    alphas = sorted(set(alpha_of.values()))
+    ax.set_xticks(alphas)
+    ax.set_xticklabels([f"{a:g}" for a in alphas])
+    ax.minorticks_off()
+    bx.minorticks_off()
+    ax.set_title("accuracy by gold relation")
+    bx.set_title("confidence (max first-token probability) by gold relation")
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle("Scaling the image attention: accuracy and confidence vs α "
+                 "(α = 1: baseline, α < 1 smooths, α > 1 sharpens)")
+    _footer(fig, f"model: {model}")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Figures 9-10
+
+
+def scaling_condition(cap: "Capture", kind: str) -> str:
+    """The most extreme unrestricted ScalingVis condition: ``smooth`` (alpha < 1) or ``sharpen``."""
+    if kind not in ("smooth", "sharpen"):
+        raise VislensError(f"kind must be 'smooth' or 'sharpen', got {kind!r}")
+    cands = [(float(a["alpha"]), n) for n, a in _methods(cap, "scaling")
+             if (float(a["alpha"]) < 1 if kind == "smooth" else float(a["alpha"]) > 1)]
+    if not cands:
+        what = "alpha < 1 (smoothing)" if kind == "smooth" else "alpha > 1 (sharpening)"
+        raise VislensError(f"{cap.path}: no 'scaling' condition with {what}")
+    unrestricted = [c for c in cands if cap.condition_attrs(c[1]).get("layers") is None] or cands
+    return (min(unrestricted) if kind == "smooth" else max(unrestricted))[1]
+
+
+@_styled
+def before_after(source: Source, layer: int | None = None, *, kind: str = "smooth",
+                 condition: str | None = None, rows: Sequence[int] | None = None,
+                 n_examples: int = 3) -> "Figure":
+    """Figures 9 (``kind="smooth"``, alpha < 1) and 10 (``kind="sharpen"``, alpha > 1).
+
+    The same examples before (baseline) and after the intervention, side by side, head-mean
+    attention at ``layer`` with one colour scale per example. ``condition`` overrides the
+    steered condition (default: :func:`scaling_condition`). Examples whose answer flips
+    from wrong to right come first, then other flips, then the rest (round-robin over
+    relations).
+    """
+    with _capture(source) as cap:
+        base = baseline_condition(cap)
+        cond = condition or scaling_condition(cap, kind)
+        L = _num_layers(cap)
+        layer = _check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
+        tab = cap.table(conditions=[base, cond])
+        tb = tab[tab["condition"] == base].set_index("row")
+        tc = tab[tab["condition"] == cond].set_index("row")
+        common = tb.index.intersection(tc.index)
+        if common.empty:
+            raise VislensError(f"{cap.path}: no sample completed under both {base!r} and {cond!r}")
+        if rows is None:
+            b, c = tb.loc[common], tc.loc[common]
+            # 2: wrong -> right, 1: right -> wrong, 0: unchanged
+            flip = (~b["correct"] & c["correct"]).astype(int) + (b["correct"] != c["correct"]).astype(int)
+            cand = b.reset_index().assign(_flip=flip.to_numpy())
+            rows = []
+            for level in (2, 1, 0):
+                rows += pick_examples(cand[cand["_flip"] == level], n_examples - len(rows))
+        rows = [int(r) for r in rows]
+        missing = [r for r in rows if r not in common]
+        if missing:
+            raise VislensError(f"{cap.path}: row {missing[0]} is not completed under both "
+                               f"{base!r} and {cond!r}")
+        panels = _Panels(cap)
+        before = _head_mean_share(cap.attention(base, rows=rows, layers=[layer])[:, 0])
+        after = _head_mean_share(cap.attention(cond, rows=rows, layers=[layer])[:, 0])
+        lb, lc = _label(cap, base), _label(cap, cond)
+        steered = cap.condition_attrs(cond).get("layers")
+        fig = _figure(6.4, 2.95 * len(rows) + 0.5)
+        subfigs = np.atleast_1d(fig.subfigures(len(rows), 1))
+        for k, (sf, r) in enumerate(zip(subfigs, rows)):
+            axs = sf.subplots(1, 2)
+            norm = _norm([before[k], after[k]])
+            for ax, amap, name, t in ((axs[0], before[k], lb, tb), (axs[1], after[k], lc, tc)):
+                info = t.loc[r]
+                panels.draw(ax, r, amap, norm, f"{name}\npred {str(info['prediction']).strip()[:18]} "
+                                f"{_mark(bool(info['correct']))}")
+            sf.colorbar(_scalar_mappable(norm), ax=list(axs), shrink=0.85, label="% of image attention")
+            sf.suptitle(f"{_short_question(panels.samples.iloc[r]['question'], 70, 1)} "
+                        f"(gold {tb.loc[r, 'answer']})", fontsize=9)
+        what = "smoothing (α < 1)" if kind == "smooth" else "sharpening (α > 1)"
+        if condition is not None:
+            what = "intervention"
+        note = ""
+        if steered is not None and layer not in [int(x) for x in np.atleast_1d(steered)]:
+            note = f"; layer {layer} is not steered (changes come from earlier layers)"
+        fig.suptitle(f"Attention before and after {what}, layer {layer}{note}")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Figure 14-15
+
+
+@_styled
+def entropy_skewness(source: Any, layer: int | None = None, *,
+                     conditions: Sequence[str] | None = None) -> "Figure":
+    """Figure 14: entropy (left) and skewness (right) of the image attention at ``layer``.
+
+    Per condition, box plots for correct and incorrect answers; entropy of the head-mean
+    map as a distribution over cells (nats; ``log(G*G)`` = uniform), skewness of its cell
+    values (:mod:`vislens.metrics`). ``source``: capture, path or a list of LayerStats.
+    """
+    import seaborn as sns
+
+    stats = _stats_list(source, conditions)
+    if not stats:
+        raise VislensError("entropy_skewness: no conditions")
+    L = stats[0].num_layers
+    if layer is None:
+        layer = default_layer(stats[0])
+    layer = _check_layer(layer, L, "entropy_skewness")
+    frames = []
+    for st in stats:
+        frames.append(pd.DataFrame({
+            "condition": st.condition, "entropy": st.entropy[:, layer], "skewness": st.skewness[:, layer],
+            "outcome": np.where(np.asarray(st.correct, bool), "correct", "incorrect")}))
+    df = pd.concat(frames, ignore_index=True)
+    order = [st.condition for st in stats]
+    hue_order = [o for o in _OUTCOMES if o in set(df["outcome"])]
+    pal = _outcome_palette()
+    fig = _figure(max(6.5, 1.15 * len(order) + 2.0), 6.6)
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, col, unit in ((axes[0], "entropy", "entropy of attention over cells (nats)"),
+                          (axes[1], "skewness", "skewness of attention over cells")):
+        with _quiet_seaborn():
+            sns.boxplot(data=df, x="condition", y=col, hue="outcome", order=order, hue_order=hue_order,
+                        palette=pal, ax=ax, fliersize=2, linewidth=0.8, linecolor="0.15")
+        ax.set_ylabel(unit)
+        if ax.get_legend() is not None:
+            ax.get_legend().set_title("")
+    axes[0].set_xlabel("")
+    axes[1].set_xlabel("condition")
+    axes[1].tick_params(axis="x", rotation=20)
+    if axes[1].get_legend() is not None:
+        axes[1].get_legend().remove()
+    fig.suptitle(f"Shape of the image attention, layer {layer}")
+    return fig
+
+
+@_styled
+def confidence_by_relation(source: Any, *, condition: str | None = None, max_relations: int = 12
+                           ) -> "Figure":
+    """Figure 15: confidence of the first answer token by gold relation (box plots).
+
+    ``source``: capture, path, or a :meth:`~vislens.store.Capture.table` DataFrame. Boxes
+    split by outcome; relations sorted by median confidence; the ``max_relations`` most
+    frequent relations only.
+    """
+    import seaborn as sns
+
+    if isinstance(source, pd.DataFrame):
+        tab = source
+        names = list(dict.fromkeys(tab["condition"]))
+        if not names:
+            raise VislensError("confidence_by_relation: the table is empty")
+        cond = condition or ("baseline" if "baseline" in names else str(names[0]))
+    else:
+        with _capture(source) as cap:
+            cond = condition or baseline_condition(cap)
+            tab = cap.table(conditions=[cond])
+    t = tab[tab["condition"] == cond]
+    if t.empty:
+        raise VislensError(f"condition {cond!r} has no completed samples")
+    rels = _top_relations(t, max_relations)
+    if not rels:
+        raise VislensError(f"condition {cond!r}: the capture has no gold relations "
+                           "(/samples/relation is empty)")
+    t = t[t["relation"].astype(str).isin(rels)].assign(
+        outcome=lambda d: np.where(d["correct"].astype(bool), "correct", "incorrect"),
+        confidence_pct=lambda d: d["confidence"].astype(float) * 100)
+    order = list(t.groupby("relation")["confidence_pct"].median().sort_values(ascending=False).index)
+    hue_order = [o for o in _OUTCOMES if o in set(t["outcome"])]
+    fig = _figure(max(6.0, 0.9 * len(order) + 2.5), 4.0)
+    ax = fig.subplots()
+    with _quiet_seaborn():
+        sns.boxplot(data=t, x="relation", y="confidence_pct", hue="outcome", order=order,
+                    hue_order=hue_order, palette=_outcome_palette(), ax=ax, fliersize=0,
+                    linewidth=0.8, linecolor="0.15")
+    sns.stripplot(data=t, x="relation", y="confidence_pct", hue="outcome", order=order,
+                  hue_order=hue_order, dodge=True, ax=ax, size=2.5, palette={o: "0.2" for o in _OUTCOMES}, alpha=0.5,
+                  legend=False)
+    counts = t["relation"].value_counts()
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([f"{r}\n(n={counts[r]})" for r in order])
+    ax.set_xlabel("gold relation")
+    ax.set_ylabel("confidence: max first-token probability (%)")
+    ax.set_ylim(0, 100)
+    if ax.get_legend() is not None:
+        ax.get_legend().set_title("")
+    fig.suptitle(f"Confidence by gold relation ({cond})")
+    return fig
+
+
+# ----------------------------------------------------------------------------- Figure 26
+
+
+def centred_log_attention(attn: np.ndarray) -> np.ndarray:
+    """``log w - mean(log w)`` over the cells of each ``[..., G, G]`` map, flattened.
+
+    Softmax weights are ``w_i = exp(z_i) / Z`` over all keys, so ``log w_i = z_i - log Z``:
+    the log weights of one map equal its logits up to a per-map constant, which centring
+    removes. Cells with zero (float16 underflow) or non-finite weight are dropped. Exact
+    only where one grid cell is one image token (the grid pools tokens by area).
+    """
+    a = np.asarray(attn, dtype=np.float64)
+    flat = a.reshape(-1, a.shape[-2] * a.shape[-1])
+    ok = np.isfinite(flat) & (flat > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logw = np.where(ok, np.log(np.where(ok, flat, 1.0)), np.nan)
+        centre = np.nanmean(np.where(ok, logw, np.nan), axis=1, keepdims=True)
+    vals = (logw - centre)[ok]
+    return vals[np.isfinite(vals)]
+
+
+@_styled
+def log_attention_distribution(source: Source, layer: int | None = None, *,
+                               conditions: Sequence[str] | None = None, max_samples: int = 256,
+                               seed: int = 0) -> "Figure":
+    """Figure 26: distribution of the image attention logits before/after scaling, at ``layer``.
+
+    The capture holds softmax weights, not logits; since ``log w`` equals the logit up to a
+    per-row constant, this plots the centred log weights over image cells,
+    ``log w - mean(log w)`` per (sample, head) map (:func:`centred_log_attention`), for the
+    baseline and each ScalingVis condition (default) or the given ``conditions``. ScalingVis
+    multiplies image logits by alpha, so the spread scales by alpha (legend: standard
+    deviations). Up to ``max_samples`` samples (a seeded random subset), all heads.
+    """
+    with _capture(source) as cap:
+        base = baseline_condition(cap)
+        if conditions is None:
+            scal = sorted((float(a["alpha"]), n) for n, a in _methods(cap, "scaling"))
+            names = [base] + [n for _, n in scal]
+        else:
+            names = list(conditions)
+        if len(names) < 2:
+            raise VislensError(f"{cap.path}: nothing to compare with the baseline (no 'scaling' "
+                               "conditions)")
+        L = _num_layers(cap)
+        layer = _check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
+        done = np.ones(len(cap), dtype=bool)
+        for n in names:
+            done &= cap.done(n)
+        rows = np.flatnonzero(done)
+        if rows.size == 0:
+            raise VislensError(f"{cap.path}: no sample completed under all of {', '.join(names)}")
+        if rows.size > max_samples:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, max_samples, replace=False))
+        values = {n: centred_log_attention(cap.attention(n, rows=rows, layers=[layer])) for n in names}
+        labels = {n: _label(cap, n) for n in names}
+    allv = np.concatenate([v for v in values.values() if v.size])
+    if allv.size == 0:
+        raise VislensError("no positive attention weights to take the log of")
+    lo, hi = np.percentile(allv, [0.2, 99.8])
+    bins = np.linspace(lo, hi, 61)
+    fig = _figure(6.8, 4.2)
+    ax = fig.subplots()
+    colors = _series_colors(len(names))
+    for i, n in enumerate(names):
+        v = values[n]
+        if not v.size:
+            continue
+        dens, edges = np.histogram(v, bins=bins, density=True)  # the outer 0.2% are left out
+        ls = "-" if n == base else _LINESTYLES[(i % (len(_LINESTYLES) - 1)) + 1]
+        ax.stairs(dens, edges, color="black" if n == base else colors[i], linestyle=ls,
+                  linewidth=2.2 if n == base else 1.6, label=f"{labels[n]} (sd {np.std(v):.2f})")
+    ax.set_xlabel("centred log attention weight over image cells,\n"
+                  "log w − mean log w (= logit − mean logit, nats)")
+    ax.set_ylabel("density (per nat)")
+    ax.legend(loc="best")
+    fig.suptitle(f"Image attention logits before/after scaling, layer {layer} "
+                 f"({rows.size} samples, all heads)")
+    return fig

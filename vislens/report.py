@@ -1,0 +1,125 @@
+"""``vislens report``: the per-layer AUROC report of a capture file.
+
+Writes into ``OUT``:
+
+- ``per_layer_auroc.csv``  condition, layer, auroc, n_pos, n_neg (overlap of the head-mean
+  attention map with the object mask, as a score for answer correctness);
+- ``per_layer_auroc.png``  AUROC across layers per condition;
+- ``roc_best_layers.png``  ROC curves at the two best layers (first condition);
+- ``summary.csv``          per condition: accuracy, confidence, image-attention share,
+  entropy, skewness, overlap, variance across layers;
+- ``attention_by_layer.csv`` the same statistics per layer;
+- ``calibration.csv``      AUROC of confidence, attention sum and max at the best layer;
+- ``report.md``            what a human reads first, tying them together.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .analysis import (LayerStats, all_stats, calibration_table, per_layer_auroc_table,
+                       summary_table)
+from .errors import VislensError
+
+
+def layer_table(stats: Sequence[LayerStats]) -> pd.DataFrame:
+    """Mean statistics per condition and layer (long format)."""
+    frames = []
+    for st in stats:
+        share = st.image_mass / (st.image_mass + st.text_mass)
+        df = pd.DataFrame({
+            "condition": st.condition, "layer": np.arange(st.num_layers),
+            "image_attention_share": np.nanmean(share, axis=0),
+            "image_mass": st.image_mass.mean(axis=0), "entropy": np.nanmean(st.entropy, axis=0),
+            "skewness": np.nanmean(st.skewness, axis=0),
+        })
+        if st.overlap is not None:
+            df["overlap"] = np.nanmean(st.overlap, axis=0)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_layers(auroc: pd.DataFrame, condition: str, k: int = 2) -> list[int]:
+    """The ``k`` layers with the highest defined AUROC for ``condition``."""
+    sub = auroc[(auroc["condition"] == condition) & auroc["auroc"].notna()]
+    return [int(l) for l in sub.sort_values("auroc", ascending=False)["layer"].head(k)]
+
+
+def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[str] | None = None,
+                 chunk: int = 32) -> Path:
+    """Compute the analysis of a capture and write the report files; returns ``report.md``."""
+    from . import plots
+    from .evaluate import evaluate_capture, to_markdown
+    from .store import open_capture
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_capture(path) as cap:
+        attrs = dict(cap.attrs)
+        has_mask = cap.box_mask() is not None
+        n_samples = len(cap)
+    stats = all_stats(path, conditions, chunk=chunk)
+    auroc = per_layer_auroc_table(stats)
+    auroc.to_csv(out / "per_layer_auroc.csv", index=False)
+    summary = summary_table(stats)
+    summary.to_csv(out / "summary.csv", index=False)
+    by_layer = layer_table(stats)
+    by_layer.to_csv(out / "attention_by_layer.csv", index=False)
+    first = stats[0].condition
+    best = best_layers(auroc, first) if has_mask else []
+    calib_layer = best[0] if best else stats[0].num_layers // 2
+    calib = calibration_table(stats, calib_layer)
+    calib.to_csv(out / "calibration.csv", index=False)
+    figures = []
+    if has_mask and auroc["auroc"].notna().any():
+        fig = plots.plot_layer_auroc(auroc)
+        fig.savefig(out / "per_layer_auroc.png", dpi=150, bbox_inches="tight")
+        figures.append("per_layer_auroc.png")
+        if len(best) >= 1:
+            fig = plots.plot_roc_layers(stats[0], best)
+            fig.savefig(out / "roc_best_layers.png", dpi=150, bbox_inches="tight")
+            figures.append("roc_best_layers.png")
+    try:
+        acc = evaluate_capture(path)["accuracy"]
+        acc = acc[acc["matcher"] == attrs.get("matcher", "paper")].drop(columns="matcher")
+    except VislensError:
+        acc = None
+
+    lines = [f"# vislens report: `{Path(path).name}`", "",
+             f"- model: `{attrs.get('model', '?')}`; dataset: `{attrs.get('dataset', '?')}`; "
+             f"{n_samples} samples; {attrs.get('num_layers')} layers x {attrs.get('num_heads')} heads; "
+             f"grid {np.asarray(attrs.get('grid', [0])).ravel()[0]}x{np.asarray(attrs.get('grid', [0])).ravel()[0]}",
+             f"- conditions: {', '.join(st.condition for st in stats)}", ""]
+    if acc is not None:
+        lines += ["## Accuracy", "", to_markdown(acc), ""]
+    lines += ["## Where the answer position looks", "",
+              "Overlap = cosine similarity of the head-mean attention map with the mask of the "
+              "question's objects; AUROC = how well that overlap separates correct from wrong "
+              "answers (undefined with only one class: shown as nan).", ""]
+    if not has_mask:
+        lines += ["No box mask in this capture: run `vislens boxes FILE --detector annotations` "
+                  "(or `--detector yolo --weights PATH`) to get the per-layer AUROC.", ""]
+    else:
+        for st in stats:
+            sub = auroc[auroc["condition"] == st.condition]
+            top = sub.sort_values("auroc", ascending=False).head(3)
+            desc = ", ".join(f"layer {int(r.layer)}: {r.auroc:.3f}" for r in top.itertuples()
+                             if np.isfinite(r.auroc)) or "undefined"
+            n_pos = int(sub["n_pos"].iloc[0]) if len(sub) else 0
+            n_neg = int(sub["n_neg"].iloc[0]) if len(sub) else 0
+            lines.append(f"- **{st.condition}** ({n_pos} correct / {n_neg} wrong): best {desc}")
+        lines.append("")
+    lines += ["## Attention statistics (mean over samples and layers)", "",
+              to_markdown(summary.set_index("condition"), floatfmt=".3f"), "",
+              f"## Calibration at layer {calib_layer}", "",
+              "AUROC of each signal for answer correctness (Figure 18).", "",
+              to_markdown(calib.set_index("condition"), floatfmt=".3f"), ""]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    lines += ["Files: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file())), ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
