@@ -51,7 +51,7 @@ def _cond(spec: str) -> Cond:
     v = float(value)
     if method == "scaling":
         return Cond(f"scaling-{v:g}", "scaling", (("alpha", v),))
-    return Cond(f"add-{v:g}", "add", (("delta", v),))
+    return Cond(f"add{v:+g}", "add", (("delta", v),))
 
 
 @dataclass
@@ -351,7 +351,7 @@ def test_entropy_skewness(caps):
     assert "entropy" in ax.get_ylabel() and "nats" in ax.get_ylabel() and "skewness" in bx.get_ylabel()
     assert bx.get_xlabel() == "condition"
     assert [t.get_text() for t in bx.get_xticklabels()] == ["baseline", "scaling-0.5", "scaling-2",
-                                                           "add--1", "add-1", "adaptvis"]
+                                                           "add-1", "add+1", "adaptvis"]
     assert len(ax.patches) >= 6
 
 

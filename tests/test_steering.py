@@ -206,7 +206,7 @@ def test_add_delta_equals_probability_factor(tiny_adapter):
                          max_new_tokens=1)[0]
     # only layer 0 sees identical inputs in both conditions (later layers differ by the edit)
     m0 = res["baseline"].image_mass[0]
-    m1 = res["add-0.7"].image_mass[0]
+    m1 = res["add+0.7"].image_mass[0]
     expect = m0 * np.exp(0.7) / (m0 * np.exp(0.7) + (1 - m0))
     np.testing.assert_allclose(m1, expect, rtol=1e-4)
 

@@ -150,7 +150,7 @@ def _default_name(method: str, p: dict[str, float]) -> str:
     if method == "scaling":
         return f"scaling-{_fmt(p['alpha'])}"
     if method == "add":
-        return f"add-{_fmt(p['delta'])}"
+        return f"add{p['delta']:+g}"  # add+1, add-0.5
     return method  # baseline, adaptvis, vcd, dola
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 DEMO_SEED = 2026  # held-out scenes: the organism is trained on other seeds
 DEMO_CONDITIONS = ("baseline", "scaling:alpha=0.5", "scaling:alpha=2",
-                   "adaptvis:alpha1=0.5,alpha2=2,beta=0.6")
+                   "adaptvis:alpha1=0.5,alpha2=2,beta=0.6", "add:delta=-1", "add:delta=1")
 
 
 def demo_model(model: str, out: Path, log: Callable[[str], None]) -> str:
@@ -44,9 +44,9 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     scenes = synthesize(out / "scenes", 4 * groups, DEMO_SEED)
-    log(f"[1/3] rendered {4 * groups} held-out scenes per subset into {scenes}")
+    log(f"[1/4] rendered {4 * groups} held-out scenes per subset into {scenes}")
     adapter = load_model(demo_model(model, out, log), dtype="float32", device="auto")
-    log(f"[2/3] capturing {len(DEMO_CONDITIONS)} conditions with {adapter.name} "
+    log(f"[2/4] capturing {len(DEMO_CONDITIONS)} conditions with {adapter.name} "
         f"({adapter.num_layers} layers x {adapter.num_heads} heads)")
     for subset in ("a", "b"):
         path = out / f"capture_{subset}.h5"
@@ -63,5 +63,15 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
         log(f"\n### subset {subset} ({summary.n_total} questions, first-word matching)\n")
         log(to_markdown(acc))
         log("")
-    log(f"[3/3] done in {time.perf_counter() - t0:.0f} s; outputs in {out}")
+    from .figures import write_figures
+    from .report import write_report
+
+    for subset in ("a", "b"):
+        rep = write_report(written[f"capture_{subset}"], out / f"report_{subset}")
+        written[f"report_{subset}"] = rep
+        log(f"[3/4] per-layer AUROC report: {rep}")
+    figs = write_figures(written["capture_a"], out / "figures", log=lambda m: log("      " + m))
+    written["figures"] = out / "figures"
+    log(f"[4/4] {len(figs)} figures in {out / 'figures'}")
+    log(f"done in {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return written
