@@ -109,7 +109,7 @@ def select_samples(dataset: str, data_root: str | None, *, split: str = "all",
 
 
 def _open_image(sample: Sample):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     path = sample.image_path
     if not path:
@@ -119,7 +119,7 @@ def _open_image(sample: Sample):
             return im.convert("RGB")
     except FileNotFoundError:
         raise VislensError(f"{path}: image not found (sample {sample.id})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except Exception as exc:  # PIL raises many types; ultralytics' patched open adds more
         raise VislensError(f"{path}: cannot decode image (sample {sample.id}): "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 

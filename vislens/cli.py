@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_report)
 
     from . import figures as _figures
+    from . import sweep as _sweep
+
+    sw = sub.add_parser("sweep", help="choose ScalingVis/AdaptVis on the validation split, "
+                        "Table 1 on the test split")
+    _sweep.add_arguments(sw)
 
     fg = sub.add_parser("figures", help="the paper's figures (3-10, 14, 15, 26) from a capture file")
     _figures.add_arguments(fg)

@@ -1,8 +1,8 @@
 """``vislens demo``: the whole pipeline on the embedded model organism, on a laptop CPU.
 
 Held-out synthetic scenes -> capture (baseline, ScalingVis smooth/sharpen, AdaptVis) into one
-HDF5 file per subset -> evaluation tables; later stages (reports, figures, sweeps) add their
-outputs to the same folder.
+HDF5 file per subset -> evaluation tables -> per-layer AUROC reports -> the paper's figures ->
+a ScalingVis/AdaptVis hyper-parameter sweep with VCD and DoLa baselines (Table 1).
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     scenes = synthesize(out / "scenes", 4 * groups, DEMO_SEED)
-    log(f"[1/4] rendered {4 * groups} held-out scenes per subset into {scenes}")
+    log(f"[1/5] rendered {4 * groups} held-out scenes per subset into {scenes}")
     adapter = load_model(demo_model(model, out, log), dtype="float32", device="auto")
-    log(f"[2/4] capturing {len(DEMO_CONDITIONS)} conditions with {adapter.name} "
+    log(f"[2/5] capturing {len(DEMO_CONDITIONS)} conditions with {adapter.name} "
         f"({adapter.num_layers} layers x {adapter.num_heads} heads)")
     for subset in ("a", "b"):
         path = out / f"capture_{subset}.h5"
@@ -69,9 +69,19 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
     for subset in ("a", "b"):
         rep = write_report(written[f"capture_{subset}"], out / f"report_{subset}")
         written[f"report_{subset}"] = rep
-        log(f"[3/4] per-layer AUROC report: {rep}")
+        log(f"[3/5] per-layer AUROC report: {rep}")
     figs = write_figures(written["capture_a"], out / "figures", log=lambda m: log("      " + m))
     written["figures"] = out / "figures"
-    log(f"[4/4] {len(figs)} figures in {out / 'figures'}")
+    log(f"[4/5] {len(figs)} figures in {out / 'figures'}")
+    from .evaluate import to_markdown as _md
+    from .sweep import run_sweep
+
+    sweep = run_sweep(model=adapter, dataset=f"jsonl:{scenes / 'controlled_a.jsonl'}",
+                      out=out / "sweep_a", baselines="vcd,dola", matcher="first-word",
+                      max_new_tokens=4, batch_size=batch_size, progress=False, log=lambda m: None)
+    written["sweep_a"] = out / "sweep_a"
+    log(f"[5/5] sweep (alpha, beta chosen on the validation split) -> {out / 'sweep_a'}\n")
+    log(_md(sweep.table1, floatfmt=".1f"))
+    log("")
     log(f"done in {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return written
