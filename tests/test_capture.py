@@ -227,3 +227,48 @@ def test_evaluate_tables(tiny_dir, scenes, tmp_path):
         assert row["acc"] == pytest.approx(expect)
         assert "pair_acc" in row and "set_acc" in row
     assert (tmp_path / "eval" / "accuracy.csv").exists()
+
+
+def test_whatsup_download_with_paper_prompts(tiny_dir, tiny_adapter, tmp_path):
+    """A fake WhatsUp download, captured with the published prompts verbatim (--prompt-style paper)."""
+    from PIL import Image
+
+    from conftest import random_image
+    from vislens.data.whatsup import SUBSETS
+    from vislens.decoding import run_conditions
+
+    root = tmp_path / "whatsup"
+    (root / "prompts").mkdir(parents=True)
+    (root / "controlled_images").mkdir()
+    rels = [("on", "On"), ("under", "Under"), ("left_of", "Left"), ("right_of", "Right")]
+    prompts = [{"id": i, "question": "<image>\nUSER: Where is the beer bottle in relation to the armchair? "
+                "Answer with left, right, on or under.\nASSISTANT:", "answer": [gold]}
+               for i, (_, gold) in enumerate(rels)]
+    (root / "prompts" / SUBSETS["controlled_a"].prompts_file).write_text(
+        "\n".join(json.dumps(p) for p in prompts))
+    recs = [{"image_path": f"data/controlled_images/beer-bottle_{r}_armchair.jpeg",
+             "caption_options": [f"A beer bottle {r} a armchair", "x", "y", "z"]} for r, _ in rels]
+    (root / "controlled_images_dataset.json").write_text(json.dumps(recs))
+    for k, (r, _) in enumerate(rels):
+        random_image(20 + k, (64, 48)).save(root / "controlled_images" / f"beer-bottle_{r}_armchair.jpeg")
+    s = run_capture(model=str(tiny_dir("llava")), dataset="whatsup:controlled_a", data_root=str(root),
+                    out=tmp_path / "w.h5", conditions=["baseline"], max_new_tokens=2, device="cpu",
+                    prompt_style="paper", progress=False, log=lambda m: None)
+    images = [Image.open(root / "controlled_images" / f"beer-bottle_{r}_armchair.jpeg").convert("RGB")
+              for r, _ in rels]
+    ref = run_conditions(tiny_adapter("llava"), images, [p["question"] for p in prompts],
+                         [["Left", "Right", "On", "Under"]] * 4, ["baseline"], max_new_tokens=2)
+    with open_capture(s.path) as c:
+        assert c.attrs["prompt_style"] == "paper" and list(c.samples["group"]) == ["beer-bottle|armchair"] * 4
+        np.testing.assert_allclose(c.attention("baseline"), np.stack([r["baseline"].image_attention for r in ref]),
+                                   atol=2e-3)
+        assert list(c.table()["prediction"]) == [r["baseline"].text for r in ref]
+    with pytest.raises(VislensError, match="no published prompt"):
+        cap(tiny_dir, _scene_file(tmp_path), tmp_path / "p.h5",
+            prompt_style="paper")
+
+
+def _scene_file(tmp_path):
+    from vislens.synth import generate_groups, write_scenes
+
+    return write_scenes(generate_groups(1, "a", seed=9), tmp_path / "sc", name="a.jsonl")

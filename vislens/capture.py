@@ -155,7 +155,8 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                 split: str = "all", limit: int | None = None, batch_size: int = 8,
                 shard: str | None = None, dtype: str = "auto", device: str = "auto",
                 on_error: str = "stop", max_new_tokens: int = 16, grid: int = 24,
-                matcher: str = "paper", split_seed: int = 0, command: str | None = None,
+                matcher: str = "paper", split_seed: int = 0, prompt_style: str = "chat",
+                command: str | None = None,
                 progress: bool = True, log: Callable[[str], None] = print) -> CaptureSummary:
     """Capture attention and answers for every (sample, condition); resumable.
 
@@ -174,11 +175,18 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
         raise VislensError(f"--matcher {matcher!r}: choose one of {', '.join(MATCHERS)}")
     if batch_size < 1:
         raise VislensError(f"--batch-size {batch_size}: must be >= 1")
+    if prompt_style not in ("chat", "paper"):
+        raise VislensError(f"--prompt-style {prompt_style!r}: choose chat or paper")
     shard_t = parse_shard(shard)
     samples, index = select_samples(dataset, data_root, split=split, limit=limit, shard=shard_t,
                                     split_seed=split_seed)
     n_selected = len(select_samples(dataset, data_root, split=split, limit=limit,
                                     split_seed=split_seed)[0]) if shard_t else len(samples)
+    if prompt_style == "paper":
+        missing = [s.id for s in samples if "<image>" not in s.meta.get("prompt", "")]
+        if missing:
+            raise VislensError(f"--prompt-style paper: sample {missing[0]} has no published "
+                               "prompt (only the WhatsUp/AdaptVis question files carry one)")
     flagged = check_options_in_prompt(samples)
     if flagged:
         log(f"note: {len(flagged)} sample(s) whose gold answer is not offered by the prompt "
@@ -206,6 +214,7 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
              "data_root": str(data_root or ""), "split": split, "split_seed": split_seed,
              "limit": -1 if limit is None else limit, "max_new_tokens": max_new_tokens,
              "matcher": matcher, "shard": shard or "", "total_samples": n_selected,
+             "prompt_style": prompt_style,
              "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
              "command": command if command is not None else shlex.join(sys.argv)}
     num_options = max(len(s.options) for s in samples)
@@ -238,7 +247,9 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                     failed += 1
             if ok_rows:
                 batch = [samples[r] for r in ok_rows]
-                results = engine.run(images, [s.question for s in batch],
+                questions = [s.meta["prompt"] if prompt_style == "paper" else s.question
+                             for s in batch]  # a prompt holding <image> is used verbatim
+                results = engine.run(images, questions,
                                      [s.options for s in batch], conds,
                                      sample_keys=[s.id for s in batch])
                 correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}

@@ -24,7 +24,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         conditions=args.condition or ["baseline"], split=args.split, limit=args.limit,
         batch_size=args.batch_size, shard=args.shard, dtype=args.dtype, device=args.device,
         on_error=args.on_error, max_new_tokens=args.max_new_tokens, grid=args.grid,
-        matcher=args.matcher, split_seed=args.split_seed, progress=not args.quiet,
+        matcher=args.matcher, split_seed=args.split_seed, prompt_style=args.prompt_style,
+        progress=not args.quiet,
         command="vislens " + shlex.join(sys.argv[1:]))
     state = "complete" if summary.complete else "incomplete"
     print(f"wrote {summary.path} ({state}: {summary.n_written} sample(s) this run, "
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=16)
     c.add_argument("--grid", type=int, default=24, help="analysis grid size G (G x G cells)")
     c.add_argument("--matcher", default="paper", choices=["paper", "first-word"])
+    c.add_argument("--prompt-style", default="chat", choices=["chat", "paper"],
+                   help="chat: the model's chat template around the plain question; paper: the "
+                        "published AdaptVis prompt strings verbatim (LLaVA-1.5 only)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_capture)
 
