@@ -481,7 +481,8 @@ class DecodingEngine:
         if len(layers) != self.adapter.num_layers:
             raise RuntimeError(f"recorded {len(layers)} of {self.adapter.num_layers} layers; "
                                "is the language model using the 'vislens' attention?")
-        rows = torch.stack([records[l] for l in layers], dim=1)  # [B, L, H, K]
+        dev = records[layers[0]].device  # layers may sit on different GPUs (device_map)
+        rows = torch.stack([records[l].to(dev) for l in layers], dim=1)  # [B, L, H, K]
         img = batch.image_keys[:, None, None, :].to(rows.device)
         image_mass = (rows * img).sum(-1)
         valid = batch.attention_mask.bool()[:, None, None, :].to(rows.device)
