@@ -1146,7 +1146,8 @@ def centred_log_attention(attn: np.ndarray) -> np.ndarray:
     a = np.asarray(attn, dtype=np.float64)
     flat = a.reshape(-1, a.shape[-2] * a.shape[-1])
     ok = np.isfinite(flat) & (flat > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rows with no finite weight -> NaN
         logw = np.where(ok, np.log(np.where(ok, flat, 1.0)), np.nan)
         centre = np.nanmean(np.where(ok, logw, np.nan), axis=1, keepdims=True)
     vals = (logw - centre)[ok]

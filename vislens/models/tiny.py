@@ -53,7 +53,8 @@ def word_tokenizer(words: Iterable[str], special: list[str], *, bos: str | None,
     for tok in [unk, *special]:
         vocab.setdefault(tok, len(vocab))
     for w in list(words) + PUNCT:
-        for form in {w, w.lower(), w.capitalize(), w.upper()}:
+        # an ordered dedup, not a set: token ids must not depend on PYTHONHASHSEED
+        for form in dict.fromkeys((w, w.lower(), w.capitalize(), w.upper())):
             vocab.setdefault(form, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Sequence(

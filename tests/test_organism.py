@@ -1,0 +1,166 @@
+"""The model organism: architecture, a fast training run of the small variant, the artefact."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vislens.organism import DEFAULT_PATH
+
+SMALL_STEPS = 20
+SMALL_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """The small variant trained for a few steps through the real training code path."""
+    from vislens.organism import train_organism
+
+    out = tmp_path_factory.mktemp("organism") / "small"
+    stats = train_organism(out, seed=3, steps=SMALL_STEPS, batch_size=SMALL_BATCH, lr=3e-3,
+                           small=True, log=None)
+    return out, stats
+
+
+@pytest.fixture(scope="module")
+def organism_init():
+    """The real organism's architecture with its wired init, untrained."""
+    from vislens.organism import build_organism
+
+    model, proc = build_organism(seed=0)
+    return model, proc
+
+
+def test_architecture_is_llava_15_shaped(organism_init):
+    from vislens.organism import count_parameters
+    from vislens.synth import generate_scenes, object_names
+
+    model, proc = organism_init
+    cfg = model.config
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert cfg.vision_config.image_size // cfg.vision_config.patch_size == 24
+    assert cfg.image_seq_length == 576 and cfg.vision_feature_layer == -2
+    tok = proc.tokenizer
+    scene = generate_scenes(1, "b", seed=0)[0]
+    msgs = [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": scene.sample.question}]}]
+    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert prompt == f"USER: <image>\n{scene.sample.question} ASSISTANT:"
+    for word in object_names() + ["Left", "Right", "On", "Under", "Front", "Behind"]:
+        assert tok.convert_tokens_to_ids(word) != tok.unk_token_id, word
+    enc = proc(images=[scene.image], text=[prompt], return_tensors="pt")
+    ids = enc["input_ids"][0]
+    assert int((ids == cfg.image_token_id).sum()) == 576
+    assert tok.unk_token_id not in ids.tolist()
+    n = count_parameters(model)
+    assert n["total"] == sum(p.numel() for p in model.parameters()) < 5_000_000
+
+
+def test_wired_init_looks_at_the_named_objects(organism_init):
+    """Before training, the answer position finds the subject and reference names (layer 0)
+    and then their patches (layer 1), which is what makes minutes of CPU training enough."""
+    import torch
+
+    from vislens.organism import _cell_owners, _prompt
+    from vislens.synth import generate_scenes
+
+    model, proc = organism_init
+    model.set_attn_implementation("eager")
+    scenes = generate_scenes(4, "a", seed=21) + generate_scenes(4, "b", seed=21)
+    enc = proc(images=[s.image for s in scenes], text=[_prompt(s.sample.question) for s in scenes],
+               return_tensors="pt", padding=True)
+    with torch.no_grad():
+        att = model(**enc, output_attentions=True).attentions
+    ids = enc["input_ids"]
+    image = (ids[0] == model.config.image_token_id).nonzero().flatten()
+    names, own = [], []
+    for b, s in enumerate(scenes):
+        toks = proc.tokenizer.convert_ids_to_tokens(ids[b].tolist())
+        subj, ref = (toks.index(o) for o in s.sample.objects)
+        names.append([float(att[0][b, 0, -1, subj]), float(att[0][b, 1, -1, ref])])
+        owner = _cell_owners(s, 24)
+        own.append([float(att[1][b, h, -1, image][torch.from_numpy(owner == h)].sum())
+                    for h in (0, 1)])
+    assert np.mean(names) > 0.9
+    assert np.mean(own) > 0.5  # the 2 objects cover ~5% of the grid
+    model.set_attn_implementation("sdpa")
+
+
+def test_small_training_loss_falls(small_run):
+    _, stats = small_run
+    losses = stats["losses"]
+    assert len(losses) == SMALL_STEPS and stats["steps"] == SMALL_STEPS
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert stats["n_scenes"] == SMALL_STEPS * SMALL_BATCH
+
+
+def test_training_is_seeded(tmp_path):
+    from vislens.organism import train_organism
+
+    runs = [train_organism(tmp_path / f"run{i}", seed=7, steps=3, batch_size=4, small=True,
+                           log=None)["losses"] for i in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_small_organism_loads_and_answers(small_run):
+    from vislens.decoding import run_conditions
+    from vislens.models import load_model
+    from vislens.synth import OPTIONS, generate_groups
+
+    path, _ = small_run
+    assert (path / "training.json").exists()
+    adapter = load_model(path, dtype="float32", device="cpu")
+    scenes = generate_groups(1, "a", seed=5)
+    res = run_conditions(adapter, [s.image for s in scenes], [s.sample.question for s in scenes],
+                         [OPTIONS["a"]] * len(scenes), ["baseline", "scaling:alpha=2"],
+                         max_new_tokens=3)
+    assert len(res) == 4
+    for r in res:
+        base = r["baseline"]
+        assert isinstance(base.text, str) and 0 < base.confidence <= 1
+        assert base.option_probs.shape == (4,)
+        assert base.image_attention.shape == (adapter.num_layers, adapter.num_heads, 24, 24)
+        assert not np.allclose(r["scaling-2"].image_attention, base.image_attention)
+
+
+def test_small_evaluation_table(small_run):
+    from vislens.organism import evaluate_organism, write_model_card
+
+    path, stats = small_run
+    df = evaluate_organism(path, n_groups=2, seed=11)
+    assert list(df["relation"]) == ["left", "right", "on", "under", "all",
+                                    "left", "right", "front", "behind", "all"]
+    assert df["n"].tolist() == [2, 2, 2, 2, 8] * 2
+    assert df["accuracy"].between(0, 1).all() and df["confidence"].between(0, 1).all()
+    card = write_model_card(path, stats, df, {"n_groups": 2, "seed": 11})
+    text = card.read_text()
+    assert "| subset | relation |" in text and "vislens organism train" in text
+    meta = json.loads((path / "organism.json").read_text())
+    assert meta["eval"]["n_groups"] == 2 and len(meta["eval"]["table"]) == 10
+
+
+@pytest.mark.skipif(not (DEFAULT_PATH / "config.json").exists(), reason="no committed organism")
+def test_committed_organism_matches_its_card():
+    from vislens.models import load_model
+    from vislens.organism import count_parameters, evaluate_organism
+
+    weights = list(DEFAULT_PATH.glob("*.safetensors"))
+    assert weights and sum(f.stat().st_size for f in weights) <= 20 * 2 ** 20
+    meta = json.loads((DEFAULT_PATH / "organism.json").read_text())
+    card = (DEFAULT_PATH / "README.md").read_text()
+    assert f"{meta['final_loss']:.4f}" in card
+    adapter = load_model(DEFAULT_PATH, dtype="float32", device="cpu")
+    assert count_parameters(adapter.model)["total"] == meta["parameters"]["total"]
+    # the first groups of the card's held-out set: a subset of what the card reports
+    df = evaluate_organism(adapter=adapter, n_groups=8, seed=meta["eval"]["seed"])
+    card_rows = {(r["subset"], r["relation"]): r for r in meta["eval"]["table"]}
+    for subset in ("a", "b"):
+        sub = df[df["subset"] == subset].set_index("relation")
+        lr = sub.loc[["left", "right"]]
+        assert (lr["accuracy"] * lr["n"]).sum() / lr["n"].sum() >= 0.8, subset
+        assert sub.loc["all", "accuracy"] > 0.4, subset  # chance is 0.25
+        ref = card_rows[(subset, "all")]
+        assert abs(sub.loc["all", "accuracy"] - ref["accuracy"]) <= 0.2
+        assert abs(sub.loc["all", "confidence"] - ref["confidence"]) <= 0.15
