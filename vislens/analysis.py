@@ -54,6 +54,7 @@ def condition_stats(cap, condition: str, *, chunk: int = 32, mask: np.ndarray | 
     parts: dict[str, list[np.ndarray]] = {k: [] for k in
                                           ("rows", "sum", "max", "ent", "skew", "ov", "ovh")}
     for rows, attn in cap.iter_attention(condition, chunk=chunk):
+        attn = attn.astype(np.float64)  # once per chunk; the metrics then work without copies
         head_mean = attn.mean(axis=2)  # [n, L, G, G]
         parts["rows"].append(np.asarray(rows))
         parts["sum"].append(head_mean.sum(axis=(-1, -2)))

@@ -168,13 +168,16 @@ def overlap(
         np.broadcast_shapes(a.shape, m.shape)
     except ValueError:
         raise VislensError(f"mask shape {np.shape(mask)} does not broadcast against attention {a.shape}") from None
-    p = normalize_maps(a)
-    dot = np.einsum("...ij,...ij->...", p, m)
-    p_norm = np.sqrt(np.einsum("...ij,...ij->...", p, p))
+    # cosine is scale-invariant, so normalising the map first would change nothing but cost
+    # a full pass; a map without positive finite total has no direction -> NaN
+    dot = np.einsum("...ij,...ij->...", a, m)
+    a_norm = np.sqrt(np.einsum("...ij,...ij->...", a, a))
     m_norm = np.sqrt(np.einsum("...ij,...ij->...", m, m))
+    total = a.sum(axis=(-2, -1))
+    ok = np.isfinite(total) & (total > 0) & (m_norm > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cos = dot / (p_norm * m_norm)
-    return np.where(m_norm > 0, cos, np.nan)
+        cos = dot / (a_norm * m_norm)
+    return np.where(ok, cos, np.nan)
 
 
 # --------------------------------------------------------------------------- AUROC
