@@ -34,13 +34,8 @@ LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else t
 # %%
 # %matplotlib inline
 from vislens import analysis, figures, plots
-from vislens.store import open_capture
 
-capture = figures.resolve_capture(CAPTURE)
-out_dir = figures.resolve_figures_dir(FIGURES_DIR)
-cap = open_capture(capture)
-print(cap)
-print("figures go to", out_dir)
+capture, out_dir, cap = figures.notebook_session(CAPTURE, FIGURES_DIR)
 
 # %% [markdown]
 # Accuracy and mean confidence per condition and gold relation:

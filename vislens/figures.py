@@ -247,6 +247,22 @@ def resolve_figures_dir(path: str | os.PathLike | None = None) -> Path:
 # ----------------------------------------------------------------------------- command line
 
 
+
+def notebook_session(capture: str | os.PathLike | None = None,
+                     figures_dir: str | os.PathLike | None = None):
+    """The notebooks' shared set-up: resolve the capture and figure folder, open the capture.
+
+    Returns ``(capture_path, figures_dir, Capture)`` and prints what it opened.
+    """
+    from .store import open_capture
+
+    path = resolve_capture(capture)
+    out = resolve_figures_dir(figures_dir)
+    cap = open_capture(path)
+    print(cap)
+    print("figures go to", out)
+    return path, out, cap
+
 def _figure_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
