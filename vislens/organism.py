@@ -52,7 +52,7 @@ ORGANISM: dict[str, Any] = dict(hidden=128, layers=4, heads=4, kv_heads=4, visio
 SMALL: dict[str, Any] = dict(hidden=32, layers=2, heads=2, kv_heads=2, vision_hidden=16,
                              vision_layers=2, vision_heads=2, image_size=32, patch=2, init=0.02)
 
-DEFAULT_STEPS = 1000
+DEFAULT_STEPS = 400
 DEFAULT_BATCH = 16
 DEFAULT_LR = 1e-3
 EVAL_SEED = 10_000  # held-out scenes: groups (not i.i.d. scenes) with a seed never trained on
