@@ -240,3 +240,24 @@ def test_bad_conditions_fail_with_one_line(spec, msg):
     with pytest.raises(VislensError) as e:
         parse_condition(spec)
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_adaptvis_alone_uses_one_per_row_step_equal_to_scaling_steps(tiny_adapter):
+    """Without scaling conditions to reuse, AdaptVis runs one step with a per-row alpha."""
+    adapter = tiny_adapter("llava")
+    images = [random_image(12), random_image(13), random_image(14)]
+    qs = [QUESTION, SHORT, QUESTION]
+    conf = np.array([r["baseline"].confidence for r in run_conditions(
+        adapter, images, qs, [OPTIONS] * 3, ["baseline"], max_new_tokens=1)])
+    beta = float(np.sort(conf)[1])
+    spec = f"adaptvis:alpha1=0.5,alpha2=2,beta={beta!r}"
+    engine = DecodingEngine(adapter, max_new_tokens=3)
+    alone = engine.run(images, qs, [OPTIONS] * 3, [parse_condition(spec)])
+    assert engine.forward_calls <= 1 + 1 + 3  # prefill, probe, one steered step + 2 continuation
+    both = run_conditions(adapter, images, qs, [OPTIONS] * 3,
+                          [spec, "scaling:alpha=0.5", "scaling:alpha=2"], max_new_tokens=3)
+    assert {r["adaptvis"].alpha_used for r in alone} == {0.5, 2.0}
+    for a, b in zip(alone, both):
+        assert a["adaptvis"].text == b["adaptvis"].text
+        assert a["adaptvis"].confidence == pytest.approx(b["adaptvis"].confidence, abs=1e-5)
+        np.testing.assert_allclose(a["adaptvis"].image_attention, b["adaptvis"].image_attention, atol=1e-5)

@@ -217,7 +217,7 @@ class ConditionResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-SettingKey = tuple[str, float, "tuple[int, ...] | None", "tuple[int, ...] | None"]
+SettingKey = tuple[str, "float | tuple[float, ...]", "tuple[int, ...] | None", "tuple[int, ...] | None"]
 BASELINE_KEY: SettingKey = ("scale", 1.0, None, None)
 
 
@@ -371,7 +371,9 @@ class DecodingEngine:
         """
         kind, value, layers, heads = key
         b = batch.size
-        ivs = interventions_for(kind, [value] * b, layers=layers, heads=heads)
+        # a scalar applies to every row; a tuple gives each row its own value (AdaptVis)
+        values = list(value) if isinstance(value, tuple) else [value] * b
+        ivs = interventions_for(kind, values, layers=layers, heads=heads)
         record = self.record if record is None else record
         steerer = Steerer(batch.image_keys, interventions=ivs, record=record)
         with steerer:
@@ -537,13 +539,24 @@ class DecodingEngine:
         for key in dict.fromkeys(fixed.values()):
             need(key, gen)
         chosen: dict[str, np.ndarray] = {}
+        adaptive_key: dict[str, SettingKey] = {}
         if adaptive:
             base_conf = steps[BASELINE_KEY].probs.max(-1).values.cpu().numpy()
             for c in adaptive:
                 alphas = adaptvis_alpha(base_conf, c["alpha1"], c["alpha2"], c["beta"])
                 chosen[c.name] = alphas
-                for a in dict.fromkeys(alphas.tolist()):
-                    need(setting_of(c, a), gen)
+                row_keys = {setting_of(c, a) for a in alphas.tolist()}
+                reusable = all(k in steps and (steps[k].tokens is not None or not gen)
+                               for k in row_keys)
+                if len(row_keys) > 1 and not reusable:
+                    # one step in which every row gets its own alpha, instead of one step
+                    # per alpha over the whole batch
+                    key = ("scale", tuple(float(a) for a in alphas), c.layers, c.heads)
+                    need(key, gen)
+                    adaptive_key[c.name] = key
+                else:
+                    for k in row_keys:
+                        need(k, gen)
         special = {c.name: self.contrastive_step(batch, cache, c, keys, gen) for c in contrastive}
 
         results: list[dict[str, ConditionResult]] = [{} for _ in range(b)]
@@ -555,7 +568,10 @@ class DecodingEngine:
                     continue
                 alpha = float(chosen[c.name][i]) if c.method == "adaptvis" else \
                     (c["alpha"] if c.method == "scaling" else 1.0)
-                key = setting_of(c, alpha) if c.method == "adaptvis" else fixed[c.name]
+                if c.method == "adaptvis":
+                    key = adaptive_key.get(c.name) or setting_of(c, alpha)
+                else:
+                    key = fixed[c.name]
                 results[i][c.name] = self._result(steps[key], i, opt_ids[i], alpha)
         n_img = batch.image_keys.sum(-1).tolist()
         n_all = batch.attention_mask.sum(-1).tolist()
