@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _timing import paired
 import torch
 
 QUESTION = "Where is the ball in relation to the box? Answer with left, right, on or under."
@@ -32,16 +34,8 @@ def images(n: int, seed: int = 0):
     return [Image.fromarray((rng.random((48, 48, 3)) * 255).astype("uint8")) for _ in range(n)]
 
 
-def paired(fa, fb, repeats: int) -> tuple[float, float]:
-    """Median times of two functions run alternately (so machine load hits both alike)."""
-    fa(), fb()  # warm-up
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, acc in ((fa, ta), (fb, tb)):
-            t = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t)
-    return float(np.median(ta)), float(np.median(tb))
+def _medians(times):
+    return tuple(float(np.median(t)) for t in times)
 
 
 def forward_ratio(adapter, batch, repeats: int) -> tuple[float, float]:
@@ -58,7 +52,7 @@ def forward_ratio(adapter, batch, repeats: int) -> tuple[float, float]:
         with torch.inference_mode(), Steerer(batch.image_keys, record=True):
             adapter.model(**kw)
 
-    return paired(plain, recorded, repeats)
+    return _medians(paired(plain, recorded, repeats))
 
 
 def decode_ratio(adapter, imgs, repeats: int, max_new_tokens: int) -> tuple[float, float]:
@@ -68,8 +62,8 @@ def decode_ratio(adapter, imgs, repeats: int, max_new_tokens: int) -> tuple[floa
     qs, opts = [QUESTION] * len(imgs), [["Left", "Right", "On", "Under"]] * len(imgs)
     greedy = [parse_condition("baseline")]
     adapt = [parse_condition("adaptvis:alpha1=0.5,alpha2=2.0,beta=0.3")]
-    return paired(lambda: engine.run(imgs, qs, opts, greedy),
-                  lambda: engine.run(imgs, qs, opts, adapt), repeats)
+    return _medians(paired(lambda: engine.run(imgs, qs, opts, greedy),
+                           lambda: engine.run(imgs, qs, opts, adapt), repeats))
 
 
 def memory_child(model_dir: str, mode: str) -> None:

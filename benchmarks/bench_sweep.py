@@ -24,20 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from _timing import paired
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def paired(fa, fb, repeats: int) -> tuple[list[float], list[float]]:
-    """Times of two functions run alternately, after one warm-up call each."""
-    fa(), fb()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, acc in ((fa, ta), (fb, tb)):
-            t = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t)
-    return ta, tb
 
 
 def model_dir(arg: str | None, tmp: Path) -> tuple[str, str]:

@@ -178,10 +178,13 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     if prompt_style not in ("chat", "paper"):
         raise VislensError(f"--prompt-style {prompt_style!r}: choose chat or paper")
     shard_t = parse_shard(shard)
-    samples, index = select_samples(dataset, data_root, split=split, limit=limit, shard=shard_t,
+    samples, index = select_samples(dataset, data_root, split=split, limit=limit,
                                     split_seed=split_seed)
-    n_selected = len(select_samples(dataset, data_root, split=split, limit=limit,
-                                    split_seed=split_seed)[0]) if shard_t else len(samples)
+    n_selected = len(samples)  # before sharding: merge checks shards add up to this
+    if shard_t is not None:  # load once, then shard (as select_samples(shard=...) does)
+        i, n = shard_t
+        index = index[i::n]
+        samples = samples[i::n]
     if prompt_style == "paper":
         missing = [s.id for s in samples if "<image>" not in s.meta.get("prompt", "")]
         if missing:
