@@ -110,7 +110,8 @@ def test_capture_resumes_after_sigkill(tiny_dir, scenes, tmp_path):
     with open_capture(out) as a, open_capture(clean.path) as b:
         assert a.attrs["complete"]
         for name in b.conditions:
-            np.testing.assert_array_equal(a.attention(name), b.attention(name))
+            # two processes: float16 maps agree to rounding (BLAS scheduling may differ)
+            np.testing.assert_allclose(a.attention(name), b.attention(name), atol=1e-3)
             ta, tb = a.table([name]), b.table([name])
             assert list(ta["prediction"]) == list(tb["prediction"])
 
