@@ -240,3 +240,27 @@ def test_normalize_maps_returns_distributions() -> None:
     p = metrics.normalize_maps(rng.random((3, 4, 4)).astype(np.float16))
     np.testing.assert_allclose(p.sum(axis=(-2, -1)), 1.0)
     assert isinstance(metrics.per_layer_auroc(np.zeros((2, 1)), [0, 1]), pd.DataFrame)
+
+
+def test_float32_maps_agree_with_float64_to_storage_precision() -> None:
+    """float32 maps are reduced in float32 (fast streaming path); the results stay float64
+    and agree with the float64 computation far below float16 storage rounding (~1e-3)."""
+    rng = np.random.default_rng(7)
+    a64 = rng.dirichlet(np.full(576, 0.3), size=(3, 4, 5)).reshape(3, 4, 5, 24, 24) * 0.4
+    a64[0, 0, 0] = 0.0  # undefined map stays NaN
+    a32 = a64.astype(np.float32)
+    ref_in = a32.astype(np.float64)  # same values, float64 arithmetic
+    mask = (rng.random((3, 24, 24)) > 0.8).astype(np.float32)
+    pairs = [
+        (metrics.overlap(a32, mask), metrics.overlap(ref_in, mask.astype(np.float64))),
+        (metrics.overlap(a32, mask, reduce_heads="mean"),
+         metrics.overlap(ref_in, mask.astype(np.float64), reduce_heads="mean")),
+        (metrics.attention_entropy(a32), metrics.attention_entropy(ref_in)),
+        (metrics.attention_skewness(a32), metrics.attention_skewness(ref_in)),
+        (metrics.layer_variance(a32), metrics.layer_variance(ref_in)),
+    ]
+    for got, ref in pairs:
+        assert got.dtype == np.float64 and got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-9)
+    assert np.isnan(pairs[0][0][0, 0, 0]) and np.isnan(pairs[2][0][0, 0, 0])
+    assert metrics.normalize_maps(a32).dtype == np.float32

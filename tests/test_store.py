@@ -284,6 +284,68 @@ def test_round_trip_working_and_final(tmp_path):
     assert path.read_bytes() == before
 
 
+def test_fast_final_reader_matches_hdf5_decoder(tmp_path, monkeypatch):
+    """The threaded chunk decoder (ISA-L or zlib inflate, unshuffle, float16 table) gives
+    exactly what HDF5's own filter pipeline gives, every float16 bit pattern included."""
+    import zlib
+
+    from vislens import store
+
+    path = tmp_path / "run.h5"
+    n = 9
+    with open_writer(path, n) as w:
+        write_rows(w, range(n))
+        w.finalize()
+    # the conversion table against numpy's cast, for every float16 bit pattern
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    np.testing.assert_array_equal(store._HALF_TO_SINGLE.view(np.uint32),
+                                  every.astype(np.float32).view(np.uint32))
+    # random bit patterns in the final file, with signed zeros, subnormals, inf and nan
+    codes = np.random.default_rng(1).integers(0, 1 << 16, (n, L, H, G, G)).astype(np.uint16)
+    codes.reshape(n, -1)[:, :8] = [0x0000, 0x8000, 0x0001, 0x83FF, 0x7C00, 0xFC00, 0x7E00, 0x7BFF]
+    with h5py.File(path, "r+") as f:
+        f["conditions/baseline/image_attention"][...] = codes.view(np.float16)
+    with h5py.File(path, "r") as f:
+        ref = f["conditions/baseline/image_attention"][()].astype(np.float32)
+    assert np.isnan(ref).any() and np.isinf(ref).any()
+    done = np.flatnonzero(~np.isin(np.arange(n), [r for r in range(n) if fails(r)]))
+    for inflate in (store._inflate, zlib.decompress):
+        monkeypatch.setattr(store, "_inflate", inflate)
+        with open_capture(path) as cap:
+            got = cap.attention("baseline", done)
+            np.testing.assert_array_equal(got.view(np.uint32), ref[done].view(np.uint32))
+            # out= receives the same values, in any row order and with layer selection
+            buf = np.empty((4, 1, H, G, G), np.float32)
+            assert cap.attention("baseline", [8, 0, 3, 5], layers=[1], out=buf) is buf
+            np.testing.assert_array_equal(buf, ref[[8, 0, 3, 5]][:, [1]])
+            with pytest.raises(VislensError, match="out must be"):
+                cap.attention("baseline", [0, 1], out=np.empty((3, L, H, G, G), np.float32))
+
+
+@pytest.mark.parametrize("prefetch,reuse", [(False, True), (True, False), (True, True)])
+def test_iter_attention_prefetch_and_reuse_match_plain(tmp_path, prefetch, reuse):
+    path = tmp_path / "run.h5"
+    n = 23
+    with open_writer(path, n) as w:
+        write_rows(w, range(n))
+        w.finalize()
+    with open_capture(path) as cap:
+        plain = [(r, a) for r, a in cap.iter_attention("baseline", chunk=4)]
+        seen = []
+        for (rows, attn), (ref_rows, ref) in zip(
+                cap.iter_attention("baseline", chunk=4, prefetch=prefetch, reuse=reuse), plain):
+            np.testing.assert_array_equal(rows, ref_rows)
+            np.testing.assert_array_equal(attn, ref)
+            seen.append(attn.base if attn.base is not None else attn)
+        assert len(seen) == len(plain) == 6  # 21 done rows (two fail) in chunks of 4
+        distinct = len({id(b) for b in seen})
+        assert distinct == (2 if prefetch else 1) if reuse else distinct == len(seen)
+        # leaving the loop early shuts the prefetch thread down cleanly
+        for rows, _ in cap.iter_attention("baseline", chunk=4, prefetch=prefetch, reuse=reuse):
+            break
+        np.testing.assert_array_equal(cap.attention("baseline", rows), plain[0][1])
+
+
 def test_real_condition_objects(tmp_path):
     from vislens.decoding import ConditionResult, parse_condition
 

@@ -53,17 +53,18 @@ def condition_stats(cap, condition: str, *, chunk: int = 32, mask: np.ndarray | 
     mask = cap.box_mask() if mask is None else mask
     parts: dict[str, list[np.ndarray]] = {k: [] for k in
                                           ("rows", "sum", "max", "ent", "skew", "ov", "ovh")}
-    for rows, attn in cap.iter_attention(condition, chunk=chunk):
-        attn = attn.astype(np.float64)  # once per chunk; the metrics then work without copies
+    # float32 throughout (see vislens.metrics); the next chunk is read on a background
+    # thread while this one is reduced
+    for rows, attn in cap.iter_attention(condition, chunk=chunk, prefetch=True, reuse=True):
         head_mean = attn.mean(axis=2)  # [n, L, G, G]
         parts["rows"].append(np.asarray(rows))
-        parts["sum"].append(head_mean.sum(axis=(-1, -2)))
-        parts["max"].append(head_mean.max(axis=(-1, -2)))
+        parts["sum"].append(head_mean.sum(axis=(-1, -2), dtype=np.float64))
+        parts["max"].append(head_mean.max(axis=(-1, -2)).astype(np.float64))
         parts["ent"].append(metrics.attention_entropy(head_mean))
         parts["skew"].append(metrics.attention_skewness(head_mean))
         if mask is not None:
             m = mask[np.asarray(rows)]
-            parts["ov"].append(metrics.overlap(attn, m, reduce_heads="mean"))
+            parts["ov"].append(metrics.overlap(head_mean, m))  # = reduce_heads="mean"
             parts["ovh"].append(metrics.overlap(attn, m))
     rows = np.concatenate(parts["rows"])
     image_mass, text_mass = cap.masses(condition)
