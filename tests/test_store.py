@@ -636,3 +636,34 @@ def test_merge_equals_unsharded(tmp_path):
     with pytest.raises(VislensError, match=r"part.h5: merge: 2 sample\(s\) not done \(e.g. s0201"):
         merge(tmp_path / "m5.h5", [full, part])
     assert not any(tmp_path.glob("m*.h5*"))
+
+
+def test_merge_keeps_detector_unmatched_records(tmp_path):
+    """Shards that went through ``vislens boxes`` merge to what the unsharded file gets."""
+    from types import SimpleNamespace as NS
+
+    from vislens.store import replace_boxes
+
+    total = 10
+    full = tmp_path / "full.h5"
+    with open_writer(full, total, attrs={"model": "tiny/llava"}) as w:
+        write_rows(w, range(total))
+        w.finalize()
+    out = tmp_path / "run.h5"
+    shards = [_shard(tmp_path, out, i, 3, total) for i in range(3)]
+
+    def detect(path: Path) -> None:  # a box for every sample; sample index i misses i % 3 cats
+        with open_capture(path) as c:
+            idx, mask = c.samples["index"].to_numpy(), c.box_mask()
+        replace_boxes(path, mask, [[NS(label="mug", xyxy=(1.0, 2.0, 3.0 + i, 4.0), score=0.5)]
+                                   for i in idx], "yolo",
+                      unmatched=[[NS(label=f"cat{k}", reason=f"no cat {k} in {i}")
+                                  for k in range(i % 3)] for i in idx])
+
+    for p in (full, *shards):
+        detect(p)
+    merge(out, shards)
+    with open_capture(out) as m, open_capture(full) as ref:
+        assert len(ref.unmatched()) == sum(i % 3 for i in range(total))
+        assert m.unmatched().equals(ref.unmatched())
+        assert m.boxes().equals(ref.boxes())

@@ -1019,6 +1019,25 @@ def _final_boxes(out: h5py.File, sources: Sequence[h5py.File], src_of: np.ndarra
     _final_dataset(gb, "label", np.concatenate(parts["label"]).astype(object)[order])
     _final_dataset(gb, "xyxy", np.concatenate(parts["xyxy"]).astype(np.float32)[order])
     _final_dataset(gb, "score", np.concatenate(parts["score"]).astype(np.float32)[order])
+    # question objects the detector found no box for (``vislens boxes --detector yolo``)
+    if not any("boxes/unmatched_sample" in src for src in sources):
+        return
+    um = {"sample": [], "label": [], "reason": []}
+    for s, src in enumerate(sources):
+        if "boxes/unmatched_sample" not in src:
+            continue
+        b = src["boxes"]
+        mapped = new_row[s][b["unmatched_sample"][()].astype(np.int64)]
+        keep = mapped >= 0
+        um["sample"].append(mapped[keep])
+        um["label"].append(_text(b["unmatched_label"])[keep])
+        um["reason"].append(_text(b["unmatched_reason"])[keep])
+    sample = np.concatenate(um["sample"])
+    order = np.argsort(sample, kind="stable")
+    gb.create_dataset("unmatched_sample", data=sample[order])
+    for name in ("label", "reason"):
+        gb.create_dataset(f"unmatched_{name}", data=np.concatenate(um[name]).astype(object)[order],
+                          dtype=h5py.string_dtype("utf-8"))
 
 
 def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[Any]],
