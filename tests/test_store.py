@@ -340,6 +340,11 @@ def test_iter_attention_prefetch_and_reuse_match_plain(tmp_path, prefetch, reuse
         assert len(seen) == len(plain) == 6  # 21 done rows (two fail) in chunks of 4
         distinct = len({id(b) for b in seen})
         assert distinct == (2 if prefetch else 1) if reuse else distinct == len(seen)
+        # layer selection (in any order, repeats allowed) through the reused buffers
+        picked = [(r, a.copy()) for r, a in cap.iter_attention(
+            "baseline", chunk=4, layers=[1, 0, 1], prefetch=prefetch, reuse=reuse)]
+        for (rows, attn), (_, ref) in zip(picked, plain):
+            np.testing.assert_array_equal(attn, ref[:, [1, 0, 1]])
         # leaving the loop early shuts the prefetch thread down cleanly
         for rows, _ in cap.iter_attention("baseline", chunk=4, prefetch=prefetch, reuse=reuse):
             break

@@ -1429,8 +1429,11 @@ class Capture:
             return
         buffers: list[np.ndarray] = []
         if reuse:
-            probe = self.attention(condition, parts[0][:1], layers)
-            buffers = [np.empty((len(parts[0]),) + probe.shape[1:], np.float32)
+            ds = self._group(condition)["image_attention"]
+            lsel, lorder = _layer_selection(layers, ds.shape[1], self.path)
+            n_layers = len(lorder) if lorder is not None else ds.shape[1] if lsel is None else len(lsel)
+            per_row = (n_layers,) + ds.shape[2:]
+            buffers = [np.empty((len(parts[0]),) + per_row, np.float32)
                        for _ in range(2 if prefetch and len(parts) > 1 else 1)]
 
         def read(k: int) -> np.ndarray:
