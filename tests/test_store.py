@@ -127,6 +127,14 @@ def write_rows(w: CaptureWriter, rows, index: np.ndarray | None = None) -> None:
                   sizes=[(100 + pos(r), 50) for r in good])
 
 
+def final_file(path: Path, n: int, **kw) -> Path:
+    """A complete capture of ``n`` generated rows (row 7 fails)."""
+    with open_writer(path, n, **kw) as w:
+        write_rows(w, range(n))
+        w.finalize()
+    return path
+
+
 def check_rows(cap, required_all: bool = False) -> int:
     """Every done row equals the generator; returns the number of rows done everywhere."""
     idx = cap.samples["index"].to_numpy()
@@ -291,11 +299,8 @@ def test_fast_final_reader_matches_hdf5_decoder(tmp_path, monkeypatch):
 
     from vislens import store
 
-    path = tmp_path / "run.h5"
     n = 9
-    with open_writer(path, n) as w:
-        write_rows(w, range(n))
-        w.finalize()
+    path = final_file(tmp_path / "run.h5", n)
     # the conversion table against numpy's cast, for every float16 bit pattern
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     np.testing.assert_array_equal(store._HALF_TO_SINGLE.view(np.uint32),
@@ -324,11 +329,8 @@ def test_fast_final_reader_matches_hdf5_decoder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("prefetch,reuse", [(False, True), (True, False), (True, True)])
 def test_iter_attention_prefetch_and_reuse_match_plain(tmp_path, prefetch, reuse):
-    path = tmp_path / "run.h5"
     n = 23
-    with open_writer(path, n) as w:
-        write_rows(w, range(n))
-        w.finalize()
+    path = final_file(tmp_path / "run.h5", n)
     with open_capture(path) as cap:
         plain = [(r, a) for r, a in cap.iter_attention("baseline", chunk=4)]
         seen = []
@@ -605,10 +607,7 @@ def _shard(tmp_path: Path, out: Path, i: int, n: int, total: int, finalize: bool
 
 def test_merge_equals_unsharded(tmp_path):
     total = 14
-    full = tmp_path / "full.h5"
-    with open_writer(full, total, attrs={"model": "tiny/llava"}) as w:
-        write_rows(w, range(total))
-        w.finalize()
+    full = final_file(tmp_path / "full.h5", total, attrs={"model": "tiny/llava"})
     out = tmp_path / "run.h5"
     shards = [_shard(tmp_path, out, i, 3, total, finalize=i != 1) for i in (0, 1, 2)]
     assert merge(out, shards[::-1]) == out
@@ -650,10 +649,7 @@ def test_merge_keeps_detector_unmatched_records(tmp_path):
     from vislens.store import replace_boxes
 
     total = 10
-    full = tmp_path / "full.h5"
-    with open_writer(full, total, attrs={"model": "tiny/llava"}) as w:
-        write_rows(w, range(total))
-        w.finalize()
+    full = final_file(tmp_path / "full.h5", total, attrs={"model": "tiny/llava"})
     out = tmp_path / "run.h5"
     shards = [_shard(tmp_path, out, i, 3, total) for i in range(3)]
 

@@ -1004,40 +1004,40 @@ def _final_boxes(out: h5py.File, sources: Sequence[h5py.File], src_of: np.ndarra
         sel = np.flatnonzero(src_of == s)
         inv[row_of[sel]] = sel
         new_row.append(inv)
-    parts = {"sample": [], "label": [], "xyxy": [], "score": []}
-    for s, src in enumerate(sources):
-        b = src["boxes"]
-        mapped = new_row[s][b["sample"][()]]
-        keep = mapped >= 0
-        parts["sample"].append(mapped[keep])
-        parts["label"].append(_text(b["label"])[keep])
-        parts["xyxy"].append(b["xyxy"][()][keep])
-        parts["score"].append(b["score"][()][keep])
-    sample = np.concatenate(parts["sample"])
-    order = np.argsort(sample, kind="stable")
-    _final_dataset(gb, "sample", sample[order])
-    _final_dataset(gb, "label", np.concatenate(parts["label"]).astype(object)[order])
-    _final_dataset(gb, "xyxy", np.concatenate(parts["xyxy"]).astype(np.float32)[order])
-    _final_dataset(gb, "score", np.concatenate(parts["score"]).astype(np.float32)[order])
+    sample, cols = _remapped_records(sources, new_row, "sample", ("label", "xyxy", "score"))
+    _final_dataset(gb, "sample", sample)
+    _final_dataset(gb, "label", cols["label"].astype(object))
+    _final_dataset(gb, "xyxy", cols["xyxy"].astype(np.float32))
+    _final_dataset(gb, "score", cols["score"].astype(np.float32))
     # question objects the detector found no box for (``vislens boxes --detector yolo``)
-    if not any("boxes/unmatched_sample" in src for src in sources):
-        return
-    um = {"sample": [], "label": [], "reason": []}
+    if any("boxes/unmatched_sample" in src for src in sources):
+        sample, cols = _remapped_records(sources, new_row, "unmatched_sample",
+                                         ("unmatched_label", "unmatched_reason"))
+        _final_dataset(gb, "unmatched_sample", sample)
+        for name, data in cols.items():
+            _final_dataset(gb, name, data.astype(object))
+
+
+def _remapped_records(sources: Sequence[h5py.File], new_row: Sequence[np.ndarray],
+                      sample_key: str, fields: Sequence[str]
+                      ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Per-record datasets of ``/boxes`` from every source that has them: sample numbers
+    mapped to output rows (``new_row[s]``, -1 = row dropped, record left out), sorted by row."""
+    samples: list[np.ndarray] = []
+    cols: dict[str, list[np.ndarray]] = {f: [] for f in fields}
     for s, src in enumerate(sources):
-        if "boxes/unmatched_sample" not in src:
+        if f"boxes/{sample_key}" not in src:
             continue
         b = src["boxes"]
-        mapped = new_row[s][b["unmatched_sample"][()].astype(np.int64)]
+        mapped = new_row[s][b[sample_key][()].astype(np.int64)]
         keep = mapped >= 0
-        um["sample"].append(mapped[keep])
-        um["label"].append(_text(b["unmatched_label"])[keep])
-        um["reason"].append(_text(b["unmatched_reason"])[keep])
-    sample = np.concatenate(um["sample"])
+        samples.append(mapped[keep])
+        for f in fields:
+            text = h5py.check_string_dtype(b[f].dtype) is not None
+            cols[f].append((_text(b[f]) if text else b[f][()])[keep])
+    sample = np.concatenate(samples)
     order = np.argsort(sample, kind="stable")
-    gb.create_dataset("unmatched_sample", data=sample[order])
-    for name in ("label", "reason"):
-        gb.create_dataset(f"unmatched_{name}", data=np.concatenate(um[name]).astype(object)[order],
-                          dtype=h5py.string_dtype("utf-8"))
+    return sample[order], {f: np.concatenate(v)[order] for f, v in cols.items()}
 
 
 def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[Any]],
@@ -1376,7 +1376,7 @@ class Capture:
         uniq, inv = np.unique(want, return_inverse=True)
         nl = L if lsel is None else len(lsel)
         result = out
-        shape = (want.size, len(lorder) if lorder is not None else nl) + ds.shape[2:]
+        shape = (want.size,) + _row_shape(ds.shape, lsel, lorder)
         if out is not None and (out.shape != shape or out.dtype != np.float32
                                 or not out.flags.c_contiguous):
             raise VislensError(f"{self.path}: out must be a C-contiguous float32 array of shape "
@@ -1394,7 +1394,7 @@ class Capture:
                     block = ds[a:b] if lsel is None else ds[a:b, lsel]
                     dst = out[off + a - start:off + b - start]
                     if block.dtype == np.float16:  # the table is faster than numpy's cast
-                        np.take(_HALF_TO_SINGLE, block.view(np.uint16), out=dst)
+                        _half_into(block.view(np.uint16), dst)
                     else:
                         dst[...] = block
         missing = ~g["done"][()].astype(bool)[uniq]
@@ -1429,10 +1429,8 @@ class Capture:
             return
         buffers: list[np.ndarray] = []
         if reuse:
-            ds = self._group(condition)["image_attention"]
-            lsel, lorder = _layer_selection(layers, ds.shape[1], self.path)
-            n_layers = len(lorder) if lorder is not None else ds.shape[1] if lsel is None else len(lsel)
-            per_row = (n_layers,) + ds.shape[2:]
+            shape = self._group(condition)["image_attention"].shape
+            per_row = _row_shape(shape, *_layer_selection(layers, shape[1], self.path))
             buffers = [np.empty((len(parts[0]),) + per_row, np.float32)
                        for _ in range(2 if prefetch and len(parts) > 1 else 1)]
 
@@ -1516,6 +1514,11 @@ class Capture:
 _HALF_TO_SINGLE = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
+def _half_into(codes: np.ndarray, out: np.ndarray) -> None:
+    """float16 bit patterns (uint16) -> float32 values in ``out``, through the table."""
+    np.take(_HALF_TO_SINGLE, codes, out=out)
+
+
 def _decode_final_chunk(data: bytes, shape: tuple[int, ...], lsel: list[int] | None,
                         out: np.ndarray, k: int) -> bool:
     """Inflate + unshuffle one final-file chunk into ``out[k]`` (runs on a worker thread)."""
@@ -1529,7 +1532,7 @@ def _decode_final_chunk(data: bytes, shape: tuple[int, ...], lsel: list[int] | N
     codes = bits.view(np.uint16).reshape(shape)
     if lsel is not None:
         codes = codes[lsel]
-    np.take(_HALF_TO_SINGLE, codes, out=out[k])
+    _half_into(codes, out[k])
     return True
 
 
@@ -1567,6 +1570,13 @@ def _trim(options: list[str]) -> list[str]:
     while options and options[-1] == "":
         options.pop()
     return options
+
+
+def _row_shape(shape: tuple[int, ...], lsel: list[int] | None, lorder: np.ndarray | None
+               ) -> tuple[int, ...]:
+    """``[L', H, G, G]`` of one row of attention ``shape`` under a layer selection."""
+    n_layers = shape[1] if lsel is None else len(lsel) if lorder is None else len(lorder)
+    return (n_layers,) + tuple(shape[2:])
 
 
 def _layer_selection(layers: int | Sequence[int] | slice | None, L: int, path: Path
