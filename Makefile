@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_capture.py
 	$(PY) benchmarks/bench_report.py
 	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
