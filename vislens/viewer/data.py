@@ -300,31 +300,38 @@ class ViewerData:
         layer, head = self.check_layer(layer), self.check_head(head)
         if scale not in SCALES:
             raise VislensError(f"scale {scale!r}: expected one of {', '.join(SCALES)}")
-        a = self.attention(row, condition)[layer]
+        a = self.attention(row, condition)[layer].astype(np.float64)  # one small map: exact diffs
         m = a.mean(axis=0) if head is None else a[head]
-        return metrics.normalize_maps(m) * 100.0 if scale == "share" else m.astype(np.float64)
+        return metrics.normalize_maps(m) * 100.0 if scale == "share" else m
 
     def maps(self, row: int, a: str, b: str, layer: int, head: int | None,
              scale: str = "share") -> dict[str, Any]:
-        """Before (``a``) and after (``b``) maps on one colour scale, and ``b - a``."""
+        """Before (``a``) and after (``b``) maps on one colour scale (``vmax``: the larger
+        maximum of the two), and ``b - a`` (``dmax``: its largest magnitude). A map that
+        is undefined (condition not done, or no image attention at all: no share to show)
+        has null values and a ``note``; ``vmax`` / ``dmax`` are null when nothing is defined."""
         ma = self.map_values(row, a, layer, head, scale)
         mb = self.map_values(row, b, layer, head, scale)
         diff = mb - ma
-        with np.errstate(invalid="ignore"):
-            both = np.concatenate([ma.ravel(), mb.ravel()])
-            vmax = float(np.nanmax(both)) if np.isfinite(both).any() else 0.0
-            dmax = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.0
+
+        def top(m: np.ndarray) -> float | None:
+            return _num(np.nanmax(m)) if np.isfinite(m).any() else None
 
         def one(name: str, m: np.ndarray) -> dict[str, Any]:
-            ok = np.isfinite(m).any()
-            return {"condition": name, "label": self.labels[name], "done": bool(ok),
-                    "values": _grid_list(m), "max": _num(np.nanmax(m)) if ok else None,
+            ok = bool(np.isfinite(m).any())
+            note = None
+            if not ok:
+                done = np.isfinite(self.attention(row, name)).any()
+                note = "no image attention here (every cell is 0)" if done else \
+                    "not done under this condition"
+            return {"condition": name, "label": self.labels[name], "defined": ok, "note": note,
+                    "values": _grid_list(m), "max": top(m),
                     "sum": _num(np.nansum(m)) if ok else None}
 
         return {"row": row, "layer": layer, "head": "mean" if head is None else head,
                 "scale": scale, "grid": self.grid, "a": one(a, ma), "b": one(b, mb),
-                "diff": {"values": _grid_list(diff), "max": _num(dmax)},
-                "vmax": _num(vmax), "dmax": _num(dmax)}
+                "diff": {"values": _grid_list(diff), "max": top(np.abs(diff))},
+                "vmax": top(np.concatenate([ma.ravel(), mb.ravel()])), "dmax": top(np.abs(diff))}
 
     def share_curve(self, condition: str) -> dict[str, Any]:
         """Per-layer image share of the answer position's attention: image mass /
