@@ -83,12 +83,13 @@ def test_meta_describes_the_file(server, capture):
     assert meta["conditions"][1]["label"] == "ScalingVis α=2"
 
 
-@pytest.mark.parametrize("head,scale", [(None, "share"), (1, "share"), (None, "raw"), (3, "raw")])
-def test_maps_match_the_file(server, capture, head, scale):
+@pytest.mark.parametrize("head,scale,range_", [(None, "share", "robust"), (1, "share", "max"),
+                                               (None, "raw", "max"), (3, "raw", "robust")])
+def test_maps_match_the_file(server, capture, head, scale, range_):
     with open_capture(capture) as cap:
         for row, layer in [(6, 1), (3, 0), (0, 2), (11, 3)]:
             params = dict(row=row, a="baseline", b="scaling-2", layer=layer, scale=scale,
-                          head="mean" if head is None else head)
+                          head="mean" if head is None else head, range=range_)
             status, res = get(server, "api/maps", **params)
             assert status == 200, res
             ea = expected_map(cap, row, "baseline", layer, head, scale)
@@ -96,8 +97,11 @@ def test_maps_match_the_file(server, capture, head, scale):
             np.testing.assert_allclose(grid(res["a"]["values"]), ea, rtol=1e-6, atol=1e-12)
             np.testing.assert_allclose(grid(res["b"]["values"]), eb, rtol=1e-6, atol=1e-12)
             np.testing.assert_allclose(grid(res["diff"]["values"]), eb - ea, rtol=1e-5, atol=1e-9)
-            assert res["vmax"] == pytest.approx(max(ea.max(), eb.max()), rel=1e-6)
-            assert res["dmax"] == pytest.approx(np.abs(eb - ea).max(), rel=1e-5)
+            top = np.max if range_ == "max" else (lambda x: np.percentile(x, 99.5))
+            assert res["vmax"] == pytest.approx(top(np.concatenate([ea.ravel(), eb.ravel()])), rel=1e-6)
+            assert res["dmax"] == pytest.approx(top(np.abs(eb - ea)), rel=1e-5)
+            assert res["diff"]["max"] == pytest.approx(np.abs(eb - ea).max(), rel=1e-5)
+            assert res["b"]["max"] == pytest.approx(eb.max(), rel=1e-6)
             if scale == "share":
                 assert res["a"]["sum"] == pytest.approx(100.0, rel=1e-6)
     # a head with no image attention at all has no share map: said, not drawn as zeros
@@ -209,6 +213,7 @@ def test_auroc_curve_matches_sklearn(server, capture):
     ("api/maps", dict(row=0, layer=0, head=7), "head 7 is out of range"),
     ("api/maps", dict(row=0, layer=0, head="x"), "head='x': expected an integer"),
     ("api/maps", dict(row=0, layer=0, scale="log"), "scale 'log'"),
+    ("api/maps", dict(row=0, layer=0, range="p90"), "range 'p90'"),
     ("api/maps", dict(row=0, layer=0, b="nope"), "no condition 'nope'"),
     ("api/maps", dict(row=0), "missing parameter 'layer'"),
     ("api/samples", dict(outcome="maybe"), "outcome 'maybe'"),

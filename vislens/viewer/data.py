@@ -29,6 +29,10 @@ from ..store import Capture, open_capture
 #: LLaVA-1.5-7B), so that moving the layer slider or switching heads does not re-read
 MAP_CACHE = 24
 SCALES = ("share", "raw")
+#: colour range of the maps: "robust" tops out at the 99.5th percentile of the cells shown
+#: (as the figures do: one hot cell does not wash out the rest), "max" at the largest cell
+RANGES = ("robust", "max")
+ROBUST_PERCENTILE = 99.5
 OUTCOMES = ("correct", "incorrect")
 CHANGES = ("changed", "unchanged", "fixed", "broken")
 #: images a browser shows as they are; anything else is converted to PNG with Pillow
@@ -305,17 +309,26 @@ class ViewerData:
         return metrics.normalize_maps(m) * 100.0 if scale == "share" else m
 
     def maps(self, row: int, a: str, b: str, layer: int, head: int | None,
-             scale: str = "share") -> dict[str, Any]:
-        """Before (``a``) and after (``b``) maps on one colour scale (``vmax``: the larger
-        maximum of the two), and ``b - a`` (``dmax``: its largest magnitude). A map that
-        is undefined (condition not done, or no image attention at all: no share to show)
-        has null values and a ``note``; ``vmax`` / ``dmax`` are null when nothing is defined."""
+             scale: str = "share", range_: str = "robust") -> dict[str, Any]:
+        """Before (``a``) and after (``b``) maps on one colour scale, and ``b - a``.
+
+        ``vmax`` tops the shared scale of the two maps and ``dmax`` the symmetric scale of
+        the difference: the 99.5th percentile of their cells (``range_="robust"``) or the
+        largest one (``"max"``). A map that is undefined (condition not done, or no image
+        attention at all: no share to show) has null values and a ``note``; ``vmax`` /
+        ``dmax`` are null when nothing is defined.
+        """
+        if range_ not in RANGES:
+            raise VislensError(f"range {range_!r}: expected one of {', '.join(RANGES)}")
         ma = self.map_values(row, a, layer, head, scale)
         mb = self.map_values(row, b, layer, head, scale)
         diff = mb - ma
 
-        def top(m: np.ndarray) -> float | None:
-            return _num(np.nanmax(m)) if np.isfinite(m).any() else None
+        def top(m: np.ndarray, how: str = "max") -> float | None:
+            v = m[np.isfinite(m)]
+            if not v.size:
+                return None
+            return _num(v.max() if how == "max" else np.percentile(v, ROBUST_PERCENTILE))
 
         def one(name: str, m: np.ndarray) -> dict[str, Any]:
             ok = bool(np.isfinite(m).any())
@@ -328,10 +341,11 @@ class ViewerData:
                     "values": _grid_list(m), "max": top(m),
                     "sum": _num(np.nansum(m)) if ok else None}
 
+        both = np.concatenate([ma.ravel(), mb.ravel()])
         return {"row": row, "layer": layer, "head": "mean" if head is None else head,
-                "scale": scale, "grid": self.grid, "a": one(a, ma), "b": one(b, mb),
+                "scale": scale, "range": range_, "grid": self.grid, "a": one(a, ma), "b": one(b, mb),
                 "diff": {"values": _grid_list(diff), "max": top(np.abs(diff))},
-                "vmax": top(np.concatenate([ma.ravel(), mb.ravel()])), "dmax": top(np.abs(diff))}
+                "vmax": top(both, range_), "dmax": top(np.abs(diff), range_)}
 
     def share_curve(self, condition: str) -> dict[str, Any]:
         """Per-layer image share of the answer position's attention: image mass /

@@ -10,7 +10,7 @@ One server serves the command line (``vislens view``, blocking) and notebooks
                          changed, cmin, cmax``)
 ``/api/sample``          one sample (``row``): question, options, boxes, results per condition
 ``/api/maps``            before/after maps and their difference (``row, a, b, layer, head,
-                         scale``)
+                         scale, range``)
 ``/api/share``           per-layer image-attention share of a ``condition``
 ``/api/auroc``           per-layer AUROC of a ``condition`` (computed once, then cached)
 ``/api/image``           the sample's image file (``row``)
@@ -89,7 +89,7 @@ def _routes(data: ViewerData) -> dict[str, Callable[[_Query], Any]]:
         "/api/sample": lambda q: data.sample(q.int("row")),
         "/api/maps": lambda q: data.maps(q.int("row"), q.str("a", data.baseline),
                                          q.str("b", data.baseline), q.int("layer"), q.head(),
-                                         q.str("scale", "share")),
+                                         q.str("scale", "share"), q.str("range", "robust")),
         "/api/share": lambda q: data.share_curve(q.str("condition", data.baseline)),
         "/api/auroc": lambda q: data.auroc_curve(q.str("condition", data.baseline)),
     }

@@ -15,7 +15,7 @@ const SEQ = lut(VIRIDIS), DIV = lut(RDBU);
 
 const state = {
   meta: null, a: null, b: null, layer: 0, head: "mean", scale: "share", row: null,
-  sample: null, share: {}, auroc: {}, mapsToken: 0, listToken: 0,
+  sample: null, share: {}, auroc: {}, range: "robust", mapsToken: 0, listToken: 0,
 };
 
 async function api(path, params = {}) {
@@ -63,6 +63,7 @@ async function init() {
   slider.addEventListener("input", () => setLayer(Number(slider.value)));
   $("#head").addEventListener("change", (e) => { state.head = e.target.value; loadMaps(); });
   $("#scale").addEventListener("change", (e) => { state.scale = e.target.value; loadMaps(); });
+  $("#range").addEventListener("change", (e) => { state.range = e.target.value; loadMaps(); });
   $("#show-image").addEventListener("change", () => drawSample());
   $("#cond-a").addEventListener("change", (e) => { state.a = e.target.value; conditionsChanged(); });
   $("#cond-b").addEventListener("change", (e) => { state.b = e.target.value; conditionsChanged(); });
@@ -233,7 +234,7 @@ function drawResults() {
 async function loadMaps() {
   if (state.row === null) return;
   const token = ++state.mapsToken;
-  const want = { row: state.row, a: state.a, b: state.b, layer: state.layer, head: state.head, scale: state.scale };
+  const want = { row: state.row, a: state.a, b: state.b, layer: state.layer, head: state.head, scale: state.scale, range: state.range };
   let res;
   try {
     res = await api("maps", want);
@@ -244,13 +245,18 @@ async function loadMaps() {
   drawHeat($("#heat-a"), res.a.values, res.vmax, false, `${key}|${want.a}`);
   drawHeat($("#heat-b"), res.b.values, res.vmax, false, `${key}|${want.b}`);
   drawHeat($("#heat-d"), res.diff.values, res.dmax, true, `${key}|${want.a}>${want.b}`);
-  const unit = res.scale === "share" ? " %" : "";
-  $("#vmax").textContent = `${fmt(res.vmax, res.scale === "share" ? 2 : 4)}${unit}`;
-  $("#dmax").textContent = `+${fmt(res.dmax, res.scale === "share" ? 2 : 4)}${unit}`;
-  $("#dmin").textContent = `−${fmt(res.dmax, res.scale === "share" ? 2 : 4)}${unit}`;
+  const notes = [["#note-a", res.a.note], ["#note-b", res.b.note],
+                 ["#note-d", res.a.note || res.b.note ? "no difference: a map is undefined here" : null]];
+  for (const [id, text] of notes) { $(id).hidden = !text; $(id).textContent = text || ""; }
+  const unit = res.scale === "share" ? " %" : "", d = res.scale === "share" ? 2 : 4;
+  const clip = res.range === "robust" ? "≥ " : "";
+  $("#vmax").textContent = `${clip}${fmt(res.vmax, d)}${unit}`;
+  $("#dmax").textContent = `${clip}+${fmt(res.dmax, d)}${unit}`;
+  $("#dmin").textContent = `${res.range === "robust" ? "≤ " : ""}−${fmt(res.dmax, d)}${unit}`;
   const where = `layer ${res.layer}, ${res.head === "mean" ? "mean over heads" : "head " + res.head}`;
-  $("#answer-d").replaceChildren(el("span", { class: "k" }, `${where} · largest change ${fmt(res.dmax, 2)}${unit}`));
-  document.body.dataset.maps = `${want.row}|${want.a}|${want.b}|${want.layer}|${want.head}|${want.scale}`;
+  $("#answer-d").replaceChildren(el("span", { class: "k" },
+    `${where} · largest change ${fmt(res.diff.max, d)}${unit} · largest cell ${fmt(Math.max(res.a.max ?? 0, res.b.max ?? 0), d)}${unit}`));
+  document.body.dataset.maps = `${want.row}|${want.a}|${want.b}|${want.layer}|${want.head}|${want.scale}|${want.range}`;
 }
 
 // One canvas pixel per grid cell (scaled up by CSS): value -> colour-table index.
