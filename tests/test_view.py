@@ -388,3 +388,23 @@ def test_cli_serves_and_prints_its_url(capture):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_in_a_notebook_cell(capture, tmp_path):
+    """``vislens.view(path)`` as the last line of a cell displays the explorer's iframe,
+    served by the kernel; the page it points at answers while the kernel runs."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(f"import vislens\nv = vislens.view({str(capture)!r})\nv"),
+        nbformat.v4.new_code_cell("import json, urllib.request\n"
+                                  "print(json.loads(urllib.request.urlopen(v.url + 'api/meta').read())['file'])"),
+        nbformat.v4.new_code_cell("v.close()"),
+    ]
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    shown = nb.cells[0].outputs[0]["data"]["text/html"]
+    assert re.match(r'<iframe src="http://127\.0\.0\.1:\d+/" width="100%"', shown)
+    assert nb.cells[1].outputs[0]["text"].strip() == capture.name
