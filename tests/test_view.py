@@ -266,6 +266,34 @@ def test_missing_image_is_said_not_fatal(capture, tmp_path):
         data.close()
 
 
+def test_rows_not_done_and_no_boxes(capture, tmp_path):
+    """A row not (yet) done under a condition is left out of its list and its map is
+    undefined, said so; without a box mask there is no AUROC, and the page is told why."""
+    import shutil
+
+    from vislens.viewer.data import ViewerData
+
+    path = tmp_path / "partial.h5"
+    shutil.copyfile(capture, path)
+    with h5py.File(path, "r+") as f:
+        f["conditions/scaling-2/done"][4] = False
+        del f["boxes"]
+    data = ViewerData(path)
+    try:
+        rows = [s["row"] for s in data.sample_list("scaling-2")["samples"]]
+        assert rows == [r for r in range(12) if r != 4]
+        assert data.sample(4)["results"]["scaling-2"] == {"done": False}
+        assert data.sample(4)["results"]["baseline"]["done"] is True
+        res = data.maps(4, "baseline", "scaling-2", 1, None)
+        assert res["b"]["note"] == "not done under this condition" and res["a"]["defined"]
+        assert all(v is None for row in res["diff"]["values"] for v in row)
+        assert data.meta()["has_boxes"] is False and data.sample(0)["boxes"] == []
+        auroc = data.auroc_curve("baseline")
+        assert auroc["auroc"] is None and "no object box mask" in auroc["note"]
+    finally:
+        data.close()
+
+
 def test_not_a_capture_is_one_line(tmp_path, capsys):
     from vislens.cli import main
     from vislens.viewer import ViewerServer
