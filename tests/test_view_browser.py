@@ -173,6 +173,11 @@ def test_explore_a_sample(page, capture, tmp_path):
         page.click('#chart-share .layer-hit[data-layer="0"]')
         wait_maps(page, row, 0, head="1", a=B, b=A)
         assert page.inner_text("#layer-value") == "0"
+        # j / arrow down: the next sample of the list
+        page.click("#question")
+        page.keyboard.press("ArrowDown")
+        wait_maps(page, row + 1, 0, head="1", a=B, b=A)
+        assert page.get_attribute(f'#sample-list .item[data-row="{row + 1}"]', "class") == "item selected"
         page.screenshot(path=str(tmp_path / "view.png"))
 
 

@@ -69,6 +69,15 @@ async function init() {
   $("#cond-b").addEventListener("change", (e) => { state.b = e.target.value; conditionsChanged(); });
   for (const id of ["#f-relation", "#f-outcome", "#f-changed", "#f-cmin", "#f-cmax"])
     $(id).addEventListener("change", () => loadList());
+  document.addEventListener("keydown", (e) => { // j/k or ↓/↑: next / previous sample in the list
+    if (e.target.closest("input, select, textarea")) return;
+    const step = { ArrowDown: 1, j: 1, ArrowUp: -1, k: -1 }[e.key];
+    if (!step) return;
+    const items = [...document.querySelectorAll("#sample-list .item")];
+    const at = items.findIndex((it) => Number(it.dataset.row) === state.row);
+    const next = items[Math.max(0, Math.min(items.length - 1, at + step))];
+    if (next) { e.preventDefault(); next.scrollIntoView({ block: "nearest" }); selectSample(Number(next.dataset.row)); }
+  });
   await loadList(true);
   loadCharts();
 }
