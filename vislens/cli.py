@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.set_defaults(func=_cmd_organism)
 
     v = sub.add_parser("view", help="interactive attention explorer of a capture file, in the browser")
-    v.add_argument("file")
+    v.add_argument("file", help="capture file (.h5), complete or still being written")
     v.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
     v.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
