@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "open_capture"]
+__all__ = ["__version__", "load_model", "open_capture", "view"]
 
 
 def __getattr__(name: str):  # lazy: importing vislens must not import torch
@@ -22,4 +22,8 @@ def __getattr__(name: str):  # lazy: importing vislens must not import torch
         from .store import open_capture
 
         return open_capture
+    if name == "view":  # the explorer in a notebook cell: vislens.view("capture.h5")
+        from .viewer import view
+
+        return view
     raise AttributeError(name)

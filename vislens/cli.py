@@ -100,6 +100,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    from .viewer import serve
+
+    serve(args.file, host=args.host, port=args.port, open_browser=args.open, verbose=args.verbose)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vislens", description="Capture, steer and analyse the "
                                 "answer position's attention of vision-language models.")
@@ -184,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     o.add_argument("rest", nargs=argparse.REMAINDER)
     o.set_defaults(func=_cmd_organism)
+
+    v = sub.add_parser("view", help="interactive attention explorer of a capture file, in the browser")
+    v.add_argument("file", help="capture file (.h5), complete or still being written")
+    v.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--open", action="store_true", help="also open the page in the default browser")
+    v.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    v.set_defaults(func=_cmd_view)
 
     d = sub.add_parser("demo", help="the whole pipeline on the model organism, in minutes on a CPU")
     d.add_argument("--out", default="vislens-demo", help="output folder (default: vislens-demo/)")
