@@ -407,6 +407,110 @@ def test_yolo_plumbing_runs_offline(tmp_path, no_network):
     assert "ultralytics" in sys.modules and elapsed < 20
 
 
+# --------------------------------------------------------------------------- safe weights
+
+class _Marker:
+    """Unpickling this object creates ``path``: the payload of a booby-trapped checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_booby_trapped_checkpoints_never_run(tmp_path):
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "PWNED"
+    zipped = tmp_path / "trap.pt"  # torch.save's zip format, as real .pt files
+    torch.save({"model": _Marker(marker), "date": "2024"}, zipped)
+    legacy = tmp_path / "legacy.pt"  # a bare pickle named .pt
+    legacy.write_bytes(pickle.dumps({"model": _Marker(marker)}))
+    for weights, why in ((zipped, "references io.open"), (legacy, "not a checkpoint written by torch.save")):
+        with pytest.raises(VislensError, match=why) as info:
+            vb._load_detector(str(weights))
+        assert "\n" not in str(info.value) and str(weights) in str(info.value)
+        assert not marker.exists()
+    sample = _sample("s0", _image(tmp_path / "s0.png"), ["cat"])
+    with pytest.raises(VislensError, match="refusing to load"):
+        detect_boxes([sample], zipped)  # the public path
+    assert not marker.exists()
+
+
+def test_checkpoint_cannot_call_allowed_constructors(tmp_path, monkeypatch):
+    """An allowed class *called* with arguments (REDUCE) gets a bare instance, never __init__."""
+    import torch
+
+    vb._prepare_ultralytics()
+    from ultralytics.nn.modules.conv import Conv
+
+    calls = []
+    original = Conv.__init__
+    monkeypatch.setattr(Conv, "__init__", lambda self, *a, **k: (calls.append(a), original(self, *a, **k))[1])
+
+    class Call:
+        def __reduce__(self):
+            return (Conv, (3, 16))
+
+    weights = tmp_path / "call.pt"
+    torch.save({"model": Call()}, weights)
+    with pytest.raises(VislensError, match="not a usable ultralytics model"):
+        vb._load_detector(str(weights))
+    assert calls == []
+
+
+def test_other_weight_formats_and_yaml_files_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("model.onnx", "model.torchscript", "model.pth"):
+        (tmp_path / name).write_bytes(b"x")
+        with pytest.raises(VislensError, match="must be an ultralytics .pt checkpoint"):
+            detect_boxes([], tmp_path / name)
+    yaml = tmp_path / "yolov8n.yaml"  # shadows the bundled name from the working directory
+    yaml.write_text("nc: 80\nactivation: __import__('os').mkdir('PWNED')\n")
+    with pytest.raises(VislensError, match="only as the name of one of ultralytics' bundled"):
+        detect_boxes([], "yolov8n.yaml")
+    with pytest.raises(VislensError, match="only as the name"):
+        detect_boxes([], yaml)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_legitimate_checkpoint_loads_like_ultralytics(tmp_path, no_network):
+    """A checkpoint saved the way ultralytics saves .pt files loads to the same weights and
+    outputs as ultralytics' own (unrestricted) loader, and detect_boxes runs on it."""
+    import torch
+
+    vb._prepare_ultralytics()
+    from ultralytics import YOLO
+
+    weights = tmp_path / "v8n.pt"
+    YOLO("yolov8n.yaml").save(weights)
+    ours = vb._load_detector(str(weights))
+    theirs = YOLO(str(weights))  # trusted here: we just wrote it
+    assert ours.task == theirs.task == "detect" and ours.names == theirs.names
+    a, b = ours.model.state_dict(), theirs.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(x)[0], theirs.model(x)[0], rtol=1e-5, atol=0)
+    samples = [_sample("s0", _image(tmp_path / "s0.png", (64, 48), 1), ["cat"])]
+    out = detect_boxes(samples, weights, conf=0.5, device="cpu", class_names=vb.coco_names())
+    assert [r.sample_id for r in out] == ["s0"] and out[0].image_size == (64, 48)
+    assert no_network == []
+
+
+def test_classification_checkpoint_is_refused(tmp_path):
+    vb._prepare_ultralytics()
+    from ultralytics import YOLO
+
+    weights = tmp_path / "cls.pt"
+    YOLO("yolov8n-cls.yaml").save(weights)
+    with pytest.raises(VislensError, match="'classify' model gives no boxes"):
+        vb._load_detector(str(weights))
+
+
 # --------------------------------------------------------------------------- annotations
 
 def test_annotation_boxes_exact_then_synonym(tmp_path):

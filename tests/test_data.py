@@ -424,6 +424,27 @@ def test_jsonl_structural_errors(tmp_path: Path) -> None:
         load_dataset(f"jsonl:{tmp_path / 'nope.jsonl'}")
 
 
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(_GOOD).encode()
+    bad = json.dumps({**_GOOD, "id": "b", "question": "caf\u00e9?"}, ensure_ascii=False)
+    path.write_bytes(good + b"\n\n" + bad.encode("latin-1") + b"\n")
+    col = bad.encode("latin-1").index(b"\xe9") + 1
+    with pytest.raises(VislensError) as info:
+        load_dataset(f"jsonl:{path}")
+    assert str(info.value) == (f"{path}:3: not UTF-8 text (byte 0xe9 at column {col}); "
+                               f"save the file as UTF-8")
+    path.write_bytes(good + b"\n" + bad.encode("utf-8") + b"\n")  # the same text as UTF-8 loads
+    assert [s.question for s in load_jsonl(path)] == [_GOOD["question"], "caf\u00e9?"]
+
+
+def test_whatsup_annotations_not_utf8(whatsup_root: Path) -> None:
+    annotations = whatsup_root / "coco_qa_one_obj.json"
+    annotations.write_bytes(b'[[139, "a", "b"],\n [632, "na\xefve", "b"]]')
+    with pytest.raises(VislensError, match=r"coco_qa_one_obj\.json:2: not UTF-8 text \(byte 0xef at column 11\)"):
+        load_dataset("whatsup:coco_one", whatsup_root)
+
+
 # ---------------------------------------------------------------- splits
 
 

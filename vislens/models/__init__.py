@@ -5,6 +5,7 @@ Supported: LLaVA-1.5 (``llava-hf/llava-1.5-7b-hf``, 13b), LLaVA-1.6 / NeXT
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,64 @@ def resolve_dtype(dtype: Any, device: str):
     return names[dtype]
 
 
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import is_offline_mode
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    return bool(is_offline_mode())
+
+
+def _check_hub_id(name: str, revision: str | None, local_files_only: bool | None) -> bool | None:
+    """Fail fast on a hub id that cannot load; returns the ``local_files_only`` to load with.
+
+    A model in the local hub cache loads as usual (from the cache alone when offline or when
+    the hub does not answer). Otherwise offline mode (``HF_HUB_OFFLINE=1`` or
+    ``local_files_only``) is an error at once, and online one metadata request tells an
+    unknown id or an unreachable hub apart before transformers' retried downloads start.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    except ValueError as exc:  # not a valid repo id
+        raise VislensError(f"{name}: not a model directory and not a valid hub id ({exc})") from None
+    offline = bool(local_files_only) or _hub_offline()
+    if offline:
+        if not cached:
+            why = "local_files_only" if local_files_only else "HF_HUB_OFFLINE is set"
+            raise VislensError(f"{name}: no such model directory, and not in the local hub cache "
+                               f"({why}, so nothing is downloaded)")
+        return True
+    try:
+        HfApi().model_info(name, revision=revision, timeout=10)
+    except hub_errors.GatedRepoError:
+        raise VislensError(f"{name}: gated model on the hub: accept its licence there and log in "
+                           f"(`hf auth login`)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise VislensError(f"{name}: revision {revision!r} not found on the hub") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise VislensError(f"{name}: no such model on the hub (nor a local directory; private "
+                           f"models need `hf auth login`)") from None
+    except Exception as exc:  # no network, DNS, timeout, HTTP 5xx: httpx/requests types vary
+        if cached:
+            return True  # the hub does not answer: use the cached copy without retries
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VislensError(f"{name}: cannot reach the hub ({detail}) and the model is not in "
+                           f"the local cache; download it first or give a local directory"
+                           ) from None
+    return local_files_only
+
+
+def _pickle_detail(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the offending global."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    return next((l for l in lines if "GLOBAL" in l), lines[0] if lines else type(exc).__name__)
+
+
 def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None = "auto", *,
                revision: str | None = None, local_files_only: bool | None = None) -> VLMAdapter:
     """Load a supported VLM checkpoint (hub id or local directory) and wrap it in its adapter.
@@ -87,6 +146,8 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
             raise VislensError(f"{name}: model directory has no weights (*.safetensors or *.bin)")
     elif name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise VislensError(f"{name}: no such model directory")
+    else:
+        local_files_only = _check_hub_id(name, revision, local_files_only)
     try:
         config = AutoConfig.from_pretrained(name, revision=revision,
                                             local_files_only=local_files_only)
@@ -107,7 +168,12 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
         kwargs["local_files_only"] = local_files_only
     if device == "balanced":
         kwargs["device_map"] = "auto"
-    model = model_cls.from_pretrained(name, **kwargs)
+    try:
+        model = model_cls.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError as exc:  # transformers reads *.bin with weights_only=True
+        raise VislensError(f"{name}: refusing to load the weights: a pickled *.bin file holds "
+                           f"more than tensors ({_pickle_detail(exc)}); use *.safetensors "
+                           f"weights from a source you trust") from None
     if device != "balanced":
         model = model.to(device)
     model.eval()
