@@ -167,7 +167,8 @@ def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *
     ``layer`` (for the per-layer figures 5, 9, 10, 14, 26) defaults to the best-AUROC
     layer of the baseline when the capture has a box mask, else the middle layer. ``only``
     restricts to some paper figure numbers. A figure the capture cannot support is skipped
-    with one line through ``log``: ``skipped fig04_add_constant_accuracy: ...``.
+    with one line through ``log``: ``skipped fig04_add_constant_accuracy: ...``; an
+    unfinished capture is drawn from its done samples, after one line saying so.
     """
     from .store import open_capture
 
@@ -182,6 +183,10 @@ def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with open_capture(capture_path) as cap:
+        if not cap.complete:
+            from .analysis import samples_note
+
+            log(f"{capture_path}: {samples_note(cap)}; figures use the done samples")
         ctx = _Context(cap, layer)
         for spec in _specs():
             if spec.number not in wanted:
