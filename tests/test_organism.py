@@ -164,3 +164,20 @@ def test_committed_organism_matches_its_card():
         ref = card_rows[(subset, "all")]
         assert abs(sub.loc["all", "accuracy"] - ref["accuracy"]) <= 0.2
         assert abs(sub.loc["all", "confidence"] - ref["confidence"]) <= 0.15
+
+
+def test_organism_help_and_bad_path(capsys, tmp_path):
+    from vislens.cli import main
+
+    for argv, expect in ((["organism", "-h"], ("train", "eval")),
+                         (["organism", "train", "--help"], ("--steps", "--small", "--out")),
+                         (["organism", "eval", "-h"], ("--path", "--write-card"))):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: vislens {' '.join(a for a in argv if not a.startswith('-'))}")
+        assert all(e in out for e in expect), out
+    assert main(["organism", "eval", "--path", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vislens: error: {tmp_path / 'none'}: no model organism there (no config.json)\n"

@@ -735,10 +735,9 @@ def write_model_card(path: str | Path, stats: Mapping[str, Any], eval_df,
 
 # --------------------------------------------------------------------------- CLI
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vislens organism",
-                                description="Train or evaluate vislens's model organism.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``train`` / ``eval`` subcommands to ``parser`` (``vislens organism``)."""
+    sub = parser.add_subparsers(dest="organism_command", required=True, metavar="{train,eval}")
     t = sub.add_parser("train", help="train from scratch, evaluate, write the model card")
     t.add_argument("--out", required=True, help="output directory (e.g. data/organism)")
     t.add_argument("--seed", type=int, default=0)
@@ -754,17 +753,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=EVAL_SEED)
     e.add_argument("--write-card", action="store_true",
                    help="rewrite the model card from training.json and this evaluation")
-    return p
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``vislens organism train|eval ...``; returns the exit status."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+def run(args: argparse.Namespace) -> int:
+    """Run parsed :func:`add_arguments` arguments; returns the exit status."""
     import pandas as pd
 
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
-        if args.cmd == "train":
+        if args.organism_command == "train":
             stats = train_organism(args.out, seed=args.seed, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
                                    small=args.small)
@@ -778,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"model card: {card}")
         else:
             if not Path(args.path, "config.json").exists():
-                raise SystemExit(f"vislens organism eval: no model at {args.path}")
+                raise VislensError(f"{args.path}: no model organism there (no config.json)")
             df = evaluate_organism(args.path, n_groups=args.n_groups, seed=args.seed)
             print(df.to_string(index=False))
             print("image attention in the boxes per layer:", df.attrs["box_attention_by_layer"],
@@ -789,6 +787,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         {"n_groups": args.n_groups, "seed": args.seed})
                 print(f"model card: {card}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vislens organism train|eval ...`` as a function; returns the exit status."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="vislens organism", description="Train or evaluate vislens's model organism."))
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return run(args)
+    except VislensError as exc:
+        print(f"vislens: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # python -m vislens.organism train --out DIR
