@@ -113,7 +113,7 @@ def test_matches_pixel_count_for_random_integer_boxes():
         for x0, y0, x1, y1 in boxes:
             raster[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
         expected = raster.reshape(g, h // g, g, w // g).mean(axis=(1, 3))
-        np.testing.assert_allclose(box_mask(boxes, (w, h), g), expected, atol=1e-6)
+        np.testing.assert_allclose(box_mask(boxes, (w, h), g), expected, rtol=1e-6)  # float32 cells vs exact fractions
 
 
 def test_bad_inputs_raise_vislens_error():
@@ -158,7 +158,7 @@ def test_llava_square_resize_layout():
     layout = _llava_layout((300, 200), stretch)
     t = 1 * 24 + 1  # token row 1, col 1: [1/24, 2/24]^2 = cells [2/3, 4/3] at G = 16
     mask = box_mask(_token_box(layout, t), layout.image_size, 16)
-    np.testing.assert_allclose(mask[0:2, 0:2], 1 / 9, atol=1e-6)  # 1/3 x 1/3 of each cell
+    np.testing.assert_allclose(mask[0:2, 0:2], 1 / 9, rtol=1e-6)  # 1/3 x 1/3 of each cell
     assert mask.sum() == pytest.approx(4 / 9)
     # the token's mass is split 1/2 x 1/2 over those cells, each 1/9 covered
     assert _overlap(layout, t, 16) == pytest.approx(1 / 9)
@@ -200,7 +200,7 @@ def test_llava_next_base_and_tile_layout():
     t = tile[1, 2]  # x in [1/6, 2/6] -> cells [1.33, 2.67] at G = 8; y in [1/4, 2/4]
     np.testing.assert_allclose(rects[t], [1 / 6, 1 / 4, 2 / 6, 2 / 4])
     mask = box_mask(_token_box(layout, t), (w, h), 8)
-    np.testing.assert_allclose(mask[2:4, 1:3], 2 / 3, atol=1e-6)
+    np.testing.assert_allclose(mask[2:4, 1:3], 2 / 3, rtol=1e-6)
     assert mask.sum() == pytest.approx(4 * 2 / 3)
     assert _overlap(layout, t, 8) == pytest.approx(2 / 3)  # 1/4 of the token per cell
     base = 1 * g + 2  # base token row 1, col 2: [0.5, 0.25, 0.75, 0.5] = cells 2..3 x 4..5
@@ -219,7 +219,7 @@ def test_qwen2_vl_merged_grid_layout():
     expected = np.zeros((24, 24))
     expected[8:16, 10:14] = 1.0
     expected[8:16, [9, 14]] = 0.4
-    np.testing.assert_allclose(mask, expected, atol=1e-6)
+    np.testing.assert_allclose(mask, expected, rtol=1e-6)
     # token mass per column: 0.4/4.8 in the edge columns, 1/4.8 inside; rows fully covered
     assert _overlap(layout, t, 24) == pytest.approx((2 * 0.4 * 0.4 + 4 * 1.0) / 4.8)
 
