@@ -292,6 +292,25 @@ def test_dataset_names_and_errors(tmp_path: Path) -> None:
         load_dataset("jsonl:")
 
 
+def test_a_registered_dataset_loads_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a benchmark is one registry entry: load_dataset finds it, errors list it."""
+    import vislens.data as vd
+    from vislens.registry import Registry
+
+    registry = Registry("dataset")
+    for name, loader in vd.DATASETS.items():
+        registry.add(name, loader)
+    monkeypatch.setattr(vd, "DATASETS", registry)
+    calls = []
+    mine = [Sample(id="m0", image_path="", question="q?", options=["Left", "Right"], answer="Left")]
+    registry.add("mine:all", lambda root, prompts_dir: calls.append((root, prompts_dir)) or mine)
+    assert load_dataset("mine:all", tmp_path, prompts_dir="p") == mine
+    assert calls == [(tmp_path, "p")]
+    with pytest.raises(VislensError, match=r"unknown dataset 'mine:none' \(valid: .*vsr:test, mine:all, jsonl:PATH\)"):
+        load_dataset("mine:none", tmp_path)
+    assert vd.DATASET_NAMES == tuple(n for n in registry.names() if n != "mine:all")
+
+
 def test_parse_prompt_and_relations() -> None:
     parsed = parse_prompt("<image>\nUSER: Where are the cups in relation to the plate? \n\nAnswer with left, right, on, or under..\n\nASSISTANT:")
     assert parsed.question == "Where are the cups in relation to the plate? Answer with left, right, on, or under.."

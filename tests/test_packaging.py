@@ -63,3 +63,9 @@ def test_metadata_build_prints_no_deprecation_warning(tmp_path):
     dist_info = meta / run.stdout.strip().splitlines()[-1]
     metadata = (dist_info / "METADATA").read_text(encoding="utf-8")
     assert "License-Expression: MIT" in metadata.splitlines()
+
+
+def test_the_model_card_template_ships_as_package_data():
+    meta = _tomllib().loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "organism/model_card.md" in meta["tool"]["setuptools"]["package-data"]["vislens"]
+    assert (ROOT / "vislens" / "organism" / "model_card.md").is_file()

@@ -10,33 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VislensError
-from .base import PreparedBatch, VLMAdapter
+from ..paths import organism_path
+from . import llava, llava_next, qwen2_vl  # noqa: F401  (each registers its family)
+from .base import ADAPTER_REGISTRY, AdapterEntry, PreparedBatch, VLMAdapter, register_adapter
 from .layout import ImageLayout, area_projection, grid_rects
 
 __all__ = ["load_model", "VLMAdapter", "PreparedBatch", "ImageLayout", "area_projection",
-           "grid_rects", "ADAPTERS", "resolve_dtype", "resolve_device", "organism_path"]
+           "grid_rects", "ADAPTERS", "ADAPTER_REGISTRY", "AdapterEntry", "register_adapter",
+           "resolve_dtype", "resolve_device", "organism_path"]
 
-
-def _registry() -> dict[str, tuple[type[VLMAdapter], str]]:
-    from .llava import LlavaAdapter
-    from .llava_next import LlavaNextAdapter
-    from .qwen2_vl import Qwen2VLAdapter
-
-    return {
-        "llava": (LlavaAdapter, "LlavaForConditionalGeneration"),
-        "llava_next": (LlavaNextAdapter, "LlavaNextForConditionalGeneration"),
-        "qwen2_vl": (Qwen2VLAdapter, "Qwen2VLForConditionalGeneration"),
-        "qwen2_5_vl": (Qwen2VLAdapter, "Qwen2_5_VLForConditionalGeneration"),
-    }
-
-
-ADAPTERS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+#: the supported ``model_type`` names (derived from :data:`ADAPTER_REGISTRY`)
+ADAPTERS: tuple[str, ...] = ADAPTER_REGISTRY.names()
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-
-
-def organism_path() -> Path:
-    """Where the committed model organism lives (``data/organism`` in the repository)."""
-    return Path(__file__).resolve().parents[2] / "data" / "organism"
 
 
 def resolve_device(device: str | None) -> str:
@@ -153,13 +138,12 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
                                             local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise VislensError(f"{name}: cannot read the model config ({str(exc).splitlines()[0]})") from exc
-    registry = _registry()
     model_type = getattr(config, "model_type", "")
-    if model_type not in registry:
+    if model_type not in ADAPTER_REGISTRY:
         archs = getattr(config, "architectures", None) or [model_type]
         raise VislensError(f"{name}: unsupported architecture {archs[0]!r}; vislens supports "
-                           f"{', '.join(ADAPTERS)}")
-    adapter_cls, class_name = registry[model_type]
+                           f"{', '.join(ADAPTER_REGISTRY.names())}")
+    adapter_cls, class_name = ADAPTER_REGISTRY.get(model_type)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model_cls = getattr(transformers, class_name)
