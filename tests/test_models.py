@@ -221,3 +221,27 @@ def test_unknown_hub_id_online_without_network_asks_once(network_log, monkeypatc
     assert msg.startswith("nobody/no-such-vlm: cannot reach the hub (") and "\n" not in msg
     assert msg.endswith("not in the local cache; download it first or give a local directory")
     assert 1 <= len(network_log) <= 2
+
+
+def test_load_model_dispatches_through_the_adapter_registry(tiny_dir, monkeypatch):
+    """A family is one registry entry: load_model uses whatever adapter is registered."""
+    import vislens.models as vm
+    from vislens.models.llava import LlavaAdapter
+    from vislens.registry import Registry
+
+    assert vm.ADAPTERS == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl") == vm.ADAPTER_REGISTRY.names()
+
+    class MyLlava(LlavaAdapter):
+        family = "my-llava"
+
+    registry = Registry("model family")
+    for name, entry in vm.ADAPTER_REGISTRY.items():
+        if name != "llava":
+            registry.add(name, entry)
+    monkeypatch.setattr(vm, "ADAPTER_REGISTRY", registry)
+    with pytest.raises(VislensError, match=r"unsupported architecture 'LlavaForConditionalGeneration'; "
+                                           r"vislens supports llava_next, qwen2_vl, qwen2_5_vl"):
+        load_model(tiny_dir("llava"), dtype="float32", device="cpu")
+    registry.add("llava", vm.AdapterEntry(MyLlava, "LlavaForConditionalGeneration"))
+    adapter = load_model(tiny_dir("llava"), dtype="float32", device="cpu")
+    assert type(adapter) is MyLlava and adapter.num_layers == 3
