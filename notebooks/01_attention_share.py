@@ -33,9 +33,9 @@ LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else t
 
 # %%
 # %matplotlib inline
-from vislens import analysis, figures, plots
+from vislens import analysis, notebook, plots
 
-capture, out_dir, cap = figures.notebook_session(CAPTURE, FIGURES_DIR)
+capture, out_dir, cap = notebook.notebook_session(CAPTURE, FIGURES_DIR)
 
 # %% [markdown]
 # ## Figure 3: image tokens' share of the prompt vs of the attention
@@ -45,7 +45,7 @@ capture, out_dir, cap = figures.notebook_session(CAPTURE, FIGURES_DIR)
 # counts only the attention share is drawn.
 
 # %%
-fig3 = figures.attempt(lambda: plots.attention_share(cap), out_dir, "fig03_attention_share", FORMAT)
+fig3 = notebook.attempt(lambda: plots.attention_share(cap), out_dir, "fig03_attention_share", FORMAT)
 fig3
 
 # %% [markdown]
@@ -62,6 +62,6 @@ analysis.summary_table(stats)[["condition", "n", "accuracy", "confidence", "imag
 # the demo capture has none, so the figure is skipped there with a note.
 
 # %%
-fig4 = figures.attempt(lambda: plots.add_constant_accuracy(cap), out_dir,
+fig4 = notebook.attempt(lambda: plots.add_constant_accuracy(cap), out_dir,
                        "fig04_add_constant_accuracy", FORMAT)
 fig4

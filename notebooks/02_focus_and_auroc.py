@@ -32,9 +32,9 @@ LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else t
 
 # %%
 # %matplotlib inline
-from vislens import analysis, figures, plots
+from vislens import analysis, notebook, plots
 
-capture, out_dir, cap = figures.notebook_session(CAPTURE, FIGURES_DIR)
+capture, out_dir, cap = notebook.notebook_session(CAPTURE, FIGURES_DIR)
 
 # %% [markdown]
 # Per-sample, per-layer statistics of every condition, streamed once:
@@ -51,7 +51,7 @@ auroc[auroc["condition"] == base]
 # ## Figure 5: attention heatmaps, correct vs incorrect answers
 
 # %%
-fig5 = figures.attempt(lambda: plots.attention_heatmaps(cap, layer), out_dir,
+fig5 = notebook.attempt(lambda: plots.attention_heatmaps(cap, layer), out_dir,
                        f"fig05_heatmaps_layer{layer}", FORMAT)
 fig5
 
@@ -62,14 +62,14 @@ fig5
 # wrong).
 
 # %%
-fig6 = figures.attempt(lambda: plots.overlap_roc(stats, condition=base), out_dir, "fig06_overlap_roc", FORMAT)
+fig6 = notebook.attempt(lambda: plots.overlap_roc(stats, condition=base), out_dir, "fig06_overlap_roc", FORMAT)
 fig6
 
 # %% [markdown]
 # ## Figure 7: concentration of the image attention and overlap AUROC across layers
 
 # %%
-fig7 = figures.attempt(lambda: plots.variance_and_auroc(cap, stats=stats), out_dir,
+fig7 = notebook.attempt(lambda: plots.variance_and_auroc(cap, stats=stats), out_dir,
                        "fig07_variance_and_auroc", FORMAT)
 fig7
 
@@ -77,7 +77,7 @@ fig7
 # ## Figure 14: entropy and skewness of the image attention, per condition
 
 # %%
-fig14 = figures.attempt(lambda: plots.entropy_skewness(stats, layer), out_dir,
+fig14 = notebook.attempt(lambda: plots.entropy_skewness(stats, layer), out_dir,
                         f"fig14_entropy_skewness_layer{layer}", FORMAT)
 fig14
 

@@ -33,9 +33,9 @@ LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else t
 
 # %%
 # %matplotlib inline
-from vislens import analysis, figures, plots
+from vislens import analysis, notebook, plots
 
-capture, out_dir, cap = figures.notebook_session(CAPTURE, FIGURES_DIR)
+capture, out_dir, cap = notebook.notebook_session(CAPTURE, FIGURES_DIR)
 
 # %% [markdown]
 # Accuracy and mean confidence per condition and gold relation:
@@ -48,13 +48,13 @@ table.pivot_table(index="relation", columns="condition", values="correct", aggfu
 # ## Figure 8: accuracy and confidence vs α, per gold relation
 
 # %%
-fig8 = figures.attempt(lambda: plots.scaling_sweep(cap), out_dir, "fig08_scaling_sweep", FORMAT)
+fig8 = notebook.attempt(lambda: plots.scaling_sweep(cap), out_dir, "fig08_scaling_sweep", FORMAT)
 fig8
 
 # %% [markdown]
 # ## Figure 15: confidence by gold relation (baseline)
 
 # %%
-fig15 = figures.attempt(lambda: plots.confidence_by_relation(table), out_dir,
+fig15 = notebook.attempt(lambda: plots.confidence_by_relation(table), out_dir,
                         "fig15_confidence_by_relation", FORMAT)
 fig15

@@ -33,9 +33,9 @@ LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else t
 
 # %%
 # %matplotlib inline
-from vislens import analysis, figures, plots
+from vislens import analysis, notebook, plots
 
-capture, out_dir, cap = figures.notebook_session(CAPTURE, FIGURES_DIR)
+capture, out_dir, cap = notebook.notebook_session(CAPTURE, FIGURES_DIR)
 
 # %%
 base = plots.baseline_condition(cap)
@@ -46,7 +46,7 @@ print("layer:", layer)
 # ## Figure 9: smoothing (α < 1)
 
 # %%
-fig9 = figures.attempt(lambda: plots.before_after(cap, layer, kind="smooth"), out_dir,
+fig9 = notebook.attempt(lambda: plots.before_after(cap, layer, kind="smooth"), out_dir,
                        f"fig09_smoothing_layer{layer}", FORMAT)
 fig9
 
@@ -54,7 +54,7 @@ fig9
 # ## Figure 10: sharpening (α > 1)
 
 # %%
-fig10 = figures.attempt(lambda: plots.before_after(cap, layer, kind="sharpen"), out_dir,
+fig10 = notebook.attempt(lambda: plots.before_after(cap, layer, kind="sharpen"), out_dir,
                         f"fig10_sharpening_layer{layer}", FORMAT)
 fig10
 
@@ -66,6 +66,6 @@ fig10
 # the smallest weights, which narrows the lower tail of sharpened maps).
 
 # %%
-fig26 = figures.attempt(lambda: plots.log_attention_distribution(cap, layer), out_dir,
+fig26 = notebook.attempt(lambda: plots.log_attention_distribution(cap, layer), out_dir,
                         f"fig26_log_attention_layer{layer}", FORMAT)
 fig26

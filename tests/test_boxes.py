@@ -113,7 +113,7 @@ def test_matches_pixel_count_for_random_integer_boxes():
         for x0, y0, x1, y1 in boxes:
             raster[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = True
         expected = raster.reshape(g, h // g, g, w // g).mean(axis=(1, 3))
-        np.testing.assert_allclose(box_mask(boxes, (w, h), g), expected, atol=1e-6)
+        np.testing.assert_allclose(box_mask(boxes, (w, h), g), expected, rtol=1e-6)  # float32 cells vs exact fractions
 
 
 def test_bad_inputs_raise_vislens_error():
@@ -158,7 +158,7 @@ def test_llava_square_resize_layout():
     layout = _llava_layout((300, 200), stretch)
     t = 1 * 24 + 1  # token row 1, col 1: [1/24, 2/24]^2 = cells [2/3, 4/3] at G = 16
     mask = box_mask(_token_box(layout, t), layout.image_size, 16)
-    np.testing.assert_allclose(mask[0:2, 0:2], 1 / 9, atol=1e-6)  # 1/3 x 1/3 of each cell
+    np.testing.assert_allclose(mask[0:2, 0:2], 1 / 9, rtol=1e-6)  # 1/3 x 1/3 of each cell
     assert mask.sum() == pytest.approx(4 / 9)
     # the token's mass is split 1/2 x 1/2 over those cells, each 1/9 covered
     assert _overlap(layout, t, 16) == pytest.approx(1 / 9)
@@ -200,7 +200,7 @@ def test_llava_next_base_and_tile_layout():
     t = tile[1, 2]  # x in [1/6, 2/6] -> cells [1.33, 2.67] at G = 8; y in [1/4, 2/4]
     np.testing.assert_allclose(rects[t], [1 / 6, 1 / 4, 2 / 6, 2 / 4])
     mask = box_mask(_token_box(layout, t), (w, h), 8)
-    np.testing.assert_allclose(mask[2:4, 1:3], 2 / 3, atol=1e-6)
+    np.testing.assert_allclose(mask[2:4, 1:3], 2 / 3, rtol=1e-6)
     assert mask.sum() == pytest.approx(4 * 2 / 3)
     assert _overlap(layout, t, 8) == pytest.approx(2 / 3)  # 1/4 of the token per cell
     base = 1 * g + 2  # base token row 1, col 2: [0.5, 0.25, 0.75, 0.5] = cells 2..3 x 4..5
@@ -219,7 +219,7 @@ def test_qwen2_vl_merged_grid_layout():
     expected = np.zeros((24, 24))
     expected[8:16, 10:14] = 1.0
     expected[8:16, [9, 14]] = 0.4
-    np.testing.assert_allclose(mask, expected, atol=1e-6)
+    np.testing.assert_allclose(mask, expected, rtol=1e-6)
     # token mass per column: 0.4/4.8 in the edge columns, 1/4.8 inside; rows fully covered
     assert _overlap(layout, t, 24) == pytest.approx((2 * 0.4 * 0.4 + 4 * 1.0) / 4.8)
 
@@ -405,6 +405,110 @@ def test_yolo_plumbing_runs_offline(tmp_path, no_network):
     assert no_network == [], f"ultralytics tried the network: {no_network}"
     assert not (tmp_path / "runs").exists()  # predict saved nothing
     assert "ultralytics" in sys.modules and elapsed < 20
+
+
+# --------------------------------------------------------------------------- safe weights
+
+class _Marker:
+    """Unpickling this object creates ``path``: the payload of a booby-trapped checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_booby_trapped_checkpoints_never_run(tmp_path):
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "PWNED"
+    zipped = tmp_path / "trap.pt"  # torch.save's zip format, as real .pt files
+    torch.save({"model": _Marker(marker), "date": "2024"}, zipped)
+    legacy = tmp_path / "legacy.pt"  # a bare pickle named .pt
+    legacy.write_bytes(pickle.dumps({"model": _Marker(marker)}))
+    for weights, why in ((zipped, "references io.open"), (legacy, "not a checkpoint written by torch.save")):
+        with pytest.raises(VislensError, match=why) as info:
+            vb._load_detector(str(weights))
+        assert "\n" not in str(info.value) and str(weights) in str(info.value)
+        assert not marker.exists()
+    sample = _sample("s0", _image(tmp_path / "s0.png"), ["cat"])
+    with pytest.raises(VislensError, match="refusing to load"):
+        detect_boxes([sample], zipped)  # the public path
+    assert not marker.exists()
+
+
+def test_checkpoint_cannot_call_allowed_constructors(tmp_path, monkeypatch):
+    """An allowed class *called* with arguments (REDUCE) gets a bare instance, never __init__."""
+    import torch
+
+    vb._prepare_ultralytics()
+    from ultralytics.nn.modules.conv import Conv
+
+    calls = []
+    original = Conv.__init__
+    monkeypatch.setattr(Conv, "__init__", lambda self, *a, **k: (calls.append(a), original(self, *a, **k))[1])
+
+    class Call:
+        def __reduce__(self):
+            return (Conv, (3, 16))
+
+    weights = tmp_path / "call.pt"
+    torch.save({"model": Call()}, weights)
+    with pytest.raises(VislensError, match="not a usable ultralytics model"):
+        vb._load_detector(str(weights))
+    assert calls == []
+
+
+def test_other_weight_formats_and_yaml_files_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("model.onnx", "model.torchscript", "model.pth"):
+        (tmp_path / name).write_bytes(b"x")
+        with pytest.raises(VislensError, match="must be an ultralytics .pt checkpoint"):
+            detect_boxes([], tmp_path / name)
+    yaml = tmp_path / "yolov8n.yaml"  # shadows the bundled name from the working directory
+    yaml.write_text("nc: 80\nactivation: __import__('os').mkdir('PWNED')\n")
+    with pytest.raises(VislensError, match="only as the name of one of ultralytics' bundled"):
+        detect_boxes([], "yolov8n.yaml")
+    with pytest.raises(VislensError, match="only as the name"):
+        detect_boxes([], yaml)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_legitimate_checkpoint_loads_like_ultralytics(tmp_path, no_network):
+    """A checkpoint saved the way ultralytics saves .pt files loads to the same weights and
+    outputs as ultralytics' own (unrestricted) loader, and detect_boxes runs on it."""
+    import torch
+
+    vb._prepare_ultralytics()
+    from ultralytics import YOLO
+
+    weights = tmp_path / "v8n.pt"
+    YOLO("yolov8n.yaml").save(weights)
+    ours = vb._load_detector(str(weights))
+    theirs = YOLO(str(weights))  # trusted here: we just wrote it
+    assert ours.task == theirs.task == "detect" and ours.names == theirs.names
+    a, b = ours.model.state_dict(), theirs.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(x)[0], theirs.model(x)[0], rtol=1e-5, atol=0)
+    samples = [_sample("s0", _image(tmp_path / "s0.png", (64, 48), 1), ["cat"])]
+    out = detect_boxes(samples, weights, conf=0.5, device="cpu", class_names=vb.coco_names())
+    assert [r.sample_id for r in out] == ["s0"] and out[0].image_size == (64, 48)
+    assert no_network == []
+
+
+def test_classification_checkpoint_is_refused(tmp_path):
+    vb._prepare_ultralytics()
+    from ultralytics import YOLO
+
+    weights = tmp_path / "cls.pt"
+    YOLO("yolov8n-cls.yaml").save(weights)
+    with pytest.raises(VislensError, match="'classify' model gives no boxes"):
+        vb._load_detector(str(weights))
 
 
 # --------------------------------------------------------------------------- annotations

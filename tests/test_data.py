@@ -292,6 +292,25 @@ def test_dataset_names_and_errors(tmp_path: Path) -> None:
         load_dataset("jsonl:")
 
 
+def test_a_registered_dataset_loads_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adding a benchmark is one registry entry: load_dataset finds it, errors list it."""
+    import vislens.data as vd
+    from vislens.registry import Registry
+
+    registry = Registry("dataset")
+    for name, loader in vd.DATASETS.items():
+        registry.add(name, loader)
+    monkeypatch.setattr(vd, "DATASETS", registry)
+    calls = []
+    mine = [Sample(id="m0", image_path="", question="q?", options=["Left", "Right"], answer="Left")]
+    registry.add("mine:all", lambda root, prompts_dir: calls.append((root, prompts_dir)) or mine)
+    assert load_dataset("mine:all", tmp_path, prompts_dir="p") == mine
+    assert calls == [(tmp_path, "p")]
+    with pytest.raises(VislensError, match=r"unknown dataset 'mine:none' \(valid: .*vsr:test, mine:all, jsonl:PATH\)"):
+        load_dataset("mine:none", tmp_path)
+    assert vd.DATASET_NAMES == tuple(n for n in registry.names() if n != "mine:all")
+
+
 def test_parse_prompt_and_relations() -> None:
     parsed = parse_prompt("<image>\nUSER: Where are the cups in relation to the plate? \n\nAnswer with left, right, on, or under..\n\nASSISTANT:")
     assert parsed.question == "Where are the cups in relation to the plate? Answer with left, right, on, or under.."
@@ -422,6 +441,27 @@ def test_jsonl_structural_errors(tmp_path: Path) -> None:
         assert str(info.value).startswith(message), str(info.value)
     with pytest.raises(VislensError, match=r"nope\.jsonl: file not found"):
         load_dataset(f"jsonl:{tmp_path / 'nope.jsonl'}")
+
+
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(_GOOD).encode()
+    bad = json.dumps({**_GOOD, "id": "b", "question": "caf\u00e9?"}, ensure_ascii=False)
+    path.write_bytes(good + b"\n\n" + bad.encode("latin-1") + b"\n")
+    col = bad.encode("latin-1").index(b"\xe9") + 1
+    with pytest.raises(VislensError) as info:
+        load_dataset(f"jsonl:{path}")
+    assert str(info.value) == (f"{path}:3: not UTF-8 text (byte 0xe9 at column {col}); "
+                               f"save the file as UTF-8")
+    path.write_bytes(good + b"\n" + bad.encode("utf-8") + b"\n")  # the same text as UTF-8 loads
+    assert [s.question for s in load_jsonl(path)] == [_GOOD["question"], "caf\u00e9?"]
+
+
+def test_whatsup_annotations_not_utf8(whatsup_root: Path) -> None:
+    annotations = whatsup_root / "coco_qa_one_obj.json"
+    annotations.write_bytes(b'[[139, "a", "b"],\n [632, "na\xefve", "b"]]')
+    with pytest.raises(VislensError, match=r"coco_qa_one_obj\.json:2: not UTF-8 text \(byte 0xef at column 11\)"):
+        load_dataset("whatsup:coco_one", whatsup_root)
 
 
 # ---------------------------------------------------------------- splits

@@ -61,7 +61,9 @@ def test_overlap_is_row_independent() -> None:
     mask = rng.random((6, 4, 4))
     full = metrics.overlap(attn, mask)
     chunks = np.concatenate([metrics.overlap(attn[i : i + 2], mask[i : i + 2]) for i in range(0, 6, 2)])
-    np.testing.assert_array_equal(full, chunks)
+    # relative: einsum may take another summation path for another batch shape; any mixing
+    # of rows would be off by far more than rounding
+    np.testing.assert_allclose(full, chunks, rtol=1e-12, atol=0)
 
 
 def test_overlap_rejects_bad_shapes() -> None:

@@ -152,3 +152,96 @@ def test_option_token_ids_and_chat_template(tiny_adapter):
     assert tok.convert_ids_to_tokens(ids[0]) == ["Left", "left"]
     qwen = tiny_adapter("qwen2_vl")
     assert qwen.format_prompt("Where?").endswith("<|im_start|>assistant\n")
+
+
+class _Marker:
+    """Unpickling this object creates ``path`` (a booby-trapped weights file's payload)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_weights_with_code_are_one_line(tmp_path, tiny_dir):
+    import shutil
+
+    src = tiny_dir("llava")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    for f in bad.glob("*.safetensors"):
+        f.unlink()
+    marker = tmp_path / "PWNED"
+    torch.save({"w": _Marker(marker)}, bad / "pytorch_model.bin")
+    with pytest.raises(VislensError) as info:
+        load_model(bad, dtype="float32", device="cpu")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{bad}: refusing to load the weights")
+    assert "GLOBAL io.open" in msg or "GLOBAL builtins.open" in msg
+    assert not marker.exists()
+
+
+@pytest.fixture
+def network_log(monkeypatch):
+    """Every DNS lookup / connect raises and is recorded."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:1])
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+def test_unknown_hub_id_offline_fails_at_once(network_log):
+    from huggingface_hub import is_offline_mode
+
+    assert is_offline_mode()  # conftest sets HF_HUB_OFFLINE=1
+    with pytest.raises(VislensError) as info:
+        load_model("nobody/no-such-vlm", device="cpu")
+    assert str(info.value) == ("nobody/no-such-vlm: no such model directory, and not in the local "
+                               "hub cache (HF_HUB_OFFLINE is set, so nothing is downloaded)")
+    assert network_log == []
+
+
+def test_unknown_hub_id_online_without_network_asks_once(network_log, monkeypatch):
+    """Online mode, hub unreachable: one lookup, then one line (transformers would retry for ~30 s)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(VislensError) as info:
+        load_model("nobody/no-such-vlm", device="cpu")
+    msg = str(info.value)
+    assert msg.startswith("nobody/no-such-vlm: cannot reach the hub (") and "\n" not in msg
+    assert msg.endswith("not in the local cache; download it first or give a local directory")
+    assert 1 <= len(network_log) <= 2
+
+
+def test_load_model_dispatches_through_the_adapter_registry(tiny_dir, monkeypatch):
+    """A family is one registry entry: load_model uses whatever adapter is registered."""
+    import vislens.models as vm
+    from vislens.models.llava import LlavaAdapter
+    from vislens.registry import Registry
+
+    assert vm.ADAPTERS == ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl") == vm.ADAPTER_REGISTRY.names()
+
+    class MyLlava(LlavaAdapter):
+        family = "my-llava"
+
+    registry = Registry("model family")
+    for name, entry in vm.ADAPTER_REGISTRY.items():
+        if name != "llava":
+            registry.add(name, entry)
+    monkeypatch.setattr(vm, "ADAPTER_REGISTRY", registry)
+    with pytest.raises(VislensError, match=r"unsupported architecture 'LlavaForConditionalGeneration'; "
+                                           r"vislens supports llava_next, qwen2_vl, qwen2_5_vl"):
+        load_model(tiny_dir("llava"), dtype="float32", device="cpu")
+    registry.add("llava", vm.AdapterEntry(MyLlava, "LlavaForConditionalGeneration"))
+    adapter = load_model(tiny_dir("llava"), dtype="float32", device="cpu")
+    assert type(adapter) is MyLlava and adapter.num_layers == 3

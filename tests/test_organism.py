@@ -62,7 +62,8 @@ def test_wired_init_looks_at_the_named_objects(organism_init):
     and then their patches (layer 1), which is what makes minutes of CPU training enough."""
     import torch
 
-    from vislens.organism import _cell_owners, _prompt
+    from vislens.organism.build import _cell_owners
+    from vislens.organism.config import prompt as _prompt
     from vislens.synth import generate_scenes
 
     model, proc = organism_init
@@ -164,3 +165,54 @@ def test_committed_organism_matches_its_card():
         ref = card_rows[(subset, "all")]
         assert abs(sub.loc["all", "accuracy"] - ref["accuracy"]) <= 0.2
         assert abs(sub.loc["all", "confidence"] - ref["confidence"]) <= 0.15
+
+
+def test_organism_help_and_bad_path(capsys, tmp_path):
+    from vislens.cli import main
+
+    for argv, expect in ((["organism", "-h"], ("train", "eval")),
+                         (["organism", "train", "--help"], ("--steps", "--small", "--out")),
+                         (["organism", "eval", "-h"], ("--path", "--write-card"))):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: vislens {' '.join(a for a in argv if not a.startswith('-'))}")
+        assert all(e in out for e in expect), out
+    assert main(["organism", "eval", "--path", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vislens: error: {tmp_path / 'none'}: no model organism there (no config.json)\n"
+
+
+@pytest.mark.skipif(not (DEFAULT_PATH / "organism.json").exists(), reason="no committed organism")
+def test_model_card_template_reproduces_the_committed_card(tmp_path):
+    """The card is templated from the package's model_card.md: from the committed numbers
+    (training.json, organism.json) it writes the committed README.md byte for byte."""
+    import os
+
+    import pandas as pd
+
+    from vislens.organism import write_model_card
+
+    for f in DEFAULT_PATH.glob("*.safetensors"):  # the card states the weights' size
+        os.symlink(f, tmp_path / f.name)
+    stats = json.loads((DEFAULT_PATH / "training.json").read_text(encoding="utf-8"))
+    meta = json.loads((DEFAULT_PATH / "organism.json").read_text(encoding="utf-8"))
+    ev = meta["eval"]
+    df = pd.DataFrame(ev["table"])
+    df.attrs["box_attention_by_layer"] = ev["box_attention_by_layer"]
+    df.attrs["box_ratio_by_layer"] = ev["box_ratio_by_layer"]
+    info = {k: v for k, v in ev.items() if k not in ("table", "box_attention_by_layer", "box_ratio_by_layer")}
+    card = write_model_card(tmp_path, stats, df, info)
+    assert card.read_text(encoding="utf-8") == (DEFAULT_PATH / "README.md").read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "organism.json").read_text(encoding="utf-8")) == meta
+
+
+def test_organism_runs_as_a_module(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "vislens.organism", "eval", "--path", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == f"vislens: error: {tmp_path}: no model organism there (no config.json)\n"

@@ -474,11 +474,42 @@ def test_add_arguments_parses_subcommand():
 
 
 def test_resolve_paths(caps, tmp_path, monkeypatch):
+    from vislens import notebook, paths
+
     monkeypatch.setenv("VISLENS_CAPTURE", str(caps["bare"]))
     monkeypatch.setenv("VISLENS_FIGURES_DIR", str(tmp_path / "f"))
-    assert figures.resolve_capture() == caps["bare"]
-    assert figures.resolve_figures_dir() == tmp_path / "f" and (tmp_path / "f").is_dir()
+    assert notebook.resolve_capture() == caps["bare"]
+    assert notebook.resolve_figures_dir() == tmp_path / "f" and (tmp_path / "f").is_dir()
     monkeypatch.setenv("VISLENS_CAPTURE", str(tmp_path / "nope.h5"))
     with pytest.raises(VislensError, match="no such capture file"):
-        figures.resolve_capture()
-    assert figures.repo_root() == Path(figures.__file__).resolve().parents[1]
+        notebook.resolve_capture()
+    root = Path(figures.__file__).resolve().parents[1]
+    assert paths.repo_root() == root and (root / "pyproject.toml").is_file()
+    assert paths.organism_path() == root / "data" / "organism"
+
+
+def test_a_registered_figure_needs_no_other_edit(caps, tmp_path, monkeypatch):
+    """A figure added to the registry is drawn, listed in --help and accepted by --only."""
+    import argparse
+
+    import matplotlib.pyplot as plt
+
+    from vislens.registry import Registry
+
+    registry = Registry("figure")
+    for name, spec in figures.FIGURE_SPECS.items():
+        registry.add(name, spec)
+    monkeypatch.setattr(figures, "FIGURE_SPECS", registry)
+    drawn = []
+
+    def draw(ctx):
+        drawn.append(ctx.cap.path)
+        return plt.figure()
+
+    registry.add("99", figures.FigureSpec(99, "mine", draw))
+    paths = figures.write_figures(caps["bare"], tmp_path, only=[99], log=lambda m: None)
+    assert [p.name for p in paths] == ["fig99_mine.png"] and drawn == [caps["bare"]]
+    parser = figures.add_arguments(argparse.ArgumentParser())
+    assert "26,99" in parser.format_help().replace("\n", "").replace(" ", "")
+    with pytest.raises(VislensError, match=r"no figure 98 \(vislens draws figures 3, 4, .*26, 99\)"):
+        figures.write_figures(caps["bare"], tmp_path, only=[98])

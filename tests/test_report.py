@@ -16,11 +16,13 @@ from vislens.store import CaptureWriter, open_capture
 L, H, G, N = 3, 2, 6, 40
 
 
-@pytest.fixture(scope="module")
-def capture(tmp_path_factory):
-    """Layer 1 attends to the objects exactly when the answer is right; layers 0, 2 are noise."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("rep") / "c.h5"
+def _write_capture(path, *, n_done: int = N, seed: int = 0):
+    """Layer 1 attends to the objects exactly when the answer is right; layers 0, 2 are noise.
+
+    Only the first ``n_done`` samples are written; with fewer than ``N`` the working file is
+    left unfinished (as a killed or still running capture leaves it).
+    """
+    rng = np.random.default_rng(seed)
     samples, masks, boxes = [], np.zeros((N, G, G), np.float32), []
     for i in range(N):
         r, c = rng.integers(0, G - 2, size=2)
@@ -35,7 +37,7 @@ def capture(tmp_path_factory):
                            num_options=2, attrs={"model": "synthetic"}, box_masks=masks, boxes=boxes,
                            sizes=[(48, 48)] * N)
     truth = {}
-    for i in range(N):
+    for i in range(n_done):
         attn = rng.dirichlet(np.ones(G * G), size=(L, H)).reshape(L, H, G, G) * 0.4
         if correct[i]:
             attn[1] = 0.2 * attn[1] + 0.8 * 0.4 * masks[i] / masks[i].sum()
@@ -50,6 +52,13 @@ def capture(tmp_path_factory):
         w.write_batch([i], [res], [{"baseline": bool(correct[i]), "scaling-2": bool(correct[i])}])
     w.finalize()
     w.close()
+    return truth, masks, correct
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rep") / "c.h5"
+    truth, masks, correct = _write_capture(path)
     return path, truth, masks, correct
 
 
@@ -99,3 +108,94 @@ def test_undefined_auroc_reported_as_nan(tmp_path):
                     np.ones((3, 2)), np.ones((3, 2)), overlap=np.random.rand(3, 2))
     t = per_layer_auroc_table([st])
     assert t["auroc"].isna().all() and (t["n_neg"] == 0).all()
+
+
+def test_unfinished_capture_is_said_everywhere(tmp_path, capsys):
+    """evaluate / report / figures on a working file: one line and the report header say
+    how many samples the numbers rest on (they used to say "40 samples" and use 12)."""
+    from vislens.cli import main
+
+    path = tmp_path / "work.h5"
+    _, _, correct = _write_capture(path, n_done=12)
+    with open_capture(path) as cap:
+        assert not cap.complete and int(cap.done("baseline").sum()) == 12
+    note = f"{path}: 12 of {N} samples done (unfinished capture)"
+
+    assert main(["evaluate", str(path), "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == note
+    acc = pd.read_csv(tmp_path / "e" / "accuracy.csv")
+    base = acc[(acc.matcher == "paper") & (acc.condition == "baseline")].iloc[0]
+    assert base.n == 12
+
+    assert main(["report", str(path), "--out", str(tmp_path / "r")]) == 0
+    assert note in capsys.readouterr().out.splitlines()
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"12 of {N} samples done (unfinished capture)" in md.splitlines()[2]
+    assert f"{N} samples;" not in md
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert (summary["n"] == 12).all()
+    assert summary.loc[summary.condition == "baseline", "accuracy"].item() == pytest.approx(correct[:12].mean())
+
+    assert main(["figures", str(path), "--out", str(tmp_path / "f"), "--only", "7"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(note)
+
+
+def test_complete_capture_header_and_no_note(capture, tmp_path, capsys):
+    from vislens.evaluate import evaluate_capture
+    from vislens.report import write_report
+
+    path = capture[0]
+    evaluate_capture(path)
+    report = write_report(path, tmp_path / "r")
+    assert "unfinished" not in capsys.readouterr().out
+    assert f"; {N} samples; {L} layers" in report.read_text()
+
+
+def test_boxes_without_any_match_explain_themselves(tmp_path, recwarn):
+    """Boxes attached, but no question object matched: the report says why and how to fix
+    it, with no "Mean of empty slice" warning and no "best undefined (0 correct / 0 wrong)"."""
+    from vislens.boxes import Unmatched
+    from vislens.report import write_report
+    from vislens.store import replace_boxes
+
+    path = tmp_path / "c.h5"
+    _, _, correct = _write_capture(path)
+    reason = "no detection of class 'cat' above conf 0.25"
+    replace_boxes(path, np.zeros((N, G, G), np.float32), [[] for _ in range(N)], "yolo",
+                  unmatched=[[Unmatched("cat", reason)] for _ in range(N)])
+    md = write_report(path, tmp_path / "r").read_text()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in recwarn]
+    assert "0 correct / 0 wrong" not in md and "best undefined" not in md
+    assert (f"The capture has boxes, but none of the {N} analysed samples has a box for its "
+            f"question objects, so overlap and AUROC are undefined: 'cat' (s0): {reason}.") in md
+    assert "rerun `vislens boxes FILE`" in md and "--detector annotations" in md
+    assert not (tmp_path / "r" / "per_layer_auroc.png").exists()
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert summary["overlap"].isna().all()
+    assert summary["accuracy"].tolist() == pytest.approx([correct.mean()] * 2)
+
+
+def test_partly_matched_boxes_say_how_many_samples_count(tmp_path):
+    from vislens.boxes import Unmatched
+    from vislens.report import write_report
+    from vislens.store import replace_boxes
+
+    path = tmp_path / "c.h5"
+    truth, masks, correct = _write_capture(path)
+    keep = np.arange(N) % 4 != 3  # every 4th sample lost its box
+    with open_capture(path) as cap:
+        boxes = cap.boxes()
+    box_lists = [[Box(r.label, (r.x0, r.y0, r.x1, r.y1))] if keep[r.row] else []
+                 for r in boxes.itertuples()]
+    replace_boxes(path, masks * keep[:, None, None], box_lists, "yolo",
+                  unmatched=[[] if k else [Unmatched("a", "no COCO class for 'a'")] for k in keep])
+    rep = tmp_path / "r"
+    md = write_report(path, rep).read_text()
+    assert (f"Overlap and AUROC use the {keep.sum()} of {N} samples with a box for their "
+            f"question objects (without: 'a' (s3): no COCO class for 'a').") in md
+    df = pd.read_csv(rep / "per_layer_auroc.csv")
+    row = df[(df.condition == "baseline") & (df.layer == 1)].iloc[0]
+    scores = [plain_overlap(truth[i], masks[i])[1] for i in np.flatnonzero(keep)]
+    assert row.auroc == pytest.approx(roc_auc_score(correct[keep], scores), rel=1e-9)
+    assert (row.n_pos, row.n_neg) == (correct[keep].sum(), (~correct[keep]).sum())

@@ -8,6 +8,7 @@ only streams and assembles them.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +18,35 @@ import pandas as pd
 
 from . import metrics
 from .errors import VislensError
+
+
+def nanmean(x: np.ndarray, axis: int | tuple[int, ...] | None = None) -> np.ndarray | float:
+    """``np.nanmean``, quietly NaN where a slice has no finite value (an undefined mean,
+    e.g. the overlap when no sample has a box mask, is reported as nan, not warned about)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+        return np.nanmean(x, axis=axis)
+
+
+def capture_progress(cap) -> tuple[int, int, int]:
+    """``(done, failed, total)`` samples of an open capture; done = done under every condition."""
+    n = len(cap)
+    done = np.ones(n, dtype=bool)
+    for c in cap.conditions:
+        done &= np.asarray(cap.done(c), dtype=bool)
+    failed = int(np.asarray(cap.samples["failed"], dtype=bool).sum())
+    return int(done.sum()), failed, n
+
+
+def samples_note(cap) -> str:
+    """How many samples an analysis of ``cap`` rests on, for headers and notes:
+    ``"16 samples"``, ``"16 samples (2 failed)"``, or, for a working file that is still being
+    written, ``"8 of 16 samples done (unfinished capture)"``."""
+    done, failed, n = capture_progress(cap)
+    failed_text = f", {failed} failed" if failed else ""
+    if not cap.complete:
+        return f"{done} of {n} samples done{failed_text} (unfinished capture)"
+    return f"{n} samples ({failed} failed)" if failed else f"{n} samples"
 
 
 @dataclass
@@ -105,10 +135,10 @@ def summary_table(stats: Sequence[LayerStats], layer: int | None = None) -> pd.D
         rows.append({
             "condition": st.condition, "n": len(st.rows),
             "accuracy": float(np.mean(st.correct)), "confidence": float(np.mean(st.confidence)),
-            "image_attention_share": float(np.nanmean(share)),
-            "entropy": float(np.nanmean(st.entropy[:, sel])),
-            "skewness": float(np.nanmean(st.skewness[:, sel])),
-            "overlap": float(np.nanmean(st.overlap[:, sel])) if st.overlap is not None else np.nan,
+            "image_attention_share": float(nanmean(share)),
+            "entropy": float(nanmean(st.entropy[:, sel])),
+            "skewness": float(nanmean(st.skewness[:, sel])),
+            "overlap": float(nanmean(st.overlap[:, sel])) if st.overlap is not None else np.nan,
             "layer_variance": float(np.mean(np.var(st.image_mass, axis=1))),
         })
     return pd.DataFrame(rows)

@@ -434,24 +434,202 @@ def _prepare_ultralytics() -> Path:
 
 
 def _check_weights(weights: str | Path) -> str:
-    """A weights file that exists, or a model ``.yaml`` (built untrained, no download)."""
+    """A local ``.pt`` checkpoint, or the bare name of a model ``.yaml`` bundled with ultralytics.
+
+    Everything else is refused before any work: other weight formats (vislens reads only
+    ``.pt`` files, through its weights-only reader) and ``.yaml`` files on disk (ultralytics
+    evaluates parts of a model ``.yaml`` as Python code while building the model).
+    """
     path = Path(weights).expanduser()
-    if path.is_file():
-        return str(path)
-    if path.suffix.lower() in _YAML_SUFFIXES and path.parent == Path("."):
-        return str(weights)  # e.g. "yolov8n.yaml": resolved from ultralytics' bundled configs
-    raise VislensError(f"detector weights not found: {weights} (give the path of a local "
-                       f".pt file; vislens never downloads weights)")
+    suffix = path.suffix.lower()
+    if suffix in _YAML_SUFFIXES:
+        if path.parent == Path(".") and not path.exists():
+            return str(weights)  # e.g. "yolov8n.yaml": resolved from ultralytics' bundled configs
+        raise VislensError(f"{weights}: a model .yaml is accepted only as the name of one of "
+                           f"ultralytics' bundled configs (e.g. yolov8n.yaml), never as a file "
+                           f"(ultralytics runs code from model .yaml files)")
+    if suffix != ".pt":
+        raise VislensError(f"{weights}: detector weights must be an ultralytics .pt checkpoint "
+                           f"(got {suffix or 'no suffix'}; other formats are refused)")
+    if not path.is_file():
+        raise VislensError(f"detector weights not found: {weights} (give the path of a local "
+                           f".pt file; vislens never downloads weights)")
+    return str(path)
+
+
+#: Tasks whose results carry ``boxes`` (classification / OBB models have none).
+_BOX_TASKS = ("detect", "segment", "pose")
+#: Modules whose ``nn.Module`` classes a YOLO checkpoint may name; loss/assigner modules may
+#: also contribute plain classes (some checkpoints pickle the training criterion).
+_MODULE_PREFIXES = ("torch.nn.modules.", "ultralytics.nn.")
+_CLASS_MODULES = ("ultralytics.utils.loss", "ultralytics.utils.tal")
+
+
+def _no_init(cls: type) -> type:
+    """A stand-in for ``cls`` that makes bare instances and never runs ``cls.__init__``.
+
+    ``torch.save`` pickles objects as "new instance, then state", which the stand-in serves;
+    a crafted checkpoint that instead *calls* an allowed class gets a bare instance too, so it
+    cannot run a constructor with arguments of its choosing.
+    """
+    def make(_stand_in: type, *args: Any, **kwargs: Any) -> Any:
+        return cls.__new__(cls)
+
+    return type(f"NoInit{cls.__name__}", (), {"__new__": make, "real_class": cls})
+
+
+def _restricted_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` as YOLO checkpoints use it (``Detect.forward``): module methods only."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module) and name in ("forward", "forward_fuse"):
+        return getattr(obj, name)
+    raise VislensError(f"checkpoint asks for getattr({type(obj).__name__}, {name!r}), which "
+                       f"vislens does not allow")
+
+
+def _allowed_global(name: str) -> Any | None:
+    """The object a YOLO checkpoint may reference as ``name``, or None (refused)."""
+    import importlib
+    import pathlib
+
+    import torch
+
+    module, _, attr = name.rpartition(".")
+    if name == "builtins.getattr":
+        return _restricted_getattr
+    if name in ("ultralytics.utils.IterableSimpleNamespace",
+                "ultralytics.yolo.utils.IterableSimpleNamespace"):
+        from ultralytics.utils import IterableSimpleNamespace
+
+        return _no_init(IterableSimpleNamespace)
+    if module in ("pathlib", "pathlib._local") and attr in ("PosixPath", "WindowsPath"):
+        return pathlib.PurePosixPath if attr == "PosixPath" else pathlib.PureWindowsPath
+    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and attr == "scalar":
+        return np.float64(0).__reduce__()[0]
+    if module in ("numpy", "numpy.dtypes"):
+        obj = getattr(np, attr, None) if module == "numpy" else getattr(np.dtypes, attr, None)
+        return obj if isinstance(obj, type) and issubclass(obj, np.dtype) else None
+    if not (module.startswith(_MODULE_PREFIXES) or module in _CLASS_MODULES):
+        return None
+    try:
+        obj = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+    if not isinstance(obj, type) or obj.__module__ != module:
+        return None
+    if issubclass(obj, torch.nn.Module) or module in _CLASS_MODULES:
+        return _no_init(obj)
+    return None
+
+
+def _safe_checkpoint(path: str) -> dict[str, Any]:
+    """Read an ultralytics ``.pt`` checkpoint without unpickling anything but model data.
+
+    The pickle's globals are listed without running it; any outside the allow-list (torch and
+    ultralytics ``nn.Module`` classes, ultralytics' loss classes and argument namespace, numpy
+    scalars, paths) is refused in one line. The rest loads with ``torch.load(weights_only=True)``.
+    """
+    import secrets
+
+    import torch
+
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        raise VislensError(f"{path}: reading .pt detector weights safely needs torch >= 2.6 "
+                           f"(installed: {torch.__version__})")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:  # not a zip archive, truncated, ...: torch raises several types
+        raise VislensError(f"{path}: not a checkpoint written by torch.save "
+                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                           ) from None
+    token = secrets.token_hex(8)  # unguessable alias: the real class, for restoring state only
+    entries: list[tuple[Any, str]] = []
+    for name in names:
+        obj = _allowed_global(name)
+        if obj is None:
+            raise VislensError(f"{path}: refusing to load: the checkpoint references {name}, "
+                               f"which is not part of a torch/ultralytics model (vislens never "
+                               f"unpickles arbitrary objects)")
+        entries.append((obj, name))
+        real = getattr(obj, "real_class", None)
+        if real is not None:  # restoring state checks the instance's real class
+            entries.append((real, f"vislens-{token}.{name}"))
+    try:
+        with torch.serialization.safe_globals(entries):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except VislensError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (corrupt zip), ...
+        lines = [l for l in str(exc).splitlines() if l.strip()]
+        detail = next((l for l in lines if "GLOBAL" in l or "Unsupported" in l),
+                      lines[0] if lines else type(exc).__name__)
+        raise VislensError(f"{path}: cannot load the checkpoint safely ({detail.strip()})") from None
+    if not isinstance(ckpt, dict):
+        raise VislensError(f"{path}: not an ultralytics checkpoint (holds a {type(ckpt).__name__})")
+    return ckpt
+
+
+def _checkpoint_model(path: str, ckpt: dict[str, Any]) -> Any:
+    """The checkpoint's detection model in eval mode, fp32, as ultralytics prepares it."""
+    import torch
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+    from ultralytics.nn.tasks import guess_model_task
+
+    model = ckpt.get("ema") or ckpt.get("model")
+    if not isinstance(model, torch.nn.Module):
+        raise VislensError(f"{path}: not an ultralytics checkpoint (no model in it)")
+    try:
+        model = model.float()
+        train_args = ckpt.get("train_args") or {}
+        model.args = {**DEFAULT_CFG_DICT, **dict(train_args)}
+        model.pt_path = str(path)
+        if not hasattr(model, "task"):
+            model.task = guess_model_task(model)
+        if not hasattr(model, "stride"):
+            model.stride = torch.tensor([32.0])
+        model.eval()
+        for m in model.modules():
+            if hasattr(m, "inplace"):
+                m.inplace = True
+            elif isinstance(m, torch.nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+                m.recompute_scale_factor = None
+    except Exception as exc:  # a crafted or damaged model object
+        raise VislensError(f"{path}: not a usable ultralytics model ({type(exc).__name__}: "
+                           f"{exc})") from None
+    if model.task not in _BOX_TASKS:
+        raise VislensError(f"{path}: a {model.task!r} model gives no boxes; vislens needs a "
+                           f"detection model ({', '.join(_BOX_TASKS)})")
+    return model
 
 
 def _load_detector(weights: str) -> Any:
-    """An ultralytics YOLO model from a local file or a bundled ``.yaml``."""
+    """An ultralytics YOLO model from a local ``.pt`` file (read safely) or a bundled ``.yaml``."""
     _prepare_ultralytics()
     from ultralytics import YOLO
 
+    if Path(weights).suffix.lower() in _YAML_SUFFIXES:
+        try:
+            return YOLO(weights)
+        except Exception as exc:  # ultralytics raises many types for unknown configs
+            raise VislensError(f"cannot build detector {weights}: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    ckpt = _safe_checkpoint(weights)
+    model = _checkpoint_model(weights, ckpt)
+
+    class CheckedYOLO(YOLO):
+        """ultralytics' YOLO around a model vislens has already read safely."""
+
+        def _load(self, path: str, task: str | None = None) -> None:  # replaces the unpickling
+            self.model, self.ckpt = model, ckpt
+            self.task = model.task
+            self.overrides = model.args = self._reset_ckpt_args(model.args)
+            self.overrides.update(model=path, task=self.task)
+            self.ckpt_path = self.model_name = path
+
     try:
-        return YOLO(weights)
-    except Exception as exc:  # ultralytics raises many types for bad files
+        return CheckedYOLO(weights)
+    except Exception as exc:
         raise VislensError(f"cannot load detector {weights}: {type(exc).__name__}: {exc}") from exc
 
 

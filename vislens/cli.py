@@ -87,12 +87,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_organism(args: argparse.Namespace) -> int:
-    from . import organism
-
-    return int(organism.main(args.rest) or 0)
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -187,10 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=48, help="image side in pixels")
     s.set_defaults(func=_cmd_synth)
 
+    from . import organism as _organism
+
     o = sub.add_parser("organism", help="train or evaluate the embedded model organism",
-                       add_help=False)
-    o.add_argument("rest", nargs=argparse.REMAINDER)
-    o.set_defaults(func=_cmd_organism)
+                       description="Train or evaluate vislens's model organism.")
+    _organism.add_arguments(o)
+    o.set_defaults(func=_organism.run)
 
     v = sub.add_parser("view", help="interactive attention explorer of a capture file, in the browser")
     v.add_argument("file", help="capture file (.h5), complete or still being written")

@@ -17,7 +17,7 @@ DEMO_CONDITIONS = ("baseline", "scaling:alpha=0.5", "scaling:alpha=2",
 
 def demo_model(model: str, out: Path, log: Callable[[str], None]) -> str:
     """The organism when it is there; otherwise a tiny random LLaVA (said loudly)."""
-    from .models import organism_path
+    from .paths import organism_path
 
     if model != "organism":
         return model
@@ -57,7 +57,7 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
                               max_new_tokens=4, matcher="first-word", progress=False,
                               command=f"vislens demo --groups {groups}", log=log)
         written[f"capture_{subset}"] = summary.path
-        tables = evaluate_capture(summary.path, out / f"eval_{subset}")
+        tables = evaluate_capture(summary.path, out / f"eval_{subset}", log=log)
         acc = tables["accuracy"]
         acc = acc[acc["matcher"] == "first-word"].drop(columns="matcher")
         log(f"\n### subset {subset} ({summary.n_total} questions, first-word matching)\n")
@@ -67,7 +67,7 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
     from .report import write_report
 
     for subset in ("a", "b"):
-        rep = write_report(written[f"capture_{subset}"], out / f"report_{subset}")
+        rep = write_report(written[f"capture_{subset}"], out / f"report_{subset}", log=log)
         written[f"report_{subset}"] = rep
         log(f"[3/5] per-layer AUROC report: {rep}")
     figs = write_figures(written["capture_a"], out / "figures", log=lambda m: log("      " + m))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -348,17 +348,23 @@ def _subset_of(relations: pd.Series) -> str | None:
     return None
 
 
-def evaluate_capture(path: str | Path, out_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
+def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
+                     log: Callable[[str], None] | None = print) -> dict[str, pd.DataFrame]:
     """Accuracy tables of a capture file under both answer matchers.
 
     Per condition and per gold relation; pair and set accuracy when the samples form complete
     Controlled-style groups; VSR-style yes/no data adds standard F1 and the paper's variant.
-    Writes ``accuracy.csv`` (and ``vsr.csv``) into ``out_dir`` when given.
+    Writes ``accuracy.csv`` (and ``vsr.csv``) into ``out_dir`` when given. On an unfinished
+    capture the tables cover the done samples and ``log`` gets one line saying so
+    (``c.h5: 8 of 16 samples done (unfinished capture)``).
     """
+    from .analysis import samples_note
     from .store import open_capture
 
     with open_capture(path) as cap:
         tab = cap.table()
+        if not cap.complete and log is not None:
+            log(f"{path}: {samples_note(cap)}")
     if tab.empty:
         raise VislensError(f"{path}: no completed samples to evaluate")
     tables: dict[str, pd.DataFrame] = {}

@@ -5,8 +5,8 @@ skips the others with a one-line note (a figure that needs ``add`` conditions, a
 both correct and incorrect answers raises :class:`~vislens.errors.VislensError`, which is
 caught here). Statistics are streamed once per condition and shared between figures.
 
-The notebooks in ``notebooks/`` use :func:`resolve_capture` and :func:`resolve_figures_dir`
-so that ``VISLENS_CAPTURE`` / ``VISLENS_FIGURES_DIR`` can point them elsewhere.
+Figures are entries of :data:`FIGURE_SPECS`, keyed by paper figure number; a new figure is
+one ``FIGURE_SPECS.add(...)``. The notebooks' helpers live in :mod:`vislens.notebook`.
 """
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import VislensError
+from .registry import Registry
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,23 +28,17 @@ if TYPE_CHECKING:
     from .store import Capture
 
 __all__ = [
-    "DEMO_CAPTURE",
     "FIGURES",
+    "FIGURE_SPECS",
     "FigureSpec",
     "add_arguments",
-    "attempt",
     "main",
-    "repo_root",
-    "resolve_capture",
-    "resolve_figures_dir",
     "run",
     "save_figure",
     "write_figures",
 ]
 
 FORMATS = ("png", "pdf", "svg")
-#: the organism demo's capture, relative to the repository root (``make demo`` writes it)
-DEMO_CAPTURE = Path("vislens-demo") / "capture_a.h5"
 
 
 class _Context:
@@ -51,6 +47,7 @@ class _Context:
     def __init__(self, cap: "Capture", layer: int | None) -> None:
         from . import plots
 
+        self.plots: ModuleType = plots  # imported on use: the CLI parser must stay light
         self.cap = cap
         self._stats: dict[str, "LayerStats"] = {}
         self._mask = cap.box_mask()
@@ -61,7 +58,7 @@ class _Context:
             self.base = None
         n_layers = int(cap.attrs["num_layers"])
         if layer is not None:
-            self.layer = plots._check_layer(layer, n_layers, cap.path)
+            self.layer = plots.check_layer(layer, n_layers, cap.path)
         elif self.base is not None and self.base_done():
             self.layer = plots.default_layer(self.stats(self.base))
         else:
@@ -100,31 +97,37 @@ class FigureSpec:
         return f"{stem}.{fmt}"
 
 
-def _specs() -> list[FigureSpec]:
-    from . import plots
+#: every figure :func:`write_figures` knows, keyed by its paper figure number (as text)
+FIGURE_SPECS: Registry[FigureSpec] = Registry("figure")
 
-    return [
-        FigureSpec(3, "attention_share", lambda c: plots.attention_share(c.cap)),
-        FigureSpec(4, "add_constant_accuracy", lambda c: plots.add_constant_accuracy(c.cap)),
-        FigureSpec(5, "heatmaps", lambda c: plots.attention_heatmaps(c.cap, c.layer), per_layer=True),
-        FigureSpec(6, "overlap_roc", lambda c: plots.overlap_roc(c.base_stats())),
-        FigureSpec(7, "variance_and_auroc",
-                   lambda c: plots.variance_and_auroc(c.cap, stats=c.base_stats())),
-        FigureSpec(8, "scaling_sweep", lambda c: plots.scaling_sweep(c.cap)),
-        FigureSpec(9, "smoothing", lambda c: plots.before_after(c.cap, c.layer, kind="smooth"),
-                   per_layer=True),
-        FigureSpec(10, "sharpening", lambda c: plots.before_after(c.cap, c.layer, kind="sharpen"),
-                   per_layer=True),
-        FigureSpec(14, "entropy_skewness", lambda c: plots.entropy_skewness(c.all_stats(), c.layer),
-                   per_layer=True),
-        FigureSpec(15, "confidence_by_relation", lambda c: plots.confidence_by_relation(c.cap)),
-        FigureSpec(26, "log_attention", lambda c: plots.log_attention_distribution(c.cap, c.layer),
-                   per_layer=True),
-    ]
+for _spec in (
+    FigureSpec(3, "attention_share", lambda c: c.plots.attention_share(c.cap)),
+    FigureSpec(4, "add_constant_accuracy", lambda c: c.plots.add_constant_accuracy(c.cap)),
+    FigureSpec(5, "heatmaps", lambda c: c.plots.attention_heatmaps(c.cap, c.layer), per_layer=True),
+    FigureSpec(6, "overlap_roc", lambda c: c.plots.overlap_roc(c.base_stats())),
+    FigureSpec(7, "variance_and_auroc",
+               lambda c: c.plots.variance_and_auroc(c.cap, stats=c.base_stats())),
+    FigureSpec(8, "scaling_sweep", lambda c: c.plots.scaling_sweep(c.cap)),
+    FigureSpec(9, "smoothing", lambda c: c.plots.before_after(c.cap, c.layer, kind="smooth"),
+               per_layer=True),
+    FigureSpec(10, "sharpening", lambda c: c.plots.before_after(c.cap, c.layer, kind="sharpen"),
+               per_layer=True),
+    FigureSpec(14, "entropy_skewness", lambda c: c.plots.entropy_skewness(c.all_stats(), c.layer),
+               per_layer=True),
+    FigureSpec(15, "confidence_by_relation", lambda c: c.plots.confidence_by_relation(c.cap)),
+    FigureSpec(26, "log_attention", lambda c: c.plots.log_attention_distribution(c.cap, c.layer),
+               per_layer=True),
+):
+    FIGURE_SPECS.add(str(_spec.number), _spec)
+del _spec
+
+#: the paper figure numbers vislens ships (derived from :data:`FIGURE_SPECS`)
+FIGURES: tuple[int, ...] = tuple(int(n) for n in FIGURE_SPECS)
 
 
-#: paper figure numbers :func:`write_figures` knows
-FIGURES: tuple[int, ...] = (3, 4, 5, 6, 7, 8, 9, 10, 14, 15, 26)
+def _numbers() -> list[int]:
+    """Figure numbers registered now (including any added after import)."""
+    return [int(n) for n in FIGURE_SPECS]
 
 
 def save_figure(fig: "Figure", out_dir: str | os.PathLike, name: str, fmt: str = "png") -> Path:
@@ -141,24 +144,6 @@ def save_figure(fig: "Figure", out_dir: str | os.PathLike, name: str, fmt: str =
     return path
 
 
-def attempt(draw: Callable[[], "Figure"], out_dir: str | os.PathLike | None = None,
-            name: str | None = None, fmt: str = "png", log: Callable[[str], None] = print
-            ) -> "Figure | None":
-    """``draw()`` and save the figure as ``out_dir/name.fmt``; on VislensError log why and return None.
-
-    For notebooks: a figure the capture cannot support is skipped with a one-line note
-    instead of stopping the notebook.
-    """
-    try:
-        fig = draw()
-    except VislensError as exc:
-        log(f"skipped {name or 'figure'}: {str(exc).splitlines()[0]}")
-        return None
-    if out_dir is not None and name:
-        log(f"saved {save_figure(fig, out_dir, name, fmt)}")
-    return fig
-
-
 def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                   layer: int | None = None, fmt: str = "png", only: Sequence[int] | None = None,
                   log: Callable[[str], None] = print) -> list[Path]:
@@ -167,23 +152,29 @@ def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *
     ``layer`` (for the per-layer figures 5, 9, 10, 14, 26) defaults to the best-AUROC
     layer of the baseline when the capture has a box mask, else the middle layer. ``only``
     restricts to some paper figure numbers. A figure the capture cannot support is skipped
-    with one line through ``log``: ``skipped fig04_add_constant_accuracy: ...``.
+    with one line through ``log``: ``skipped fig04_add_constant_accuracy: ...``; an
+    unfinished capture is drawn from its done samples, after one line saying so.
     """
     from .store import open_capture
 
     if fmt not in FORMATS:
         raise VislensError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    wanted = set(FIGURES if only is None else only)
-    unknown = sorted(wanted - set(FIGURES))
+    known = _numbers()
+    wanted = set(known if only is None else only)
+    unknown = sorted(wanted - set(known))
     if unknown:
-        known = ", ".join(map(str, FIGURES))
-        raise VislensError(f"no figure {unknown[0]} (vislens draws figures {known})")
+        raise VislensError(f"no figure {unknown[0]} (vislens draws figures "
+                           f"{', '.join(map(str, known))})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with open_capture(capture_path) as cap:
+        if not cap.complete:
+            from .analysis import samples_note
+
+            log(f"{capture_path}: {samples_note(cap)}; figures use the done samples")
         ctx = _Context(cap, layer)
-        for spec in _specs():
+        for _, spec in FIGURE_SPECS.items():
             if spec.number not in wanted:
                 continue
             name = spec.filename(ctx.layer, fmt)
@@ -198,70 +189,7 @@ def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *
     return written
 
 
-# ----------------------------------------------------------------------------- notebooks
-
-
-def repo_root() -> Path:
-    """The repository root (the folder holding ``pyproject.toml`` above the package), else cwd."""
-    here = Path(__file__).resolve().parent.parent
-    if (here / "pyproject.toml").is_file():
-        return here
-    return Path.cwd()
-
-
-def resolve_capture(path: str | os.PathLike | None = None, *, create: bool = True,
-                    log: Callable[[str], None] = print) -> Path:
-    """The capture a notebook reads: ``path``, else ``$VISLENS_CAPTURE``, else the demo's.
-
-    The demo capture (``vislens-demo/capture_a.h5`` at the repository root) is created
-    with :func:`vislens.demo.run_demo` when missing (and ``create``).
-    """
-    if path is None:
-        path = os.environ.get("VISLENS_CAPTURE") or None
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise VislensError(f"{p}: no such capture file")
-        return p
-    p = repo_root() / DEMO_CAPTURE
-    if not p.is_file():
-        if not create:
-            raise VislensError(f"{p}: no demo capture (run `make demo`)")
-        from .demo import run_demo
-
-        log(f"{p} is missing: running the demo to create it (a few minutes on a CPU)")
-        written = run_demo(out_dir=p.parent, log=log)
-        p = Path(written.get("capture_a", p))
-    return p
-
-
-def resolve_figures_dir(path: str | os.PathLike | None = None) -> Path:
-    """Where notebooks save figures: ``path``, else ``$VISLENS_FIGURES_DIR``, else ``figures/``."""
-    if path is None:
-        path = os.environ.get("VISLENS_FIGURES_DIR") or (repo_root() / "figures")
-    p = Path(path).expanduser()
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
 # ----------------------------------------------------------------------------- command line
-
-
-
-def notebook_session(capture: str | os.PathLike | None = None,
-                     figures_dir: str | os.PathLike | None = None):
-    """The notebooks' shared set-up: resolve the capture and figure folder, open the capture.
-
-    Returns ``(capture_path, figures_dir, Capture)`` and prints what it opened.
-    """
-    from .store import open_capture
-
-    path = resolve_capture(capture)
-    out = resolve_figures_dir(figures_dir)
-    cap = open_capture(path)
-    print(cap)
-    print("figures go to", out)
-    return path, out, cap
 
 def _figure_list(text: str) -> list[int]:
     try:
@@ -279,7 +207,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "capture has a box mask, else the middle layer)")
     parser.add_argument("--format", default="png", choices=FORMATS, help="file format (default: png)")
     parser.add_argument("--only", type=_figure_list, default=None, metavar="N,N,...",
-                        help=f"only these paper figures (of {','.join(map(str, FIGURES))})")
+                        help=f"only these paper figures (of {','.join(map(str, _numbers()))})")
     return parser
 
 

@@ -61,6 +61,7 @@ __all__ = [
     "best_layers",
     "cell_variance",
     "centred_log_attention",
+    "check_layer",
     "condition_label",
     "confidence_by_relation",
     "default_layer",
@@ -270,7 +271,8 @@ def _grid(cap: "Capture") -> int:
     return int(np.atleast_1d(g)[0])
 
 
-def _check_layer(layer: int, n_layers: int, where: Any) -> int:
+def check_layer(layer: int, n_layers: int, where: Any) -> int:
+    """``layer`` as a non-negative index (negative counts from the end), or a one-line error."""
     if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
         raise VislensError(f"{where}: layer must be an integer, got {layer!r}")
     layer = int(layer)
@@ -680,7 +682,7 @@ def attention_heatmaps(source: Source, layer: int | None = None, *, condition: s
     with _capture(source) as cap:
         cond = condition or baseline_condition(cap)
         L = _num_layers(cap)
-        layer = _check_layer(layer if layer is not None else default_layer(cap, cond), L, cap.path)
+        layer = check_layer(layer if layer is not None else default_layer(cap, cond), L, cap.path)
         tab = cap.table(conditions=[cond])
         if tab.empty:
             raise VislensError(f"{cap.path}: condition {cond!r} has no completed samples")
@@ -738,7 +740,7 @@ def overlap_roc(source: Any, layers: Sequence[int] | None = None, *, condition: 
     curve = _auroc_curve(st)
     if layers is None:
         layers = best_layers(st, 2)
-    layers = [_check_layer(x, st.num_layers, f"condition {st.condition!r}") for x in layers]
+    layers = [check_layer(x, st.num_layers, f"condition {st.condition!r}") for x in layers]
     if not layers:
         raise VislensError("overlap_roc: no layers to draw")
     fig = _figure(3.6 * len(layers) + 0.3, 3.9)
@@ -982,7 +984,7 @@ def before_after(source: Source, layer: int | None = None, *, kind: str = "smoot
         base = baseline_condition(cap)
         cond = condition or scaling_condition(cap, kind)
         L = _num_layers(cap)
-        layer = _check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
+        layer = check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
         tab = cap.table(conditions=[base, cond])
         tb = tab[tab["condition"] == base].set_index("row")
         tc = tab[tab["condition"] == cond].set_index("row")
@@ -1049,7 +1051,7 @@ def entropy_skewness(source: Any, layer: int | None = None, *,
     L = stats[0].num_layers
     if layer is None:
         layer = default_layer(stats[0])
-    layer = _check_layer(layer, L, "entropy_skewness")
+    layer = check_layer(layer, L, "entropy_skewness")
     frames = []
     for st in stats:
         frames.append(pd.DataFrame({
@@ -1178,7 +1180,7 @@ def log_attention_distribution(source: Source, layer: int | None = None, *,
             raise VislensError(f"{cap.path}: nothing to compare with the baseline (no 'scaling' "
                                "conditions)")
         L = _num_layers(cap)
-        layer = _check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
+        layer = check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
         done = np.ones(len(cap), dtype=bool)
         for n in names:
             done &= cap.done(n)

@@ -15,13 +15,13 @@ Writes into ``OUT``:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .analysis import (LayerStats, all_stats, calibration_table, per_layer_auroc_table,
-                       summary_table)
+from .analysis import (LayerStats, all_stats, calibration_table, nanmean,
+                       per_layer_auroc_table, samples_note, summary_table)
 from .errors import VislensError
 
 
@@ -32,12 +32,12 @@ def layer_table(stats: Sequence[LayerStats]) -> pd.DataFrame:
         share = st.image_mass / (st.image_mass + st.text_mass)
         df = pd.DataFrame({
             "condition": st.condition, "layer": np.arange(st.num_layers),
-            "image_attention_share": np.nanmean(share, axis=0),
-            "image_mass": st.image_mass.mean(axis=0), "entropy": np.nanmean(st.entropy, axis=0),
-            "skewness": np.nanmean(st.skewness, axis=0),
+            "image_attention_share": nanmean(share, axis=0),
+            "image_mass": st.image_mass.mean(axis=0), "entropy": nanmean(st.entropy, axis=0),
+            "skewness": nanmean(st.skewness, axis=0),
         })
         if st.overlap is not None:
-            df["overlap"] = np.nanmean(st.overlap, axis=0)
+            df["overlap"] = nanmean(st.overlap, axis=0)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
@@ -48,20 +48,46 @@ def best_layers(auroc: pd.DataFrame, condition: str, k: int = 2) -> list[int]:
     return [int(l) for l in sub.sort_values("auroc", ascending=False)["layer"].head(k)]
 
 
+def _mask_coverage(cap, stats: Sequence[LayerStats]) -> tuple[int, int, list[str]]:
+    """``(samples with a non-empty box mask, samples analysed, why some have none)``.
+
+    The reasons are the first few unmatched question objects ``vislens boxes`` recorded,
+    e.g. ``'cat' (s3): no detection of class 'cat' above conf 0.25``.
+    """
+    mask = cap.box_mask()
+    rows = np.unique(np.concatenate([st.rows for st in stats]))
+    has = (mask[rows].reshape(len(rows), -1) > 0).any(axis=1)
+    unmatched = cap.unmatched()
+    reasons: list[str] = []
+    if unmatched is not None and len(unmatched):
+        without = unmatched[unmatched["row"].isin(rows[~has])]
+        for r in without.drop_duplicates("reason").head(3).itertuples():
+            reasons.append(f"'{r.label}' ({r.id}): {r.reason}")
+    return int(has.sum()), len(rows), reasons
+
+
 def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[str] | None = None,
-                 chunk: int = 32) -> Path:
-    """Compute the analysis of a capture and write the report files; returns ``report.md``."""
+                 chunk: int = 32, log: Callable[[str], None] | None = print) -> Path:
+    """Compute the analysis of a capture and write the report files; returns ``report.md``.
+
+    An unfinished capture is analysed on its done samples; the report header says so
+    (``8 of 16 samples done (unfinished capture)``) and ``log`` gets the same line.
+    """
     from . import plots
     from .evaluate import evaluate_capture, to_markdown
     from .store import open_capture
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stats = all_stats(path, conditions, chunk=chunk)
     with open_capture(path) as cap:
         attrs = dict(cap.attrs)
-        has_mask = cap.box_mask() is not None
-        n_samples = len(cap)
-    stats = all_stats(path, conditions, chunk=chunk)
+        has_boxes = cap.box_mask() is not None
+        n_note = samples_note(cap)
+        if not cap.complete and log is not None:
+            log(f"{path}: {n_note}")
+        covered, n_rows, reasons = _mask_coverage(cap, stats) if has_boxes else (0, 0, [])
+    has_mask = covered > 0
     auroc = per_layer_auroc_table(stats)
     auroc.to_csv(out / "per_layer_auroc.csv", index=False)
     summary = summary_table(stats)
@@ -83,14 +109,14 @@ def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[
             fig.savefig(out / "roc_best_layers.png", dpi=150, bbox_inches="tight")
             figures.append("roc_best_layers.png")
     try:
-        acc = evaluate_capture(path)["accuracy"]
+        acc = evaluate_capture(path, log=None)["accuracy"]
         acc = acc[acc["matcher"] == attrs.get("matcher", "paper")].drop(columns="matcher")
     except VislensError:
         acc = None
 
     lines = [f"# vislens report: `{Path(path).name}`", "",
              f"- model: `{attrs.get('model', '?')}`; dataset: `{attrs.get('dataset', '?')}`; "
-             f"{n_samples} samples; {attrs.get('num_layers')} layers x {attrs.get('num_heads')} heads; "
+             f"{n_note}; {attrs.get('num_layers')} layers x {attrs.get('num_heads')} heads; "
              f"grid {np.asarray(attrs.get('grid', [0])).ravel()[0]}x{np.asarray(attrs.get('grid', [0])).ravel()[0]}",
              f"- conditions: {', '.join(st.condition for st in stats)}", ""]
     if acc is not None:
@@ -99,10 +125,21 @@ def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[
               "Overlap = cosine similarity of the head-mean attention map with the mask of the "
               "question's objects; AUROC = how well that overlap separates correct from wrong "
               "answers (undefined with only one class: shown as nan).", ""]
-    if not has_mask:
+    if not has_boxes:
         lines += ["No box mask in this capture: run `vislens boxes FILE --detector annotations` "
                   "(or `--detector yolo --weights PATH`) to get the per-layer AUROC.", ""]
+    elif not has_mask:
+        lines += [f"The capture has boxes, but none of the {n_rows} analysed samples has a box "
+                  f"for its question objects, so overlap and AUROC are undefined"
+                  + (": " + "; ".join(reasons) if reasons else "") + ".",
+                  "To fix: rerun `vislens boxes FILE` with `--detector annotations` if the "
+                  "dataset has object boxes, or with `--detector yolo --weights PATH` using a "
+                  "detector that knows these objects (or a lower `--conf`).", ""]
     else:
+        if covered < n_rows:
+            lines += [f"Overlap and AUROC use the {covered} of {n_rows} samples with a box for "
+                      f"their question objects" + (" (without: " + "; ".join(reasons) + ")"
+                                                   if reasons else "") + ".", ""]
         for st in stats:
             sub = auroc[auroc["condition"] == st.condition]
             top = sub.sort_values("auroc", ascending=False).head(3)

@@ -7,18 +7,21 @@ report missing or corrupt files up front. See ``docs/datasets.md`` for the folde
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..errors import VislensError
+from ..registry import Registry
 from .base import Box, Sample
 from .jsonl import load_jsonl, write_jsonl
 from .splits import assign_splits, paper_sample_indices, select_split
-from .vsr import load_vsr
+from .vsr import VSR_SPLITS, load_vsr
 from .whatsup import SUBSETS, load_adaptvis_questions, load_whatsup
 
 __all__ = [
+    "DATASETS",
     "DATASET_NAMES",
     "Box",
+    "DatasetLoader",
     "Sample",
     "assign_splits",
     "check_images",
@@ -32,15 +35,34 @@ __all__ = [
     "write_jsonl",
 ]
 
-DATASET_NAMES: tuple[str, ...] = (
-    *(f"whatsup:{name}" for name in SUBSETS),
-    *(f"vsr:{split}" for split in ("test", "dev", "train")),
-)
+#: ``loader(data_root, prompts_dir) -> samples`` of one named dataset
+DatasetLoader = Callable[[Path, "str | Path | None"], "list[Sample]"]
+
+#: the named benchmarks ``--dataset`` accepts (``jsonl:PATH`` is handled apart: it takes a path)
+DATASETS: Registry[DatasetLoader] = Registry("dataset")
+
+
+def _whatsup(subset: str) -> DatasetLoader:
+    return lambda root, prompts_dir: load_whatsup(subset, root, prompts_dir=prompts_dir)
+
+
+def _vsr(split: str) -> DatasetLoader:
+    return lambda root, prompts_dir: load_vsr(split, root)
+
+
+for _name in SUBSETS:
+    DATASETS.add(f"whatsup:{_name}", _whatsup(_name))
+for _name in VSR_SPLITS:
+    DATASETS.add(f"vsr:{_name}", _vsr(_name))
+del _name
+
+#: the registered dataset names (derived from :data:`DATASETS`; ``jsonl:PATH`` comes on top)
+DATASET_NAMES: tuple[str, ...] = DATASETS.names()
 _JSONL_PREFIX = "jsonl:"
 
 
 def _unknown(spec: str) -> VislensError:
-    return VislensError(f"unknown dataset {spec!r} (valid: {', '.join(DATASET_NAMES)}, jsonl:PATH)")
+    return VislensError(f"unknown dataset {spec!r} (valid: {', '.join(DATASETS.names())}, jsonl:PATH)")
 
 
 def _need_root(spec: str, data_root: str | Path | None) -> Path:
@@ -59,6 +81,7 @@ def load_dataset(
 
     ``data_root`` is the download folder (ignored for ``jsonl:``, whose PATH is taken as
     given); ``prompts_dir`` overrides ``DATA_ROOT/prompts`` for the AdaptVis question files.
+    Other benchmarks join with ``DATASETS.add("name:part", loader)``.
     """
     spec = spec.strip()
     if spec.startswith(_JSONL_PREFIX):
@@ -66,13 +89,10 @@ def load_dataset(
         if not path:
             raise VislensError("jsonl: needs a path, e.g. jsonl:my_data/questions.jsonl")
         return load_jsonl(Path(path).expanduser())
-    if spec not in DATASET_NAMES:
+    if spec not in DATASETS:
         raise _unknown(spec)
-    family, name = spec.split(":", 1)
-    root = _need_root(spec, data_root)
-    if family == "whatsup":
-        return load_whatsup(name, root, prompts_dir=prompts_dir)
-    return load_vsr(name, root)
+    loader = DATASETS.get(spec)
+    return loader(_need_root(spec, data_root), prompts_dir)
 
 
 def _image_problem(path: str) -> str | None:

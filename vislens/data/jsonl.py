@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 from ..errors import VislensError
 from .base import Box, Sample
 
-__all__ = ["iter_jsonl", "load_jsonl", "write_jsonl", "JSONL_FIELDS"]
+__all__ = ["iter_jsonl", "load_jsonl", "write_jsonl", "decode_utf8", "JSONL_FIELDS"]
 
 _REQUIRED = ("id", "image", "question", "options", "answer")
 _OPTIONAL = ("relation", "group", "objects", "boxes", "split", "meta")
@@ -37,13 +37,14 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """
     path = Path(path)
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except FileNotFoundError:
         raise VislensError(f"{path}: file not found") from None
     except OSError as exc:
         raise VislensError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with handle:
-        for lineno, line in enumerate(handle, start=1):
+        for lineno, raw in enumerate(handle, start=1):
+            line = decode_utf8(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -55,6 +56,21 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
                 )
             yield lineno, obj
+
+
+def decode_utf8(data: bytes, path: str | Path, lineno: int | None = None) -> str:
+    """``data`` (line ``lineno`` of ``path``, or the whole file) as UTF-8 text.
+
+    Bytes that are not UTF-8 raise a one-line :class:`VislensError` naming ``file:line`` and
+    the first bad byte's column.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = (lineno or 1) + data.count(b"\n", 0, exc.start)
+        raise VislensError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at "
+                           f"column {exc.start - line_start + 1}); save the file as UTF-8") from None
 
 
 def _field_error(where: str, field: str, problem: str) -> VislensError:

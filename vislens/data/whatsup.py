@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import VislensError
 from .base import Sample
-from .jsonl import iter_jsonl
+from .jsonl import decode_utf8, iter_jsonl
 
 __all__ = [
     "SUBSETS",
@@ -207,7 +207,7 @@ def _read_annotations(path: Path) -> list[Any]:
             f"{path}: WhatsUp annotation file not found (download it into the --data-root folder)"
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(decode_utf8(path.read_bytes(), path))
     except json.JSONDecodeError as exc:
         raise VislensError(f"{path}: malformed JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     if not isinstance(data, list):

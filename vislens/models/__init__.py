@@ -5,37 +5,23 @@ Supported: LLaVA-1.5 (``llava-hf/llava-1.5-7b-hf``, 13b), LLaVA-1.6 / NeXT
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 from ..errors import VislensError
-from .base import PreparedBatch, VLMAdapter
+from ..paths import organism_path
+from . import llava, llava_next, qwen2_vl  # noqa: F401  (each registers its family)
+from .base import ADAPTER_REGISTRY, AdapterEntry, PreparedBatch, VLMAdapter, register_adapter
 from .layout import ImageLayout, area_projection, grid_rects
 
 __all__ = ["load_model", "VLMAdapter", "PreparedBatch", "ImageLayout", "area_projection",
-           "grid_rects", "ADAPTERS", "resolve_dtype", "resolve_device", "organism_path"]
+           "grid_rects", "ADAPTERS", "ADAPTER_REGISTRY", "AdapterEntry", "register_adapter",
+           "resolve_dtype", "resolve_device", "organism_path"]
 
-
-def _registry() -> dict[str, tuple[type[VLMAdapter], str]]:
-    from .llava import LlavaAdapter
-    from .llava_next import LlavaNextAdapter
-    from .qwen2_vl import Qwen2VLAdapter
-
-    return {
-        "llava": (LlavaAdapter, "LlavaForConditionalGeneration"),
-        "llava_next": (LlavaNextAdapter, "LlavaNextForConditionalGeneration"),
-        "qwen2_vl": (Qwen2VLAdapter, "Qwen2VLForConditionalGeneration"),
-        "qwen2_5_vl": (Qwen2VLAdapter, "Qwen2_5_VLForConditionalGeneration"),
-    }
-
-
-ADAPTERS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+#: the supported ``model_type`` names (derived from :data:`ADAPTER_REGISTRY`)
+ADAPTERS: tuple[str, ...] = ADAPTER_REGISTRY.names()
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-
-
-def organism_path() -> Path:
-    """Where the committed model organism lives (``data/organism`` in the repository)."""
-    return Path(__file__).resolve().parents[2] / "data" / "organism"
 
 
 def resolve_device(device: str | None) -> str:
@@ -60,6 +46,64 @@ def resolve_dtype(dtype: Any, device: str):
     if dtype not in names:
         raise VislensError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(names)}")
     return names[dtype]
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import is_offline_mode
+    except ImportError:  # older huggingface_hub
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    return bool(is_offline_mode())
+
+
+def _check_hub_id(name: str, revision: str | None, local_files_only: bool | None) -> bool | None:
+    """Fail fast on a hub id that cannot load; returns the ``local_files_only`` to load with.
+
+    A model in the local hub cache loads as usual (from the cache alone when offline or when
+    the hub does not answer). Otherwise offline mode (``HF_HUB_OFFLINE=1`` or
+    ``local_files_only``) is an error at once, and online one metadata request tells an
+    unknown id or an unreachable hub apart before transformers' retried downloads start.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    except ValueError as exc:  # not a valid repo id
+        raise VislensError(f"{name}: not a model directory and not a valid hub id ({exc})") from None
+    offline = bool(local_files_only) or _hub_offline()
+    if offline:
+        if not cached:
+            why = "local_files_only" if local_files_only else "HF_HUB_OFFLINE is set"
+            raise VislensError(f"{name}: no such model directory, and not in the local hub cache "
+                               f"({why}, so nothing is downloaded)")
+        return True
+    try:
+        HfApi().model_info(name, revision=revision, timeout=10)
+    except hub_errors.GatedRepoError:
+        raise VislensError(f"{name}: gated model on the hub: accept its licence there and log in "
+                           f"(`hf auth login`)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise VislensError(f"{name}: revision {revision!r} not found on the hub") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise VislensError(f"{name}: no such model on the hub (nor a local directory; private "
+                           f"models need `hf auth login`)") from None
+    except Exception as exc:  # no network, DNS, timeout, HTTP 5xx: httpx/requests types vary
+        if cached:
+            return True  # the hub does not answer: use the cached copy without retries
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VislensError(f"{name}: cannot reach the hub ({detail}) and the model is not in "
+                           f"the local cache; download it first or give a local directory"
+                           ) from None
+    return local_files_only
+
+
+def _pickle_detail(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the offending global."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    return next((l for l in lines if "GLOBAL" in l), lines[0] if lines else type(exc).__name__)
 
 
 def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None = "auto", *,
@@ -87,18 +131,19 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
             raise VislensError(f"{name}: model directory has no weights (*.safetensors or *.bin)")
     elif name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise VislensError(f"{name}: no such model directory")
+    else:
+        local_files_only = _check_hub_id(name, revision, local_files_only)
     try:
         config = AutoConfig.from_pretrained(name, revision=revision,
                                             local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise VislensError(f"{name}: cannot read the model config ({str(exc).splitlines()[0]})") from exc
-    registry = _registry()
     model_type = getattr(config, "model_type", "")
-    if model_type not in registry:
+    if model_type not in ADAPTER_REGISTRY:
         archs = getattr(config, "architectures", None) or [model_type]
         raise VislensError(f"{name}: unsupported architecture {archs[0]!r}; vislens supports "
-                           f"{', '.join(ADAPTERS)}")
-    adapter_cls, class_name = registry[model_type]
+                           f"{', '.join(ADAPTER_REGISTRY.names())}")
+    adapter_cls, class_name = ADAPTER_REGISTRY.get(model_type)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model_cls = getattr(transformers, class_name)
@@ -107,7 +152,12 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
         kwargs["local_files_only"] = local_files_only
     if device == "balanced":
         kwargs["device_map"] = "auto"
-    model = model_cls.from_pretrained(name, **kwargs)
+    try:
+        model = model_cls.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError as exc:  # transformers reads *.bin with weights_only=True
+        raise VislensError(f"{name}: refusing to load the weights: a pickled *.bin file holds "
+                           f"more than tensors ({_pickle_detail(exc)}); use *.safetensors "
+                           f"weights from a source you trust") from None
     if device != "balanced":
         model = model.to(device)
     model.eval()

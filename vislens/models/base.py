@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import VislensError
+from ..registry import Registry
 from .layout import ImageLayout
 
 
@@ -199,3 +200,24 @@ class VLMAdapter:
         return {"model": self.name, "family": self.family, "model_revision": self.revision,
                 "num_layers": self.num_layers, "num_heads": self.num_heads,
                 "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
+
+
+class AdapterEntry(NamedTuple):
+    """How to load one model family: its adapter and the transformers model class name."""
+
+    adapter: type[VLMAdapter]
+    model_class: str
+
+
+#: supported model families, keyed by the checkpoint config's ``model_type``
+ADAPTER_REGISTRY: Registry[AdapterEntry] = Registry("model family")
+
+
+def register_adapter(model_type: str, model_class: str) -> Callable[[type[VLMAdapter]], type[VLMAdapter]]:
+    """Class decorator: ``model_type`` checkpoints load as ``transformers.<model_class>``
+    wrapped in the decorated adapter (one family, one file)."""
+    def deco(cls: type[VLMAdapter]) -> type[VLMAdapter]:
+        ADAPTER_REGISTRY.add(model_type, AdapterEntry(cls, model_class))
+        return cls
+
+    return deco

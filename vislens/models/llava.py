@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import VislensError
-from .base import VLMAdapter
+from .base import VLMAdapter, register_adapter
 from .layout import ImageLayout, grid_rects
 
 
@@ -47,6 +47,7 @@ def _crop_box(width, height, sx, cw, ch, sy):
     return (x0, y0, x1, y1)
 
 
+@register_adapter("llava", "LlavaForConditionalGeneration")
 class LlavaAdapter(VLMAdapter):
     """LLaVA-1.5: ``(image_size/patch)^2`` tokens (24x24 = 576), contiguous, row-major."""
 

@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from ..errors import VislensError
-from .base import VLMAdapter
+from .base import VLMAdapter, register_adapter
 from .layout import ImageLayout
 
 
+@register_adapter("llava_next", "LlavaNextForConditionalGeneration")
 class LlavaNextAdapter(VLMAdapter):
     family = "llava_next"
 

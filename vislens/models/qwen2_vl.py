@@ -5,10 +5,12 @@ import numpy as np
 import torch
 
 from ..errors import VislensError
-from .base import VLMAdapter
+from .base import VLMAdapter, register_adapter
 from .layout import ImageLayout, grid_rects
 
 
+@register_adapter("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration")
+@register_adapter("qwen2_vl", "Qwen2VLForConditionalGeneration")
 class Qwen2VLAdapter(VLMAdapter):
     """Image token k sits at ``divmod(k, w // merge)`` on the ``(h/merge) x (w/merge)`` grid.
 

@@ -71,8 +71,9 @@ def word_tokenizer(words: Iterable[str], special: list[str], *, bos: str | None,
     return fast
 
 
-def _llama_text(vocab_size: int, pad_id: int, bos_id, eos_id, *, hidden: int, layers: int,
-                heads: int, kv_heads: int, init: float, **extra):
+def llama_text_config(vocab_size: int, pad_id: int, bos_id, eos_id, *, hidden: int,
+                      layers: int, heads: int, kv_heads: int, init: float, **extra):
+    """A small Llama text config (MLP 2 x hidden, RoPE); shared by the tiny models and the organism."""
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -82,7 +83,8 @@ def _llama_text(vocab_size: int, pad_id: int, bos_id, eos_id, *, hidden: int, la
                        eos_token_id=eos_id, rms_norm_eps=1e-5, **extra)
 
 
-def _clip_vision(image_size: int, patch: int, hidden: int, init: float):
+def clip_vision_config(image_size: int, patch: int, hidden: int, init: float):
+    """A small CLIP vision config (2 layers, 2 heads; callers may change them)."""
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -121,9 +123,9 @@ def _llava_parts(words, *, hidden, layers, heads, kv_heads, init, image_size, pa
                          bos="<s>", eos="</s>", pad="<pad>",
                          extra_special={"image_token": "<image>"})
     ids = tok.convert_tokens_to_ids
-    text = _llama_text(len(tok), ids("<pad>"), ids("<s>"), ids("</s>"), hidden=hidden,
+    text = llama_text_config(len(tok), ids("<pad>"), ids("<s>"), ids("</s>"), hidden=hidden,
                        layers=layers, heads=heads, kv_heads=kv_heads, init=init)
-    vision = _clip_vision(image_size, patch, hidden // 2, init)
+    vision = clip_vision_config(image_size, patch, hidden // 2, init)
     return tok, text, vision, ids("<image>")
 
 

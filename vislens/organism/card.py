@@ -1,0 +1,102 @@
+"""The organism's model card: ``README.md`` from ``model_card.md`` (a template shipped with
+the package) and ``organism.json`` with the same numbers for the tests."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any, Mapping
+
+from .config import CARD_FILE, DEFAULT_BATCH, DEFAULT_LR, EVAL_SEED
+
+__all__ = ["write_model_card", "card_values"]
+
+TEMPLATE = "model_card.md"
+
+
+def _md_table(df) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _command(stats: Mapping[str, Any], out: str = "data/organism") -> str:
+    cmd = f"vislens organism train --out {out} --seed {stats['seed']} --steps {stats['steps_planned']}"
+    if stats.get("batch_size", DEFAULT_BATCH) != DEFAULT_BATCH:
+        cmd += f" --batch-size {stats['batch_size']}"
+    if stats.get("lr", DEFAULT_LR) != DEFAULT_LR:
+        cmd += f" --lr {stats['lr']:g}"
+    return cmd
+
+
+def _familiarity_summary(eval_df) -> str:
+    """One sentence: accuracy and confidence on the familiar vs the rare relations."""
+    rows = eval_df[eval_df["relation"] != "all"]
+    fam = rows["relation"].isin(["left", "right"])
+
+    def mean(sel, col):
+        return float((rows.loc[sel, col] * rows.loc[sel, "n"]).sum() / rows.loc[sel, "n"].sum())
+
+    return (f"Familiar relations (left/right): accuracy {mean(fam, 'accuracy'):.3f}, confidence "
+            f"{mean(fam, 'confidence'):.3f}; rare ones (on/under/front/behind): accuracy "
+            f"{mean(~fam, 'accuracy'):.3f}, confidence {mean(~fam, 'confidence'):.3f}.")
+
+
+def card_values(path: Path, stats: Mapping[str, Any], eval_df,
+                info: Mapping[str, Any]) -> dict[str, str]:
+    """Every ``${name}`` of the template, formatted."""
+    arch, params = stats["architecture"], stats["parameters"]
+    weights = stats["relation_weights"]
+    grid = arch["image_size"] // arch["patch"]
+    by_layer = eval_df.attrs.get("box_attention_by_layer", [])
+    ratio_by_layer = eval_df.attrs.get("box_ratio_by_layer", [])
+    rows = "".join(f"| {i} | {a:.3f} | {r:.2f} |\n"
+                   for i, (a, r) in enumerate(zip(by_layer, ratio_by_layer)))
+    size_mb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2 ** 20
+    return {
+        "vision_hidden": arch["vision_hidden"], "vision_layers": arch["vision_layers"],
+        "vision_heads": arch["vision_heads"], "image_size": arch["image_size"],
+        "patch": arch["patch"], "grid": grid, "n_image_tokens": grid * grid,
+        "hidden": arch["hidden"], "layers": arch["layers"], "heads": arch["heads"],
+        "head_dim": arch["hidden"] // arch["heads"], "mlp": 2 * arch["hidden"],
+        "vocab_size": stats.get("vocab_size", "?"),
+        "params_total": f"{params['total']:,}", "params_vision": f"{params['vision_tower']:,}",
+        "params_projector": f"{params['projector']:,}",
+        "params_language": f"{params['language_model'] + params['lm_head']:,}",
+        "size_mb": f"{size_mb:.1f}",
+        "n_scenes": f"{stats['n_scenes']:,}", "seed": stats["seed"],
+        "train_image_size": stats["image_size"], "weights_a": weights["a"], "weights_b": weights["b"],
+        "weight_decay": stats["weight_decay"], "lr": f"{stats['lr']:g}",
+        "projector_lr_mult": f"{stats['projector_lr_mult']:g}",
+        "batch_size": stats["batch_size"], "steps": stats["steps"],
+        "train_minutes": f"{stats['train_seconds'] / 60:.1f}", "threads": stats["threads"],
+        "seconds_per_step": f"{stats['seconds_per_step']:.2f}", "torch": stats["torch"],
+        "final_loss": f"{stats['final_loss']:.4f}",
+        "final_answer_accuracy": f"{stats.get('final_answer_accuracy', float('nan')):.3f}",
+        "command": _command(stats),
+        "n_groups": info.get("n_groups", "?"), "eval_seed": info.get("seed", EVAL_SEED),
+        "eval_table": _md_table(eval_df), "familiarity": _familiarity_summary(eval_df),
+        "layer_rows": rows,
+    }
+
+
+def write_model_card(path: str | Path, stats: Mapping[str, Any], eval_df,
+                     eval_info: Mapping[str, Any] | None = None) -> Path:
+    """Write ``path/README.md`` (architecture, data, command, held-out results) and
+    ``path/organism.json`` (the same numbers, machine-readable; read by the tests)."""
+    path = Path(path)
+    info = dict(eval_info or {})
+    template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
+    card = path / CARD_FILE
+    values = {k: str(v) for k, v in card_values(path, stats, eval_df, info).items()}
+    card.write_text(Template(template).substitute(values), encoding="utf-8")
+    meta = {k: v for k, v in stats.items() if k != "losses"}
+    meta["eval"] = {**info, "table": json.loads(eval_df.to_json(orient="records")),
+                    "box_attention_by_layer": eval_df.attrs.get("box_attention_by_layer", []),
+                    "box_ratio_by_layer": eval_df.attrs.get("box_ratio_by_layer", [])}
+    (path / "organism.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return card
