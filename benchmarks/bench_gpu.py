@@ -94,7 +94,7 @@ def build(family: str, shape: dict[str, Any], device: str, dtype):
         from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
                                   Qwen2VLImageProcessor)
 
-        from vislens.models.tiny import _mrope_section, _qwen_processor
+        from vislens.models.tiny import mrope_section, qwen_processor
         from transformers import Qwen2VLProcessor
 
         special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -106,7 +106,7 @@ def build(family: str, shape: dict[str, Any], device: str, dtype):
                                             "vision_bos_token": "<|vision_start|>",
                                             "vision_eos_token": "<|vision_end|>"})
         ids = tok.convert_tokens_to_ids
-        mrope = _mrope_section(s["hidden"] // s["heads"])
+        mrope = mrope_section(s["hidden"] // s["heads"])
         text = dict(vocab_size=max(s["vocab"], len(tok)), hidden_size=s["hidden"],
                     intermediate_size=s["inter"], num_hidden_layers=s["layers"],
                     num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
@@ -126,7 +126,7 @@ def build(family: str, shape: dict[str, Any], device: str, dtype):
         pixels = s["image"] ** 2  # every scene is resized to exactly image x image
         ip = Qwen2VLImageProcessor(patch_size=s["patch"], merge_size=2, temporal_patch_size=2,
                                    min_pixels=pixels, max_pixels=pixels)
-        proc = _qwen_processor(Qwen2VLProcessor, ip, tok)
+        proc = qwen_processor(Qwen2VLProcessor, ip, tok)
     else:
         raise SystemExit(f"bench_gpu: unknown family {family!r} (llava, qwen2_vl)")
     with torch.device(device):

@@ -536,7 +536,9 @@ def add_constant_accuracy(source: Source) -> "Figure":
 # ----------------------------------------------------------------------------- heatmaps
 
 
-def _resolve_image(path: str, cap_dir: Path) -> Path | None:
+def resolve_image(path: str, cap_dir: Path) -> Path | None:
+    """A capture's stored image path as an existing file (absolute, beside the capture, or
+    under the working directory), or None."""
     if not path:
         return None
     p = Path(path)
@@ -548,7 +550,7 @@ def _resolve_image(path: str, cap_dir: Path) -> Path | None:
 
 def _load_grey(path: str, cap_dir: Path) -> np.ndarray | None:
     """Greyscale image as float array, or None when the file is missing or unreadable."""
-    found = _resolve_image(path, cap_dir)
+    found = resolve_image(path, cap_dir)
     if found is None:
         return None
     try:

@@ -182,9 +182,9 @@ def _build_qwen(arch, words, *, hidden, layers, heads, kv_heads, init, image_siz
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 max_position_embeddings=4096, initializer_range=init, bos_token_id=None,
                 eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-                rope_scaling={"type": "mrope", "mrope_section": _mrope_section(head_dim)},
+                rope_scaling={"type": "mrope", "mrope_section": mrope_section(head_dim)},
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": _mrope_section(head_dim)})
+                                 "mrope_section": mrope_section(head_dim)})
     ip = Qwen2VLImageProcessor(patch_size=patch * 7, merge_size=2, temporal_patch_size=2,
                                min_pixels=(8 * patch * 7) ** 2, max_pixels=(12 * patch * 7) ** 2)
     common = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -211,11 +211,12 @@ def _build_qwen(arch, words, *, hidden, layers, heads, kv_heads, init, image_siz
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg)
         proc_cls = Qwen2_5_VLProcessor
-    proc = _qwen_processor(proc_cls, ip, tok)
+    proc = qwen_processor(proc_cls, ip, tok)
     return model, proc
 
 
-def _qwen_processor(proc_cls, ip, tok):
+def qwen_processor(proc_cls, ip, tok):
+    """A Qwen2(.5)-VL processor from parts; works with and without torchvision."""
     try:
         return proc_cls(image_processor=ip, tokenizer=tok, video_processor=None,
                         chat_template=QWEN_TEMPLATE)
@@ -226,7 +227,8 @@ def _qwen_processor(proc_cls, ip, tok):
                         chat_template=QWEN_TEMPLATE)
 
 
-def _mrope_section(head_dim: int) -> list[int]:
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen2-VL M-RoPE split of head_dim/2 rotary pairs into (time, height, width) sections."""
     half = head_dim // 2
     t = half // 4
     h = (half - t) // 2

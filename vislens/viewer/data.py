@@ -22,7 +22,7 @@ import pandas as pd
 
 from .. import metrics
 from ..errors import VislensError
-from ..plots import _resolve_image, baseline_condition, condition_label
+from ..plots import resolve_image, baseline_condition, condition_label
 from ..store import Capture, open_capture
 
 #: per-sample attention arrays kept in memory (each ``L*H*G*G`` float32: 2.4 MB for
@@ -273,7 +273,7 @@ class ViewerData:
     def image_file(self, row: int) -> Path | None:
         """The sample's image file, resolved like the figures do (None when missing)."""
         s = self.sample_info().iloc[self.check_row(row)]
-        return _resolve_image(str(s["image_path"]), self.path.parent)
+        return resolve_image(str(s["image_path"]), self.path.parent)
 
     def image_bytes(self, row: int) -> tuple[bytes, str]:
         """``(bytes, content type)`` of the sample's image, converted to PNG if a browser
