@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class CaptureSummary:
     seconds: float
     accuracy: dict[str, float] = field(default_factory=dict)
     complete: bool = False
+    ray: Any = None  # vislens.distributed.PoolSummary of a --ray job (per-worker throughput)
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -157,18 +158,23 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                 on_error: str = "stop", max_new_tokens: int = 16, grid: int = 24,
                 matcher: str = "paper", split_seed: int = 0, prompt_style: str = "chat",
                 command: str | None = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> CaptureSummary:
+                progress: bool = True, log: Callable[[str], None] = print,
+                ray: str | None = None, workers: int | None = None,
+                gpus_per_worker: float | None = None) -> CaptureSummary:
     """Capture attention and answers for every (sample, condition); resumable.
 
-    ``model`` is a name/path for :func:`vislens.models.load_model` or an already loaded
-    adapter. Returns a :class:`CaptureSummary`.
+    ``model`` is a name/path for :func:`vislens.models.load_model`, an already loaded
+    adapter, or a :class:`vislens.distributed.ReplicaPool`. With ``ray`` (``"local"``,
+    ``"auto"`` or ``"HOST:PORT"``) the batches run on ``workers`` Ray actors, one model
+    replica each, and this process writes the file (``docs/scale.md``). Returns a
+    :class:`CaptureSummary`.
     """
-    import torch
-
-    from .store import CaptureWriter, shard_path
+    from .distributed import check_ray_options
+    from .store import shard_path
 
     conds = [c if isinstance(c, Condition) else parse_condition(c) for c in conditions]
     check_conditions(conds)
+    check_ray_options(ray, workers, gpus_per_worker, shard)
     if on_error not in ("stop", "skip"):
         raise VislensError(f"--on-error {on_error!r}: choose stop or skip")
     if matcher not in MATCHERS:
@@ -207,12 +213,45 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                                f"{len(problems)} such sample(s))")
     masks, boxes, sizes = annotation_masks(samples, grid)
 
-    if isinstance(model, (str, Path)):
+    session = None
+    if ray is not None:
+        from .distributed import open_session
+
+        session = open_session(ray, model, workers=workers, gpus_per_worker=gpus_per_worker,
+                               dtype=dtype, device=device, log=log)
+        adapter = session.pool
+    elif isinstance(model, (str, Path)):
         from .models import load_model
 
         adapter = load_model(model, dtype=dtype, device=device)
     else:
         adapter = model
+    try:
+        return _capture_into(adapter, samples=samples, conds=conds, out_path=out_path,
+                             index=index, sizes=sizes, masks=masks, boxes=boxes, dataset=dataset,
+                             data_root=data_root, split=split, split_seed=split_seed, limit=limit,
+                             max_new_tokens=max_new_tokens, matcher=matcher, shard=shard,
+                             n_selected=n_selected, prompt_style=prompt_style, command=command,
+                             grid=grid, batch_size=batch_size, on_error=on_error,
+                             progress=progress, log=log)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _capture_into(adapter: Any, *, samples: list[Sample], conds: list[Condition],
+                  out_path: Path, index: list[int], sizes: Any, masks: Any, boxes: Any,
+                  dataset: str, data_root: str | None, split: str, split_seed: int,
+                  limit: int | None, max_new_tokens: int, matcher: str, shard: str | None,
+                  n_selected: int, prompt_style: str, command: str | None, grid: int,
+                  batch_size: int, on_error: str, progress: bool,
+                  log: Callable[[str], None]) -> CaptureSummary:
+    """The writing half of :func:`run_capture`: open the file, run the batches, finalize."""
+    import torch
+
+    from .distributed import ReplicaPool
+    from .store import CaptureWriter
+
     attrs = {**adapter.describe(), "vislens_version": __version__, "dataset": dataset,
              "data_root": str(data_root or ""), "split": split, "split_seed": split_seed,
              "limit": -1 if limit is None else limit, "max_new_tokens": max_new_tokens,
@@ -228,46 +267,52 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     t0 = time.perf_counter()
     written = failed = 0
     correct_counts = {c.name: [0, 0] for c in conds}
+
+    def skip(row: int, reason: str) -> None:
+        nonlocal failed
+        if on_error == "stop":
+            raise VislensError(reason)
+        writer.write_failure(row, reason)
+        failed += 1
+        bar.update(1)
+
+    pool = adapter if isinstance(adapter, ReplicaPool) else None
     try:
         pending = [int(r) for r in writer.pending_indices()]
         if len(pending) < len(samples):
             log(f"resuming {out_path}: {len(samples) - len(pending)} of {len(samples)} samples "
                 "already done")
-        engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, grid=grid,
-                                attention_dtype=torch.float16)
         bar = _progress(len(pending), enabled=progress)
-        for start in range(0, len(pending), batch_size):
-            rows = pending[start:start + batch_size]
-            ok_rows, images = [], []
-            for r in rows:
-                try:
-                    images.append(_open_image(samples[r]))
-                    ok_rows.append(r)
-                except VislensError as exc:
-                    if on_error == "stop":
-                        raise
-                    writer.write_failure(r, str(exc))
-                    failed += 1
-            if ok_rows:
-                batch = [samples[r] for r in ok_rows]
-                questions = [s.meta["prompt"] if prompt_style == "paper" else s.question
-                             for s in batch]  # a prompt holding <image> is used verbatim
-                results = engine.run(images, questions,
-                                     [s.options for s in batch], conds,
-                                     sample_keys=[s.id for s in batch])
-                correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
-                           for rs, s in zip(results, batch)]
-                writer.write_batch(ok_rows, results, correct,
-                                   sizes=[im.size for im in images])
-                for cr in correct:
-                    for name, ok in cr.items():
-                        correct_counts[name][0] += int(ok)
-                        correct_counts[name][1] += 1
-                written += len(ok_rows)
-            bar.update(len(rows))
+        if pool is None:
+            engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, grid=grid,
+                                    attention_dtype=torch.float16)
+            batches = _local_batches(engine, samples, pending, conds, batch_size=batch_size,
+                                     prompt_style=prompt_style, on_failure=skip)
+        else:
+            batches = _pool_batches(pool, samples, pending, conds, batch_size=batch_size,
+                                    engine={"max_new_tokens": max_new_tokens, "grid": grid,
+                                            "attention_dtype": "float16"},
+                                    prompt_style=prompt_style, on_failure=skip)
+        for ok_rows, results, image_sizes in batches:
+            batch = [samples[r] for r in ok_rows]
+            correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
+                       for rs, s in zip(results, batch)]
+            writer.write_batch(ok_rows, results, correct, sizes=image_sizes)
+            for cr in correct:
+                for name, ok in cr.items():
+                    correct_counts[name][0] += int(ok)
+                    correct_counts[name][1] += 1
+            written += len(ok_rows)
+            bar.update(len(ok_rows))
         bar.close()
+        if pool is not None:
+            pool.log_throughput()
         complete = len(writer.pending_indices()) == 0
-        final = writer.finalize() if complete else out_path
+        if complete and pool is not None:  # every host that wrote rows, this run or before
+            hosts = sorted(set(writer.attrs.get("hosts", [])) | set(pool.summary.hosts))
+            final = writer.finalize(attrs={"hosts": hosts})
+        else:
+            final = writer.finalize() if complete else out_path
     except KeyboardInterrupt:
         log(f"interrupted: {written} sample(s) written to {out_path}; run the same command "
             "again to resume")
@@ -276,7 +321,47 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
         writer.close()
     acc = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in correct_counts.items()}
     return CaptureSummary(Path(final), len(samples), written, failed,
-                          time.perf_counter() - t0, acc, complete)
+                          time.perf_counter() - t0, acc, complete,
+                          pool.summary if pool is not None else None)
+
+
+Batches = Iterator[tuple[list[int], list[dict[str, Any]], list[tuple[int, int]]]]
+
+
+def _local_batches(engine: DecodingEngine, samples: Sequence[Sample], rows: Sequence[int],
+                   conds: Sequence[Condition], *, batch_size: int, prompt_style: str,
+                   on_failure: Callable[[int, str], None]) -> Batches:
+    """(rows answered, results, image sizes) per batch, run in this process."""
+    for start in range(0, len(rows), batch_size):
+        ok_rows, images = [], []
+        for r in rows[start:start + batch_size]:
+            try:
+                images.append(_open_image(samples[r]))
+                ok_rows.append(r)
+            except VislensError as exc:
+                on_failure(r, str(exc))
+        if ok_rows:
+            batch = [samples[r] for r in ok_rows]
+            questions = [s.meta["prompt"] if prompt_style == "paper" else s.question
+                         for s in batch]  # a prompt holding <image> is used verbatim
+            results = engine.run(images, questions, [s.options for s in batch], conds,
+                                 sample_keys=[s.id for s in batch])
+            yield ok_rows, results, [im.size for im in images]
+
+
+def _pool_batches(pool: Any, samples: Sequence[Sample], rows: Sequence[int],
+                  conds: Sequence[Condition], *, batch_size: int, engine: dict[str, Any],
+                  prompt_style: str, on_failure: Callable[[int, str], None]) -> Batches:
+    """The same batches, run on a Ray worker pool, in the order they finish."""
+    from .distributed import make_jobs
+
+    jobs = make_jobs(samples, rows, conds, batch_size=batch_size, engine=engine,
+                     prompt_style=prompt_style, on_failure=on_failure)
+    for _, out in pool.imap_unordered(jobs):
+        for r, reason in out.failures:
+            on_failure(r, reason)
+        if out.rows:
+            yield out.rows, out.results, out.sizes
 
 
 def _progress(total: int, enabled: bool):

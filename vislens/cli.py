@@ -25,7 +25,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard=args.shard, dtype=args.dtype, device=args.device,
         on_error=args.on_error, max_new_tokens=args.max_new_tokens, grid=args.grid,
         matcher=args.matcher, split_seed=args.split_seed, prompt_style=args.prompt_style,
-        progress=not args.quiet,
+        progress=not args.quiet, ray=args.ray, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
         command="vislens " + shlex.join(sys.argv[1:]))
     state = "complete" if summary.complete else "incomplete"
     print(f"wrote {summary.path} ({state}: {summary.n_written} sample(s) this run, "
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat: the model's chat template around the plain question; paper: the "
                         "published AdaptVis prompt strings verbatim (LLaVA-1.5 only)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .distributed import add_ray_arguments
+
+    add_ray_arguments(c)
     c.set_defaults(func=_cmd_capture)
 
     e = sub.add_parser("evaluate", help="accuracy tables of a capture file")

@@ -64,7 +64,7 @@ REASON_BYTES = 512
 #: root attrs that may differ between a job and the file it resumes (or between shards)
 RESUME_IGNORED_ATTRS = frozenset({
     "command", "created_utc", "vislens_version", "complete", "batch_size", "device",
-    "num_workers", "hostname", "pid", "resumed",
+    "num_workers", "hostname", "pid", "resumed", "workers", "ray_version", "hosts",
 })
 #: gzip level of the final file
 GZIP_LEVEL = 1  # attention maps compress ~1.2x at any level; 1 is the fastest
@@ -416,6 +416,13 @@ class CaptureWriter:
 
     # ------------------------------------------------------------------ state
 
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The file's root attributes (plain Python values)."""
+        if self._f is None:
+            raise VislensError(f"{self.path}: attrs after close()")
+        return _read_attrs(self._f)
+
     def pending_indices(self) -> np.ndarray:
         """Rows (0..N-1) neither done in every condition nor failed, ascending."""
         return np.flatnonzero(~(self._done.all(axis=0) | self._fail))
@@ -564,12 +571,13 @@ class CaptureWriter:
 
     # ------------------------------------------------------------------ finishing
 
-    def finalize(self) -> Path:
+    def finalize(self, attrs: Mapping[str, Any] | None = None) -> Path:
         """Compact the file once every sample is done or failed; else leave it as is.
 
         Writes ``FILE.tmp`` (compressed, variable-length strings, ``complete=True``) and
         atomically replaces ``FILE``; on any error the working file is left intact and
-        the writer stays usable.
+        the writer stays usable. ``attrs`` are root attributes known only at the end (e.g.
+        the hosts of a Ray job); they cannot change the job's spec.
         """
         if self._closed or self._f is None:
             raise VislensError(f"{self.path}: finalize after close()")
@@ -583,10 +591,16 @@ class CaptureWriter:
         tmp = _tmp_of(self.path)
         try:
             with _open_h5(self.path) as src:
-                attrs = _read_attrs(src)
-                attrs["complete"] = True
+                final_attrs = _read_attrs(src)
+                for key, value in (attrs or {}).items():
+                    if key not in RESUME_IGNORED_ATTRS:
+                        raise VislensError(f"{self.path}: finalize: attr {key!r} is part of "
+                                           "the job's spec and cannot change")
+                    final_attrs[key] = value
+                final_attrs["complete"] = True
                 n = src["samples/id"].shape[0]
-                _build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n), attrs)
+                _build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n),
+                             final_attrs)
             _fsync_path(tmp)
             os.replace(tmp, self.path)
             _fsync_dir(self.path)

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -277,36 +277,55 @@ def validation_pass(adapter: Any, samples: Sequence[Any], alphas: Iterable[float
 
     Alpha 1 is the baseline itself (added when missing). No attention is recorded.
     """
-    from .capture import _open_image, is_correct
-    from .decoding import DecodingEngine, parse_condition
+    from .capture import is_correct
+    from .decoding import parse_condition
 
     alphas = tuple(sorted(set(float(a) for a in alphas) | {1.0}))
     names = {a: "baseline" if a == 1.0 else f"alpha{k}" for k, a in enumerate(alphas)}
     conds = [parse_condition("baseline")] + [_scaling_condition(a, names[a]) for a in alphas
                                              if a != 1.0]
-    engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, record=False)
     n, k = len(samples), len(alphas)
     conf = np.full(n, np.nan)
     preds = np.empty((n, k), dtype=object)
     corr = np.zeros((n, k), dtype=bool)
     bar = _progress(n, progress)
-    for start in range(0, n, batch_size):
-        batch = list(samples[start:start + batch_size])
-        results = engine.run([_open_image(s) for s in batch], [s.question for s in batch],
-                             [s.options for s in batch], conds, sample_keys=[s.id for s in batch])
-        for j, (s, res) in enumerate(zip(batch, results)):
-            i = start + j
+    for rows, results in _val_batches(adapter, samples, conds, batch_size, max_new_tokens):
+        for i, res in zip(rows, results):
+            s = samples[i]
             conf[i] = res["baseline"].confidence
             for c, a in enumerate(alphas):
                 text = res[names[a]].text
                 preds[i, c] = text
                 corr[i, c] = is_correct(text, s, matcher)
-        bar.update(len(batch))
+        bar.update(len(rows))
     bar.close()
     meta = pd.DataFrame({"id": [s.id for s in samples], "relation": [s.relation for s in samples],
                          "group": [s.group for s in samples],
                          "answer": [s.answer for s in samples], "confidence": conf})
     return ValResults(meta, alphas, preds, corr)
+
+
+def _val_batches(adapter: Any, samples: Sequence[Any], conds: Sequence[Any], batch_size: int,
+                 max_new_tokens: int) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
+    """(rows, results) per batch: in this process, or on a Ray pool in finishing order."""
+    from .capture import _open_image
+    from .decoding import DecodingEngine
+    from .distributed import ReplicaPool, make_jobs
+
+    if isinstance(adapter, ReplicaPool):
+        jobs = make_jobs(samples, range(len(samples)), conds, batch_size=batch_size,
+                         engine={"max_new_tokens": max_new_tokens, "record": False})
+        for _, out in adapter.imap_unordered(jobs):
+            if out.failures:
+                raise VislensError(out.failures[0][1])
+            yield out.rows, out.results
+        return
+    engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, record=False)
+    for start in range(0, len(samples), batch_size):
+        batch = list(samples[start:start + batch_size])
+        results = engine.run([_open_image(s) for s in batch], [s.question for s in batch],
+                             [s.options for s in batch], conds, sample_keys=[s.id for s in batch])
+        yield list(range(start, start + len(batch))), results
 
 
 def _progress(total: int, enabled: bool):
@@ -602,28 +621,54 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
               max_new_tokens: int = 8, matcher: str = "paper", split_seed: int = 0,
               limit: int | None = None, dtype: str = "auto", device: str = "auto",
               grid: int = 24, progress: bool = True, command: str | None = None,
-              log: Log = print) -> SweepResult:
+              log: Log = print, ray: str | None = None, workers: int | None = None,
+              gpus_per_worker: float | None = None) -> SweepResult:
     """Tune ScalingVis/AdaptVis on the validation split, then compare methods on test.
 
     ``model`` is a name/path for :func:`~vislens.models.load_model` or a loaded adapter.
-    Every flag is validated before the model is loaded. Writes into ``out``:
+    With ``ray`` both passes run on ``workers`` Ray actors that load the model once
+    (``docs/scale.md``). Every flag is validated before the model is loaded. Writes into ``out``:
     ``val_results.csv``, ``val_scaling.csv``, ``val_adaptvis.csv``, ``val_curves.png``,
     ``chosen.json``, ``test.h5`` (resumed if compatible), ``table1.csv``, ``table1.md``.
     """
-    from .capture import run_capture
-    from .evaluate import evaluate_capture
+    from .distributed import check_ray_options, open_session
 
     space = make_grid(alphas, alpha1, alpha2, betas, baselines, log=log)
     _check_job(batch_size, max_new_tokens, matcher, limit, grid)
+    check_ray_options(ray, workers, gpus_per_worker)
     val_samples, test_samples = _load_splits(dataset, data_root, split_seed, limit)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if ray is not None:
+        with open_session(ray, model, workers=workers, gpus_per_worker=gpus_per_worker,
+                          dtype=dtype, device=device, log=log) as session:
+            return _sweep(session.pool, space=space, val_samples=val_samples,
+                          test_samples=test_samples, out=out, model=model, dataset=dataset,
+                          data_root=data_root, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, matcher=matcher,
+                          split_seed=split_seed, limit=limit, grid=grid, progress=progress,
+                          command=command, log=log)
     if isinstance(model, (str, Path)):
         from .models import load_model
 
         adapter = load_model(model, dtype=dtype, device=device)
     else:
         adapter = model
+    return _sweep(adapter, space=space, val_samples=val_samples, test_samples=test_samples,
+                  out=out, model=model, dataset=dataset, data_root=data_root,
+                  batch_size=batch_size, max_new_tokens=max_new_tokens, matcher=matcher,
+                  split_seed=split_seed, limit=limit, grid=grid, progress=progress,
+                  command=command, log=log)
+
+
+def _sweep(adapter: Any, *, space: SweepGrid, val_samples: list, test_samples: list, out: Path,
+           model: Any, dataset: str, data_root: str | None, batch_size: int,
+           max_new_tokens: int, matcher: str, split_seed: int, limit: int | None, grid: int,
+           progress: bool, command: str | None, log: Log) -> SweepResult:
+    """Stages 1-3 of :func:`run_sweep` with a loaded adapter or a Ray worker pool."""
+    from .capture import run_capture
+    from .evaluate import evaluate_capture
+
     command = command if command is not None else shlex.join(sys.argv)
     paths = {k: out / f for k, f in (("val_results", "val_results.csv"),
                                      ("val_scaling", "val_scaling.csv"),
@@ -704,6 +749,8 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``vislens sweep``'s flags to ``p`` (a subparser of the CLI or a fresh parser)."""
+    from .distributed import add_ray_arguments
+
     p.add_argument("--model", required=True, help="hub id, local checkpoint directory, or 'organism'")
     p.add_argument("--dataset", required=True, help="whatsup:..., vsr:..., or jsonl:PATH")
     p.add_argument("--data-root", help="folder with the downloaded benchmark files")
@@ -728,6 +775,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--grid", type=int, default=24, help="analysis grid of the test capture")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_ray_arguments(p)
     p.set_defaults(func=run_args)
     return p
 
@@ -739,7 +787,8 @@ def run_args(args: argparse.Namespace) -> int:
               baselines=args.baselines, batch_size=args.batch_size,
               max_new_tokens=args.max_new_tokens, matcher=args.matcher,
               split_seed=args.split_seed, limit=args.limit, dtype=args.dtype,
-              device=args.device, grid=args.grid, progress=not args.quiet,
+              device=args.device, grid=args.grid, progress=not args.quiet, ray=args.ray,
+              workers=args.workers, gpus_per_worker=args.gpus_per_worker,
               command="vislens sweep " + shlex.join(getattr(args, "_argv", sys.argv[2:])))
     print(f"outputs in {args.out}/ (table1.md, table1.csv, chosen.json, val_curves.png)")
     return 0
