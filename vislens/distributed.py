@@ -252,17 +252,13 @@ def decode_image(data: bytes, path: str, sample_id: str):
 class Replica:
     """A Ray actor holding one model replica (wrapped with ``ray.remote`` by the pool)."""
 
-    def __init__(self, model: str, dtype: str, device: str, threads: int) -> None:
+    def __init__(self, model: str, dtype: str, device: str) -> None:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         self.error = ""
         self.adapter = None
         self.engines: dict[tuple, Any] = {}
         try:
-            import torch
-
-            if threads > 0:
-                torch.set_num_threads(threads)
             from .models import load_model
 
             self.adapter = load_model(model, dtype=dtype, device=device)
@@ -370,16 +366,15 @@ class ReplicaPool:
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if gpus >= 1 else 0.0
         self.gpus_per_worker = float(gpus_per_worker)
-        self.cpus_per_worker = 1.0 if self.gpus_per_worker > 0 else max(1.0, float(int(cpus // workers)))
-        need_cpu, need_gpu = workers * self.cpus_per_worker, workers * self.gpus_per_worker
-        if need_cpu > cpus or need_gpu > gpus + 1e-9:
+        need_cpu, need_gpu = float(workers), workers * self.gpus_per_worker
+        if need_cpu > cpus or need_gpu > gpus + 1e-9:  # never schedulable: refuse now
             raise VislensError(
-                f"--workers {workers} x ({self.cpus_per_worker:g} CPU, {self.gpus_per_worker:g} GPU) "
-                f"needs {need_cpu:g} CPU and {need_gpu:g} GPU but the Ray cluster has {cpus:g} CPU "
+                f"--workers {workers} x (1 CPU, {self.gpus_per_worker:g} GPU) needs "
+                f"{need_cpu:g} CPU and {need_gpu:g} GPU but the Ray cluster has {cpus:g} CPU "
                 f"and {gpus:g} GPU")
+        # busy resources are waited for: another job's workers may be finishing
         self._remote = ray.remote(Replica).options(
-            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0,
-            max_task_retries=0)
+            num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=0, max_task_retries=0)
         self.slots = [_Slot(i) for i in range(workers)]
         self.summary = PoolSummary({i: WorkerStats() for i in range(workers)})
         self.info: dict[str, Any] = {}
@@ -416,8 +411,7 @@ class ReplicaPool:
     # ---------------------------------------------------------------- workers
 
     def _spawn(self, slot: _Slot) -> None:
-        threads = int(self.cpus_per_worker)
-        slot.actor = self._remote.remote(self.model, self.dtype, self.device, threads)
+        slot.actor = self._remote.remote(self.model, self.dtype, self.device)
         slot.ready = False
         self._starting[slot.actor.info.remote()] = slot
 
