@@ -201,8 +201,9 @@ def connect(target: str, *, num_cpus: int | None = None, log: Log = print) -> Cl
     try:
         ray.init(address=target, log_to_driver=False, logging_level=logging.WARNING)
     except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError...
-        raise VislensError(f"--ray {target}: no Ray cluster at {target} "
-                           f"({_one_line(exc)})") from None
+        where = "no running Ray cluster found" if target == "auto" \
+            else f"no Ray cluster at {target}"
+        raise VislensError(f"--ray {target}: {where} ({_one_line(exc)})") from None
     return Cluster(target, owned=False)
 
 
