@@ -102,7 +102,8 @@ def test_report_files_and_auroc(capture, tmp_path):
     assert "maximum over layers (layer chosen and scored on the same samples" in md
     inv = df[(df.condition == "baseline") & (df.layer == 2)].iloc[0]
     assert inv.auroc < 0.05
-    assert f"inverted layers (AUROC < 0.5" in md and f"layer 2: {inv.auroc:.3f}" in md
+    assert inv.auroc_high < 0.5
+    assert f"inverted layers (AUROC < 0.5" in md and f"**layer 2: {inv.auroc:.3f}**" in md
 
 
 def _eq4_eq5(cells):
@@ -137,3 +138,17 @@ def test_undefined_auroc_reported_as_nan(tmp_path):
                     np.ones((3, 2)), np.ones((3, 2)), overlap=np.random.rand(3, 2))
     t = per_layer_auroc_table([st])
     assert t["auroc"].isna().all() and (t["n_neg"] == 0).all()
+
+
+def test_evaluate_capture_table7_and_intervals(capture, tmp_path):
+    from vislens.evaluate import evaluate_capture
+
+    path, truth, masks, correct = capture
+    tables = evaluate_capture(path, tmp_path / "e")
+    gold = tables["gold_frequency"]
+    assert gold.loc[("left", "Left"), "n"] == N // 2 and gold.loc[("right", "Left"), "n"] == N // 2
+    assert gold.loc[("right", "Left"), "percent_of_relation"] == pytest.approx(100.0)
+    assert (tmp_path / "e" / "gold_frequency.csv").exists()
+    acc = tables["accuracy"]
+    row = acc[acc["matcher"] == "first-word"].loc["baseline"]
+    assert row["acc_low"] < row["acc"] < row["acc_high"]

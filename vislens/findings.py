@@ -140,6 +140,10 @@ class _Ctx:
         return metrics.percentile_interval(reps, self.level)
 
 
+def _layer_range(sl: slice) -> str:
+    return f"layer {sl.start}" if sl.stop - sl.start == 1 else f"layers {sl.start}-{sl.stop - 1}"
+
+
 def _need_n(n: int, what: str) -> None:
     if n < MIN_SAMPLES:
         raise _Untestable(f"only {n} {what} (need at least {MIN_SAMPLES})")
@@ -389,7 +393,7 @@ def f5_entropy_by_depth(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
     lo, hi = ctx.interval(lambda idx: d[idx].mean(axis=1), d.size, strata)
     v, why = _verdict(float(d.mean()), lo, hi, above=0.0)
     return (float(d.mean()), lo, hi, d.size,
-            f"layers {early.start}-{early.stop - 1} vs {mid.start}-{mid.stop - 1}; {why}", v)
+            f"early {_layer_range(early)} vs middle {_layer_range(mid)}; {why}", v)
 
 
 def f6_familiar_confidence(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:

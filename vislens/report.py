@@ -81,8 +81,13 @@ def auroc_lines(st: LayerStats, sub: pd.DataFrame) -> list[str]:
                f"optimistic): layer {int(top.layer)}: {top.auroc:.3f}{ci(top)}")
     inverted = defined[defined["auroc"] < 0.5].sort_values("auroc")
     if len(inverted):
-        out.append("  - inverted layers (AUROC < 0.5: overlap is higher for wrong answers): "
-                   + ", ".join(f"layer {int(r.layer)}: {r.auroc:.3f}{ci(r)}"
+        def strong(r) -> bool:
+            return bool(getattr(r, "auroc_high", np.nan) < 0.5)
+
+        out.append("  - inverted layers (AUROC < 0.5: overlap is higher for wrong answers; "
+                   "**bold** = strongly, the interval lies below 0.5): "
+                   + ", ".join((f"**layer {int(r.layer)}: {r.auroc:.3f}**" if strong(r)
+                                else f"layer {int(r.layer)}: {r.auroc:.3f}") + ci(r)
                                for r in inverted.itertuples()))
     return out
 
