@@ -152,3 +152,25 @@ def test_evaluate_capture_table7_and_intervals(capture, tmp_path):
     acc = tables["accuracy"]
     row = acc[acc["matcher"] == "first-word"].loc["baseline"]
     assert row["acc_low"] < row["acc"] < row["acc_high"]
+
+
+def test_figures_layer_defaults_and_validation_choice(capture, tmp_path):
+    """Per-layer figures default to the paper's layers at this depth; --layer best is chosen
+    on the validation samples and Figure 6 is then drawn on the test samples."""
+    from vislens import figures
+
+    path, truth, masks, correct = capture
+    notes: list[str] = []
+    paths = figures.write_figures(path, tmp_path / "a", only=[5, 26], log=notes.append)
+    # 3 layers: paper layer 17 of 32 -> round(17 * 3 / 32) = 2; 14 of 32 -> 1
+    assert sorted(p.name for p in paths) == ["fig05_heatmaps_layer2.png", "fig26_log_attention_layer1.png"]
+    assert "the paper's layers" in notes[-1]
+    notes.clear()
+    paths = figures.write_figures(path, tmp_path / "b", layer="best", only=[5, 6], log=notes.append)
+    assert sorted(p.name for p in paths) == ["fig05_heatmaps_layer1.png", "fig06_overlap_roc.png"]
+    test = np.arange(N) % 3 != 0
+    want = roc_auc_score(correct[test], [plain_overlap(truth[i], masks[i])[1] for i in np.flatnonzero(test)])
+    assert f"{test.sum()} test samples, AUROC {want:.3f}" in notes[-1]
+    assert figures.main([str(path), "--out", str(tmp_path / "c"), "--layer", "best", "--only", "6"]) == 0
+    with pytest.raises(SystemExit):  # argparse: usage and exit status 2
+        figures.main([str(path), "--out", str(tmp_path / "c"), "--layer", "top"])
