@@ -3,7 +3,7 @@ that it fails; the verdict flips. Captures are written with the public CaptureWr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +12,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from vislens.data.base import Box, Sample
-from vislens.decoding import parse_condition
-from vislens.findings import FINDINGS, load_evidence, run_findings, write_findings
+from vislens.decoding import ConditionResult, parse_condition
+from vislens.findings import FINDINGS, load_evidence, run_findings
 from vislens.store import CaptureWriter
 
 L, H, G = 6, 2, 4  # thirds of the layers: early 0-1, middle 2-3
@@ -43,21 +43,6 @@ class World:
     tokens: bool = True
     n: int = 200
     seed: int = 0
-
-
-@dataclass
-class Res:
-    text: str
-    first_token: int
-    confidence: float
-    option_probs: np.ndarray
-    alpha_used: float
-    image_attention: np.ndarray | None = None
-    image_mass: np.ndarray | None = None
-    text_mass: np.ndarray | None = None
-    n_image_tokens: int = 576
-    n_text_tokens: int = 50
-    extras: dict = field(default_factory=dict)
 
 
 def _flip(rng, ok: np.ndarray, where: np.ndarray, to: bool, frac: float) -> np.ndarray:
@@ -150,11 +135,11 @@ def build(path: Path, w: World) -> Path:
             for c in conds:
                 ok = bool(outcome[c.name][i])
                 pred = gold if ok else (gold + 1) % 4
-                d[c.name] = Res(OPTIONS[pred], pred, float(conf[i]), np.full(4, 0.25, np.float32), 1.0,
-                                attn[i].astype(np.float32), img_mass[i].astype(np.float32),
-                                txt_mass[i].astype(np.float32),
-                                n_image_tokens=576 if w.tokens else 0,
-                                n_text_tokens=50 if w.tokens else 0)
+                d[c.name] = ConditionResult(
+                    OPTIONS[pred], pred, float(conf[i]), np.full(4, 0.25, np.float32), 1.0,
+                    attn[i].astype(np.float32), img_mass[i].astype(np.float32),
+                    txt_mass[i].astype(np.float32), n_image_tokens=576 if w.tokens else 0,
+                    n_text_tokens=50 if w.tokens else 0)
             res.append(d)
             cor.append({c.name: bool(outcome[c.name][i]) for c in conds})
         writer.write_batch(rows, res, cor)
@@ -249,8 +234,6 @@ def test_not_testable_names_what_is_missing(tmp_path):
 
 
 def test_several_captures_are_pooled(scorecards, tmp_path):
-    from vislens.findings import Evidence  # noqa: F401  (pooling works on loaded evidence)
-
     one = scorecards["holds"][1]
     two = load_evidence(build(tmp_path / "two.h5", World(seed=5)))
     found = {f.id: f for f in run_findings([one, two], n_boot=N_BOOT)}

@@ -161,6 +161,15 @@ def _nanmean_cols(values: np.ndarray) -> np.ndarray:
     return np.where(ok, values, 0.0).sum(axis=0) / ok.sum(axis=0)
 
 
+def _extreme_mean(D: np.ndarray, pick: Callable, strata: np.ndarray, ctx: "_Ctx"
+                  ) -> tuple[np.ndarray, float, float, float]:
+    """Column means of ``D`` (x100, pp), ``pick`` (nanmax/nanmin) of them, and its interval
+    with the pick taken inside every replicate (so choosing the extreme is resampled too)."""
+    means = 100 * _nanmean_cols(D)
+    lo, hi = ctx.interval(lambda idx: 100 * pick(_col_means(D, idx), axis=1), D.shape[0], strata)
+    return means, float(pick(means)), lo, hi
+
+
 def _verdict(value: float, lo: float, hi: float, *, above: float | None = None,
              below: float | None = None, not_above: float | None = None) -> tuple[str, str]:
     """Verdict from the interval: reproduced when it lies above ``above`` / below ``below``;
@@ -286,10 +295,7 @@ def f2_add_constant(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
         raise _Untestable("no baseline and 'add' condition with delta > 0 (capture with "
                           "--condition baseline --condition add:delta=1)")
     _need_n(D.shape[0], "samples done under the baseline and an add condition")
-    means = 100 * _nanmean_cols(D)
-    value = float(np.nanmax(means))
-    lo, hi = ctx.interval(lambda idx: 100 * np.nanmax(_col_means(D, idx), axis=1), D.shape[0],
-                          _strata(parts))
+    means, value, lo, hi = _extreme_mean(D, np.nanmax, _strata(parts), ctx)
     v, why = _verdict(value, lo, hi, not_above=0.0)
     best = specs[int(np.nanargmax(means))]
     return value, lo, hi, D.shape[0], f"largest change under {best} (of {', '.join(specs)}); {why}", v
@@ -545,10 +551,7 @@ def f10_beats_contrastive(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
         raise _Untestable("; ".join(problems))
     D = np.concatenate(rows)
     _need_n(D.shape[0], "test samples")
-    means = 100 * _nanmean_cols(D)
-    value = float(np.nanmin(means))
-    lo, hi = ctx.interval(lambda idx: 100 * np.nanmin(_col_means(D, idx), axis=1), D.shape[0],
-                          _strata(rows))
+    means, value, lo, hi = _extreme_mean(D, np.nanmin, _strata(rows), ctx)
     v, why = _verdict(value, lo, hi, above=0.0)
     missing = [m for m, k in (("VCD", 0), ("DoLa", 1)) if not np.isfinite(D[:, k]).any()]
     note = f" ({' and '.join(missing)} not captured: compared with the others only)" if missing else ""
