@@ -654,7 +654,7 @@ def write_findings(paths: Sequence[str | Path], out_dir: str | Path, *,
         md.append(f"| {f.id} | {f.verdict} | {_num(f.value)} | {ci} | {f.n} | {f.claim} |")
     md += ["", "## Details", ""]
     for f in found:
-        md += [f"- **{f.id}** ({f.verdict}): {f.statistic}. {f.why}."]
+        md += [f"- **{f.id}** ({f.verdict}): {f.statistic}. {f.why[:1].upper()}{f.why[1:]}."]
     md.append("")
     path = out / "findings.md"
     path.write_text("\n".join(md))
