@@ -210,6 +210,7 @@ def test_accuracy_table_wilson_intervals_and_markdown() -> None:
     assert base["acc_low"] < base["acc"] < base["acc_high"]
     lines = evaluate.to_markdown(table[["n", "acc", "acc_low", "acc_high"]]).splitlines()
     assert lines[0] == "| condition | n | acc |"
+    assert lines[1] == "|:---|---:|---:|"  # the interval column stays right-aligned
     assert lines[2] == f"| baseline | 7 | 85.7 [{100 * ci_low(6, 7):.1f}, {100 * ci_high(6, 7):.1f}] |"
 
 

@@ -322,15 +322,16 @@ def _cell(value: object, floatfmt: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _merge_intervals(df: pd.DataFrame, floatfmt: str) -> pd.DataFrame:
-    """Columns ``X, X_low, X_high`` -> one text column ``X`` reading ``v [lo, hi]``."""
+def _merge_intervals(df: pd.DataFrame, floatfmt: str) -> tuple[pd.DataFrame, list]:
+    """Columns ``X, X_low, X_high`` -> one text column ``X`` reading ``v [lo, hi]``; also
+    returns the merged column labels."""
     cols = [c for c in df.columns if isinstance(c, str) or not isinstance(c, tuple)]
     names = {str(c): c for c in cols}
     merged = [c for c in cols if f"{c}_low" in names and f"{c}_high" in names
               and all(pd.api.types.is_numeric_dtype(df[x]) for x in (c, names[f"{c}_low"],
                                                                      names[f"{c}_high"]))]
     if not merged:
-        return df
+        return df, []
     out = df.copy()
     for c in merged:
         lo, hi = df[names[f"{c}_low"]], df[names[f"{c}_high"]]
@@ -338,7 +339,7 @@ def _merge_intervals(df: pd.DataFrame, floatfmt: str) -> pd.DataFrame:
                                          if np.isfinite(a) and np.isfinite(b) else "")
                   for v, a, b in zip(df[c], lo, hi)]
         out = out.drop(columns=[names[f"{c}_low"], names[f"{c}_high"]])
-    return out
+    return out, merged
 
 
 def to_markdown(df: pd.DataFrame, *, floatfmt: str = ".1f", index: bool | None = None) -> str:
@@ -350,7 +351,7 @@ def to_markdown(df: pd.DataFrame, *, floatfmt: str = ".1f", index: bool | None =
     joined with ``" / "``. A column ``X`` followed by numeric ``X_low`` and ``X_high`` (an
     interval) is shown as one column, ``X [low, high]``.
     """
-    df = _merge_intervals(df, floatfmt)
+    df, merged = _merge_intervals(df, floatfmt)
     frame = df
     if index is None:
         index = not (isinstance(df.index, pd.RangeIndex) and df.index.name is None)
@@ -366,7 +367,8 @@ def to_markdown(df: pd.DataFrame, *, floatfmt: str = ".1f", index: bool | None =
 
     headers = [header_override.get(i, label(c)) for i, c in enumerate(frame.columns)]
     numeric = [
-        pd.api.types.is_numeric_dtype(frame.iloc[:, i]) and not pd.api.types.is_bool_dtype(frame.iloc[:, i])
+        (pd.api.types.is_numeric_dtype(frame.iloc[:, i]) and not pd.api.types.is_bool_dtype(frame.iloc[:, i]))
+        or frame.columns[i] in merged
         for i in range(frame.shape[1])
     ]
     body = [[_cell(v, floatfmt) for v in row] for row in frame.itertuples(index=False, name=None)]
