@@ -424,19 +424,24 @@ def test_single_class_still_draws_what_it_can(caps):
 
 
 def test_write_figures_all(caps, tmp_path):
+    from vislens.analysis import paper_layer
+
     notes: list[str] = []
     paths = figures.write_figures(caps["full"], tmp_path / "figs", log=notes.append)
     names = sorted(p.name for p in paths)
-    lay = FOCUS_LAYER
+    lay, lay26 = paper_layer(17, L), paper_layer(14, L)  # the paper's layers at this depth
+    assert (lay, lay26) == (3, 2)
     assert names == sorted([
         "fig03_attention_share.png", "fig04_add_constant_accuracy.png", f"fig05_heatmaps_layer{lay}.png",
         "fig06_overlap_roc.png", "fig07_variance_and_auroc.png", "fig08_scaling_sweep.png",
         f"fig09_smoothing_layer{lay}.png", f"fig10_sharpening_layer{lay}.png",
         f"fig14_entropy_skewness_layer{lay}.png", "fig15_confidence_by_relation.png",
-        f"fig26_log_attention_layer{lay}.png"])
+        f"fig26_log_attention_layer{lay26}.png"])
     for p in paths:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
-    assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (layer {lay})"]
+    assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (the paper's layers at this "
+                     f"model's depth ({L} layers): Figs. 5, 9, 10, 14 layer 3, Fig. 6 layers 3, "
+                     f"Fig. 26 layer 2)"]
 
 
 def test_write_figures_skips_what_is_missing(caps, tmp_path):
@@ -444,10 +449,10 @@ def test_write_figures_skips_what_is_missing(caps, tmp_path):
     paths = figures.write_figures(caps["bare"], tmp_path, log=notes.append)
     skipped = {n.split(":")[0] for n in notes if n.startswith("skipped")}
     assert skipped == {"skipped fig04_add_constant_accuracy", "skipped fig06_overlap_roc",
-                       "skipped fig09_smoothing_layer2"}
+                       "skipped fig09_smoothing_layer3"}
     assert all("\n" not in n for n in notes)
-    assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer2.png",
-                                       "fig10_sharpening_layer2.png", "fig26_log_attention_layer2.png"}
+    assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer3.png",
+                                       "fig10_sharpening_layer3.png", "fig26_log_attention_layer2.png"}
 
 
 def test_main_cli(caps, tmp_path, capsys):
