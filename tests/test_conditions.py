@@ -89,7 +89,8 @@ def test_restrictions_inside_the_model_pass():
     ("scaling:alpha=1,alpha=2", "given twice"), ("scaling:alpha", "expected key=value"),
     ("adaptvis:alpha1=2,alpha2=0.5,beta=0.3", "alpha1 <= alpha2"),
     ("vcd:noise_steps=2.5", "integer"), ("vcd:beta=0", "(0, 1]"), ("scaling:alpha=-1", "> 0"),
-    ("knockout:name=a/b", "without '/'"), ("warp", "unknown condition method 'warp'"),
+    ("knockout:name=a/b", "without '/'"), ("knockout:layers=0-99999999", "spans more than"),
+    ("knockout:layers=3-", "expected integers"), ("knockout:layers=-1", "expected integers"), ("warp", "unknown condition method 'warp'"),
 ])
 def test_bad_specs_are_one_line_errors(spec, msg):
     with pytest.raises(VislensError) as e:

@@ -19,6 +19,7 @@ intervention kind) and :mod:`vislens.steering` (that kind's edit of the logits).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
@@ -198,21 +199,24 @@ class Param:
 _TEMPERATURE = dict(lo=0.0, lo_open=True, why="a temperature")
 
 
+_INT_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+_MAX_RANGE = 1 << 16  # far beyond any model's layers or heads; bounds what a range expands to
+
+
 def _parse_ints(text: str, where: str) -> tuple[int, ...]:
     """``"8-15+20"`` -> (8, ..., 15, 20); an empty result is an error."""
-    out: list[int] = []
-    try:
-        for part in text.replace("+", " ").replace(";", " ").split():
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise VislensError(f"{where}: expected integers like 0-15 or 3+7, got {text!r}") from None
+    out: set[int] = set()
+    for part in text.replace("+", " ").replace(";", " ").split():
+        m = _INT_RANGE.fullmatch(part)
+        if m is None:
+            raise VislensError(f"{where}: expected integers like 0-15 or 3+7, got {text!r}")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if hi - lo >= _MAX_RANGE:
+            raise VislensError(f"{where}: {part} spans more than {_MAX_RANGE} indices")
+        out.update(range(lo, hi + 1))
     if not out:
         raise VislensError(f"{where}: {text!r} selects nothing (write ranges low-high, e.g. 2-5)")
-    return tuple(sorted(set(out)))
+    return tuple(sorted(out))
 
 
 def format_ranges(values: Sequence[int]) -> str:
