@@ -103,10 +103,13 @@ class DecodingEngine:
 
     ``record`` stores the answer position's attention (grid, image and text mass) per
     condition; ``max_new_tokens`` bounds the continuation (1 = first token only).
+    ``max_fused_rows`` bounds samples x settings run as one batch over the repeated prefix
+    cache (its memory grows with it; 1 runs each setting as its own pass).
     """
 
     def __init__(self, adapter: VLMAdapter, *, max_new_tokens: int = 16, grid: int = 24,
-                 record: bool = True, attention_dtype: torch.dtype = torch.float32) -> None:
+                 record: bool = True, attention_dtype: torch.dtype = torch.float32,
+                 max_fused_rows: int = 32) -> None:
         if max_new_tokens < 1:
             raise VislensError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.adapter = adapter
@@ -115,6 +118,7 @@ class DecodingEngine:
         self.grid = grid
         self.record = record
         self.attention_dtype = attention_dtype  # float16 halves the device->host copy for stores
+        self.max_fused_rows = max_fused_rows  # samples x settings in one pass (1: no fusing)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
@@ -154,11 +158,49 @@ class DecodingEngine:
         The cache is cropped back to the prefix afterwards, ready for the next setting.
         """
         key = SettingKey(*key)
-        b = batch.size
-        # a scalar applies to every row; a tuple gives each row its own value (AdaptVis)
-        values = list(key.value) if isinstance(key.value, tuple) else [key.value] * b
+        values = list(key.value) if isinstance(key.value, tuple) else [key.value] * batch.size
         ivs = interventions_for(key.kind, values, layers=key.layers, heads=key.heads)
+        return self._greedy(batch, cache, ivs, generate, self.record if record is None else record,
+                            keep_rows)
+
+    def fused_steps(self, batch: PreparedBatch, cache: Any, keys: Sequence[SettingKey],
+                    generate: bool = False, record: bool | None = None) -> dict[SettingKey, _Step]:
+        """Greedy rule for several settings in one pass per token.
+
+        The batch and its prefix cache are repeated once per setting (row ``i*K + k`` is
+        sample ``i`` under setting ``k``), each setting's intervention acts on its own rows,
+        and one forward per generated token serves all K settings. On a GPU a decode step
+        re-reads every weight, so this turns K x N weight passes into N. The cache is back to
+        the prefix of the original rows afterwards.
+        """
+        keys = [SettingKey(*k) for k in keys]
+        n_set, b = len(keys), batch.size
         record = self.record if record is None else record
+        if n_set == 1:
+            return {keys[0]: self.step(batch, cache, keys[0], generate, record=record)}
+        ivs = []
+        for k, key in enumerate(keys):
+            values = torch.zeros(b, n_set)
+            values[:, k] = torch.as_tensor(key.value if isinstance(key.value, tuple)
+                                           else [key.value] * b, dtype=torch.float32)
+            rows = torch.zeros(b, n_set, dtype=torch.bool)
+            rows[:, k] = True
+            ivs += interventions_for(key.kind, values.flatten(), layers=key.layers,
+                                     heads=key.heads, rows=rows.flatten())
+        big = _repeat_rows(batch, n_set)
+        cache.batch_repeat_interleave(n_set)
+        try:
+            st = self._greedy(big, cache, ivs, generate, record, keep_rows=False)
+        finally:  # back to the original rows (the repeated copies are identical)
+            cache.batch_select_indices(torch.arange(0, b * n_set, n_set, device=batch.input_ids.device))
+        pick = lambda x, k: None if x is None else x[k::n_set]  # noqa: E731
+        return {key: _Step(st.logits[k::n_set], st.probs[k::n_set], pick(st.grids, k),
+                           pick(st.image_mass, k), pick(st.text_mass, k), pick(st.tokens, k))
+                for k, key in enumerate(keys)}
+
+    def _greedy(self, batch: PreparedBatch, cache: Any, ivs: list, generate: bool, record: bool,
+                keep_rows: bool) -> _Step:
+        """The last prompt token under interventions ``ivs``, then the greedy continuation."""
         steerer = Steerer(batch.image_keys, interventions=ivs, record=record)
         with steerer:
             out = self._forward(**self._last(batch), **{self._cache_kw: cache})
@@ -316,12 +358,16 @@ class DecodingEngine:
         gen = self.max_new_tokens > 1
         steps: dict[SettingKey, _Step] = {}
 
-        def need(key: SettingKey, generate: bool = gen, record: bool = self.record) -> _Step:
+        def ready(key: SettingKey, generate: bool = gen, record: bool = self.record) -> bool:
             st = steps.get(key)
-            if st is None or (generate and st.tokens is None) or (record and st.grids is None):
-                st = steps[key] = RULES.get(key.rule)(self, batch, cache, key, generate=generate,
-                                                      record=record, sample_keys=keys)
-            return st
+            return st is not None and not (generate and st.tokens is None) and \
+                not (record and st.grids is None)
+
+        def need(key: SettingKey, generate: bool = gen, record: bool = self.record) -> _Step:
+            if not ready(key, generate, record):
+                steps[key] = RULES.get(key.rule)(self, batch, cache, key, generate=generate,
+                                                 record=record, sample_keys=keys)
+            return steps[key]
 
         def confidence(wanted: bool) -> np.ndarray:
             # the unsteered step; generated/recorded only if a condition uses it as its own
@@ -329,7 +375,13 @@ class DecodingEngine:
             return st.probs.max(-1).values.cpu().numpy()
 
         plans = plan_conditions(conditions, batch.size, confidence)
-        for key in dict.fromkeys(k for p in plans.values() for k in p.rows):
+        planned = list(dict.fromkeys(k for p in plans.values() for k in p.rows))
+        # greedy settings share passes (max_fused_rows rows each); other rules run alone
+        greedy = [k for k in planned if k.rule == "greedy" and not ready(k)]
+        per_pass = max(1, self.max_fused_rows // batch.size)
+        for start in range(0, len(greedy), per_pass):
+            steps.update(self.fused_steps(batch, cache, greedy[start:start + per_pass], gen))
+        for key in planned:
             need(key)
         n_img = batch.image_keys.sum(-1).tolist()
         n_all = batch.attention_mask.sum(-1).tolist()
@@ -360,6 +412,17 @@ class DecodingEngine:
             image_attention=None if st.grids is None else st.grids[i],
             image_mass=None if st.image_mass is None else st.image_mass[i],
             text_mass=None if st.text_mass is None else st.text_mass[i])
+
+
+def _repeat_rows(batch: PreparedBatch, times: int) -> PreparedBatch:
+    """Each row repeated ``times`` times in place (row ``i*times + k``), for the last token and
+    the decode steps (no pixels: the image is in the prefix cache)."""
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(times, dim=-2 if t.dim() == 3 else 0)
+    return PreparedBatch(input_ids=rep(batch.input_ids), attention_mask=rep(batch.attention_mask),
+                         position_ids=rep(batch.position_ids), image_keys=rep(batch.image_keys),
+                         vision={}, layouts=[lay for lay in batch.layouts for _ in range(times)],
+                         prompts=[p for p in batch.prompts for _ in range(times)])
 
 
 RULES.add("greedy", DecodingEngine.step)

@@ -85,13 +85,15 @@ class Intervention:
     ``kind`` names an entry of :data:`INTERVENTIONS`: ``"scale"`` (ScalingVis: logits *
     value), ``"add"`` (logits + value) or ``"knockout"`` (-inf: the row gives image keys no
     weight; value unused). ``value`` holds one number per batch row. ``layers``/``heads``
-    restrict it (None = all).
+    restrict it (None = all); ``rows`` (bool, one per batch row) too, so that several
+    interventions can share one forward, each on its own rows (None = all rows).
     """
 
     kind: str
     value: torch.Tensor
     layers: frozenset[int] | None = None
     heads: tuple[int, ...] | None = None
+    rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in INTERVENTIONS:
@@ -100,10 +102,14 @@ class Intervention:
         self.edit = INTERVENTIONS.get(self.kind)
         if not torch.isfinite(self.value).all():
             raise ValueError(f"intervention {self.kind} has a non-finite value: {self.value.tolist()}")
+        if self.rows is not None and self.rows.shape != self.value.shape:
+            raise ValueError(f"intervention rows {tuple(self.rows.shape)} do not match its values "
+                             f"{tuple(self.value.shape)}")
 
     def is_identity(self) -> bool:
         neutral = self.edit.neutral
-        return neutral is not None and bool((self.value == neutral).all())
+        value = self.value if self.rows is None else self.value[self.rows]
+        return neutral is not None and bool((value == neutral).all())
 
     def applies(self, layer: int) -> bool:
         return (self.layers is None or layer in self.layers) and not self.is_identity()
@@ -113,6 +119,8 @@ class Intervention:
         v = self.value.to(logits.device, logits.dtype)[:, None, None]
         edited = self.edit.fn(logits, v)
         where = image_keys[:, None, :]
+        if self.rows is not None:
+            where = where & self.rows.to(logits.device)[:, None, None]
         if self.heads is not None:
             n_heads = logits.shape[1]
             if max(self.heads) >= n_heads or min(self.heads) < 0:
@@ -342,10 +350,11 @@ def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 def interventions_for(kind: str, values: Iterable[float] | torch.Tensor, *,
                       layers: Iterable[int] | None = None,
-                      heads: Iterable[int] | None = None) -> list[Intervention]:
+                      heads: Iterable[int] | None = None,
+                      rows: torch.Tensor | None = None) -> list[Intervention]:
     """One :class:`Intervention` from per-row values (empty list for identity)."""
     v = torch.as_tensor(list(values) if not isinstance(values, torch.Tensor) else values,
                         dtype=torch.float32)
     iv = Intervention(kind, v, frozenset(layers) if layers is not None else None,
-                      tuple(heads) if heads is not None else None)
+                      tuple(heads) if heads is not None else None, rows)
     return [] if iv.is_identity() else [iv]
