@@ -7,6 +7,8 @@ prefix cache. Floats from different kernels are compared with relative tolerance
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -346,3 +348,70 @@ def test_adaptvis_alone_uses_one_per_row_step_equal_to_scaling_steps(tiny_adapte
         assert a["adaptvis"].text == b["adaptvis"].text
         assert a["adaptvis"].confidence == pytest.approx(b["adaptvis"].confidence, rel=1e-5)
         assert_close(a["adaptvis"].image_attention, b["adaptvis"].image_attention)
+
+
+def forced_scores(adapter, engine, batch, key, tokens):
+    """Next-token scores along given continuations (teacher forcing), each setting run alone:
+    the steered last prompt token, then unsteered decode steps feeding ``tokens`` [B, T]."""
+    from vislens.steering import interventions_for
+
+    cache = engine.prefill(batch)
+    values = list(key.value) if isinstance(key.value, tuple) else [key.value] * batch.size
+    with torch.no_grad():
+        with Steerer(batch.image_keys, interventions_for(key.kind, values, layers=key.layers,
+                                                         heads=key.heads), record=False):
+            out = adapter.model(**engine._last(batch), **{engine._cache_kw: cache})
+        scores, mask = [out.logits[:, -1].float()], batch.attention_mask
+        for t in range(tokens.shape[1] - 1):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            feed = tokens[:, t].clamp_min(0)[:, None]  # finished rows feed anything
+            out = adapter.model(input_ids=feed, attention_mask=mask, use_cache=True,
+                                position_ids=adapter.next_position(batch.position_ids, t),
+                                **{engine._cache_kw: cache})
+            scores.append(out.logits[:, -1].float())
+    return torch.stack(scores, 1)  # [B, T, V]
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_fused_settings_equal_one_pass_per_setting(tiny_adapter, arch):
+    """K settings as one B x K batch over the repeated cache: the same answers and attention
+    as one pass per setting, in fewer forward calls."""
+    from vislens.conditions import plan_conditions
+
+    adapter = tiny_adapter(arch)
+    images = [random_image(30, (60, 40)), random_image(31, (44, 52))]
+    qs = [QUESTION, SHORT]
+    specs = ["baseline", "scaling:alpha=0.5", "scaling:alpha=2", "add:delta=-1,layers=1",
+             "knockout:heads=1", "adaptvis:alpha1=0.5,alpha2=2,beta=0.5"]
+    conds = [parse_condition(c) for c in specs]
+    fused, alone = DecodingEngine(adapter, max_new_tokens=4), DecodingEngine(adapter, max_new_tokens=4,
+                                                                             max_fused_rows=1)
+    got, ref = fused.run(images, qs, [OPTIONS] * 2, conds), alone.run(images, qs, [OPTIONS] * 2, conds)
+    # prefill + baseline (AdaptVis's probe, also a condition) + the other four settings
+    # together: 1 + 4 + 4 calls at most, against 1 + 5 x 4 one setting at a time
+    assert fused.forward_calls <= 1 + 4 + 4 < alone.forward_calls
+    for g, r in zip(got, ref):
+        for c in conds:
+            assert g[c.name].alpha_used == r[c.name].alpha_used or math.isnan(r[c.name].alpha_used)
+            assert g[c.name].confidence == pytest.approx(r[c.name].confidence, rel=1e-5)
+            assert_close(g[c.name].option_probs, r[c.name].option_probs)
+            assert_close(g[c.name].image_mass, r[c.name].image_mass)
+            assert_close(g[c.name].image_attention, r[c.name].image_attention)
+    # the fused continuations are greedy under the one-setting-per-pass kernels: every token
+    # is the argmax of the separately computed scores, up to float rounding (near-ties may go
+    # either way)
+    batch = adapter.prepare(images, qs)
+    with torch.no_grad():
+        cache = fused.prefill(batch)
+        keys = list(dict.fromkeys(k for p in plan_conditions(conds[:-1], 2, None).values()
+                                  for k in p.rows))
+        steps = fused.fused_steps(batch, cache, keys, generate=True)
+    for key, st in steps.items():
+        tokens = torch.tensor(st.tokens)
+        scores = forced_scores(adapter, alone, batch, key, tokens)
+        for i in range(tokens.shape[0]):
+            for t in range(tokens.shape[1]):
+                if tokens[i, t] < 0:
+                    break
+                s = scores[i, t]
+                assert s[tokens[i, t]] >= s.max() - 1e-4 * s.abs().max(), (key, i, t)
