@@ -370,9 +370,9 @@ class DecodingEngine:
             return steps[key]
 
         def confidence(wanted: bool) -> np.ndarray:
-            # the unsteered step; generated/recorded only if a condition uses it as its own
-            st = need(BASELINE_KEY, gen and wanted, self.record and wanted)
-            return st.probs.max(-1).values.cpu().numpy()
+            # the unsteered first token only: where a condition uses the baseline as its own
+            # result, its continuation and attention come with the fused pass below
+            return need(BASELINE_KEY, False, False).probs.max(-1).values.cpu().numpy()
 
         plans = plan_conditions(conditions, batch.size, confidence)
         planned = list(dict.fromkeys(k for p in plans.values() for k in p.rows))
