@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .conditions import (BASELINE_KEY, NOISE_STEPS, Condition, ConditionResult, SettingKey,
-                         adaptvis_alpha, check_conditions, dola_candidates, parse_condition,
-                         plan_conditions)
+from .conditions import (BASELINE_KEY, NOISE_STEPS, Condition, ConditionResult, Plan,
+                         SettingKey, adaptvis_alpha, check_conditions, dola_candidates,
+                         parse_condition, plan_conditions)
 from .errors import VislensError
 from .models.base import PreparedBatch, VLMAdapter
 from .registry import Registry
@@ -354,6 +354,13 @@ class DecodingEngine:
         check_conditions(conditions, self.adapter.num_layers, self.adapter.num_heads)
         batch = self.adapter.prepare(images, questions)
         keys = list(sample_keys) if sample_keys is not None else list(questions)
+        plans, steps = self._plan_and_execute(batch, conditions, keys)
+        return self._collect(batch, options, conditions, plans, steps)
+
+    def _plan_and_execute(self, batch: PreparedBatch, conditions: Sequence[Condition],
+                          sample_keys: Sequence[str]) -> tuple[dict[str, Plan], dict[SettingKey, _Step]]:
+        """Prefill, plan every condition (probing the unsteered confidence where a method needs
+        it), then run each distinct planned setting once: greedy ones fused, others alone."""
         cache = self.prefill(batch)
         gen = self.max_new_tokens > 1
         steps: dict[SettingKey, _Step] = {}
@@ -366,7 +373,7 @@ class DecodingEngine:
         def need(key: SettingKey, generate: bool = gen, record: bool = self.record) -> _Step:
             if not ready(key, generate, record):
                 steps[key] = RULES.get(key.rule)(self, batch, cache, key, generate=generate,
-                                                 record=record, sample_keys=keys)
+                                                 record=record, sample_keys=sample_keys)
             return steps[key]
 
         def confidence(wanted: bool) -> np.ndarray:
@@ -383,6 +390,12 @@ class DecodingEngine:
             steps.update(self.fused_steps(batch, cache, greedy[start:start + per_pass], gen))
         for key in planned:
             need(key)
+        return plans, steps
+
+    def _collect(self, batch: PreparedBatch, options: Sequence[Sequence[str]],
+                 conditions: Sequence[Condition], plans: dict[str, Plan],
+                 steps: dict[SettingKey, _Step]) -> list[dict[str, ConditionResult]]:
+        """Each sample's result under each condition, from the step its plan names."""
         n_img = batch.image_keys.sum(-1).tolist()
         n_all = batch.attention_mask.sum(-1).tolist()
         opt_ids = [self.adapter.option_token_ids(o) for o in options]
