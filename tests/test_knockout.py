@@ -61,7 +61,7 @@ def test_knockout_matches_eager_reference(tiny_adapter, arch, layers, heads):
 def parse_key(spec: str):
     """The steering setting the condition plans for a one-row batch."""
     cond = parse_condition(spec)
-    return plan_conditions([cond], 1, lambda wanted: None)[cond.name].rows[0]
+    return plan_conditions([cond], 1, lambda: None)[cond.name].rows[0]
 
 
 def test_knockout_in_a_padded_batch_zeroes_only_image_keys(tiny_adapter):

@@ -397,6 +397,14 @@ def test_fused_settings_equal_one_pass_per_setting(tiny_adapter, arch):
             assert_close(g[c.name].option_probs, r[c.name].option_probs)
             assert_close(g[c.name].image_mass, r[c.name].image_mass)
             assert_close(g[c.name].image_attention, r[c.name].image_attention)
+    # contrastive rules run on the prefix cache the fused pass hands back
+    extra = conds[:3] + [parse_condition("vcd"), parse_condition("dola")]
+    got = fused.run(images, qs, [OPTIONS] * 2, extra, sample_keys=["a", "b"])
+    ref = alone.run(images, qs, [OPTIONS] * 2, extra, sample_keys=["a", "b"])
+    for g, r in zip(got, ref):
+        for c in ("vcd", "dola"):
+            assert g[c].confidence == pytest.approx(r[c].confidence, rel=1e-5)
+            assert_close(g[c].image_mass, r[c].image_mass)
     # the fused continuations are greedy under the one-setting-per-pass kernels: every token
     # is the argmax of the separately computed scores, up to float rounding (near-ties may go
     # either way)

@@ -569,13 +569,13 @@ def condition_label(name: str, attrs: Mapping[str, Any] | None = None) -> str:
 # ----------------------------------------------------------------------------- planning
 
 def plan_conditions(conds: Sequence[Condition], n: int,
-                    confidence: Callable[[bool], np.ndarray]) -> dict[str, Plan]:
+                    confidence: Callable[[], np.ndarray]) -> dict[str, Plan]:
     """Each condition's per-row settings for a batch of ``n`` rows.
 
-    ``confidence(wanted)`` runs the unsteered step (``wanted``: its result is also used as
-    a condition's own) and returns its max-probability per row; it is called once, only if
-    some method needs it. A plan with per-row settings is collapsed into its ``batched``
-    single forward unless every per-row setting is planned anyway by another condition.
+    ``confidence()`` runs the unsteered first token and returns its max-probability per
+    row; it is called once, only if some method needs it. A plan with per-row settings is
+    collapsed into its ``batched`` single forward unless every per-row setting is planned
+    anyway by another condition.
     """
     plans: dict[str, Plan] = {}
     adaptive = []
@@ -586,8 +586,7 @@ def plan_conditions(conds: Sequence[Condition], n: int,
         else:
             plans[c.name] = m.plan(c, n, None)
     if adaptive:
-        planned = {k for p in plans.values() for k in p.rows}
-        conf = np.asarray(confidence(BASELINE_KEY in planned), dtype=np.float64)
+        conf = np.asarray(confidence(), dtype=np.float64)
         for c, m in adaptive:
             plans[c.name] = m.plan(c, n, conf)
     static = {k for name, p in plans.items() for k in p.rows if p.batched is None}

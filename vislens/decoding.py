@@ -192,8 +192,12 @@ class DecodingEngine:
         try:
             st = self._greedy(big, cache, ivs, generate, record, keep_rows=False)
         finally:  # back to the original rows (the repeated copies are identical)
-            cache.batch_select_indices(torch.arange(0, b * n_set, n_set, device=batch.input_ids.device))
-        pick = lambda x, k: None if x is None else x[k::n_set]  # noqa: E731
+            # CPU indices index tensors on any device (the layers may sit on several GPUs)
+            cache.batch_select_indices(torch.arange(0, b * n_set, n_set))
+
+        def pick(x: Any, k: int) -> Any:
+            return None if x is None else x[k::n_set]
+
         return {key: _Step(st.logits[k::n_set], st.probs[k::n_set], pick(st.grids, k),
                            pick(st.image_mass, k), pick(st.text_mass, k), pick(st.tokens, k))
                 for k, key in enumerate(keys)}
@@ -376,7 +380,7 @@ class DecodingEngine:
                                                  record=record, sample_keys=sample_keys)
             return steps[key]
 
-        def confidence(wanted: bool) -> np.ndarray:
+        def confidence() -> np.ndarray:
             # the unsteered first token only: where a condition uses the baseline as its own
             # result, its continuation and attention come with the fused pass below
             return need(BASELINE_KEY, False, False).probs.max(-1).values.cpu().numpy()
