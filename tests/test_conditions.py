@@ -103,6 +103,8 @@ def test_directly_built_conditions_are_validated_too():
         check_conditions([Condition("s", "scaling")])
     with pytest.raises(VislensError, match="not finite"):
         check_conditions([Condition("s", "scaling", (("alpha", math.nan),))])
+    with pytest.raises(VislensError, match="unknown option 'gamma'"):
+        check_conditions([Condition("s", "scaling", (("alpha", 2.0), ("gamma", 1.0)))])
     with pytest.raises(VislensError, match="takes no layers"):
         check_conditions([Condition("b", "baseline", layers=(1,))])
     with pytest.raises(VislensError, match="named 'a'"):

@@ -271,6 +271,10 @@ class Method:
         """Parameter ranges, the restriction (against the model's counts when given)."""
         where = f"condition {cond.name}"
         values = {**dict(cond.params), **dict(cond.options)}
+        unknown = sorted(set(values) - {p.name for p in self.params})
+        if unknown:
+            raise VislensError(f"{where}: unknown option {unknown[0]!r} for {self.name} "
+                               f"(allowed: {', '.join(self.option_names())})")
         for p in self.params:
             if p.name not in values:
                 raise VislensError(f"{where}: missing {p.name}")
