@@ -7,9 +7,7 @@ ones elsewhere, so AUROC, ROC and the before/after figures have a known answer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from vislens import figures, plots  # noqa: E402
 from vislens.boxes import box_mask  # noqa: E402
+from vislens.conditions import Condition, ConditionResult, parse_condition  # noqa: E402
 from vislens.data.base import Box, Sample  # noqa: E402
 from vislens.errors import VislensError  # noqa: E402
 from vislens.store import CaptureWriter, open_capture  # noqa: E402
@@ -30,43 +29,13 @@ OPTIONS = ["Left", "Right", "On", "Under"]
 ALL_CONDITIONS = ("baseline", "scaling:0.5", "scaling:2", "add:-1", "add:1", "adaptvis")
 
 
-@dataclass(frozen=True)
-class Cond:
-    name: str
-    method: str
-    params: tuple = ()
-
-    def attrs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "spec": self.name}
-        out.update(dict(self.params))
-        return out
-
-
-def _cond(spec: str) -> Cond:
-    if spec == "baseline":
-        return Cond("baseline", "baseline")
+def _cond(spec: str) -> Condition:
+    """``scaling:0.5`` / ``add:-1`` / ``adaptvis`` / ``baseline`` -> the real condition."""
     if spec == "adaptvis":
-        return Cond("adaptvis", "adaptvis", (("alpha1", 0.5), ("alpha2", 2.0), ("beta", 0.5)))
-    method, value = spec.split(":")
-    v = float(value)
-    if method == "scaling":
-        return Cond(f"scaling-{v:g}", "scaling", (("alpha", v),))
-    return Cond(f"add{v:+g}", "add", (("delta", v),))
-
-
-@dataclass
-class Result:
-    text: str
-    first_token: int
-    confidence: float
-    option_probs: np.ndarray
-    alpha_used: float
-    image_attention: np.ndarray | None = None
-    image_mass: np.ndarray | None = None
-    text_mass: np.ndarray | None = None
-    n_image_tokens: int = G * G
-    n_text_tokens: int = 20
-    extras: dict = field(default_factory=dict)
+        return parse_condition("adaptvis:alpha1=0.5,alpha2=2,beta=0.5")
+    method, _, value = spec.partition(":")
+    key = {"scaling": "alpha", "add": "delta"}.get(method)
+    return parse_condition(f"{method}:{key}={value}" if key else method)
 
 
 def _boxes(rel: str, rng: np.random.Generator) -> list[Box]:
@@ -125,7 +94,7 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
     flip = rng.random((len(conds), n)) < 0.25
     conf = np.where(correct, 0.55 + 0.4 * rng.random(n), 0.25 + 0.4 * rng.random(n))
 
-    def result(i: int, k: int, c: Cond) -> tuple[Result, bool]:
+    def result(i: int, k: int, c: Condition) -> tuple[ConditionResult, bool]:
         p = dict(c.params)
         alpha = p.get("alpha", 1.0) if c.method == "scaling" else 1.0
         delta = p.get("delta", 0.0) if c.method == "add" else 0.0
@@ -137,7 +106,7 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
         pred = gold if ok else (gold + 1) % 4
         probs = np.full(4, 0.05, np.float32)
         probs[pred] = conf[i]
-        r = Result(text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
+        r = ConditionResult(n_image_tokens=G * G, n_text_tokens=20, text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
                    option_probs=probs, alpha_used=alpha, image_attention=(w * mass[..., None, None]).astype(np.float32),
                    image_mass=mass.astype(np.float32), text_mass=(1 - mass).astype(np.float32))
         if not tokens:

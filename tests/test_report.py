@@ -1,8 +1,6 @@
 """Streaming analysis and ``vislens report`` on a synthetic capture whose answer is known."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from vislens.analysis import all_stats
 from vislens.data.base import Box, Sample
-from vislens.decoding import parse_condition
+from vislens.conditions import ConditionResult, parse_condition
 from vislens.store import CaptureWriter, open_capture
 
 L, H, G, N = 3, 2, 6, 40
@@ -45,7 +43,8 @@ def _write_capture(path, *, n_done: int = N, seed: int = 0):
         attn[focus] = 0.2 * attn[focus] + 0.8 * 0.4 * masks[i] / masks[i].sum()
         res = {}
         for c in ("baseline", "scaling-2"):
-            res[c] = SimpleNamespace(text="Left" if correct[i] else "Right", confidence=0.5 + 0.4 * correct[i],
+            res[c] = ConditionResult(text="Left" if correct[i] else "Right", first_token=0,
+                                     confidence=0.5 + 0.4 * correct[i],
                                      option_probs=np.array([0.5, 0.5]), alpha_used=1.0,
                                      image_attention=attn.astype(np.float16),
                                      image_mass=np.full((L, H), 0.4, np.float32),

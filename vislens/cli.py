@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .conditions import condition_help
 from .errors import VislensError
 
 
@@ -140,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-root", help="folder with the downloaded benchmark files")
     c.add_argument("--out", required=True, help="output .h5 file (resumed if it exists)")
     c.add_argument("--condition", action="append", metavar="SPEC",
-                   help="baseline | scaling:alpha=A | adaptvis:alpha1=A1,alpha2=A2,beta=B | "
-                        "add:delta=D (optional ,layers=8-15,heads=0+3,name=N); repeatable")
+                   help=condition_help().replace("%", "%%"))
     c.add_argument("--split", default="all", choices=["val", "test", "all"])
     c.add_argument("--split-seed", type=int, default=0, help="seed of the 20%% validation split")
     c.add_argument("--limit", type=int, help="only the first N samples of the split")
