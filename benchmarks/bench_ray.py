@@ -32,7 +32,7 @@ ROW_MB = L * H * G * G * 2 / 1e6
 
 def make_batches(n: int, conds: list[str], batch: int, seed: int = 0):
     """BatchOutput-shaped payloads with real ConditionResult objects."""
-    from vislens.decoding import ConditionResult
+    from vislens.conditions import ConditionResult
     from vislens.distributed import BatchOutput
 
     rng = np.random.default_rng(seed)
@@ -51,7 +51,7 @@ def make_batches(n: int, conds: list[str], batch: int, seed: int = 0):
 
 def open_writer(path: Path, n: int, conds: list[str]):
     from vislens.data.base import Sample
-    from vislens.decoding import parse_condition
+    from vislens.conditions import parse_condition
     from vislens.store import CaptureWriter
 
     samples = [Sample(id=f"s{i}", image_path="", question="Where is the a in relation to the b?",

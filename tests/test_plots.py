@@ -7,9 +7,7 @@ ones elsewhere, so AUROC, ROC and the before/after figures have a known answer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from vislens import figures, plots  # noqa: E402
 from vislens.boxes import box_mask  # noqa: E402
+from vislens.conditions import Condition, ConditionResult, parse_condition  # noqa: E402
 from vislens.data.base import Box, Sample  # noqa: E402
 from vislens.errors import VislensError  # noqa: E402
 from vislens.store import CaptureWriter, open_capture  # noqa: E402
@@ -30,43 +29,13 @@ OPTIONS = ["Left", "Right", "On", "Under"]
 ALL_CONDITIONS = ("baseline", "scaling:0.5", "scaling:2", "add:-1", "add:1", "adaptvis")
 
 
-@dataclass(frozen=True)
-class Cond:
-    name: str
-    method: str
-    params: tuple = ()
-
-    def attrs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "spec": self.name}
-        out.update(dict(self.params))
-        return out
-
-
-def _cond(spec: str) -> Cond:
-    if spec == "baseline":
-        return Cond("baseline", "baseline")
+def _cond(spec: str) -> Condition:
+    """``scaling:0.5`` / ``add:-1`` / ``adaptvis`` / ``baseline`` -> the real condition."""
     if spec == "adaptvis":
-        return Cond("adaptvis", "adaptvis", (("alpha1", 0.5), ("alpha2", 2.0), ("beta", 0.5)))
-    method, value = spec.split(":")
-    v = float(value)
-    if method == "scaling":
-        return Cond(f"scaling-{v:g}", "scaling", (("alpha", v),))
-    return Cond(f"add{v:+g}", "add", (("delta", v),))
-
-
-@dataclass
-class Result:
-    text: str
-    first_token: int
-    confidence: float
-    option_probs: np.ndarray
-    alpha_used: float
-    image_attention: np.ndarray | None = None
-    image_mass: np.ndarray | None = None
-    text_mass: np.ndarray | None = None
-    n_image_tokens: int = G * G
-    n_text_tokens: int = 20
-    extras: dict = field(default_factory=dict)
+        return parse_condition("adaptvis:alpha1=0.5,alpha2=2,beta=0.5")
+    method, _, value = spec.partition(":")
+    key = {"scaling": "alpha", "add": "delta"}.get(method)
+    return parse_condition(f"{method}:{key}={value}" if key else method)
 
 
 def _boxes(rel: str, rng: np.random.Generator) -> list[Box]:
@@ -125,7 +94,7 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
     flip = rng.random((len(conds), n)) < 0.25
     conf = np.where(correct, 0.55 + 0.4 * rng.random(n), 0.25 + 0.4 * rng.random(n))
 
-    def result(i: int, k: int, c: Cond) -> tuple[Result, bool]:
+    def result(i: int, k: int, c: Condition) -> tuple[ConditionResult, bool]:
         p = dict(c.params)
         alpha = p.get("alpha", 1.0) if c.method == "scaling" else 1.0
         delta = p.get("delta", 0.0) if c.method == "add" else 0.0
@@ -137,7 +106,7 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
         pred = gold if ok else (gold + 1) % 4
         probs = np.full(4, 0.05, np.float32)
         probs[pred] = conf[i]
-        r = Result(text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
+        r = ConditionResult(n_image_tokens=G * G, n_text_tokens=20, text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
                    option_probs=probs, alpha_used=alpha, image_attention=(w * mass[..., None, None]).astype(np.float32),
                    image_mass=mass.astype(np.float32), text_mass=(1 - mass).astype(np.float32))
         if not tokens:
@@ -424,19 +393,24 @@ def test_single_class_still_draws_what_it_can(caps):
 
 
 def test_write_figures_all(caps, tmp_path):
+    from vislens.analysis import paper_layer
+
     notes: list[str] = []
     paths = figures.write_figures(caps["full"], tmp_path / "figs", log=notes.append)
     names = sorted(p.name for p in paths)
-    lay = FOCUS_LAYER
+    lay, lay26 = paper_layer(17, L), paper_layer(14, L)  # the paper's layers at this depth
+    assert (lay, lay26) == (3, 2)
     assert names == sorted([
         "fig03_attention_share.png", "fig04_add_constant_accuracy.png", f"fig05_heatmaps_layer{lay}.png",
         "fig06_overlap_roc.png", "fig07_variance_and_auroc.png", "fig08_scaling_sweep.png",
         f"fig09_smoothing_layer{lay}.png", f"fig10_sharpening_layer{lay}.png",
         f"fig14_entropy_skewness_layer{lay}.png", "fig15_confidence_by_relation.png",
-        f"fig26_log_attention_layer{lay}.png"])
+        f"fig26_log_attention_layer{lay26}.png"])
     for p in paths:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
-    assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (layer {lay})"]
+    assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (the paper's layers at this "
+                     f"model's depth ({L} layers): Figs. 5, 9, 10, 14 layer 3, Fig. 6 layers 3, "
+                     f"Fig. 26 layer 2)"]
 
 
 def test_write_figures_skips_what_is_missing(caps, tmp_path):
@@ -444,10 +418,10 @@ def test_write_figures_skips_what_is_missing(caps, tmp_path):
     paths = figures.write_figures(caps["bare"], tmp_path, log=notes.append)
     skipped = {n.split(":")[0] for n in notes if n.startswith("skipped")}
     assert skipped == {"skipped fig04_add_constant_accuracy", "skipped fig06_overlap_roc",
-                       "skipped fig09_smoothing_layer2"}
+                       "skipped fig09_smoothing_layer3"}
     assert all("\n" not in n for n in notes)
-    assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer2.png",
-                                       "fig10_sharpening_layer2.png", "fig26_log_attention_layer2.png"}
+    assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer3.png",
+                                       "fig10_sharpening_layer3.png", "fig26_log_attention_layer2.png"}
 
 
 def test_main_cli(caps, tmp_path, capsys):

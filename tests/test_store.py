@@ -12,14 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 
+from vislens.conditions import Condition, ConditionResult
 from vislens.data.base import Box, Sample
 from vislens.errors import VislensError
 from vislens.store import (FORMAT, FORMAT_VERSION, PREDICTION_BYTES, CaptureWriter, merge,
@@ -30,40 +29,8 @@ L, H, G, K = 2, 2, 4, 3
 SEED = 20250
 
 
-@dataclass(frozen=True)
-class FakeCondition:
-    """Stands in for decoding.Condition (which imports torch) in the kill-test child."""
-
-    name: str
-    method: str
-    params: tuple[tuple[str, float], ...] = ()
-    layers: tuple[int, ...] | None = None
-
-    def attrs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "spec": f"{self.method}:{self.params}"}
-        out.update(dict(self.params))
-        if self.layers is not None:
-            out["layers"] = list(self.layers)
-        return out
-
-
-@dataclass
-class FakeResult:
-    """Same fields as decoding.ConditionResult."""
-
-    text: str
-    first_token: int
-    confidence: float
-    option_probs: np.ndarray
-    alpha_used: float
-    image_attention: np.ndarray | None = None
-    image_mass: np.ndarray | None = None
-    text_mass: np.ndarray | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-CONDS = (FakeCondition("baseline", "baseline"),
-         FakeCondition("scaling-0.5", "scaling", (("alpha", 0.5),), layers=(0, 1)))
+CONDS = (Condition("baseline", "baseline"),
+         Condition("scaling-0.5", "scaling", (("alpha", 0.5),), layers=(0, 1)))
 OPTIONS = ["Left", "Right", "On"]
 ATTRS = {"model": "tiny/llava", "model_revision": "abc", "dataset": "synthetic",
          "max_new_tokens": 4, "matcher": "paper"}
@@ -77,12 +44,12 @@ def make_samples(n: int, offset: int = 0) -> list[Sample]:
             for i in range(offset, offset + n)]
 
 
-def gen(row: int, ci: int) -> FakeResult:
+def gen(row: int, ci: int) -> ConditionResult:
     """The deterministic result of dataset position ``row`` under condition ``ci``."""
     rng = np.random.default_rng([SEED, row, ci])
     nopt = 2 + row % 2
     probs = rng.dirichlet(np.ones(nopt)).astype(np.float32)
-    return FakeResult(
+    return ConditionResult(
         text=f"answer {row}/{ci} " + "é" * (row % 4),
         first_token=row,
         confidence=float(probs.max()),
@@ -354,7 +321,7 @@ def test_iter_attention_prefetch_and_reuse_match_plain(tmp_path, prefetch, reuse
 
 
 def test_real_condition_objects(tmp_path):
-    from vislens.decoding import ConditionResult, parse_condition
+    from vislens.conditions import parse_condition
 
     conds = [parse_condition("baseline"), parse_condition("scaling:alpha=0.5,layers=0-1"),
              parse_condition("adaptvis:alpha1=0.5,alpha2=1.5,beta=0.3")]
@@ -451,7 +418,7 @@ def test_resume_mismatch_refused(tmp_path):
                      "max_new_tokens": 8, "matcher": "paper"}), "attr max_new_tokens"),
         (dict(offset=1), r"samples/id\[0\]"),
         (dict(conds=CONDS[:1]), "conditions"),
-        (dict(conds=(CONDS[0], FakeCondition("scaling-0.5", "scaling", (("alpha", 0.6),)))),
+        (dict(conds=(CONDS[0], Condition("scaling-0.5", "scaling", (("alpha", 0.6),)))),
          "conditions/scaling-0.5 attr alpha"),
     ]
     for kw, field_name in cases:

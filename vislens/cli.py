@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .conditions import condition_help
 from .errors import VislensError
 
 
@@ -78,6 +79,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_findings(args: argparse.Namespace) -> int:
+    from .findings import scorecard_text, write_findings
+
+    found, path = write_findings(args.files, args.out, n_boot=args.n_boot, seed=args.seed,
+                                 chunk=args.chunk)
+    print(scorecard_text(found))
+    print(f"wrote {path} (and findings.csv, findings.json)")
+    return 0
+
+
+def _cmd_phrase_stats(args: argparse.Namespace) -> int:
+    from .evaluate import to_markdown
+    from .phrases import phrase_stats, read_conversations
+
+    speakers = None if args.speaker == "all" else [args.speaker]
+    texts = read_conversations(args.file, speakers)
+    df = phrase_stats(texts)
+    print(f"{len(texts)} conversation record(s) in {args.file}\n")
+    print(to_markdown(df))
+    if args.out:
+        df.to_csv(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .synth import synthesize
 
@@ -116,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-root", help="folder with the downloaded benchmark files")
     c.add_argument("--out", required=True, help="output .h5 file (resumed if it exists)")
     c.add_argument("--condition", action="append", metavar="SPEC",
-                   help="baseline | scaling:alpha=A | adaptvis:alpha1=A1,alpha2=A2,beta=B | "
-                        "add:delta=D (optional ,layers=8-15,heads=0+3,name=N); repeatable")
+                   help=condition_help().replace("%", "%%"))
     c.add_argument("--split", default="all", choices=["val", "test", "all"])
     c.add_argument("--split-seed", type=int, default=0, help="seed of the 20%% validation split")
     c.add_argument("--limit", type=int, help="only the first N samples of the split")
@@ -165,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--conditions", help="comma-separated subset of the capture's conditions")
     r.add_argument("--chunk", type=int, default=32, help="samples read per chunk (memory)")
     r.set_defaults(func=_cmd_report)
+
+    fi = sub.add_parser("findings", help="test the paper's claims F1-F10 on capture files "
+                        "(findings.md/.csv/.json)")
+    fi.add_argument("files", nargs="+", metavar="CAPTURE.h5", help="one or more capture files (pooled)")
+    fi.add_argument("--out", required=True, help="output folder")
+    fi.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    fi.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    fi.add_argument("--chunk", type=int, default=32, help="samples read per chunk (memory)")
+    fi.set_defaults(func=_cmd_findings)
+
+    ph = sub.add_parser("phrase-stats", help="relation-phrase counts in a LLaVA-format "
+                        "training-conversation file (Figure 15)")
+    ph.add_argument("file", metavar="CONVERSATIONS.json")
+    ph.add_argument("--speaker", default="all", choices=["all", "human", "gpt"],
+                    help="count the turns of this speaker only (default: all)")
+    ph.add_argument("--out", help="also write the table as CSV")
+    ph.set_defaults(func=_cmd_phrase_stats)
 
     from . import figures as _figures
     from . import sweep as _sweep

@@ -2,7 +2,8 @@
 
 Held-out synthetic scenes -> capture (baseline, ScalingVis smooth/sharpen, AdaptVis) into one
 HDF5 file per subset -> evaluation tables -> per-layer AUROC reports -> the paper's figures ->
-a ScalingVis/AdaptVis hyper-parameter sweep with VCD and DoLa baselines (Table 1).
+a ScalingVis/AdaptVis hyper-parameter sweep with VCD and DoLa baselines (Table 1) -> the
+findings scorecard (the paper's claims F1-F10 on both captures).
 """
 from __future__ import annotations
 
@@ -82,6 +83,13 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
     written["sweep_a"] = out / "sweep_a"
     log(f"[5/5] sweep (alpha, beta chosen on the validation split) -> {out / 'sweep_a'}\n")
     log(_md(sweep.table1, floatfmt=".1f"))
+    log("")
+    from .findings import scorecard_text, write_findings
+
+    found, card = write_findings([written["capture_a"], written["capture_b"]], out / "findings")
+    written["findings"] = card
+    log(f"findings scorecard of the organism ({card}):\n")
+    log(scorecard_text(found))
     log("")
     log(f"done in {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return written

@@ -42,10 +42,17 @@ FORMATS = ("png", "pdf", "svg")
 
 
 class _Context:
-    """One open capture plus lazily computed, shared per-condition statistics."""
+    """One open capture plus lazily computed, shared per-condition statistics.
 
-    def __init__(self, cap: "Capture", layer: int | None) -> None:
+    The layer of the per-layer figures: ``layer`` (an int) for all of them; ``"best"`` for
+    the layer whose baseline overlap AUROC is highest on the *validation* samples (Figure 6
+    is then drawn on the test samples only); ``None`` for the paper's layers at this
+    model's relative depth (:data:`vislens.analysis.PAPER_LAYERS`).
+    """
+
+    def __init__(self, cap: "Capture", layer: int | str | None) -> None:
         from . import plots
+        from .analysis import choose_layer
 
         self.plots: ModuleType = plots  # imported on use: the CLI parser must stay light
         self.cap = cap
@@ -56,13 +63,60 @@ class _Context:
             self.base = plots.baseline_condition(cap)
         except VislensError:
             self.base = None
-        n_layers = int(cap.attrs["num_layers"])
-        if layer is not None:
-            self.layer = plots.check_layer(layer, n_layers, cap.path)
-        elif self.base is not None and self.base_done():
-            self.layer = plots.default_layer(self.stats(self.base))
-        else:
-            self.layer = n_layers // 2
+        self.num_layers = int(cap.attrs["num_layers"])
+        self.fixed: int | None = None
+        self.choice = None
+        if layer == "best":
+            if not self.base_done() or self._mask is None:
+                raise VislensError(f"{cap.path}: --layer best needs a baseline condition and a "
+                                   "box mask (vislens boxes FILE)")
+            self.choice = choose_layer(self.base_stats())
+            if self.choice is None:
+                raise VislensError(f"{cap.path}: --layer best needs validation and test samples "
+                                   "with both correct and wrong baseline answers (capture with "
+                                   "--split all); give --layer N instead")
+            self.fixed = self.choice.layer
+        elif layer is not None:
+            self.fixed = plots.check_layer(layer, self.num_layers, cap.path)
+
+    def layer_for(self, number: int) -> int:
+        """The layer figure ``number`` is drawn at (the first of Figure 6's two)."""
+        return self.fixed if self.fixed is not None else self.layers_for(number)[0]
+
+    def layers_for(self, number: int) -> list[int]:
+        from .analysis import PAPER_LAYERS, paper_layer
+
+        if self.fixed is not None:
+            return [self.fixed]
+        return sorted({paper_layer(x, self.num_layers) for x in PAPER_LAYERS[number]})
+
+    def describe(self) -> str:
+        """Which layers were used, for the log."""
+        if self.choice is not None:
+            c = self.choice
+            return (f"layer {c.layer}, chosen on {c.n_val} validation samples; Figure 6 on the "
+                    f"{c.n_test} test samples, AUROC {c.test_auroc:.3f}")
+        if self.fixed is not None:
+            return f"layer {self.fixed}"
+        fig6 = " and ".join(map(str, self.layers_for(6)))
+        return (f"the paper's layers at this model's depth ({self.num_layers} layers): "
+                f"Figs. 5, 9, 10, 14 layer {self.layer_for(5)}, Fig. 6 layers {fig6}, "
+                f"Fig. 26 layer {self.layer_for(26)}")
+
+    def roc_stats(self) -> "LayerStats":
+        """The baseline statistics Figure 6 is drawn from (test samples with ``--layer best``)."""
+        from dataclasses import replace
+
+        st = self.base_stats()
+        if self.choice is None or st.split is None:
+            return st
+        keep = st.split == "test"
+        cut = {f: getattr(st, f)[keep] for f in ("rows", "correct", "confidence", "relation",
+                                                 "image_mass", "text_mass", "attn_sum", "attn_max",
+                                                 "entropy", "skewness", "overlap", "overlap_heads",
+                                                 "sample_id", "split")
+               if getattr(st, f) is not None}
+        return replace(st, condition=f"{st.condition}, test split", **cut)
 
     def base_done(self) -> bool:
         return self.base is not None and bool(self.cap.done(self.base).any())
@@ -93,6 +147,7 @@ class FigureSpec:
     per_layer: bool = False
 
     def filename(self, layer: int, fmt: str) -> str:
+        """``figNN_stem[_layerL].fmt``."""
         stem = f"fig{self.number:02d}_{self.stem}" + (f"_layer{layer}" if self.per_layer else "")
         return f"{stem}.{fmt}"
 
@@ -103,20 +158,21 @@ FIGURE_SPECS: Registry[FigureSpec] = Registry("figure")
 for _spec in (
     FigureSpec(3, "attention_share", lambda c: c.plots.attention_share(c.cap)),
     FigureSpec(4, "add_constant_accuracy", lambda c: c.plots.add_constant_accuracy(c.cap)),
-    FigureSpec(5, "heatmaps", lambda c: c.plots.attention_heatmaps(c.cap, c.layer), per_layer=True),
-    FigureSpec(6, "overlap_roc", lambda c: c.plots.overlap_roc(c.base_stats())),
+    FigureSpec(5, "heatmaps", lambda c: c.plots.attention_heatmaps(c.cap, c.layer_for(5)),
+               per_layer=True),
+    FigureSpec(6, "overlap_roc", lambda c: c.plots.overlap_roc(c.roc_stats(), c.layers_for(6))),
     FigureSpec(7, "variance_and_auroc",
                lambda c: c.plots.variance_and_auroc(c.cap, stats=c.base_stats())),
     FigureSpec(8, "scaling_sweep", lambda c: c.plots.scaling_sweep(c.cap)),
-    FigureSpec(9, "smoothing", lambda c: c.plots.before_after(c.cap, c.layer, kind="smooth"),
-               per_layer=True),
-    FigureSpec(10, "sharpening", lambda c: c.plots.before_after(c.cap, c.layer, kind="sharpen"),
-               per_layer=True),
-    FigureSpec(14, "entropy_skewness", lambda c: c.plots.entropy_skewness(c.all_stats(), c.layer),
-               per_layer=True),
+    FigureSpec(9, "smoothing",
+               lambda c: c.plots.before_after(c.cap, c.layer_for(9), kind="smooth"), per_layer=True),
+    FigureSpec(10, "sharpening",
+               lambda c: c.plots.before_after(c.cap, c.layer_for(10), kind="sharpen"), per_layer=True),
+    FigureSpec(14, "entropy_skewness",
+               lambda c: c.plots.entropy_skewness(c.all_stats(), c.layer_for(14)), per_layer=True),
     FigureSpec(15, "confidence_by_relation", lambda c: c.plots.confidence_by_relation(c.cap)),
-    FigureSpec(26, "log_attention", lambda c: c.plots.log_attention_distribution(c.cap, c.layer),
-               per_layer=True),
+    FigureSpec(26, "log_attention",
+               lambda c: c.plots.log_attention_distribution(c.cap, c.layer_for(26)), per_layer=True),
 ):
     FIGURE_SPECS.add(str(_spec.number), _spec)
 del _spec
@@ -145,12 +201,16 @@ def save_figure(fig: "Figure", out_dir: str | os.PathLike, name: str, fmt: str =
 
 
 def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                  layer: int | None = None, fmt: str = "png", only: Sequence[int] | None = None,
+                  layer: int | str | None = None, fmt: str = "png",
+                  only: Sequence[int] | None = None,
                   log: Callable[[str], None] = print) -> list[Path]:
     """Write every figure the capture supports into ``out_dir``; returns the written paths.
 
-    ``layer`` (for the per-layer figures 5, 9, 10, 14, 26) defaults to the best-AUROC
-    layer of the baseline when the capture has a box mask, else the middle layer. ``only``
+    ``layer`` (for the per-layer figures 5, 6, 9, 10, 14, 26) defaults to the paper's
+    layers for a 32-layer model (17 for Figures 5, 9, 10 and 14; 17 and 18 for Figure 6; 14
+    for Figure 26) at the same relative depth for other models. An int draws all of them at
+    that layer; ``"best"`` at the layer whose baseline overlap AUROC is highest on the
+    validation samples, with Figure 6 drawn on the test samples. The log says which. ``only``
     restricts to some paper figure numbers. A figure the capture cannot support is skipped
     with one line through ``log``: ``skipped fig04_add_constant_accuracy: ...``; an
     unfinished capture is drawn from its done samples, after one line saying so.
@@ -177,7 +237,7 @@ def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *
         for _, spec in FIGURE_SPECS.items():
             if spec.number not in wanted:
                 continue
-            name = spec.filename(ctx.layer, fmt)
+            name = spec.filename(ctx.layer_for(spec.number) if spec.per_layer else 0, fmt)
             try:
                 fig = spec.draw(ctx)
             except VislensError as exc:
@@ -185,7 +245,7 @@ def write_figures(capture_path: str | os.PathLike, out_dir: str | os.PathLike, *
                 continue
             written.append(save_figure(fig, out, name, fmt))
             fig.clear()
-    log(f"wrote {len(written)} figure(s) to {out} (layer {ctx.layer})")
+    log(f"wrote {len(written)} figure(s) to {out} ({ctx.describe()})")
     return written
 
 
@@ -198,13 +258,24 @@ def _figure_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected figure numbers like 3,5,26, got {text!r}") from None
 
 
+def _layer_arg(text: str) -> int | str:
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer number or 'best', got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``FILE --out --layer --format --only`` to ``parser`` (the ``vislens figures`` subcommand)."""
     parser.add_argument("file", metavar="FILE.h5", help="capture file")
     parser.add_argument("--out", default="figures", help="output folder (default: figures/)")
-    parser.add_argument("--layer", type=int, default=None,
-                        help="layer of the per-layer figures (default: best-AUROC layer if the "
-                             "capture has a box mask, else the middle layer)")
+    parser.add_argument("--layer", type=_layer_arg, default=None, metavar="N|best",
+                        help="layer of the per-layer figures (default: the paper's layers, 17 "
+                             "(18 too for Fig. 6) and 14 for Fig. 26 of 32, at the same relative "
+                             "depth for other models); 'best': chosen on the validation split, "
+                             "Fig. 6 on the test split")
     parser.add_argument("--format", default="png", choices=FORMATS, help="file format (default: png)")
     parser.add_argument("--only", type=_figure_list, default=None, metavar="N,N,...",
                         help=f"only these paper figures (of {','.join(map(str, _numbers()))})")

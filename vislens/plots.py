@@ -42,6 +42,8 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
+from .conditions import condition_label as _condition_label
+from .conditions import format_ranges as _ranges
 from .errors import VislensError
 
 if TYPE_CHECKING:
@@ -228,34 +230,9 @@ def _methods(cap: "Capture", method: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def condition_label(name: str, attrs: Mapping[str, Any] | None = None) -> str:
-    """Human label of a condition from its attrs, e.g. ``ScalingVis α=0.5``, ``add δ=-1``."""
-    a = dict(attrs or {})
-    method = a.get("method", "")
-    where = ""
-    if a.get("layers") is not None:
-        layers = list(np.atleast_1d(a["layers"]))
-        where = f", layers {_ranges(layers)}"
-    if method == "baseline":
-        return "baseline"
-    if method == "scaling" and "alpha" in a:
-        return f"ScalingVis α={a['alpha']:g}{where}"
-    if method == "add" and "delta" in a:
-        return f"add δ={a['delta']:g}{where}"
-    if method == "adaptvis" and {"alpha1", "alpha2", "beta"} <= a.keys():
-        return f"AdaptVis (α₁={a['alpha1']:g}, α₂={a['alpha2']:g}, β={a['beta']:g}){where}"
-    return name
-
-
-def _ranges(values: Sequence[int]) -> str:
-    vals = sorted(int(v) for v in values)
-    parts, start = [], None
-    for i, v in enumerate(vals):
-        if start is None:
-            start = v
-        if i + 1 == len(vals) or vals[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return "+".join(parts)
+    """Human label of a condition from its attrs, e.g. ``ScalingVis α=0.5``, ``add δ=-1``
+    (each method labels itself: :func:`vislens.conditions.condition_label`)."""
+    return _condition_label(name, attrs)
 
 
 def _label(cap: "Capture", name: str) -> str:

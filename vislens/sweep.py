@@ -9,7 +9,7 @@ Three stages, each writing into one output folder:
    and whether it is correct.
 2. **Offline selection** (:func:`scaling_scores`, :func:`adaptvis_scores`): AdaptVis at
    ``(alpha1, alpha2, beta)`` answers sample ``i`` exactly as ``scaling:alpha=alpha_i`` does
-   in the same batch, with ``alpha_i`` from Eq. 3 (:func:`~vislens.decoding.adaptvis_alpha`)
+   in the same batch, with ``alpha_i`` from Eq. 3 (:func:`~vislens.conditions.adaptvis_alpha`)
    on the *baseline* confidence. So every beta costs a table look-up, not a model run.
    Ties go to the setting closest to no intervention (see :func:`pick_scaling`,
    :func:`pick_adaptvis`).
@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from .conditions import adaptvis_alpha, parse_condition
 from .errors import VislensError
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_ALPHA1", "DEFAULT_ALPHA2", "DEFAULT_BETAS", "BASELINES",
@@ -265,8 +266,6 @@ def read_val_results(path: str | Path) -> ValResults:
 
 
 def _scaling_condition(alpha: float, name: str):
-    from .decoding import parse_condition
-
     return parse_condition(f"scaling:alpha={_label(alpha)},name={name}")
 
 
@@ -278,7 +277,6 @@ def validation_pass(adapter: Any, samples: Sequence[Any], alphas: Iterable[float
     Alpha 1 is the baseline itself (added when missing). No attention is recorded.
     """
     from .capture import is_correct
-    from .decoding import parse_condition
 
     alphas = tuple(sorted(set(float(a) for a in alphas) | {1.0}))
     names = {a: "baseline" if a == 1.0 else f"alpha{k}" for k, a in enumerate(alphas)}
@@ -358,12 +356,10 @@ def adaptvis_scores(val: ValResults, pairs: Iterable[tuple[float, float]],
     """Validation accuracy of AdaptVis at every (alpha1, alpha2, beta), from the table alone.
 
     Sample i takes alpha1's answer when its baseline confidence is < beta, else alpha2's
-    (Eq. 3 via :func:`~vislens.decoding.adaptvis_alpha`, so confidence == beta -> alpha2).
+    (Eq. 3 via :func:`~vislens.conditions.adaptvis_alpha`, so confidence == beta -> alpha2).
     Also returns ``n_below_beta`` (samples given alpha1) and ``mean_abs_log_alpha`` (the
     average |ln alpha| applied, the intervention strength used to break ties).
     """
-    from .decoding import adaptvis_alpha
-
     conf, n = val.confidence, len(val)
     rows, run = np.arange(n), np.asarray(val.alphas)
     out = []
