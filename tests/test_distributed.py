@@ -7,6 +7,7 @@ a busy 2-core machine) paid once.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,9 +37,12 @@ def cluster():
     c.close()
 
 
+POOL_LOG: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def pool(cluster):
-    p = ReplicaPool("organism", workers=2, device="cpu", log=lambda m: None)
+    p = ReplicaPool("organism", workers=2, device="cpu", log=POOL_LOG.append)
     yield p
     p.close()
 
@@ -95,6 +99,11 @@ def test_ray_capture_equals_one_process_and_records_provenance(pool, scenes, ref
     stats = summary.ray.stats
     assert sum(s.samples for s in stats.values()) == 20  # each sample computed once
     assert all(s.batches >= 1 for s in stats.values())  # both workers took batches
+    host = socket.gethostname()
+    for i, st in stats.items():  # per-worker throughput in the log
+        assert any(re.fullmatch(rf"worker {i} on {re.escape(host)} \(pid {st.pid}\): "
+                                rf"{st.samples} sample\(s\) in {st.batches} batch\(es\), "
+                                r"[0-9.]+ samples/s while busy", line) for line in POOL_LOG)
     with h5py.File(out, "r", locking=False) as f:
         assert int(f.attrs["workers"]) == 2
         assert f.attrs["ray_version"] == ray.__version__
