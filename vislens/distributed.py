@@ -361,6 +361,8 @@ class ReplicaPool:
                                "replica), not a loaded adapter")
         if workers < 1:
             raise VislensError(f"--workers {workers}: must be >= 1")
+        if Path(model).exists():  # a local checkpoint: the same absolute path on every node
+            model = Path(model).resolve()
         self.model, self.dtype, self.device, self.log = str(model), dtype, device, log
         res = ray.cluster_resources()
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
@@ -403,7 +405,7 @@ class ReplicaPool:
         import ray
 
         return {**self.info["describe"], "workers": len(self.slots),
-                "ray_version": ray.__version__, "hosts": sorted({s.host for s in self.slots})}
+                "ray_version": ray.__version__, "hosts": sorted({s.host for s in self.slots if s.host})}
 
     @property
     def workers(self) -> int:
