@@ -8,6 +8,7 @@ running the same command again.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shlex
 import sys
 import time
@@ -23,6 +24,8 @@ from .decoding import Condition, DecodingEngine, check_conditions, parse_conditi
 from .errors import VislensError
 
 MATCHERS = ("paper", "first-word")
+#: largest analysis grid side (--grid); far above every supported model's patch grid
+MAX_GRID = 256
 
 
 @dataclass
@@ -39,16 +42,66 @@ class CaptureSummary:
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> (I, N) with 0 <= I < N."""
-    if text is None:
-        return None
+    """``"I/N"`` -> (I, N) with 0 <= I < N; ``None`` -> None (see :func:`vislens.store.parse_shard`)."""
+    from .store import parse_shard as parse
+
+    return None if text is None else parse(text)
+
+
+def check_job(*, batch_size: int, max_new_tokens: int, grid: int, matcher: str,
+              on_error: str = "stop", prompt_style: str = "chat") -> None:
+    """Every scalar job parameter, checked before any file or model is touched."""
+    if on_error not in ("stop", "skip"):
+        raise VislensError(f"--on-error {on_error!r}: choose stop or skip")
+    if matcher not in MATCHERS:
+        raise VislensError(f"--matcher {matcher!r}: choose one of {', '.join(MATCHERS)}")
+    if batch_size < 1:
+        raise VislensError(f"--batch-size {batch_size}: must be >= 1")
+    if max_new_tokens < 1:
+        raise VislensError(f"--max-new-tokens {max_new_tokens}: must be >= 1 (the answer needs "
+                           "at least one token)")
+    if not 1 <= grid <= MAX_GRID:
+        raise VislensError(f"--grid {grid}: must be in 1..{MAX_GRID} (cells per side of the "
+                           "analysis grid; the models' patch grids are 24-64)")
+    if prompt_style not in ("chat", "paper"):
+        raise VislensError(f"--prompt-style {prompt_style!r}: choose chat or paper")
+
+
+def check_memory(*, batch_size: int, n_conditions: int, num_layers: int, num_heads: int,
+                 grid: int) -> None:
+    """Refuse a batch whose attention maps alone would not fit in the memory available now."""
+    need = attention_bytes(batch_size, n_conditions, num_layers, num_heads, grid)
+    free = _available_memory()
+    if free is not None and need > free:
+        from .io import human_bytes
+
+        raise VislensError(f"--grid {grid} with --batch-size {batch_size} and {n_conditions} "
+                           f"condition(s) needs about {human_bytes(need)} for the attention maps "
+                           f"of one batch ({num_layers} layers x {num_heads} heads x {grid}x{grid}"
+                           f"), but only {human_bytes(free)} of memory are available; lower "
+                           "--batch-size or --grid")
+
+
+def attention_bytes(batch_size: int, n_conditions: int, num_layers: int, num_heads: int,
+                    grid: int) -> int:
+    """Host memory of one batch's pooled attention maps: float32 while pooled and checked,
+    float16 results per condition, and the same again while written (a safe upper bound)."""
+    per_map = num_layers * num_heads * grid * grid
+    return batch_size * per_map * (4 + 2 * n_conditions) * 2
+
+
+def _available_memory() -> int | None:
     try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise VislensError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise VislensError(f"--shard {text!r}: need 0 <= I < N")
-    return i, n
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def is_correct(prediction: str, sample: Sample, matcher: str = "paper") -> bool:
@@ -165,26 +218,23 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     """
     import torch
 
-    from .store import CaptureWriter, shard_path
+    from .io import check_folder
+    from .store import CaptureWriter, lock_output, open_capture, shard_path, shard_rows
 
+    # 1. everything that can be checked without the model's weights or the output file
     conds = [c if isinstance(c, Condition) else parse_condition(c) for c in conditions]
-    check_conditions(conds)
-    if on_error not in ("stop", "skip"):
-        raise VislensError(f"--on-error {on_error!r}: choose stop or skip")
-    if matcher not in MATCHERS:
-        raise VislensError(f"--matcher {matcher!r}: choose one of {', '.join(MATCHERS)}")
-    if batch_size < 1:
-        raise VislensError(f"--batch-size {batch_size}: must be >= 1")
-    if prompt_style not in ("chat", "paper"):
-        raise VislensError(f"--prompt-style {prompt_style!r}: choose chat or paper")
+    check_job(batch_size=batch_size, max_new_tokens=max_new_tokens, grid=grid, matcher=matcher,
+              on_error=on_error, prompt_style=prompt_style)
     shard_t = parse_shard(shard)
+    dims = (model.num_layers, model.num_heads) if not isinstance(model, (str, Path)) \
+        else _config_dims(model)
+    check_conditions(conds, *(dims or (None, None)))
     samples, index = select_samples(dataset, data_root, split=split, limit=limit,
                                     split_seed=split_seed)
     n_selected = len(samples)  # before sharding: merge checks shards add up to this
-    if shard_t is not None:  # load once, then shard (as select_samples(shard=...) does)
-        i, n = shard_t
-        index = index[i::n]
-        samples = samples[i::n]
+    keep = shard_rows(n_selected, shard_t)
+    index = [index[k] for k in keep]
+    samples = [samples[k] for k in keep]
     if prompt_style == "paper":
         missing = [s.id for s in samples if "<image>" not in s.meta.get("prompt", "")]
         if missing:
@@ -197,6 +247,7 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     out_path = Path(out)
     if shard_t is not None:
         out_path = shard_path(out_path, *shard_t)
+    check_folder(out_path)  # exists and writable, before any slow step
     if on_error == "stop":  # fail before loading the model, not after hours of work
         from .data import check_images
 
@@ -205,26 +256,40 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
             sid, reason = problems[0]
             raise VislensError(f"sample {sid}: {reason} (use --on-error skip to list and skip "
                                f"{len(problems)} such sample(s))")
+    num_options = max(len(s.options) for s in samples)
+    if out_path.exists():  # resuming: it must be a capture (the job spec is checked on open)
+        open_capture(out_path).close()
+    if dims is not None:
+        _check_resources(out_path, samples, conds, grid, num_options, batch_size, dims)
     masks, boxes, sizes = annotation_masks(samples, grid)
 
-    if isinstance(model, (str, Path)):
-        from .models import load_model
+    # 2. the output's one-writer lock, then the model, then the working file
+    lock = lock_output(out_path)
+    try:
+        if isinstance(model, (str, Path)):
+            from .models import load_model
 
-        adapter = load_model(model, dtype=dtype, device=device)
-    else:
-        adapter = model
-    attrs = {**adapter.describe(), "vislens_version": __version__, "dataset": dataset,
-             "data_root": str(data_root or ""), "split": split, "split_seed": split_seed,
-             "limit": -1 if limit is None else limit, "max_new_tokens": max_new_tokens,
-             "matcher": matcher, "shard": shard or "", "total_samples": n_selected,
-             "prompt_style": prompt_style,
-             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "command": command if command is not None else shlex.join(sys.argv)}
-    num_options = max(len(s.options) for s in samples)
-    writer = CaptureWriter.open(out_path, samples=samples, conditions=conds, grid=grid,
-                                num_layers=adapter.num_layers, num_heads=adapter.num_heads,
-                                num_options=num_options, attrs=attrs, sample_index=index,
-                                sizes=sizes, box_masks=masks, boxes=boxes)
+            adapter = load_model(model, dtype=dtype, device=device)
+        else:
+            adapter = model
+        if dims is None:  # a hub model whose config was not cached: check now, still before the file
+            dims = (adapter.num_layers, adapter.num_heads)
+            check_conditions(conds, *dims)
+            _check_resources(out_path, samples, conds, grid, num_options, batch_size, dims)
+        attrs = {**adapter.describe(), "vislens_version": __version__, "dataset": dataset,
+                 "data_root": str(data_root or ""), "split": split, "split_seed": split_seed,
+                 "limit": -1 if limit is None else limit, "max_new_tokens": max_new_tokens,
+                 "matcher": matcher, "shard": shard or "", "total_samples": n_selected,
+                 "prompt_style": prompt_style,
+                 "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                 "command": command if command is not None else shlex.join(sys.argv)}
+        writer = CaptureWriter.open(out_path, samples=samples, conditions=conds, grid=grid,
+                                    num_layers=adapter.num_layers, num_heads=adapter.num_heads,
+                                    num_options=num_options, attrs=attrs, sample_index=index,
+                                    sizes=sizes, box_masks=masks, boxes=boxes, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
     t0 = time.perf_counter()
     written = failed = 0
     correct_counts = {c.name: [0, 0] for c in conds}
@@ -277,6 +342,25 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     acc = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in correct_counts.items()}
     return CaptureSummary(Path(final), len(samples), written, failed,
                           time.perf_counter() - t0, acc, complete)
+
+
+def _config_dims(model: str | Path) -> tuple[int, int] | None:
+    from .models import model_dims
+
+    return model_dims(model)
+
+
+def _check_resources(out_path: Path, samples: Sequence[Sample], conds: Sequence[Condition],
+                     grid: int, num_options: int, batch_size: int, dims: tuple[int, int]) -> None:
+    """Memory for one batch, and (for a new file) disk space for the working file."""
+    from .io import check_free_space
+    from .store import working_file_bytes
+
+    check_memory(batch_size=batch_size, n_conditions=len(conds), num_layers=dims[0],
+                 num_heads=dims[1], grid=grid)
+    if not out_path.exists():
+        check_free_space(out_path, working_file_bytes(samples, len(conds), grid, *dims,
+                                                      num_options), "the working file")
 
 
 def _progress(total: int, enabled: bool):

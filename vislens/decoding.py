@@ -189,13 +189,26 @@ def validate_condition(cond: Condition) -> None:
                            f"alpha2={p['alpha2']:g} sharpen (alpha1 <= alpha2)")
 
 
-def check_conditions(conds: Sequence[Condition]) -> None:
+def check_conditions(conds: Sequence[Condition], num_layers: int | None = None,
+                     num_heads: int | None = None) -> None:
+    """A job's conditions: some, uniquely named, and (given the model's counts) every
+    ``layers=``/``heads=`` restriction non-empty and inside the model."""
     names = [c.name for c in conds]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise VislensError(f"two conditions are named {dup[0]!r}; add name=... to one of them")
     if not conds:
         raise VislensError("no condition given (e.g. --condition baseline)")
+    for c in conds:
+        for what, sel, count in (("layers", c.layers, num_layers), ("heads", c.heads, num_heads)):
+            if sel is None:
+                continue
+            if not sel:
+                raise VislensError(f"condition {c.name}: {what}= selects nothing")
+            if count is not None and not all(0 <= i < count for i in sel):
+                bad = next(i for i in sel if not 0 <= i < count)
+                raise VislensError(f"condition {c.name}: {what[:-1]} {bad} is outside the "
+                                   f"model's {what} 0-{count - 1}")
 
 
 # ----------------------------------------------------------------------------- results

@@ -13,7 +13,9 @@ The format is specified in ``docs/capture-format.md``.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -22,6 +24,7 @@ import shutil
 import sys
 import zlib
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import VislensError
+from .io import check_folder, check_output, check_free_space, human_bytes, is_disk_full, os_reason, real_path
 
 try:  # ISA-L inflates deflate streams ~1.6x faster than zlib; reading is decode-bound
     from isal.isal_zlib import decompress as _inflate
@@ -52,6 +56,11 @@ __all__ = [
     "merge",
     "open_capture",
     "shard_path",
+    "parse_shard",
+    "shard_rows",
+    "lock_output",
+    "sample_fingerprint",
+    "working_file_bytes",
     "replace_boxes",
 ]
 
@@ -66,6 +75,8 @@ RESUME_IGNORED_ATTRS = frozenset({
     "command", "created_utc", "vislens_version", "complete", "batch_size", "device",
     "num_workers", "hostname", "pid", "resumed",
 })
+#: hex characters of a sample's content fingerprint (sha256)
+FINGERPRINT_CHARS = 64
 #: gzip level of the final file
 GZIP_LEVEL = 1  # attention maps compress ~1.2x at any level; 1 is the fastest
 
@@ -105,7 +116,42 @@ def _fixed(values: Sequence[Any], width: int, limit: int | None = None) -> np.nd
 
 def _text(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
     """Read a fixed- or variable-length utf-8 string dataset as an object array of str."""
-    return np.asarray(ds.asstr()[sel], dtype=object)
+    try:
+        return np.asarray(ds.asstr()[sel], dtype=object)
+    except OSError as exc:
+        raise _corrupt(ds, exc) from None
+
+
+def _values(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
+    """``ds[sel]``; a chunk that cannot be read (corrupted bytes) is one line naming the
+    file, the condition and the rows."""
+    try:
+        return ds[sel]
+    except OSError as exc:
+        raise _corrupt(ds, exc) from None
+
+
+def _corrupt(ds: h5py.Dataset, exc: BaseException,
+             rows: tuple[int, int] | None = None) -> VislensError:
+    """The error for an unreadable dataset: which file, condition and rows, and why."""
+    path, name = ds.file.filename, ds.name
+    if rows is None and ds.chunks is not None and ds.shape:
+        step = ds.chunks[0]
+        for a in range(0, ds.shape[0], step):
+            try:
+                ds[a:a + step]
+            except OSError:
+                rows = (a, min(ds.shape[0], a + step) - 1)
+                break
+    where = name
+    parts = name.strip("/").split("/")
+    if len(parts) == 3 and parts[0] == "conditions":
+        where = f"condition {parts[1]!r} ({parts[2]})"
+    if rows is not None:
+        where += f", row {rows[0]}" if rows[0] == rows[1] else f", rows {rows[0]}-{rows[1]}"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return VislensError(f"{path}: cannot read {where}: the stored data is corrupted ({reason}); "
+                        "recreate the file or restore it from a copy")
 
 
 def _attr_value(value: Any) -> Any:
@@ -259,14 +305,51 @@ def _tmp_of(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _open_h5(path: Path, mode: str = "r") -> h5py.File:
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path.parent).free
+    except OSError:
+        return 0
+
+
+def _reserve(path: Path, shown: Path) -> None:
+    """Give every byte of ``path`` real disk blocks now (``posix_fallocate``).
+
+    The working file is created sparse (``FILL_TIME_NEVER``); without this a full disk
+    would surface only when a batch is written, after hours of work. With it, a full disk
+    fails here, before any sample is computed, and later in-place writes cannot run out of
+    space (on copy-on-write filesystems they still can, and are then reported in one line).
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return  # the filesystem cannot reserve: the free-space check is all there is
+        free = _free_bytes(path)
+        raise VislensError(f"{shown}: cannot reserve {human_bytes(size)} for the working file "
+                           f"({os_reason(exc)}; {human_bytes(free)} free in {path.parent})"
+                           ) from None
+    finally:
+        os.close(fd)
+
+
+def _open_h5(path: Path, mode: str = "r", **kw: Any) -> h5py.File:
     """Open an existing capture file without HDF5's own file lock.
 
     ``FILE.lock`` already excludes a second writer; skipping HDF5's lock lets readers (in
     this process or any other, plain h5py included) open a file while a job writes it.
     """
     try:
-        return h5py.File(path, mode, locking=False)
+        return h5py.File(path, mode, locking=False, **kw)
     except FileNotFoundError:
         raise VislensError(f"{path}: no such capture file") from None
     except OSError as exc:
@@ -291,7 +374,7 @@ def _done_matrix(f: h5py.File) -> np.ndarray:
     n = f["samples/id"].shape[0]
     if not conds:
         return np.zeros((0, n), dtype=bool)
-    return np.stack([f[f"conditions/{c}/done"][()].astype(bool) for c in conds])
+    return np.stack([_values(f[f"conditions/{c}/done"]).astype(bool) for c in conds])
 
 
 def _failed(f: h5py.File) -> np.ndarray:
@@ -304,18 +387,29 @@ def _failed(f: h5py.File) -> np.ndarray:
 
 
 class _Lock:
-    """Exclusive ``FILE.lock`` held with ``flock`` (the OS drops it when the process dies)."""
+    """Exclusive ``FILE.lock`` held with ``flock`` (the OS drops it when the process dies).
+
+    ``target`` is resolved first (symlinks), so every job writing one real file takes the
+    same lock. A missing or read-only folder is refused in one line.
+    """
 
     def __init__(self, target: Path) -> None:
+        shown = target
+        target = real_path(target)
+        check_folder(shown)
         self.path = target.with_name(target.name + ".lock")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise VislensError(f"{shown}: cannot create the lock file {self.path} "
+                                   f"({os_reason(exc)})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
                 os.close(fd)
-                raise VislensError(f"{target} is being written by another vislens job (pid {pid})")
+                raise VislensError(f"{shown} is being written by another vislens job (pid {pid})")
             try:  # a releasing holder may have unlinked the file we opened: retry on the new one
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -323,8 +417,11 @@ class _Lock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        try:  # the pid is only for the "being written by" message; a full disk may refuse it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:
+            pass
         self.fd: int | None = fd
 
     def release(self) -> None:
@@ -336,6 +433,12 @@ class _Lock:
             pass
         os.close(self.fd)
         self.fd = None
+
+
+def lock_output(path: str | Path) -> _Lock:
+    """Take ``path``'s one-writer lock now (e.g. before loading a model); pass it to
+    :meth:`CaptureWriter.open` as ``lock=``. Release with ``.release()``."""
+    return _Lock(Path(path))
 
 
 # ----------------------------------------------------------------------------- writer
@@ -350,12 +453,14 @@ class CaptureWriter:
     """
 
     def __init__(self, path: Path, lock: _Lock, *, durable: bool) -> None:
-        self.path = path
+        self.path = path  # as the caller named it (messages, return values)
+        self._real = real_path(path)  # what is opened, locked and replaced
         self._lock = lock
         self._durable = durable
         self._f: h5py.File | None = None
         self._final = False
         self._closed = False
+        self._broken: str | None = None  # set when a write failed: no further writes
         self._load()
 
     # ------------------------------------------------------------------ opening
@@ -368,42 +473,59 @@ class CaptureWriter:
              sizes: Sequence[tuple[int, int] | None] | None = None,
              box_masks: np.ndarray | None = None,
              boxes: Sequence[Sequence["Box"]] | None = None,
-             box_source: str = "annotations", durable: bool = False) -> "CaptureWriter":
+             box_source: str = "annotations", durable: bool = False,
+             lock: _Lock | None = None) -> "CaptureWriter":
         """Create ``path``, or resume it if it exists and matches this job's spec.
 
-        Takes ``path.lock`` for the writer's lifetime and removes a leftover ``path.tmp``.
-        ``attrs`` must hold ``model``; ``model_revision``, ``dataset`` and ``command``
-        default to ``""``, ``""`` and this process's command line. ``durable`` fsyncs each
-        batch's rows before its done flags (survives power loss, not only ``kill -9``).
+        Takes ``path.lock`` for the writer's lifetime (or adopts ``lock``, from
+        :func:`lock_output`, taken earlier) and removes a leftover ``path.tmp``. A
+        symlinked ``path`` is resolved: the lock, the writes and the final replace act on
+        the real file, and the link stays a link. ``attrs`` must hold ``model``;
+        ``model_revision``, ``dataset`` and ``command`` default to ``""``, ``""`` and this
+        process's command line. ``durable`` fsyncs each batch's rows before its done flags
+        (survives power loss, not only ``kill -9``). Resuming checks every sample's content
+        fingerprint (question, options, answer, image bytes) against the file's.
         """
         path = Path(path)
-        spec = _JobSpec.build(path, samples, conditions, grid, num_layers, num_heads,
-                              num_options, attrs, sample_index, sizes, box_masks, boxes,
-                              box_source)
-        if not path.parent.is_dir():
-            raise VislensError(f"{path}: directory {path.parent} does not exist")
-        lock = _Lock(path)
         try:
-            tmp = _tmp_of(path)
+            spec = _JobSpec.build(path, samples, conditions, grid, num_layers, num_heads,
+                                  num_options, attrs, sample_index, sizes, box_masks, boxes,
+                                  box_source)
+            if lock is None:
+                lock = _Lock(path)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        real = real_path(path)
+        try:
+            tmp = _tmp_of(real)
             if tmp.exists():
                 tmp.unlink()
-            if path.exists():
-                with _open_h5(path) as f:
+            if real.exists():
+                with _open_h5(real) as f:
                     _check_format(f, path)
                     spec.check_resume(f, path)
             else:
-                spec.create(path)
+                spec.create(real, shown=path)
             return cls(path, lock, durable=durable)
         except BaseException:
             lock.release()
             raise
 
     def _load(self) -> None:
-        """(Re)open the file: read-write for a working file, read-only once complete."""
-        with _open_h5(self.path) as f:
+        """(Re)open the file: read-write for a working file, read-only once complete.
+
+        The read-write handle has no chunk cache: every row goes to the file inside the
+        write call, so a failed write raises there (and is reported before any done flag
+        is set) instead of surfacing when HDF5 evicts or closes, where h5py can only print
+        it. Dataset handles stay open for the writer's lifetime for the same reason.
+        """
+        with _open_h5(self._real) as f:
             complete = bool(_plain(f.attrs.get("complete", False)))
         self._final = complete
-        self._f = _open_h5(self.path, "r" if complete else "r+")
+        self._f = _open_h5(self._real, "r") if complete else _open_h5(self._real, "r+",
+                                                                       rdcc_nbytes=0)
         f = self._f
         self._conds = list(f["conditions"])
         self._n = f["samples/id"].shape[0]
@@ -413,6 +535,10 @@ class CaptureWriter:
         self._K = int(_plain(f.attrs["num_options"]))
         self._done = _done_matrix(f)
         self._fail = _failed(f)
+        self._ds: dict[str, h5py.Dataset] = {}
+        if not complete:
+            f.visititems(lambda name, obj: self._ds.__setitem__(name, obj)
+                         if isinstance(obj, h5py.Dataset) else None)
 
     # ------------------------------------------------------------------ state
 
@@ -425,7 +551,28 @@ class CaptureWriter:
             raise VislensError(f"{self.path}: {what} after close()")
         if self._final:
             raise VislensError(f"{self.path}: {what} on a complete (finalized) capture file")
+        if self._broken:
+            raise VislensError(f"{self.path}: {what} after a failed write ({self._broken}); "
+                               "close the writer and resume")
         return self._f
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Turn a failed write into one line; the writer refuses further writes after it.
+
+        Whatever the failure left in the file is not marked done (done flags are written
+        only after the rows they cover were written and flushed without error).
+        """
+        try:
+            yield
+        except OSError as exc:
+            self._broken = os_reason(exc)
+            hint = "run the same command again to resume"
+            if is_disk_full(exc):
+                free = human_bytes(_free_bytes(self._real))
+                hint = f"{free} free in {self._real.parent}; free disk space and {hint}"
+            raise VislensError(f"{self.path}: writing {what} failed ({self._broken}); the "
+                               f"samples written before are intact, {hint}") from None
 
     def _rows(self, rows: Sequence[int], what: str) -> np.ndarray:
         arr = np.asarray(rows, dtype=np.int64).ravel()
@@ -441,7 +588,7 @@ class CaptureWriter:
         assert self._f is not None
         self._f.flush()
         if self._durable:
-            _fsync_path(self.path)
+            _fsync_path(self._real)
 
     # ------------------------------------------------------------------ writing
 
@@ -451,9 +598,10 @@ class CaptureWriter:
         """Write and commit every condition's results for ``rows`` (one dict per row).
 
         Rows already done are first un-committed, so a kill while overwriting them can
-        never leave a done flag over partial data.
+        never leave a done flag over partial data. A failed write (a full disk) raises a
+        one-line VislensError before any done flag of the batch is set.
         """
-        f = self._check_open("write_batch")
+        self._check_open("write_batch")
         rows = self._rows(rows, "write_batch")
         if not (len(results) == len(correct) == rows.size) or (sizes is not None
                                                                 and len(sizes) != rows.size):
@@ -474,93 +622,101 @@ class CaptureWriter:
                         f"{self.path}: write_batch row {r}: {what} "
                         + (f"lacks condition {missing[0]!r}" if missing
                            else f"has unknown condition {extra[0]!r}"))
+        data = {c: self._condition_arrays(c, rows, res, cor) for c in self._conds}
+        ds = self._ds
 
-        # un-commit rows being rewritten (or previously failed)
-        redo = self._done[:, rows].any(axis=0) | self._fail[rows]
-        if redo.any():
-            again = rows[redo]
-            for ci, c in enumerate(self._conds):
-                _write_rows(f[f"conditions/{c}/done"], again, np.zeros(again.size, dtype=bool))
-                self._done[ci, again] = False
-            f.flush()
-
-        B, shape = rows.size, (self._L, self._H, self._grid, self._grid)
-        for c in self._conds:
-            g = f[f"conditions/{c}"]
-            items = [d[c] for d in res]
-            attn = np.empty((B,) + shape, dtype=np.float16)
-            img = np.full((B, self._L, self._H), np.nan, dtype=np.float32)
-            txt = np.full((B, self._L, self._H), np.nan, dtype=np.float32)
-            probs = np.full((B, self._K), np.nan, dtype=np.float32)
-            for i, (r, item) in enumerate(zip(rows, items)):
-                a = item.image_attention
-                if a is None:
-                    attn[i] = np.nan
-                else:
-                    a = np.asarray(a)
-                    if a.shape != shape:
-                        raise VislensError(f"{self.path}: write_batch row {r} condition {c}: "
-                                           f"image_attention shape {a.shape}, expected {shape}")
-                    attn[i] = a if a.dtype == np.float16 else _to_f16(a)
-                for arr, value, name in ((img, item.image_mass, "image_mass"),
-                                         (txt, item.text_mass, "text_mass")):
-                    if value is not None:
-                        v = np.asarray(value)
-                        if v.shape != arr.shape[1:]:
-                            raise VislensError(f"{self.path}: write_batch row {r} condition {c}: "
-                                               f"{name} shape {v.shape}, expected {arr.shape[1:]}")
-                        arr[i] = v
-                p = np.asarray(item.option_probs, dtype=np.float32).ravel()
-                if p.size > self._K:
-                    raise VislensError(f"{self.path}: write_batch row {r} condition {c}: "
-                                       f"{p.size} option_probs, file has num_options={self._K}")
-                probs[i, :p.size] = p
-            _write_rows(g["image_attention"], rows, attn)
-            _write_rows(g["image_attention_mass"], rows, img)
-            _write_rows(g["text_attention_mass"], rows, txt)
-            _write_rows(g["option_probs"], rows, probs)
-            width = g["prediction"].dtype.itemsize
-            _write_rows(g["prediction"], rows,
-                        _fixed([it.text for it in items], width, PREDICTION_BYTES))
-            _write_rows(g["correct"], rows, np.array([bool(x[c]) for x in cor], dtype=bool))
-            _write_rows(g["confidence"], rows,
-                        np.array([it.confidence for it in items], dtype=np.float32))
-            _write_rows(g["alpha_used"], rows,
-                        np.array([it.alpha_used for it in items], dtype=np.float32))
-        first = [results[k][self._conds[0]] for k in order] if self._conds else []
-        if first and all(hasattr(it, "n_image_tokens") for it in first):
+        with self._writing(f"rows {int(rows[0])}-{int(rows[-1])}"):
+            # un-commit rows being rewritten (or previously failed)
+            redo = self._done[:, rows].any(axis=0) | self._fail[rows]
+            if redo.any():
+                again = rows[redo]
+                for ci, c in enumerate(self._conds):
+                    _write_rows(ds[f"conditions/{c}/done"], again, np.zeros(again.size, dtype=bool))
+                    self._done[ci, again] = False
+                self._f.flush()
+            for c, arrays in data.items():
+                for field, values in arrays.items():
+                    _write_rows(ds[f"conditions/{c}/{field}"], rows, values)
+            first = [d[self._conds[0]] for d in res] if self._conds else []
             for name in ("n_image_tokens", "n_text_tokens"):
-                _write_rows(f[f"samples/{name}"], rows,
-                            np.array([getattr(it, name) for it in first], dtype=np.int32))
-        if sizes is not None:
-            wh = np.array([(0, 0) if s is None else tuple(s) for s in sizes], dtype=np.int64)[order]
-            _write_rows(f["samples/width"], rows, wh[:, 0].astype(np.int32))
-            _write_rows(f["samples/height"], rows, wh[:, 1].astype(np.int32))
-        self._commit_flush()  # rows are on disk before any done flag says so
+                _write_rows(ds[f"samples/{name}"], rows,
+                            np.array([getattr(it, name, 0) for it in first], dtype=np.int32))
+            if sizes is not None:
+                wh = np.array([(0, 0) if s is None else tuple(s) for s in sizes],
+                              dtype=np.int64)[order]
+                _write_rows(ds["samples/width"], rows, wh[:, 0].astype(np.int32))
+                _write_rows(ds["samples/height"], rows, wh[:, 1].astype(np.int32))
+            self._commit_flush()  # rows are on disk before any done flag says so
 
-        for ci, c in enumerate(self._conds):
-            _write_rows(f[f"conditions/{c}/done"], rows, np.ones(B, dtype=bool))
-            self._done[ci, rows] = True
-        if self._fail[rows].any():
-            again = rows[self._fail[rows]]
-            _write_rows(f["errors/failed"], again, np.zeros(again.size, dtype=bool))
-            self._fail[again] = False
-        f.flush()
+            B = rows.size
+            for ci, c in enumerate(self._conds):
+                _write_rows(ds[f"conditions/{c}/done"], rows, np.ones(B, dtype=bool))
+            if self._fail[rows].any():
+                again = rows[self._fail[rows]]
+                _write_rows(ds["errors/failed"], again, np.zeros(again.size, dtype=bool))
+            self._f.flush()
+        self._done[:, rows] = True
+        self._fail[rows] = False
+
+    def _condition_arrays(self, c: str, rows: np.ndarray, res: Sequence[Mapping[str, Any]],
+                          cor: Sequence[Mapping[str, bool]]) -> dict[str, np.ndarray]:
+        """The rows of condition ``c``'s datasets for one batch, validated, ready to write."""
+        B, shape = rows.size, (self._L, self._H, self._grid, self._grid)
+        items = [d[c] for d in res]
+        attn = np.empty((B,) + shape, dtype=np.float16)
+        img = np.full((B, self._L, self._H), np.nan, dtype=np.float32)
+        txt = np.full((B, self._L, self._H), np.nan, dtype=np.float32)
+        probs = np.full((B, self._K), np.nan, dtype=np.float32)
+        for i, (r, item) in enumerate(zip(rows, items)):
+            a = item.image_attention
+            if a is None:
+                attn[i] = np.nan
+            else:
+                a = np.asarray(a)
+                if a.shape != shape:
+                    raise VislensError(f"{self.path}: write_batch row {r} condition {c}: "
+                                       f"image_attention shape {a.shape}, expected {shape}")
+                attn[i] = a if a.dtype == np.float16 else _to_f16(a)
+            for arr, value, name in ((img, item.image_mass, "image_mass"),
+                                     (txt, item.text_mass, "text_mass")):
+                if value is not None:
+                    v = np.asarray(value)
+                    if v.shape != arr.shape[1:]:
+                        raise VislensError(f"{self.path}: write_batch row {r} condition {c}: "
+                                           f"{name} shape {v.shape}, expected {arr.shape[1:]}")
+                    arr[i] = v
+            p = np.asarray(item.option_probs, dtype=np.float32).ravel()
+            if p.size > self._K:
+                raise VislensError(f"{self.path}: write_batch row {r} condition {c}: "
+                                   f"{p.size} option_probs, file has num_options={self._K}")
+            probs[i, :p.size] = p
+        width = self._ds[f"conditions/{c}/prediction"].dtype.itemsize
+        return {
+            "image_attention": attn, "image_attention_mass": img, "text_attention_mass": txt,
+            "option_probs": probs,
+            "prediction": _fixed([it.text for it in items], width, PREDICTION_BYTES),
+            "correct": np.array([bool(x[c]) for x in cor], dtype=bool),
+            "confidence": np.array([it.confidence for it in items], dtype=np.float32),
+            "alpha_used": np.array([it.alpha_used for it in items], dtype=np.float32),
+        }
 
     def write_failure(self, row: int, reason: str) -> None:
         """Mark ``row`` as skipped (``--on-error skip``) with a one-line ``reason``."""
-        f = self._check_open("write_failure")
+        self._check_open("write_failure")
         r = int(self._rows([row], "write_failure")[0])
-        if self._done[:, r].any():
-            for ci, c in enumerate(self._conds):
-                f[f"conditions/{c}/done"][r] = False
-                self._done[ci, r] = False
-        width = f["errors/reason"].dtype.itemsize
-        f["errors/reason"][r:r + 1] = _fixed([" ".join(str(reason).split())], width, REASON_BYTES)
-        f.flush()
-        f["errors/failed"][r] = True
+        ds = self._ds
+        with self._writing(f"the failure of row {r}"):
+            if self._done[:, r].any():
+                for ci, c in enumerate(self._conds):
+                    ds[f"conditions/{c}/done"][r] = False
+                    self._done[ci, r] = False
+            width = ds["errors/reason"].dtype.itemsize
+            ds["errors/reason"][r:r + 1] = _fixed([" ".join(str(reason).split())], width,
+                                                  REASON_BYTES)
+            self._f.flush()
+            ds["errors/failed"][r] = True
+            self._f.flush()
         self._fail[r] = True
-        f.flush()
 
     # ------------------------------------------------------------------ finishing
 
@@ -568,51 +724,66 @@ class CaptureWriter:
         """Compact the file once every sample is done or failed; else leave it as is.
 
         Writes ``FILE.tmp`` (compressed, variable-length strings, ``complete=True``) and
-        atomically replaces ``FILE``; on any error the working file is left intact and
-        the writer stays usable.
+        atomically replaces ``FILE`` (the real file: a symlink stays a link); on any error
+        the working file is left intact and the writer stays usable.
         """
         if self._closed or self._f is None:
             raise VislensError(f"{self.path}: finalize after close()")
         if self._final:
             return self.path
+        self._check_open("finalize")
         if self.pending_indices().size:
-            self._f.flush()
+            with self._writing("pending flags"):
+                self._f.flush()
             return self.path
-        self._f.close()
-        self._f = None
-        tmp = _tmp_of(self.path)
+        with self._writing("the last batch"):
+            self._close_file()
+        tmp = _tmp_of(self._real)
         try:
-            with _open_h5(self.path) as src:
+            with _open_h5(self._real) as src:
                 attrs = _read_attrs(src)
                 attrs["complete"] = True
                 n = src["samples/id"].shape[0]
                 _build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n), attrs)
             _fsync_path(tmp)
-            os.replace(tmp, self.path)
-            _fsync_dir(self.path)
+            os.replace(tmp, self._real)
+            _fsync_dir(self._real)
         except BaseException as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
             self._load()
             if isinstance(exc, OSError):
-                why = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise VislensError(f"{self.path}: finalize failed ({why}); the working file is "
-                                   f"intact, finalize again to retry") from exc
+                hint = "finalize again (run the same command again) to retry"
+                if is_disk_full(exc):
+                    hint = (f"{human_bytes(_free_bytes(self._real))} free in "
+                            f"{self._real.parent}; free disk space and {hint}")
+                raise VislensError(f"{self.path}: finalize failed ({os_reason(exc)}); the "
+                                   f"working file is intact, {hint}") from None
             raise
         self._load()
         return self.path
 
+    def _close_file(self) -> None:
+        self._ds = {}
+        if self._f is not None:
+            f, self._f = self._f, None
+            f.close()
+
     def close(self) -> None:
-        """Flush, close the file and release the lock (idempotent)."""
+        """Flush, close the file and release the lock (idempotent).
+
+        A failed flush raises a one-line VislensError, unless a failed write was already
+        reported (the rows it concerns are not marked done either way).
+        """
         if self._closed:
             return
         self._closed = True
         try:
-            if self._f is not None:
-                self._f.close()
-                self._f = None
+            self._close_file()
+        except OSError as exc:
+            if not self._broken:
+                raise VislensError(f"{self.path}: closing the capture failed "
+                                   f"({os_reason(exc)}); run the same command again to "
+                                   "resume") from None
         finally:
             self._lock.release()
 
@@ -666,6 +837,7 @@ class _JobSpec:
         if len(set(s.ids)) != n:
             dupe = next(x for x in s.ids if s.ids.count(x) > 1)
             raise VislensError(f"{path}: sample id {dupe!r} occurs more than once")
+        s.fingerprints = [sample_fingerprint(smp) for smp in s.samples]
         s.index = np.arange(n, dtype=np.int64) if sample_index is None \
             else np.asarray(sample_index, dtype=np.int64).ravel()
         if s.index.size != n:
@@ -738,6 +910,7 @@ class _JobSpec:
         if bad.size:
             i = int(bad[0])
             differ(f"samples/index[{i}]", int(index[i]), int(self.index[i]))
+        self._check_content(f, path, ids, differ)
         have = list(f["conditions"])
         want = [c for c, _ in self.conditions]
         if sorted(have) != sorted(want):
@@ -753,28 +926,47 @@ class _JobSpec:
             if fa.get(key) != _norm(self.attrs.get(key)):
                 differ(f"attr {key}", fa.get(key), _norm(self.attrs.get(key)))
 
+    def _check_content(self, f: h5py.File, path: Path, ids: np.ndarray, differ: Any) -> None:
+        """Samples must hold what they held when the file was made (same ids, edited JSONL
+        or replaced images are refused): question, answer, options compared as stored, the
+        image through the content fingerprint. A file without ``/samples/fingerprint``
+        (vislens < 0.2) is checked on the stored text only."""
+        for name in ("question", "answer"):
+            stored = _text(f[f"samples/{name}"])
+            for i, smp in enumerate(self.samples):
+                if stored[i] != str(getattr(smp, name)):
+                    differ(f"samples/{name}[{i}] (sample {ids[i]!r})", stored[i],
+                           str(getattr(smp, name)))
+        stored_opts = _text(f["samples/options"])
+        for i, smp in enumerate(self.samples):
+            have, want = _trim(list(stored_opts[i])), [str(o) for o in smp.options]
+            if have != want:
+                differ(f"samples/options[{i}] (sample {ids[i]!r})", have, want)
+        if "samples/fingerprint" not in f:
+            return
+        stored = _text(f["samples/fingerprint"])
+        for i, smp in enumerate(self.samples):
+            if stored[i] != self.fingerprints[i]:
+                raise VislensError(
+                    f"{path}: cannot resume: the image of sample {ids[i]!r} (row {i}, "
+                    f"{smp.image_path}) is not the one the file was made from (its content "
+                    "fingerprint differs); restore it or write a new file")
+
     # ------------------------------------------------------------------ create
 
-    def _need_bytes(self, widths: dict[str, int]) -> int:
-        per_cond = self.n * (self.L * self.H * (self.grid ** 2 * 2 + 8) + self.K * 4
-                             + PREDICTION_BYTES + 10)
-        per_sample = sum(widths.values()) * (1 + self.K) + REASON_BYTES + 64
-        return len(self.conditions) * per_cond + self.n * per_sample + (1 << 20)
-
-    def create(self, path: Path) -> None:
-        """Build the complete working file as ``path.tmp`` and atomically move it to ``path``."""
+    def create(self, path: Path, shown: Path | None = None) -> None:
+        """Build the complete working file as ``path.tmp``, reserve its disk blocks and
+        atomically move it to ``path`` (``shown`` names it in messages)."""
         n, K = self.n, self.K
+        shown = path if shown is None else shown
         text = {name: [str(getattr(smp, name)) for smp in self.samples]
                 for name in SAMPLE_TEXT_FIELDS}
         opts = [[str(o) for o in smp.options] + [""] * (K - len(smp.options))
                 for smp in self.samples]
         widths = {name: max(1, max(len(_utf8(v)) for v in vals)) for name, vals in text.items()}
         widths["options"] = max(1, max(len(_utf8(o)) for row in opts for o in row))
-        need = self._need_bytes(widths)
-        free = shutil.disk_usage(path.parent).free
-        if need > free:
-            raise VislensError(f"{path}: the working file needs {need / 1e9:.2f} GB but only "
-                               f"{free / 1e9:.2f} GB are free in {path.parent}")
+        check_free_space(shown, working_file_bytes(self.samples, len(self.conditions), self.grid,
+                                                   self.L, self.H, self.K), "the working file")
         tmp = _tmp_of(path)
         try:
             with h5py.File(tmp, "w") as f:
@@ -790,6 +982,8 @@ class _JobSpec:
                 _alloc(gs, "height", np.int32, (n,))[...] = self.sizes[:, 1]
                 for name in ("n_image_tokens", "n_text_tokens"):
                     _alloc(gs, name, np.int32, (n,))[...] = np.zeros(n, dtype=np.int32)
+                _alloc(gs, "fingerprint", h5py.string_dtype("utf-8", FINGERPRINT_CHARS), (n,))[...] = \
+                    _fixed(self.fingerprints, FINGERPRINT_CHARS)
 
                 ge = f.create_group("errors")
                 _alloc(ge, "failed", bool, (n,))[...] = np.zeros(n, dtype=bool)
@@ -813,15 +1007,46 @@ class _JobSpec:
 
                 if self.box_masks is not None or self.boxes is not None:
                     _write_boxes(f, self.box_masks, self.boxes, self.box_source, fixed=True)
+            _reserve(tmp, shown)
             _fsync_path(tmp)
             os.replace(tmp, path)
             _fsync_dir(path)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise VislensError(f"{shown}: cannot create the working file ({os_reason(exc)}; "
+                               f"{human_bytes(_free_bytes(path))} free in {path.parent})"
+                               ) from None
         except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
+            _unlink_quietly(tmp)
             raise
+
+
+def working_file_bytes(samples: Sequence["Sample"], n_conditions: int, grid: int,
+                       num_layers: int, num_heads: int, num_options: int) -> int:
+    """Upper bound of a working file's size (the disk space a capture job reserves)."""
+    n, L, H, G, K = len(samples), num_layers, num_heads, grid, num_options
+    widths = sum(max([1] + [len(_utf8(getattr(smp, name))) for smp in samples])
+                 for name in SAMPLE_TEXT_FIELDS)
+    widths += max([1] + [len(_utf8(o)) for smp in samples for o in smp.options]) * K
+    per_cond = n * (L * H * (G * G * 2 + 8) + K * 4 + PREDICTION_BYTES + 10)
+    per_sample = widths + REASON_BYTES + FINGERPRINT_CHARS + 64
+    return n_conditions * per_cond + n * per_sample + (1 << 20)
+
+
+def sample_fingerprint(sample: "Sample") -> str:
+    """sha256 (hex) of what a sample's results depend on: question, options, answer and the
+    image file's bytes (an unreadable image hashes as such). Stored as
+    ``/samples/fingerprint``; a resume refuses samples whose fingerprint changed."""
+    h = hashlib.sha256()
+    for part in (sample.question, "\x1f".join(map(str, sample.options)), sample.answer):
+        b = str(part).encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little") + b)
+    try:
+        with open(sample.image_path, "rb") as fh:
+            h.update(b"image:" + hashlib.file_digest(fh, "sha256").digest())
+    except (OSError, TypeError, ValueError):
+        h.update(b"no-image")
+    return h.hexdigest()
 
 
 def _write_boxes(f: h5py.File, masks: np.ndarray | None, boxes: Sequence[Sequence["Box"]] | None,
@@ -906,8 +1131,11 @@ def _build_final(dst: Path, sources: Sequence[h5py.File], src_of: np.ndarray,
     with h5py.File(dst, "w") as out:
         _set_attrs(out, attrs)
         gs = out.create_group("samples")
-        for name in (*SAMPLE_TEXT_FIELDS, "options", "index", "width", "height",
-                     "n_image_tokens", "n_text_tokens"):
+        names = [*SAMPLE_TEXT_FIELDS, "options", "index", "width", "height",
+                 "n_image_tokens", "n_text_tokens"]
+        if all("samples/fingerprint" in src for src in sources):
+            names.append("fingerprint")
+        for name in names:
             _final_dataset(gs, name, _gather(sources, f"samples/{name}", src_of, row_of))
         ge = out.create_group("errors")
         failed = _gather(sources, "errors/failed", src_of, row_of).astype(bool)
@@ -1051,9 +1279,10 @@ def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[
     """
     path = Path(path)
     lock = _Lock(path)
-    tmp = _tmp_of(path)
+    real = real_path(path)
+    tmp = _tmp_of(real)
     try:
-        with _open_h5(path) as src:
+        with _open_h5(real) as src:
             _check_format(src, path)
             attrs = _read_attrs(src)
             if not attrs.get("complete"):
@@ -1063,64 +1292,114 @@ def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[
             if masks.shape[0] != n or len(boxes) != n:
                 raise VislensError(f"{path}: {masks.shape[0]} masks / {len(boxes)} box lists for "
                                    f"{n} samples")
-            _build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n), attrs,
-                         with_boxes=False)
-        with h5py.File(tmp, "r+", locking=False) as f:
-            _write_boxes(f, masks.astype(np.float32), boxes, source, fixed=False)
-            if unmatched is not None:
-                rows = [i for i, us in enumerate(unmatched) for _ in us]
-                labels = [str(u.label) for us in unmatched for u in us]
-                reasons = [str(u.reason) for us in unmatched for u in us]
-                gb = f["boxes"]
-                gb.create_dataset("unmatched_sample", data=np.asarray(rows, dtype=np.int64))
-                gb.create_dataset("unmatched_label", data=np.asarray(labels, dtype=object),
-                                  dtype=h5py.string_dtype("utf-8"))
-                gb.create_dataset("unmatched_reason", data=np.asarray(reasons, dtype=object),
-                                  dtype=h5py.string_dtype("utf-8"))
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-        _fsync_dir(path)
+            with _writing_file(path, "writing the boxes", real):
+                _build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n), attrs,
+                             with_boxes=False)
+        with _writing_file(path, "writing the boxes", real):
+            with h5py.File(tmp, "r+", locking=False) as f:
+                _write_boxes(f, masks.astype(np.float32), boxes, source, fixed=False)
+                if unmatched is not None:
+                    rows = [i for i, us in enumerate(unmatched) for _ in us]
+                    labels = [str(u.label) for us in unmatched for u in us]
+                    reasons = [str(u.reason) for us in unmatched for u in us]
+                    gb = f["boxes"]
+                    gb.create_dataset("unmatched_sample", data=np.asarray(rows, dtype=np.int64))
+                    gb.create_dataset("unmatched_label", data=np.asarray(labels, dtype=object),
+                                      dtype=h5py.string_dtype("utf-8"))
+                    gb.create_dataset("unmatched_reason", data=np.asarray(reasons, dtype=object),
+                                      dtype=h5py.string_dtype("utf-8"))
+            _fsync_path(tmp)
+            os.replace(tmp, real)
+            _fsync_dir(real)
     except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
     finally:
         lock.release()
     return path
 
 
+@contextmanager
+def _writing_file(shown: Path, what: str, real: Path) -> Iterator[None]:
+    """A failed write of a whole new file (a full disk) -> one line naming it and the space."""
+    try:
+        yield
+    except OSError as exc:
+        extra = ""
+        if is_disk_full(exc):
+            extra = f"; {human_bytes(_free_bytes(real))} free in {real.parent}"
+        raise VislensError(f"{shown}: {what} failed ({os_reason(exc)}{extra}); "
+                           f"{shown} is left as it was") from None
+
+
 # ----------------------------------------------------------------------------- merge
 
 
-def _parse_shard(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:/|-of-|of)\s*(\d+)\s*", value)
-        return (int(m.group(1)), int(m.group(2))) if m else None
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    return None
+def parse_shard(value: Any) -> tuple[int, int]:
+    """``"I/N"`` (``--shard``; or ``[I, N]`` as read back from a ``shard`` attr) -> ``(I, N)``
+    with ``0 <= I < N``; anything else is a one-line VislensError."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 \
+            and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+        i, n = int(value[0]), int(value[1])
+    else:
+        m = re.fullmatch(r"\s*([+-]?\d+)\s*/\s*([+-]?\d+)\s*", str(value))
+        if m is None:
+            raise VislensError(f"--shard {value!r}: expected I/N, e.g. 0/4 (shard I of N, "
+                               "counted from 0)")
+        i, n = int(m.group(1)), int(m.group(2))
+    if not (n >= 1 and 0 <= i < n):
+        raise VislensError(f"--shard {value!r}: need 0 <= I < N (shards of N are 0/N .. "
+                           f"{max(n, 1) - 1}/N)")
+    return i, n
 
 
-def merge(out: str | Path, shards: Sequence[str | Path]) -> Path:
+def shard_rows(n_rows: int, shard: tuple[int, int] | None) -> list[int]:
+    """The rows shard ``(i, n)`` takes of ``n_rows``: every n-th from i (all for None).
+
+    An empty shard (more shards than rows) is refused in one line."""
+    if shard is None:
+        return list(range(n_rows))
+    i, n = shard
+    rows = list(range(i, n_rows, n))
+    if not rows:
+        raise VislensError(f"--shard {i}/{n}: shard {i} of {n} has no samples (only {n_rows} "
+                           f"sample(s) selected); use at most {n_rows} shard(s)")
+    return rows
+
+
+def _shard_attr(f: h5py.File, path: Path) -> tuple[int, int] | None:
+    value = _plain(f.attrs.get("shard"))
+    if value is None or value == "":
+        return None
+    try:
+        return parse_shard(value)
+    except VislensError:
+        raise VislensError(f"{path}: merge: malformed shard attr {_short(value)} "
+                           "(expected \"I/N\")") from None
+
+
+def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False) -> Path:
     """Combine shard captures of one job into one final file ordered by ``/samples/index``.
 
     Every shard must have the same spec (model, grid, shapes, conditions and their attrs,
     other attrs except ``shard``/``command``/...), be complete (every sample done or
     failed), and no dataset position may occur twice. With a ``shard`` attr like
     ``"2/4"`` every shard 0..n-1 must be given; with a ``total_samples`` attr the shards
-    must hold that many samples. The result equals an unsharded run's file.
+    must hold that many samples. The result equals an unsharded run's file (see
+    ``docs/capture-format.md`` for how exactly). An existing ``out`` is refused unless
+    ``force``; a symlinked ``out`` stays a link (its target is written).
     """
     out = Path(out)
     paths = [Path(p) for p in shards]
     if not paths:
         raise VislensError(f"{out}: merge: no shard files given")
-    if any(p.resolve() == out.resolve() for p in paths if p.exists()):
+    real = real_path(out)
+    if any(real_path(p) == real for p in paths if p.exists()):
         raise VislensError(f"{out}: merge: the output is also one of the shards")
+    check_output(out, force=force)
     lock = _Lock(out)
     files: list[h5py.File] = []
-    tmp = _tmp_of(out)
+    tmp = _tmp_of(real)
     try:
         for p in paths:
             f = _open_h5(p)
@@ -1133,7 +1412,7 @@ def merge(out: str | Path, shards: Sequence[str | Path]) -> Path:
                 if ref.get(key) != spec.get(key):
                     raise VislensError(f"{p}: merge: {key} is {_short(spec.get(key))} but "
                                        f"{_short(ref.get(key))} in {paths[0]}")
-        shard_ids = [_parse_shard(_plain(f.attrs.get("shard"))) for f in files]
+        shard_ids = [_shard_attr(f, p) for p, f in zip(paths, files)]
         if all(s is not None for s in shard_ids):
             counts = {s[1] for s in shard_ids if s}
             seen: dict[int, Path] = {}
@@ -1181,19 +1460,17 @@ def merge(out: str | Path, shards: Sequence[str | Path]) -> Path:
         attrs.pop("shard", None)
         attrs["complete"] = True
         attrs["merged_from"] = [p.name for p in paths]
-        _build_final(tmp, files, src_of, row_of, attrs)
-        for f in files:
-            f.close()
-        files.clear()
-        _fsync_path(tmp)
-        os.replace(tmp, out)
-        _fsync_dir(out)
+        with _writing_file(out, "merge", real):
+            _build_final(tmp, files, src_of, row_of, attrs)
+            for f in files:
+                f.close()
+            files.clear()
+            _fsync_path(tmp)
+            os.replace(tmp, real)
+            _fsync_dir(real)
         return out
     except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
     finally:
         for f in files:
@@ -1260,11 +1537,35 @@ class Capture:
 
     def done(self, condition: str) -> np.ndarray:
         """[N] bool: rows whose results for ``condition`` are complete."""
-        return self._group(condition)["done"][()].astype(bool)
+        return _values(self._group(condition)["done"]).astype(bool)
 
     @property
     def complete(self) -> bool:
         return bool(self.attrs.get("complete", False))
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in the file (done, failed or still pending)."""
+        return self._n
+
+    @property
+    def n_done(self) -> int:
+        """Samples done in every condition (what a complete file has for all but failed ones)."""
+        return int(_done_matrix(self._f).all(axis=0).sum()) if self.conditions else 0
+
+    @property
+    def n_failed(self) -> int:
+        """Samples skipped with ``--on-error skip`` (no results)."""
+        return int(_failed(self._f).sum())
+
+    def progress_line(self) -> str:
+        """One line for report headers: ``"16 samples"`` for a complete file,
+        ``"8 of 16 samples done (unfinished capture)"`` for a working one (plus failures)."""
+        failed = self.n_failed
+        tail = f", {failed} failed" if failed else ""
+        if self.complete:
+            return f"{self._n} samples{tail}"
+        return f"{self.n_done} of {self._n} samples done (unfinished capture{tail})"
 
     @property
     def samples(self) -> pd.DataFrame:
@@ -1276,11 +1577,11 @@ class Capture:
                                     for name in SAMPLE_TEXT_FIELDS}
             opts = _text(f["samples/options"])
             cols["options"] = [_trim(list(row)) for row in opts]
-            cols["index"] = f["samples/index"][()].astype(np.int64)
+            cols["index"] = _values(f["samples/index"]).astype(np.int64)
             self._static = pd.DataFrame(cols)
         df = self._static.copy()
-        df["width"] = f["samples/width"][()].astype(np.int32)
-        df["height"] = f["samples/height"][()].astype(np.int32)
+        df["width"] = _values(f["samples/width"]).astype(np.int32)
+        df["height"] = _values(f["samples/height"]).astype(np.int32)
         for name in ("n_image_tokens", "n_text_tokens"):
             ds = f.get(f"samples/{name}")
             df[name] = ds[()].astype(np.int32) if ds is not None else np.zeros(len(df), np.int32)
@@ -1311,13 +1612,13 @@ class Capture:
         frames = []
         for c in names:
             g = self._group(c)
-            done = g["done"][()].astype(bool)
+            done = _values(g["done"]).astype(bool)
             keep = np.flatnonzero(done) if done_only else np.arange(self._n)
-            probs = g["option_probs"][()].astype(np.float32)
+            probs = _values(g["option_probs"]).astype(np.float32)
             pred = _text(g["prediction"])
-            corr = g["correct"][()].astype(bool)
-            conf = g["confidence"][()].astype(np.float32)
-            alpha = g["alpha_used"][()].astype(np.float32)
+            corr = _values(g["correct"]).astype(bool)
+            conf = _values(g["confidence"]).astype(np.float32)
+            alpha = _values(g["alpha_used"]).astype(np.float32)
             pred[~done], corr[~done], conf[~done], alpha[~done] = "", False, np.nan, np.nan
             probs[~done] = np.nan
             method = str(_plain(g.attrs.get("method", "")))
@@ -1391,13 +1692,13 @@ class Capture:
             for start, stop, off in _runs(uniq):
                 for a in range(start, stop, 64):
                     b = min(stop, a + 64)
-                    block = ds[a:b] if lsel is None else ds[a:b, lsel]
+                    block = _values(ds, np.s_[a:b] if lsel is None else np.s_[a:b, lsel])
                     dst = out[off + a - start:off + b - start]
                     if block.dtype == np.float16:  # the table is faster than numpy's cast
                         _half_into(block.view(np.uint16), dst)
                     else:
                         dst[...] = block
-        missing = ~g["done"][()].astype(bool)[uniq]
+        missing = ~_values(g["done"]).astype(bool)[uniq]
         if missing.any():
             out[missing] = np.nan
         if in_order:
@@ -1454,9 +1755,9 @@ class Capture:
     def masses(self, condition: str) -> tuple[np.ndarray, np.ndarray]:
         """``(image_mass, text_mass)``, each ``[N, L, H]`` float32; NaN where not done."""
         g = self._group(condition)
-        done = g["done"][()].astype(bool)
-        img = g["image_attention_mass"][()].astype(np.float32)
-        txt = g["text_attention_mass"][()].astype(np.float32)
+        done = _values(g["done"]).astype(bool)
+        img = _values(g["image_attention_mass"]).astype(np.float32)
+        txt = _values(g["text_attention_mass"]).astype(np.float32)
         img[~done] = np.nan
         txt[~done] = np.nan
         return img, txt
@@ -1465,20 +1766,20 @@ class Capture:
         """``[N, G, G]`` float32 object coverage of each grid cell, or None if not stored."""
         if "boxes/mask" not in self._f:
             return None
-        return self._f["boxes/mask"][()].astype(np.float32)
+        return _values(self._f["boxes/mask"]).astype(np.float32)
 
     def boxes(self) -> pd.DataFrame | None:
         """One row per box: row, id, label, x0, y0, x1, y1, score (pixels); None if absent."""
         if "boxes" not in self._f:
             return None
         b = self._f["boxes"]
-        rows = b["sample"][()].astype(np.int64)
-        xyxy = b["xyxy"][()].astype(np.float32).reshape(-1, 4)
+        rows = _values(b["sample"]).astype(np.int64)
+        xyxy = _values(b["xyxy"]).astype(np.float32).reshape(-1, 4)
         ids = _text(self._f["samples/id"])
         return pd.DataFrame({
             "row": rows, "id": ids[rows] if rows.size else np.array([], dtype=object),
             "label": _text(b["label"]), "x0": xyxy[:, 0], "y0": xyxy[:, 1],
-            "x1": xyxy[:, 2], "y1": xyxy[:, 3], "score": b["score"][()].astype(np.float32),
+            "x1": xyxy[:, 2], "y1": xyxy[:, 3], "score": _values(b["score"]).astype(np.float32),
         })
 
     def unmatched(self) -> pd.DataFrame | None:
@@ -1486,7 +1787,7 @@ class Capture:
         if "boxes/unmatched_sample" not in self._f:
             return None
         b = self._f["boxes"]
-        rows = b["unmatched_sample"][()].astype(np.int64)
+        rows = _values(b["unmatched_sample"]).astype(np.int64)
         ids = _text(self._f["samples/id"])
         return pd.DataFrame({"row": rows, "id": ids[rows] if rows.size else np.array([], dtype=object),
                              "label": _text(b["unmatched_label"]),
@@ -1521,8 +1822,13 @@ def _half_into(codes: np.ndarray, out: np.ndarray) -> None:
 
 def _decode_final_chunk(data: bytes, shape: tuple[int, ...], lsel: list[int] | None,
                         out: np.ndarray, k: int) -> bool:
-    """Inflate + unshuffle one final-file chunk into ``out[k]`` (runs on a worker thread)."""
-    raw = np.frombuffer(_inflate(data), dtype=np.uint8)
+    """Inflate + unshuffle one final-file chunk into ``out[k]`` (runs on a worker thread);
+    False when the chunk is not what a final file stores (HDF5 then decodes it, or says
+    why it cannot)."""
+    try:
+        raw = np.frombuffer(_inflate(data), dtype=np.uint8)
+    except Exception:  # zlib.error, isal's IsalError: corrupted bytes
+        return False
     half = int(np.prod(shape))
     if raw.size != 2 * half:
         return False
@@ -1550,14 +1856,17 @@ def _read_final_rows(ds: h5py.Dataset, rows: np.ndarray, lsel: list[int] | None,
 
     def settle() -> None:
         k, r, fut = inflight.popleft()
-        if not fut.result():  # unexpected chunk size: let HDF5 decode it
-            out[k] = ds[r] if lsel is None else ds[r, lsel]
+        if not fut.result():  # unexpected or undecodable chunk: let HDF5 decode it (or say why not)
+            out[k] = _values(ds, np.s_[r] if lsel is None else np.s_[r, lsel])
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for k, r in enumerate(rows.tolist()):
-            mask, data = ds.id.read_direct_chunk((r,) + zero)
+            try:
+                mask, data = ds.id.read_direct_chunk((r,) + zero)
+            except OSError as exc:
+                raise _corrupt(ds, exc, (r, r)) from None
             if mask != 0:  # a filter was skipped for this chunk: let HDF5 decode it
-                out[k] = ds[r] if lsel is None else ds[r, lsel]
+                out[k] = _values(ds, np.s_[r] if lsel is None else np.s_[r, lsel])
                 continue
             inflight.append((k, r, pool.submit(_decode_final_chunk, data, shape, lsel, out, k)))
             if len(inflight) > 4 * workers:
