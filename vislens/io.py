@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
 from .errors import VislensError
 
 __all__ = ["MARKER", "human_bytes", "os_reason", "real_path", "check_folder", "check_output",
-           "prepare_output_dir", "check_free_space"]
+           "prepare_output_dir", "check_free_space", "error_code", "is_disk_full",
+           "IO_ERRORS"]
+
+#: what a failed read or write of an HDF5 file raises (h5py maps some HDF5 I/O failures,
+#: e.g. a flush on a full disk, to RuntimeError)
+IO_ERRORS = (OSError, RuntimeError)
 
 #: a folder holding this file was created by a vislens command (which may write into it again)
 MARKER = ".vislens-output"
@@ -38,11 +44,21 @@ def os_reason(exc: BaseException) -> str:
     h5py's messages for failed writes run over several lines with buffer addresses; the
     errno says the same thing in a few words.
     """
-    code = getattr(exc, "errno", None)
-    if isinstance(code, int) and code > 0:
+    code = error_code(exc)
+    if code:
         return os.strerror(code)
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The errno of an OS error, also when HDF5 reports it only in its message (h5py raises
+    some failed flushes as ``RuntimeError("... errno = 28, ...")``)."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return code
+    m = re.search(r"errno = (\d+)", str(exc))
+    return int(m.group(1)) if m and int(m.group(1)) > 0 else None
 
 
 def real_path(path: str | Path) -> Path:
@@ -88,7 +104,7 @@ def check_output(path: str | Path, *, force: bool = False, kind: str = "file",
         _nearest_writable(path)
         return path
     check_folder(path)
-    if not path.exists() and not path.is_symlink():
+    if not path.exists():  # also a dangling link: its target is created
         return path
     if force:
         return path
@@ -139,4 +155,4 @@ def check_free_space(path: str | Path, need: int, what: str) -> None:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    return error_code(exc) in (errno.ENOSPC, errno.EDQUOT)

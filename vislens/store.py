@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import VislensError
-from .io import check_folder, check_output, check_free_space, human_bytes, is_disk_full, os_reason, real_path
+from .io import (IO_ERRORS, check_folder, check_free_space, check_output, human_bytes,
+                 is_disk_full, os_reason, real_path)
 
 try:  # ISA-L inflates deflate streams ~1.6x faster than zlib; reading is decode-bound
     from isal.isal_zlib import decompress as _inflate
@@ -118,7 +119,7 @@ def _text(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
     """Read a fixed- or variable-length utf-8 string dataset as an object array of str."""
     try:
         return np.asarray(ds.asstr()[sel], dtype=object)
-    except OSError as exc:
+    except IO_ERRORS as exc:
         raise _corrupt(ds, exc) from None
 
 
@@ -127,7 +128,7 @@ def _values(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
     file, the condition and the rows."""
     try:
         return ds[sel]
-    except OSError as exc:
+    except IO_ERRORS as exc:
         raise _corrupt(ds, exc) from None
 
 
@@ -140,7 +141,7 @@ def _corrupt(ds: h5py.Dataset, exc: BaseException,
         for a in range(0, ds.shape[0], step):
             try:
                 ds[a:a + step]
-            except OSError:
+            except IO_ERRORS:
                 rows = (a, min(ds.shape[0], a + step) - 1)
                 break
     where = name
@@ -565,7 +566,7 @@ class CaptureWriter:
         """
         try:
             yield
-        except OSError as exc:
+        except IO_ERRORS as exc:
             self._broken = os_reason(exc)
             hint = "run the same command again to resume"
             if is_disk_full(exc):
@@ -751,7 +752,7 @@ class CaptureWriter:
         except BaseException as exc:
             _unlink_quietly(tmp)
             self._load()
-            if isinstance(exc, OSError):
+            if isinstance(exc, IO_ERRORS):
                 hint = "finalize again (run the same command again) to retry"
                 if is_disk_full(exc):
                     hint = (f"{human_bytes(_free_bytes(self._real))} free in "
@@ -779,7 +780,7 @@ class CaptureWriter:
         self._closed = True
         try:
             self._close_file()
-        except OSError as exc:
+        except IO_ERRORS as exc:
             if not self._broken:
                 raise VislensError(f"{self.path}: closing the capture failed "
                                    f"({os_reason(exc)}); run the same command again to "
@@ -1011,7 +1012,7 @@ class _JobSpec:
             _fsync_path(tmp)
             os.replace(tmp, path)
             _fsync_dir(path)
-        except OSError as exc:
+        except IO_ERRORS as exc:
             _unlink_quietly(tmp)
             raise VislensError(f"{shown}: cannot create the working file ({os_reason(exc)}; "
                                f"{human_bytes(_free_bytes(path))} free in {path.parent})"
@@ -1269,16 +1270,19 @@ def _remapped_records(sources: Sequence[h5py.File], new_row: Sequence[np.ndarray
 
 
 def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[Any]],
-                  source: str, unmatched: Sequence[Sequence[Any]] | None = None) -> Path:
+                  source: str, unmatched: Sequence[Sequence[Any]] | None = None, *,
+                  lock: _Lock | None = None) -> Path:
     """Replace ``/boxes`` of a complete capture, atomically (``FILE.tmp`` + ``os.replace``).
 
     ``boxes[i]`` are objects with ``label``, ``xyxy`` (and ``score``) for sample row ``i``;
     ``unmatched[i]`` objects with ``label`` and ``reason`` (question objects without a box)
     go to ``/boxes/unmatched_{sample,label,reason}``. The capture's other content is copied
-    chunk for chunk; a kill at any moment leaves either the old or the new file.
+    chunk for chunk; a kill at any moment leaves either the old or the new file, and a full
+    disk leaves the old one (one-line error). ``lock`` (from :func:`lock_output`, taken
+    before a slow detection) is adopted and released.
     """
     path = Path(path)
-    lock = _Lock(path)
+    lock = _Lock(path) if lock is None else lock
     real = real_path(path)
     tmp = _tmp_of(real)
     try:
@@ -1324,7 +1328,7 @@ def _writing_file(shown: Path, what: str, real: Path) -> Iterator[None]:
     """A failed write of a whole new file (a full disk) -> one line naming it and the space."""
     try:
         yield
-    except OSError as exc:
+    except IO_ERRORS as exc:
         extra = ""
         if is_disk_full(exc):
             extra = f"; {human_bytes(_free_bytes(real))} free in {real.parent}"
@@ -1863,7 +1867,7 @@ def _read_final_rows(ds: h5py.Dataset, rows: np.ndarray, lsel: list[int] | None,
         for k, r in enumerate(rows.tolist()):
             try:
                 mask, data = ds.id.read_direct_chunk((r,) + zero)
-            except OSError as exc:
+            except IO_ERRORS as exc:
                 raise _corrupt(ds, exc, (r, r)) from None
             if mask != 0:  # a filter was skipped for this chunk: let HDF5 decode it
                 out[k] = _values(ds, np.s_[r] if lsel is None else np.s_[r, lsel])
