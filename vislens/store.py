@@ -753,7 +753,7 @@ class CaptureWriter:
             _unlink_quietly(tmp)
             self._load()
             if isinstance(exc, IO_ERRORS):
-                hint = "finalize again (run the same command again) to retry"
+                hint = "run the same command again (or finalize() again) to finish"
                 if is_disk_full(exc):
                     hint = (f"{human_bytes(_free_bytes(self._real))} free in "
                             f"{self._real.parent}; free disk space and {hint}")
