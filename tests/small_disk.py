@@ -74,3 +74,13 @@ def read_only_folder(small_disk, tmp_path: Path) -> Path:
     d.mkdir()
     d.chmod(0o555)
     return d
+
+
+def make_read_only(folder: Path) -> None:
+    """Make a folder (a mounted tmpfs as root, any folder otherwise) unwritable."""
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-o", "remount,ro", str(folder)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip("cannot remount read-only here")
+    else:
+        folder.chmod(0o555)
