@@ -485,3 +485,36 @@ def test_merge_cli_refuses_existing_output(tiny_dir, scenes, tmp_path, capsys):
     assert main(["merge", str(tmp_path / "no" / "m.h5"), *map(str, parts)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+
+
+def test_evaluate_and_report_folders_follow_the_output_rule(tiny_dir, scenes, tmp_path, capsys):
+    from vislens.cli import main
+
+    s = cap(tiny_dir, scenes, tmp_path / "c.h5", conditions=["baseline"], limit=4)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.md").write_text("keep")
+    capsys.readouterr()
+    for cmd in ("evaluate", "report"):
+        assert main([cmd, str(s.path), "--out", str(theirs)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--force" in err
+        assert sorted(p.name for p in theirs.iterdir()) == ["notes.md"]
+    assert main(["evaluate", str(s.path), "--out", str(tmp_path / "ev")]) == 0
+    assert main(["evaluate", str(s.path), "--out", str(tmp_path / "ev")]) == 0  # its own folder
+    assert main(["evaluate", str(s.path), "--out", str(theirs), "--force"]) == 0
+    assert (theirs / "notes.md").read_text() == "keep" and (theirs / "accuracy.csv").exists()
+
+
+def test_model_dims_read_the_config_only(tiny_dir, tiny_adapter, monkeypatch):
+    from vislens.models import model_dims
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter = tiny_adapter("llava")
+    assert model_dims(tiny_dir("llava")) == (adapter.num_layers, adapter.num_heads) == (3, 4)
+    assert model_dims("organism") == (4, 4)
+    with pytest.raises(VislensError, match="not in the hub cache .*offline") as exc:
+        model_dims("someone/not-a-cached-model")
+    assert "\n" not in str(exc.value)
+    with pytest.raises(VislensError, match="no such model directory"):
+        model_dims("/no/such/model")

@@ -1072,3 +1072,30 @@ def test_read_only_folder_is_one_line(tmp_path, small_disk):
     src = final_file(tmp_path / "src.h5", 3)
     with pytest.raises(VislensError, match="not writable"):
         merge(ro / "m.h5", [src])
+
+
+def test_check_output_rule(tmp_path):
+    """Create, or rewrite what vislens created; anything else only with --force."""
+    from vislens.io import MARKER, check_output, human_bytes, prepare_output_dir
+
+    assert human_bytes(0) == "0 B" and human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(3 * 2**30) == "3.0 GiB"
+    new = tmp_path / "new.h5"
+    assert check_output(new) == new
+    new.write_text("x")
+    with pytest.raises(VislensError, match="already exists .* --force"):
+        check_output(new)
+    assert check_output(new, force=True) == new
+    with pytest.raises(VislensError, match="folder .*missing does not exist"):
+        check_output(tmp_path / "missing" / "f.h5")
+    out = prepare_output_dir(tmp_path / "a" / "report")  # parents created, marked
+    assert (out / MARKER).exists()
+    (out / "table.csv").write_text("old")
+    assert prepare_output_dir(out) == out  # its own folder: rewritten freely
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(VislensError, match="did not create and it is not empty"):
+        prepare_output_dir(mine)
+    assert prepare_output_dir(mine, force=True) == mine and (mine / "thesis.tex").exists()
+    assert prepare_output_dir(tmp_path / "empty-dir") == tmp_path / "empty-dir"
