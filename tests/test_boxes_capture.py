@@ -98,20 +98,13 @@ def _boxes_cli(target, capfd) -> list[str]:
 
 def test_boxes_disk_full_is_one_line_and_keeps_the_file(capture_file, tmp_path, small_disk,
                                                          monkeypatch, capfd):
-    from vislens import store
+    from test_store import disk_or_injection
 
     path, _ = capture_file
-    disk = small_disk("1m")
-    if disk is None:  # inject ENOSPC where the new file is written
-        disk = tmp_path
-
-        def full(*a, **k):
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(store, "_build_final", full)
+    disk, injected = disk_or_injection(small_disk, "1m", tmp_path, monkeypatch)
     target = disk / "c.h5"
     target.write_bytes(path.read_bytes())
-    if disk != tmp_path:
+    if not injected:
         fill(disk)
     before = target.read_bytes()
     err = _boxes_cli(target, capfd)

@@ -824,23 +824,31 @@ def test_disk_full_while_writing_is_reported_before_done(tmp_path, small_disk, m
     same_content(path, ref)
 
 
-def test_disk_full_at_finalize_keeps_the_working_file(tmp_path, small_disk, monkeypatch):
+def disk_or_injection(small_disk, size: str, tmp_path: Path, monkeypatch) -> tuple[Path, bool]:
+    """A small tmpfs, or (where none can be mounted) a folder where writing any new file of
+    the final layout (finalize, merge, boxes) fails with ENOSPC; and whether injected."""
     from vislens import store
 
+    disk = small_disk(size)
+    if disk is not None:
+        return disk, False
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "_build_final", full)
+    disk = tmp_path / "inj"
+    disk.mkdir()
+    return disk, True
+
+
+def test_disk_full_at_finalize_keeps_the_working_file(tmp_path, small_disk, monkeypatch):
     n = 40
     ref = big_final(tmp_path / "ref.h5", n)
-    disk = small_disk("3m")
-    if disk is None:
-        disk = tmp_path / "inj"
-        disk.mkdir()
-
-        def full(*a, **k):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        monkeypatch.setattr(store, "_build_final", full)
+    disk, injected = disk_or_injection(small_disk, "3m", tmp_path, monkeypatch)
     path = disk / "run.h5"
     w = big_writer(path, n)
-    filler = fill(disk) if disk.name != "inj" else None
+    filler = None if injected else fill(disk)
     big_rows(w, range(n))  # the reserved blocks take every row although the disk is full
     with pytest.raises(VislensError, match=r"finalize failed \(No space left on device\); the "
                                            r"working file is intact, \d+(\.\d \w+| B) free") as exc:
@@ -863,19 +871,9 @@ def _merge_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_merge_disk_full_and_missing_folder_are_one_line(tmp_path, small_disk, monkeypatch):
-    from vislens import store
-
     src = big_final(tmp_path / "src.h5", 40)
-    disk = small_disk("256k")
-    if disk is None:
-        disk = tmp_path / "inj"
-        disk.mkdir()
-
-        def full(*a, **k):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        monkeypatch.setattr(store, "_build_final", full)
-    else:  # a real process: exactly one line on stderr, no "Exception ignored", no segfault
+    disk, injected = disk_or_injection(small_disk, "256k", tmp_path, monkeypatch)
+    if not injected:  # a real process: exactly one line on stderr, no "Exception ignored", no segfault
         r = _merge_cli(str(disk / "m.h5"), str(src))
         assert r.returncode == 2, r.stderr
         assert r.stderr.count("\n") == 1 and "No space left on device" in r.stderr, r.stderr
