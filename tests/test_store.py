@@ -195,7 +195,7 @@ def test_shard_path():
 
 
 def test_float16_conversion_is_exact():
-    from vislens.store import _to_f16
+    from vislens.store.format import _to_f16
 
     rng = np.random.default_rng(0)
     edge = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519, 65520, 1e10, -1e-8, 2.0**-14,
@@ -299,13 +299,13 @@ def test_fast_final_reader_matches_hdf5_decoder(tmp_path, monkeypatch):
     exactly what HDF5's own filter pipeline gives, every float16 bit pattern included."""
     import zlib
 
-    from vislens import store
+    from vislens.store import reader
 
     n = 9
     path = final_file(tmp_path / "run.h5", n)
     # the conversion table against numpy's cast, for every float16 bit pattern
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
-    np.testing.assert_array_equal(store._HALF_TO_SINGLE.view(np.uint32),
+    np.testing.assert_array_equal(reader._HALF_TO_SINGLE.view(np.uint32),
                                   every.astype(np.float32).view(np.uint32))
     # random bit patterns in the final file, with signed zeros, subnormals, inf and nan
     codes = np.random.default_rng(1).integers(0, 1 << 16, (n, L, H, G, G)).astype(np.uint16)
@@ -316,8 +316,8 @@ def test_fast_final_reader_matches_hdf5_decoder(tmp_path, monkeypatch):
         ref = f["conditions/baseline/image_attention"][()].astype(np.float32)
     assert np.isnan(ref).any() and np.isinf(ref).any()
     done = np.flatnonzero(~np.isin(np.arange(n), [r for r in range(n) if fails(r)]))
-    for inflate in (store._inflate, zlib.decompress):
-        monkeypatch.setattr(store, "_inflate", inflate)
+    for inflate in (reader._inflate, zlib.decompress):
+        monkeypatch.setattr(reader, "_inflate", inflate)
         with open_capture(path) as cap:
             got = cap.attention("baseline", done)
             np.testing.assert_array_equal(got.view(np.uint32), ref[done].view(np.uint32))
@@ -688,8 +688,11 @@ def big_result(row: int, ci: int) -> FakeResult:
 
 
 def big_writer(path: Path, n: int, **kw) -> CaptureWriter:
-    return CaptureWriter.open(path, samples=make_samples(n), conditions=CONDS, grid=BIG_G,
-                              num_layers=L, num_heads=H, num_options=K, attrs=ATTRS, **kw)
+    from vislens.store import CaptureJob
+
+    job = CaptureJob(samples=make_samples(n), conditions=CONDS, grid=BIG_G, num_layers=L,
+                     num_heads=H, num_options=K, attrs=ATTRS)
+    return CaptureWriter.open(path, job, **kw)
 
 
 def big_rows(w: CaptureWriter, rows) -> None:
@@ -738,6 +741,21 @@ def _fallocate_works(folder: Path) -> bool:
         probe.unlink()
 
 
+def test_job_object_or_its_fields(tmp_path):
+    from vislens.store import CaptureJob
+
+    job = CaptureJob(samples=make_samples(3), conditions=CONDS, grid=G, num_layers=L,
+                     num_heads=H, num_options=K, attrs=ATTRS)
+    with CaptureWriter.open(tmp_path / "a.h5", job) as w:
+        write_rows(w, range(3))
+    with open_writer(tmp_path / "b.h5", 3, boxes=False) as w:  # the same job as keywords
+        write_rows(w, range(3))
+    same_content(tmp_path / "a.h5", tmp_path / "b.h5")
+    with pytest.raises(TypeError, match="not both"):
+        CaptureWriter.open(tmp_path / "c.h5", job, grid=G)
+    assert not (tmp_path / "c.h5.lock").exists()
+
+
 def test_working_file_reserves_its_disk_blocks(tmp_path):
     if not _fallocate_works(tmp_path):
         pytest.skip("this filesystem cannot reserve blocks")
@@ -749,7 +767,7 @@ def test_working_file_reserves_its_disk_blocks(tmp_path):
 
 
 def test_disk_full_is_refused_before_any_sample(tmp_path, small_disk, monkeypatch):
-    from vislens import store
+    from vislens.store import writer
 
     disk = small_disk("1m")
     if disk is None:  # inject: the filesystem says "full" when the blocks are reserved
@@ -766,7 +784,7 @@ def test_disk_full_is_refused_before_any_sample(tmp_path, small_disk, monkeypatc
         assert re.search(r"needs \d+\.\d MiB but only \d+(\.\d KiB| B) are free", msg), msg
     # an estimate that passes (as on a filesystem whose free space changes meanwhile):
     # reserving the blocks fails at creation, before any sample is computed
-    monkeypatch.setattr(store, "working_file_bytes", lambda *a: 0)
+    monkeypatch.setattr(writer, "working_file_bytes", lambda *a: 0)
     with pytest.raises(VislensError, match=r"cannot reserve \d+\.\d MiB .*\(No space left on device; ") as exc:
         big_writer(disk / "run.h5", 64)
     one_line(exc)
@@ -777,24 +795,24 @@ def test_disk_full_while_writing_is_reported_before_done(tmp_path, small_disk, m
     """Where blocks cannot be reserved (copy-on-write filesystems), a write that fails is
     one line, its rows are not marked done, and a resume after freeing space gives the
     file an uninterrupted run gives."""
-    from vislens import store
+    from vislens.store import writer
 
     n = 40
     ref = big_final(tmp_path / "ref.h5", n)
-    monkeypatch.setattr(store, "_reserve", lambda path, shown: None, raising=False)  # sparse file
+    monkeypatch.setattr(writer, "_reserve", lambda path, shown: None)  # a sparse file
     disk = small_disk("3m")
     filler = None
     if disk is None:  # inject ENOSPC at the write layer for rows >= 10
         disk = tmp_path / "inj"
         disk.mkdir()
-        real_write = store._write_rows
+        real_write = writer._write_rows
 
         def write(ds, rows, data):
             if filler is not None and ds.name.endswith("image_attention") and rows.max() >= 10:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             real_write(ds, rows, data)
 
-        monkeypatch.setattr(store, "_write_rows", write)
+        monkeypatch.setattr(writer, "_write_rows", write)
     path = disk / "run.h5"
     w = big_writer(path, n)
     big_rows(w, range(10))
@@ -827,7 +845,7 @@ def test_disk_full_while_writing_is_reported_before_done(tmp_path, small_disk, m
 def disk_or_injection(small_disk, size: str, tmp_path: Path, monkeypatch) -> tuple[Path, bool]:
     """A small tmpfs, or (where none can be mounted) a folder where writing any new file of
     the final layout (finalize, merge, boxes) fails with ENOSPC; and whether injected."""
-    from vislens import store
+    from vislens.store import compact
 
     disk = small_disk(size)
     if disk is not None:
@@ -836,7 +854,7 @@ def disk_or_injection(small_disk, size: str, tmp_path: Path, monkeypatch) -> tup
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(store, "_build_final", full)
+    monkeypatch.setattr(compact, "build_final", full)
     disk = tmp_path / "inj"
     disk.mkdir()
     return disk, True
