@@ -504,6 +504,13 @@ def test_evaluate_and_report_folders_follow_the_output_rule(tiny_dir, scenes, tm
     assert main(["evaluate", str(s.path), "--out", str(tmp_path / "ev")]) == 0  # its own folder
     assert main(["evaluate", str(s.path), "--out", str(theirs), "--force"]) == 0
     assert (theirs / "notes.md").read_text() == "keep" and (theirs / "accuracy.csv").exists()
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "notes.md").write_text("keep")
+    capsys.readouterr()
+    assert main(["sweep", "--model", str(tiny_dir("llava")), "--dataset", f"jsonl:{scenes}",
+                 "--out", str(tmp_path / "sw"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err
 
 
 def test_model_dims_read_the_config_only(tiny_dir, tiny_adapter, monkeypatch):

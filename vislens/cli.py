@@ -15,6 +15,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import VislensError
+from .jobs import add_job_arguments
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
@@ -113,11 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("capture", help="run decoding conditions over a dataset into an HDF5 capture")
-    c.add_argument("--model", required=True, help="hub id, local checkpoint directory, or 'organism'")
-    c.add_argument("--dataset", required=True,
-                   help="whatsup:controlled_a|controlled_b|coco_one|coco_two|vg_one|vg_two, "
-                        "vsr:test|dev|train, or jsonl:PATH")
-    c.add_argument("--data-root", help="folder with the downloaded benchmark files")
+    add_job_arguments(c, max_new_tokens=16)
     c.add_argument("--out", required=True,
                    help="output .h5 file (resumed if it exists; with --shard I/N the job writes "
                         "OUT-stem.shardI-of-N.h5 instead, e.g. run.h5 -> run.shard0-of-4.h5)")
@@ -125,21 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="baseline | scaling:alpha=A | adaptvis:alpha1=A1,alpha2=A2,beta=B | "
                         "add:delta=D (optional ,layers=8-15,heads=0+3,name=N); repeatable")
     c.add_argument("--split", default="all", choices=["val", "test", "all"])
-    c.add_argument("--split-seed", type=int, default=0, help="seed of the 20%% validation split")
-    c.add_argument("--limit", type=int, help="only the first N samples of the split")
-    c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--shard", help="I/N (0 <= I < N): this job takes every N-th sample from I and "
                    "writes OUT as OUT-stem.shardI-of-N.h5; combine the N files with vislens merge")
-    c.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, or balanced (several GPUs)")
     c.add_argument("--on-error", default="stop", choices=["stop", "skip"])
-    c.add_argument("--max-new-tokens", type=int, default=16)
-    c.add_argument("--grid", type=int, default=24, help="analysis grid size G (G x G cells)")
-    c.add_argument("--matcher", default="paper", choices=["paper", "first-word"])
     c.add_argument("--prompt-style", default="chat", choices=["chat", "paper"],
                    help="chat: the model's chat template around the plain question; paper: the "
                         "published AdaptVis prompt strings verbatim (LLaVA-1.5 only)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_capture)
 
     e = sub.add_parser("evaluate", help="accuracy tables of a capture file")
