@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Self, Sequence
 
 import h5py
 import numpy as np
@@ -20,6 +20,19 @@ from ..io import IO_ERRORS
 
 if TYPE_CHECKING:  # decoding imports torch; the store must not
     from ..data.base import Box
+
+class ClosingContext:
+    """``with obj:`` closes ``obj`` on exit (writers and readers of capture files)."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 FORMAT = "vislens-capture"
 FORMAT_VERSION = 1

@@ -15,8 +15,8 @@ import pandas as pd
 from ..errors import VislensError
 from ..io import IO_ERRORS
 from .compact import is_final_attention
-from .format import (SAMPLE_TEXT_FIELDS, _check_format, _corrupt, _done_matrix, _failed, _open_h5,
-                     _plain, _read_attrs, _runs, _text, _trim, _values)
+from .format import (ClosingContext, SAMPLE_TEXT_FIELDS, _check_format, _corrupt, _done_matrix,
+                     _failed, _open_h5, _plain, _read_attrs, _runs, _text, _trim, _values)
 
 try:  # ISA-L inflates deflate streams ~1.6x faster than zlib; reading is decode-bound
     from isal.isal_zlib import decompress as _inflate
@@ -29,7 +29,7 @@ def open_capture(path: str | Path) -> "Capture":
     return Capture(path)
 
 
-class Capture:
+class Capture(ClosingContext):
     """Read-only view of a capture file; attention is read lazily, slice by slice.
 
     Rows of a condition that are not (yet) done read as NaN (attention, masses) and are
@@ -326,12 +326,6 @@ class Capture:
 
     def close(self) -> None:
         self._f.close()
-
-    def __enter__(self) -> "Capture":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "working"

@@ -19,11 +19,12 @@ import numpy as np
 from ..errors import VislensError
 from ..io import IO_ERRORS, check_free_space, human_bytes, is_disk_full, os_reason, real_path
 from . import compact
-from .format import (FINGERPRINT_CHARS, FORMAT, FORMAT_VERSION, PREDICTION_BYTES, REASON_BYTES,
-                     RESUME_IGNORED_ATTRS, SAMPLE_TEXT_FIELDS, _SPEC_FIELDS, _STORE_OWNED, _alloc,
-                     _check_format, _done_matrix, _failed, _fixed, _free_bytes, _fsync_dir,
-                     _fsync_path, _norm, _open_h5, _plain, _read_attrs, _set_attrs, _short, _text,
-                     _tmp_of, _to_f16, _trim, _unlink_quietly, _utf8, _write_boxes, _write_rows)
+from .format import (ClosingContext, FINGERPRINT_CHARS, FORMAT, FORMAT_VERSION, PREDICTION_BYTES,
+                     REASON_BYTES, RESUME_IGNORED_ATTRS, SAMPLE_TEXT_FIELDS, _SPEC_FIELDS,
+                     _STORE_OWNED, _alloc, _check_format, _done_matrix, _failed, _fixed,
+                     _free_bytes, _fsync_dir, _fsync_path, _norm, _open_h5, _plain, _read_attrs,
+                     _set_attrs, _short, _text, _tmp_of, _to_f16, _trim, _unlink_quietly, _utf8,
+                     _write_boxes, _write_rows)
 from .lock import OutputLock
 
 if TYPE_CHECKING:  # decoding imports torch; the store must not
@@ -79,7 +80,7 @@ class CaptureJob:
     box_source: str = "annotations"
 
 
-class CaptureWriter:
+class CaptureWriter(ClosingContext):
     """Exclusive, crash-safe writer of one capture file (create or resume).
 
     Use :meth:`open`; write committed batches with :meth:`write_batch`, skipped samples
@@ -418,12 +419,6 @@ class CaptureWriter:
                                    "resume") from None
         finally:
             self._lock.release()
-
-    def __enter__(self) -> "CaptureWriter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "complete" if self._final else f"{self.pending_indices().size} pending"
