@@ -195,7 +195,7 @@ def test_shard_path():
 
 
 def test_float16_conversion_is_exact():
-    from vislens.store.format import _to_f16
+    from vislens.store.format import to_f16
 
     rng = np.random.default_rng(0)
     edge = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519, 65520, 1e10, -1e-8, 2.0**-14,
@@ -205,9 +205,9 @@ def test_float16_conversion_is_exact():
                                   * 10.0 ** rng.uniform(-12, 6, 100_000)).astype(np.float32)])
     with np.errstate(all="ignore"):
         ref = vals.astype(np.float16)
-    np.testing.assert_array_equal(_to_f16(vals).view(np.uint16), ref.view(np.uint16))
-    assert np.isnan(_to_f16(np.array([np.nan, -np.nan], np.float32))).all()
-    assert _to_f16(np.ones((2, 3), np.float32)).shape == (2, 3)
+    np.testing.assert_array_equal(to_f16(vals).view(np.uint16), ref.view(np.uint16))
+    assert np.isnan(to_f16(np.array([np.nan, -np.nan], np.float32))).all()
+    assert to_f16(np.ones((2, 3), np.float32)).shape == (2, 3)
 
 
 def test_lazy_open_capture():
@@ -805,14 +805,14 @@ def test_disk_full_while_writing_is_reported_before_done(tmp_path, small_disk, m
     if disk is None:  # inject ENOSPC at the write layer for rows >= 10
         disk = tmp_path / "inj"
         disk.mkdir()
-        real_write = writer._write_rows
+        real_write = writer.write_rows
 
         def write(ds, rows, data):
             if filler is not None and ds.name.endswith("image_attention") and rows.max() >= 10:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             real_write(ds, rows, data)
 
-        monkeypatch.setattr(writer, "_write_rows", write)
+        monkeypatch.setattr(writer, "write_rows", write)
     path = disk / "run.h5"
     w = big_writer(path, n)
     big_rows(w, range(10))

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import VislensError
 from ..io import IO_ERRORS, human_bytes, is_disk_full, os_reason
-from .format import GZIP_LEVEL, SAMPLE_TEXT_FIELDS, _free_bytes, _plain, _runs, _set_attrs, _text
+from .format import GZIP_LEVEL, SAMPLE_TEXT_FIELDS, free_bytes, plain_value, row_runs, set_attrs, read_text
 
 
 
@@ -48,7 +48,7 @@ def _gather(sources: Sequence[h5py.File], name: str, src_of: np.ndarray,
     for s, src in enumerate(sources):
         sel = src_of == s
         if sel.any():
-            data = _text(src[name]) if is_text else src[name][()]
+            data = read_text(src[name]) if is_text else src[name][()]
             out[sel] = data[row_of[sel]]
     return out
 
@@ -74,7 +74,7 @@ def build_final(dst: Path, sources: Sequence[h5py.File], src_of: np.ndarray,
     f0 = sources[0]
     conds = list(f0["conditions"])
     with h5py.File(dst, "w") as out:
-        _set_attrs(out, attrs)
+        set_attrs(out, attrs)
         gs = out.create_group("samples")
         names = [*SAMPLE_TEXT_FIELDS, "options", "index", "width", "height",
                  "n_image_tokens", "n_text_tokens"]
@@ -152,7 +152,7 @@ def _copy_attention(g: h5py.Group, sources: Sequence[h5py.File], name: str,
                 rs_arr = np.asarray(rs)
                 src_rows = row_of[rs_arr]
                 order = np.argsort(src_rows)
-                for start, stop, off in _runs(src_rows[order]):
+                for start, stop, off in row_runs(src_rows[order]):
                     block = src_ds[s][start:stop]
                     for k in range(stop - start):
                         r = int(rs_arr[order[off + k]])
@@ -168,7 +168,7 @@ def _final_boxes(out: h5py.File, sources: Sequence[h5py.File], src_of: np.ndarra
                  row_of: np.ndarray) -> None:
     """``/boxes`` of the final file, box sample numbers remapped to output rows."""
     gb = out.create_group("boxes")
-    gb.attrs["source"] = _plain(sources[0]["boxes"].attrs.get("source", "annotations"))
+    gb.attrs["source"] = plain_value(sources[0]["boxes"].attrs.get("source", "annotations"))
     if all("boxes/mask" in s for s in sources):
         _final_dataset(gb, "mask", _gather(sources, "boxes/mask", src_of, row_of))
     new_row = []
@@ -207,7 +207,7 @@ def _remapped_records(sources: Sequence[h5py.File], new_row: Sequence[np.ndarray
         samples.append(mapped[keep])
         for f in fields:
             text = h5py.check_string_dtype(b[f].dtype) is not None
-            cols[f].append((_text(b[f]) if text else b[f][()])[keep])
+            cols[f].append((read_text(b[f]) if text else b[f][()])[keep])
     sample = np.concatenate(samples)
     order = np.argsort(sample, kind="stable")
     return sample[order], {f: np.concatenate(v)[order] for f, v in cols.items()}
@@ -221,6 +221,6 @@ def writing_file(shown: Path, what: str, real: Path) -> Iterator[None]:
     except IO_ERRORS as exc:
         extra = ""
         if is_disk_full(exc):
-            extra = f"; {human_bytes(_free_bytes(real))} free in {real.parent}"
+            extra = f"; {human_bytes(free_bytes(real))} free in {real.parent}"
         raise VislensError(f"{shown}: {what} failed ({os_reason(exc)}{extra}); "
                            f"{shown} is left as it was") from None

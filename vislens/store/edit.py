@@ -13,9 +13,9 @@ import numpy as np
 from ..errors import VislensError
 from ..io import check_output, real_path
 from . import compact
-from .format import (RESUME_IGNORED_ATTRS, _check_format, _done_matrix, _failed, _fsync_dir,
-                     _fsync_path, _open_h5, _plain, _read_attrs, _short, _text, _tmp_of,
-                     _unlink_quietly, _write_boxes)
+from .format import (RESUME_IGNORED_ATTRS, check_format, done_matrix, failed_flags, fsync_dir,
+                     fsync_path, open_h5, plain_value, read_attrs, short_repr, read_text, tmp_of,
+                     unlink_quietly, write_boxes)
 from .lock import OutputLock
 
 _MERGE_IGNORED = RESUME_IGNORED_ATTRS | {"shard", "merged_from"}
@@ -63,13 +63,13 @@ def shard_rows(n_rows: int, shard: tuple[int, int] | None) -> list[int]:
 
 
 def _shard_attr(f: h5py.File, path: Path) -> tuple[int, int] | None:
-    value = _plain(f.attrs.get("shard"))
+    value = plain_value(f.attrs.get("shard"))
     if value is None or value == "":
         return None
     try:
         return parse_shard(value)
     except VislensError:
-        raise VislensError(f"{path}: merge: malformed shard attr {_short(value)} "
+        raise VislensError(f"{path}: merge: malformed shard attr {short_repr(value)} "
                            "(expected \"I/N\")") from None
 
 
@@ -94,19 +94,19 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
     check_output(out, force=force)
     lock = OutputLock(out)
     files: list[h5py.File] = []
-    tmp = _tmp_of(real)
+    tmp = tmp_of(real)
     try:
         for p in paths:
-            f = _open_h5(p)
+            f = open_h5(p)
             files.append(f)
-            _check_format(f, p)
+            check_format(f, p)
         ref = _merge_spec(files[0])
         for p, f in zip(paths[1:], files[1:]):
             spec = _merge_spec(f)
             for key in sorted(set(ref) | set(spec), key=lambda k: (k != "conditions", k)):
                 if ref.get(key) != spec.get(key):
-                    raise VislensError(f"{p}: merge: {key} is {_short(spec.get(key))} but "
-                                       f"{_short(ref.get(key))} in {paths[0]}")
+                    raise VislensError(f"{p}: merge: {key} is {short_repr(spec.get(key))} but "
+                                       f"{short_repr(ref.get(key))} in {paths[0]}")
         shard_ids = [_shard_attr(f, p) for p, f in zip(paths, files)]
         if all(s is not None for s in shard_ids):
             counts = {s[1] for s in shard_ids if s}
@@ -125,9 +125,9 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
                                    f"{', '.join(f'{i}/{n_shards}' for i in missing)} "
                                    f"(got {len(seen)} of {n_shards})")
         for p, f in zip(paths, files):
-            pending = np.flatnonzero(~(_done_matrix(f).all(axis=0) | _failed(f)))
+            pending = np.flatnonzero(~(done_matrix(f).all(axis=0) | failed_flags(f)))
             if pending.size:
-                ids = _text(f["samples/id"], pending[:3].tolist())
+                ids = read_text(f["samples/id"], pending[:3].tolist())
                 raise VislensError(f"{p}: merge: {pending.size} sample(s) not done (e.g. "
                                    f"{', '.join(map(str, ids))}); resume that shard first")
         owner: dict[int, int] = {}
@@ -138,20 +138,20 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
                 if i in owner:
                     other = paths[owner[i]]
                     raise VislensError(f"{p}: merge: sample index {i} (id "
-                                       f"{str(_text(f['samples/id'], j))!r}) is also in {other}")
+                                       f"{str(read_text(f['samples/id'], j))!r}) is also in {other}")
                 owner[i] = s
             src_list.append(np.full(idx.size, s, dtype=np.int64))
             row_list.append(np.arange(idx.size, dtype=np.int64))
             idx_list.append(idx)
         index = np.concatenate(idx_list)
-        total = _plain(files[0].attrs.get("total_samples"))
+        total = plain_value(files[0].attrs.get("total_samples"))
         if isinstance(total, int) and index.size != total:
             raise VislensError(f"{out}: merge: shards hold {index.size} samples but "
                                f"total_samples is {total}")
         order = np.argsort(index, kind="stable")
         src_of = np.concatenate(src_list)[order]
         row_of = np.concatenate(row_list)[order]
-        attrs = _read_attrs(files[0])
+        attrs = read_attrs(files[0])
         attrs.pop("shard", None)
         attrs["complete"] = True
         attrs["merged_from"] = [p.name for p in paths]
@@ -160,12 +160,12 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
             for f in files:
                 f.close()
             files.clear()
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, real)
-            _fsync_dir(real)
+            fsync_dir(real)
         return out
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     finally:
         for f in files:
@@ -175,15 +175,15 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
 
 def _merge_spec(f: h5py.File) -> dict[str, Any]:
     """What must agree between shards of one job."""
-    attrs = {k: v for k, v in _read_attrs(f).items() if k not in _MERGE_IGNORED}
+    attrs = {k: v for k, v in read_attrs(f).items() if k not in _MERGE_IGNORED}
     spec: dict[str, Any] = {f"attr {k}": v for k, v in attrs.items()}
     spec["conditions"] = list(f["conditions"])
     for c in f["conditions"]:
-        spec[f"conditions/{c} attrs"] = _read_attrs(f[f"conditions/{c}"])
+        spec[f"conditions/{c} attrs"] = read_attrs(f[f"conditions/{c}"])
     spec["/boxes present"] = "boxes" in f
     spec["/boxes/mask present"] = "boxes/mask" in f
     if "boxes" in f:
-        spec["/boxes source"] = _plain(f["boxes"].attrs.get("source"))
+        spec["/boxes source"] = plain_value(f["boxes"].attrs.get("source"))
     return spec
 
 
@@ -202,11 +202,11 @@ def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[
     path = Path(path)
     lock = OutputLock(path) if lock is None else lock
     real = real_path(path)
-    tmp = _tmp_of(real)
+    tmp = tmp_of(real)
     try:
-        with _open_h5(real) as src:
-            _check_format(src, path)
-            attrs = _read_attrs(src)
+        with open_h5(real) as src:
+            check_format(src, path)
+            attrs = read_attrs(src)
             if not attrs.get("complete"):
                 raise VislensError(f"{path}: the capture is not complete; finish (resume) the "
                                    "capture job before adding boxes")
@@ -219,7 +219,7 @@ def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[
                              with_boxes=False)
         with compact.writing_file(path, "writing the boxes", real):
             with h5py.File(tmp, "r+", locking=False) as f:
-                _write_boxes(f, masks.astype(np.float32), boxes, source, fixed=False)
+                write_boxes(f, masks.astype(np.float32), boxes, source, fixed=False)
                 if unmatched is not None:
                     rows = [i for i, us in enumerate(unmatched) for _ in us]
                     labels = [str(u.label) for us in unmatched for u in us]
@@ -230,11 +230,11 @@ def replace_boxes(path: str | Path, masks: np.ndarray, boxes: Sequence[Sequence[
                                       dtype=h5py.string_dtype("utf-8"))
                     gb.create_dataset("unmatched_reason", data=np.asarray(reasons, dtype=object),
                                       dtype=h5py.string_dtype("utf-8"))
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, real)
-            _fsync_dir(real)
+            fsync_dir(real)
     except BaseException:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         raise
     finally:
         lock.release()

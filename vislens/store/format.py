@@ -51,13 +51,13 @@ FINGERPRINT_CHARS = 64
 GZIP_LEVEL = 1  # attention maps compress ~1.2x at any level; 1 is the fastest
 
 SAMPLE_TEXT_FIELDS = ("id", "question", "answer", "relation", "image_path", "group", "split")
-_STORE_OWNED = ("format", "format_version", "grid", "num_layers", "num_heads", "num_options",
+STORE_OWNED = ("format", "format_version", "grid", "num_layers", "num_heads", "num_options",
                 "complete")
-_SPEC_FIELDS = ("model", "model_revision", "dataset", "grid", "num_layers", "num_heads",
+SPEC_FIELDS = ("model", "model_revision", "dataset", "grid", "num_layers", "num_heads",
                 "num_options")
 
 
-def _utf8(text: Any, limit: int | None = None) -> bytes:
+def utf8_bytes(text: Any, limit: int | None = None) -> bytes:
     """utf-8 bytes of ``text``, cut to ``limit`` bytes at a character boundary."""
     b = str(text).encode("utf-8", "replace")
     if limit is not None and len(b) > limit:
@@ -65,29 +65,29 @@ def _utf8(text: Any, limit: int | None = None) -> bytes:
     return b
 
 
-def _fixed(values: Sequence[Any], width: int, limit: int | None = None) -> np.ndarray:
+def fixed_strings(values: Sequence[Any], width: int, limit: int | None = None) -> np.ndarray:
     """Fixed-length utf-8 string array (h5py dtype) of byte width ``width``."""
-    return np.array([_utf8(v, limit) for v in values], dtype=h5py.string_dtype("utf-8", width))
+    return np.array([utf8_bytes(v, limit) for v in values], dtype=h5py.string_dtype("utf-8", width))
 
 
-def _text(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
+def read_text(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
     """Read a fixed- or variable-length utf-8 string dataset as an object array of str."""
     try:
         return np.asarray(ds.asstr()[sel], dtype=object)
     except IO_ERRORS as exc:
-        raise _corrupt(ds, exc) from None
+        raise corrupt_error(ds, exc) from None
 
 
-def _values(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
+def read_values(ds: h5py.Dataset, sel: Any = ()) -> np.ndarray:
     """``ds[sel]``; a chunk that cannot be read (corrupted bytes) is one line naming the
     file, the condition and the rows."""
     try:
         return ds[sel]
     except IO_ERRORS as exc:
-        raise _corrupt(ds, exc) from None
+        raise corrupt_error(ds, exc) from None
 
 
-def _corrupt(ds: h5py.Dataset, exc: BaseException,
+def corrupt_error(ds: h5py.Dataset, exc: BaseException,
              rows: tuple[int, int] | None = None) -> VislensError:
     """The error for an unreadable dataset: which file, condition and rows, and why."""
     path, name = ds.file.filename, ds.name
@@ -110,7 +110,7 @@ def _corrupt(ds: h5py.Dataset, exc: BaseException,
                         "recreate the file or restore it from a copy")
 
 
-def _attr_value(value: Any) -> Any:
+def attr_value(value: Any) -> Any:
     """Python value -> what HDF5 stores; ``None`` -> not stored, dicts -> JSON text."""
     if value is None:
         return None
@@ -135,45 +135,45 @@ def _attr_value(value: Any) -> Any:
             return np.array(items, dtype=np.int64)
         if all(isinstance(v, (int, float, np.integer, np.floating)) for v in items):
             return np.array(items, dtype=np.float64)
-        return json.dumps([_plain(v) for v in items], default=str)
+        return json.dumps([plain_value(v) for v in items], default=str)
     return str(value)
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """Stored attr value -> plain Python (str, bool, int, float, list)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
+        return [plain_value(v) for v in value.tolist()]
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_value(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
-def _norm(value: Any) -> Any:
+def stored_form(value: Any) -> Any:
     """Comparable form of an attr value as it would read back from the file."""
-    return _plain(_attr_value(value))
+    return plain_value(attr_value(value))
 
 
-def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
+def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
     for key, value in attrs.items():
-        stored = _attr_value(value)
+        stored = attr_value(value)
         if stored is not None:
             obj.attrs[key] = stored
 
 
-def _read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in obj.attrs.items()}
+def read_attrs(obj: h5py.HLObject) -> dict[str, Any]:
+    return {k: plain_value(v) for k, v in obj.attrs.items()}
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _runs(rows: np.ndarray) -> Iterator[tuple[int, int, int]]:
+def row_runs(rows: np.ndarray) -> Iterator[tuple[int, int, int]]:
     """Runs of consecutive values in sorted ``rows``: (first row, stop row, offset in rows)."""
     if rows.size == 0:
         return
@@ -184,9 +184,9 @@ def _runs(rows: np.ndarray) -> Iterator[tuple[int, int, int]]:
         yield int(rows[a]), int(rows[b - 1]) + 1, int(a)
 
 
-def _write_rows(ds: h5py.Dataset, rows: np.ndarray, data: np.ndarray) -> None:
+def write_rows(ds: h5py.Dataset, rows: np.ndarray, data: np.ndarray) -> None:
     """``ds[rows] = data`` for sorted unique rows, one slice write per consecutive run."""
-    for start, stop, off in _runs(rows):
+    for start, stop, off in row_runs(rows):
         ds[start:stop] = data[off:off + stop - start]
 
 
@@ -195,7 +195,7 @@ _F16_DENORM_MAGIC = np.uint32(((127 - 15) + (23 - 10) + 1) << 23)
 _F16_DENORM_MAGIC_F = _F16_DENORM_MAGIC.reshape(1).view(np.float32)[0]
 
 
-def _to_f16(x: np.ndarray) -> np.ndarray:
+def to_f16(x: np.ndarray) -> np.ndarray:
     """float32 -> float16, bit-identical to ``astype`` (round to nearest even) but fast.
 
     Attention probabilities are mostly float16 subnormals, for which numpy's cast (and the
@@ -223,7 +223,7 @@ def _to_f16(x: np.ndarray) -> np.ndarray:
     return n.astype(np.uint16).view(np.float16).reshape(np.shape(x))
 
 
-def _alloc(group: h5py.Group, name: str, dtype: Any, shape: tuple[int, ...],
+def alloc_dataset(group: h5py.Group, name: str, dtype: Any, shape: tuple[int, ...],
            chunks: tuple[int, ...] | None = None) -> h5py.Dataset:
     """Create a dataset whose storage is allocated now and never zero-filled.
 
@@ -242,7 +242,7 @@ def _alloc(group: h5py.Group, name: str, dtype: Any, shape: tuple[int, ...],
     return group[name]
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -250,32 +250,32 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
     except OSError:  # some filesystems refuse fsync on directories
         pass
 
 
-def _tmp_of(path: Path) -> Path:
+def tmp_of(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def _unlink_quietly(path: Path) -> None:
+def unlink_quietly(path: Path) -> None:
     try:
         path.unlink()
     except OSError:
         pass
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
     try:
         return shutil.disk_usage(path.parent).free
     except OSError:
         return 0
 
 
-def _open_h5(path: Path, mode: str = "r", **kw: Any) -> h5py.File:
+def open_h5(path: Path, mode: str = "r", **kw: Any) -> h5py.File:
     """Open an existing capture file without HDF5's own file lock.
 
     ``FILE.lock`` already excludes a second writer; skipping HDF5's lock lets readers (in
@@ -290,45 +290,45 @@ def _open_h5(path: Path, mode: str = "r", **kw: Any) -> h5py.File:
         raise VislensError(f"{path}: cannot open as an HDF5 capture file ({msg})") from None
 
 
-def _check_format(f: h5py.File, path: Path) -> None:
-    fmt = _plain(f.attrs.get("format"))
+def check_format(f: h5py.File, path: Path) -> None:
+    fmt = plain_value(f.attrs.get("format"))
     if fmt != FORMAT:
-        raise VislensError(f"{path}: not a vislens capture file (format attr is {_short(fmt)}, "
+        raise VislensError(f"{path}: not a vislens capture file (format attr is {short_repr(fmt)}, "
                            f"expected {FORMAT!r})")
-    version = _plain(f.attrs.get("format_version"))
+    version = plain_value(f.attrs.get("format_version"))
     if version != FORMAT_VERSION:
-        raise VislensError(f"{path}: capture format_version {_short(version)} is not supported "
+        raise VislensError(f"{path}: capture format_version {short_repr(version)} is not supported "
                            f"(this vislens reads version {FORMAT_VERSION})")
 
 
-def _done_matrix(f: h5py.File) -> np.ndarray:
+def done_matrix(f: h5py.File) -> np.ndarray:
     """[C, N] bool: done flags of every condition, in the file's condition order."""
     conds = list(f["conditions"])
     n = f["samples/id"].shape[0]
     if not conds:
         return np.zeros((0, n), dtype=bool)
-    return np.stack([_values(f[f"conditions/{c}/done"]).astype(bool) for c in conds])
+    return np.stack([read_values(f[f"conditions/{c}/done"]).astype(bool) for c in conds])
 
 
-def _failed(f: h5py.File) -> np.ndarray:
+def failed_flags(f: h5py.File) -> np.ndarray:
     if "errors/failed" in f:
         return f["errors/failed"][()].astype(bool)
     return np.zeros(f["samples/id"].shape[0], dtype=bool)
 
 
-def _trim(options: list[str]) -> list[str]:
+def trim_options(options: list[str]) -> list[str]:
     while options and options[-1] == "":
         options.pop()
     return options
 
 
-def _write_boxes(f: h5py.File, masks: np.ndarray | None, boxes: Sequence[Sequence["Box"]] | None,
+def write_boxes(f: h5py.File, masks: np.ndarray | None, boxes: Sequence[Sequence["Box"]] | None,
                  source: str, *, fixed: bool) -> None:
     """Write ``/boxes`` (at creation: preallocated, fixed-length labels)."""
     gb = f.create_group("boxes")
     gb.attrs["source"] = source
     if masks is not None:
-        _alloc(gb, "mask", np.float32, masks.shape)[...] = masks
+        alloc_dataset(gb, "mask", np.float32, masks.shape)[...] = masks
     rows, labels, xyxy, score = [], [], [], []
     for i, bs in enumerate(boxes or []):
         for b in bs:
@@ -337,10 +337,10 @@ def _write_boxes(f: h5py.File, masks: np.ndarray | None, boxes: Sequence[Sequenc
             xyxy.append(tuple(float(v) for v in b.xyxy))
             score.append(float(getattr(b, "score", 1.0)))
     m = len(rows)
-    width = max([1] + [len(_utf8(x)) for x in labels])
-    _alloc(gb, "sample", np.int64, (m,))[...] = np.asarray(rows, dtype=np.int64)
-    ds = _alloc(gb, "label", h5py.string_dtype("utf-8", width), (m,))
+    width = max([1] + [len(utf8_bytes(x)) for x in labels])
+    alloc_dataset(gb, "sample", np.int64, (m,))[...] = np.asarray(rows, dtype=np.int64)
+    ds = alloc_dataset(gb, "label", h5py.string_dtype("utf-8", width), (m,))
     if m:
-        ds[...] = _fixed(labels, width)
-    _alloc(gb, "xyxy", np.float32, (m, 4))[...] = np.asarray(xyxy, dtype=np.float32).reshape(m, 4)
-    _alloc(gb, "score", np.float32, (m,))[...] = np.asarray(score, dtype=np.float32)
+        ds[...] = fixed_strings(labels, width)
+    alloc_dataset(gb, "xyxy", np.float32, (m, 4))[...] = np.asarray(xyxy, dtype=np.float32).reshape(m, 4)
+    alloc_dataset(gb, "score", np.float32, (m,))[...] = np.asarray(score, dtype=np.float32)

@@ -15,8 +15,9 @@ import pandas as pd
 from ..errors import VislensError
 from ..io import IO_ERRORS
 from .compact import is_final_attention
-from .format import (ClosingContext, SAMPLE_TEXT_FIELDS, _check_format, _corrupt, _done_matrix,
-                     _failed, _open_h5, _plain, _read_attrs, _runs, _text, _trim, _values)
+from .format import (ClosingContext, SAMPLE_TEXT_FIELDS, check_format, corrupt_error, done_matrix,
+                     failed_flags, open_h5, plain_value, read_attrs, row_runs, read_text,
+                     trim_options, read_values)
 
 try:  # ISA-L inflates deflate streams ~1.6x faster than zlib; reading is decode-bound
     from isal.isal_zlib import decompress as _inflate
@@ -38,10 +39,10 @@ class Capture(ClosingContext):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._f = _open_h5(self.path)
+        self._f = open_h5(self.path)
         try:
-            _check_format(self._f, self.path)
-            self.attrs: dict[str, Any] = _read_attrs(self._f)
+            check_format(self._f, self.path)
+            self.attrs: dict[str, Any] = read_attrs(self._f)
             self.conditions: list[str] = list(self._f["conditions"])
             self._n = self._f["samples/id"].shape[0]
             self._static: pd.DataFrame | None = None
@@ -62,11 +63,11 @@ class Capture(ClosingContext):
 
     def condition_attrs(self, name: str) -> dict[str, Any]:
         """The condition's attrs (method, spec and parameters) as plain Python values."""
-        return _read_attrs(self._group(name))
+        return read_attrs(self._group(name))
 
     def done(self, condition: str) -> np.ndarray:
         """[N] bool: rows whose results for ``condition`` are complete."""
-        return _values(self._group(condition)["done"]).astype(bool)
+        return read_values(self._group(condition)["done"]).astype(bool)
 
     @property
     def complete(self) -> bool:
@@ -80,12 +81,12 @@ class Capture(ClosingContext):
     @property
     def n_done(self) -> int:
         """Samples done in every condition (what a complete file has for all but failed ones)."""
-        return int(_done_matrix(self._f).all(axis=0).sum()) if self.conditions else 0
+        return int(done_matrix(self._f).all(axis=0).sum()) if self.conditions else 0
 
     @property
     def n_failed(self) -> int:
         """Samples skipped with ``--on-error skip`` (no results)."""
-        return int(_failed(self._f).sum())
+        return int(failed_flags(self._f).sum())
 
     def progress_line(self) -> str:
         """One line for report headers: ``"16 samples"`` for a complete file,
@@ -102,20 +103,20 @@ class Capture(ClosingContext):
         (``n_image_tokens``, ``n_text_tokens``; 0 when unknown), failed, reason."""
         f = self._f
         if self._static is None:
-            cols: dict[str, Any] = {name: _text(f[f"samples/{name}"])
+            cols: dict[str, Any] = {name: read_text(f[f"samples/{name}"])
                                     for name in SAMPLE_TEXT_FIELDS}
-            opts = _text(f["samples/options"])
-            cols["options"] = [_trim(list(row)) for row in opts]
-            cols["index"] = _values(f["samples/index"]).astype(np.int64)
+            opts = read_text(f["samples/options"])
+            cols["options"] = [trim_options(list(row)) for row in opts]
+            cols["index"] = read_values(f["samples/index"]).astype(np.int64)
             self._static = pd.DataFrame(cols)
         df = self._static.copy()
-        df["width"] = _values(f["samples/width"]).astype(np.int32)
-        df["height"] = _values(f["samples/height"]).astype(np.int32)
+        df["width"] = read_values(f["samples/width"]).astype(np.int32)
+        df["height"] = read_values(f["samples/height"]).astype(np.int32)
         for name in ("n_image_tokens", "n_text_tokens"):
             ds = f.get(f"samples/{name}")
             df[name] = ds[()].astype(np.int32) if ds is not None else np.zeros(len(df), np.int32)
-        df["failed"] = _failed(f)
-        df["reason"] = _text(f["errors/reason"]) if "errors/reason" in f else ""
+        df["failed"] = failed_flags(f)
+        df["reason"] = read_text(f["errors/reason"]) if "errors/reason" in f else ""
         return df
 
     # ------------------------------------------------------------------ tables
@@ -141,16 +142,16 @@ class Capture(ClosingContext):
         frames = []
         for c in names:
             g = self._group(c)
-            done = _values(g["done"]).astype(bool)
+            done = read_values(g["done"]).astype(bool)
             keep = np.flatnonzero(done) if done_only else np.arange(self._n)
-            probs = _values(g["option_probs"]).astype(np.float32)
-            pred = _text(g["prediction"])
-            corr = _values(g["correct"]).astype(bool)
-            conf = _values(g["confidence"]).astype(np.float32)
-            alpha = _values(g["alpha_used"]).astype(np.float32)
+            probs = read_values(g["option_probs"]).astype(np.float32)
+            pred = read_text(g["prediction"])
+            corr = read_values(g["correct"]).astype(bool)
+            conf = read_values(g["confidence"]).astype(np.float32)
+            alpha = read_values(g["alpha_used"]).astype(np.float32)
             pred[~done], corr[~done], conf[~done], alpha[~done] = "", False, np.nan, np.nan
             probs[~done] = np.nan
-            method = str(_plain(g.attrs.get("method", "")))
+            method = str(plain_value(g.attrs.get("method", "")))
             df = pd.DataFrame({
                 "row": keep, "index": smp["index"].to_numpy()[keep],
                 "id": smp["id"].to_numpy()[keep], "condition": c, "method": method,
@@ -218,16 +219,16 @@ class Capture(ClosingContext):
         if uniq.size >= 4 and is_final_attention(ds):
             _read_final_rows(ds, uniq, lsel, out)
         else:
-            for start, stop, off in _runs(uniq):
+            for start, stop, off in row_runs(uniq):
                 for a in range(start, stop, 64):
                     b = min(stop, a + 64)
-                    block = _values(ds, np.s_[a:b] if lsel is None else np.s_[a:b, lsel])
+                    block = read_values(ds, np.s_[a:b] if lsel is None else np.s_[a:b, lsel])
                     dst = out[off + a - start:off + b - start]
                     if block.dtype == np.float16:  # the table is faster than numpy's cast
                         _half_into(block.view(np.uint16), dst)
                     else:
                         dst[...] = block
-        missing = ~_values(g["done"]).astype(bool)[uniq]
+        missing = ~read_values(g["done"]).astype(bool)[uniq]
         if missing.any():
             out[missing] = np.nan
         if in_order:
@@ -284,9 +285,9 @@ class Capture(ClosingContext):
     def masses(self, condition: str) -> tuple[np.ndarray, np.ndarray]:
         """``(image_mass, text_mass)``, each ``[N, L, H]`` float32; NaN where not done."""
         g = self._group(condition)
-        done = _values(g["done"]).astype(bool)
-        img = _values(g["image_attention_mass"]).astype(np.float32)
-        txt = _values(g["text_attention_mass"]).astype(np.float32)
+        done = read_values(g["done"]).astype(bool)
+        img = read_values(g["image_attention_mass"]).astype(np.float32)
+        txt = read_values(g["text_attention_mass"]).astype(np.float32)
         img[~done] = np.nan
         txt[~done] = np.nan
         return img, txt
@@ -295,20 +296,20 @@ class Capture(ClosingContext):
         """``[N, G, G]`` float32 object coverage of each grid cell, or None if not stored."""
         if "boxes/mask" not in self._f:
             return None
-        return _values(self._f["boxes/mask"]).astype(np.float32)
+        return read_values(self._f["boxes/mask"]).astype(np.float32)
 
     def boxes(self) -> pd.DataFrame | None:
         """One row per box: row, id, label, x0, y0, x1, y1, score (pixels); None if absent."""
         if "boxes" not in self._f:
             return None
         b = self._f["boxes"]
-        rows = _values(b["sample"]).astype(np.int64)
-        xyxy = _values(b["xyxy"]).astype(np.float32).reshape(-1, 4)
-        ids = _text(self._f["samples/id"])
+        rows = read_values(b["sample"]).astype(np.int64)
+        xyxy = read_values(b["xyxy"]).astype(np.float32).reshape(-1, 4)
+        ids = read_text(self._f["samples/id"])
         return pd.DataFrame({
             "row": rows, "id": ids[rows] if rows.size else np.array([], dtype=object),
-            "label": _text(b["label"]), "x0": xyxy[:, 0], "y0": xyxy[:, 1],
-            "x1": xyxy[:, 2], "y1": xyxy[:, 3], "score": _values(b["score"]).astype(np.float32),
+            "label": read_text(b["label"]), "x0": xyxy[:, 0], "y0": xyxy[:, 1],
+            "x1": xyxy[:, 2], "y1": xyxy[:, 3], "score": read_values(b["score"]).astype(np.float32),
         })
 
     def unmatched(self) -> pd.DataFrame | None:
@@ -316,11 +317,11 @@ class Capture(ClosingContext):
         if "boxes/unmatched_sample" not in self._f:
             return None
         b = self._f["boxes"]
-        rows = _values(b["unmatched_sample"]).astype(np.int64)
-        ids = _text(self._f["samples/id"])
+        rows = read_values(b["unmatched_sample"]).astype(np.int64)
+        ids = read_text(self._f["samples/id"])
         return pd.DataFrame({"row": rows, "id": ids[rows] if rows.size else np.array([], dtype=object),
-                             "label": _text(b["unmatched_label"]),
-                             "reason": _text(b["unmatched_reason"])})
+                             "label": read_text(b["unmatched_label"]),
+                             "reason": read_text(b["unmatched_reason"])})
 
     # ------------------------------------------------------------------ lifetime
 
@@ -380,16 +381,16 @@ def _read_final_rows(ds: h5py.Dataset, rows: np.ndarray, lsel: list[int] | None,
     def settle() -> None:
         k, r, fut = inflight.popleft()
         if not fut.result():  # unexpected or undecodable chunk: let HDF5 decode it (or say why not)
-            out[k] = _values(ds, np.s_[r] if lsel is None else np.s_[r, lsel])
+            out[k] = read_values(ds, np.s_[r] if lsel is None else np.s_[r, lsel])
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for k, r in enumerate(rows.tolist()):
             try:
                 mask, data = ds.id.read_direct_chunk((r,) + zero)
             except IO_ERRORS as exc:
-                raise _corrupt(ds, exc, (r, r)) from None
+                raise corrupt_error(ds, exc, (r, r)) from None
             if mask != 0:  # a filter was skipped for this chunk: let HDF5 decode it
-                out[k] = _values(ds, np.s_[r] if lsel is None else np.s_[r, lsel])
+                out[k] = read_values(ds, np.s_[r] if lsel is None else np.s_[r, lsel])
                 continue
             inflight.append((k, r, pool.submit(_decode_final_chunk, data, shape, lsel, out, k)))
             if len(inflight) > 4 * workers:

@@ -20,11 +20,11 @@ from ..errors import VislensError
 from ..io import IO_ERRORS, check_free_space, human_bytes, is_disk_full, os_reason, real_path
 from . import compact
 from .format import (ClosingContext, FINGERPRINT_CHARS, FORMAT, FORMAT_VERSION, PREDICTION_BYTES,
-                     REASON_BYTES, RESUME_IGNORED_ATTRS, SAMPLE_TEXT_FIELDS, _SPEC_FIELDS,
-                     _STORE_OWNED, _alloc, _check_format, _done_matrix, _failed, _fixed,
-                     _free_bytes, _fsync_dir, _fsync_path, _norm, _open_h5, _plain, _read_attrs,
-                     _set_attrs, _short, _text, _tmp_of, _to_f16, _trim, _unlink_quietly, _utf8,
-                     _write_boxes, _write_rows)
+                     REASON_BYTES, RESUME_IGNORED_ATTRS, SAMPLE_TEXT_FIELDS, SPEC_FIELDS,
+                     STORE_OWNED, alloc_dataset, check_format, done_matrix, failed_flags,
+                     fixed_strings, free_bytes, fsync_dir, fsync_path, stored_form, open_h5,
+                     plain_value, read_attrs, set_attrs, short_repr, read_text, tmp_of, to_f16,
+                     trim_options, unlink_quietly, utf8_bytes, write_boxes, write_rows)
 from .lock import OutputLock
 
 if TYPE_CHECKING:  # decoding imports torch; the store must not
@@ -47,7 +47,7 @@ def _reserve(path: Path, shown: Path) -> None:
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             return  # the filesystem cannot reserve: the free-space check is all there is
-        free = _free_bytes(path)
+        free = free_bytes(path)
         raise VislensError(f"{shown}: cannot reserve {human_bytes(size)} for the working file "
                            f"({os_reason(exc)}; {human_bytes(free)} free in {path.parent})"
                            ) from None
@@ -132,12 +132,12 @@ class CaptureWriter(ClosingContext):
             raise
         real = real_path(path)
         try:
-            tmp = _tmp_of(real)
+            tmp = tmp_of(real)
             if tmp.exists():
                 tmp.unlink()
             if real.exists():
-                with _open_h5(real) as f:
-                    _check_format(f, path)
+                with open_h5(real) as f:
+                    check_format(f, path)
                     spec.check_resume(f, path)
             else:
                 spec.create(real, shown=path)
@@ -154,20 +154,20 @@ class CaptureWriter(ClosingContext):
         is set) instead of surfacing when HDF5 evicts or closes, where h5py can only print
         it. Dataset handles stay open for the writer's lifetime for the same reason.
         """
-        with _open_h5(self._real) as f:
-            complete = bool(_plain(f.attrs.get("complete", False)))
+        with open_h5(self._real) as f:
+            complete = bool(plain_value(f.attrs.get("complete", False)))
         self._final = complete
-        self._f = _open_h5(self._real, "r") if complete else _open_h5(self._real, "r+",
+        self._f = open_h5(self._real, "r") if complete else open_h5(self._real, "r+",
                                                                        rdcc_nbytes=0)
         f = self._f
         self._conds = list(f["conditions"])
         self._n = f["samples/id"].shape[0]
-        self._grid = int(_plain(f.attrs["grid"])[0])
-        self._L = int(_plain(f.attrs["num_layers"]))
-        self._H = int(_plain(f.attrs["num_heads"]))
-        self._K = int(_plain(f.attrs["num_options"]))
-        self._done = _done_matrix(f)
-        self._fail = _failed(f)
+        self._grid = int(plain_value(f.attrs["grid"])[0])
+        self._L = int(plain_value(f.attrs["num_layers"]))
+        self._H = int(plain_value(f.attrs["num_heads"]))
+        self._K = int(plain_value(f.attrs["num_options"]))
+        self._done = done_matrix(f)
+        self._fail = failed_flags(f)
         self._ds: dict[str, h5py.Dataset] = {}
         if not complete:
             f.visititems(lambda name, obj: self._ds.__setitem__(name, obj)
@@ -202,7 +202,7 @@ class CaptureWriter(ClosingContext):
             self._broken = os_reason(exc)
             hint = "run the same command again to resume"
             if is_disk_full(exc):
-                free = human_bytes(_free_bytes(self._real))
+                free = human_bytes(free_bytes(self._real))
                 hint = f"{free} free in {self._real.parent}; free disk space and {hint}"
             raise VislensError(f"{self.path}: writing {what} failed ({self._broken}); the "
                                f"samples written before are intact, {hint}") from None
@@ -221,7 +221,7 @@ class CaptureWriter(ClosingContext):
         assert self._f is not None
         self._f.flush()
         if self._durable:
-            _fsync_path(self._real)
+            fsync_path(self._real)
 
     # ------------------------------------------------------------------ writing
 
@@ -264,29 +264,29 @@ class CaptureWriter(ClosingContext):
             if redo.any():
                 again = rows[redo]
                 for ci, c in enumerate(self._conds):
-                    _write_rows(ds[f"conditions/{c}/done"], again, np.zeros(again.size, dtype=bool))
+                    write_rows(ds[f"conditions/{c}/done"], again, np.zeros(again.size, dtype=bool))
                     self._done[ci, again] = False
                 self._f.flush()
             for c, arrays in data.items():
                 for field, values in arrays.items():
-                    _write_rows(ds[f"conditions/{c}/{field}"], rows, values)
+                    write_rows(ds[f"conditions/{c}/{field}"], rows, values)
             first = [d[self._conds[0]] for d in res] if self._conds else []
             for name in ("n_image_tokens", "n_text_tokens"):
-                _write_rows(ds[f"samples/{name}"], rows,
+                write_rows(ds[f"samples/{name}"], rows,
                             np.array([getattr(it, name, 0) for it in first], dtype=np.int32))
             if sizes is not None:
                 wh = np.array([(0, 0) if s is None else tuple(s) for s in sizes],
                               dtype=np.int64)[order]
-                _write_rows(ds["samples/width"], rows, wh[:, 0].astype(np.int32))
-                _write_rows(ds["samples/height"], rows, wh[:, 1].astype(np.int32))
+                write_rows(ds["samples/width"], rows, wh[:, 0].astype(np.int32))
+                write_rows(ds["samples/height"], rows, wh[:, 1].astype(np.int32))
             self._commit_flush()  # rows are on disk before any done flag says so
 
             B = rows.size
             for ci, c in enumerate(self._conds):
-                _write_rows(ds[f"conditions/{c}/done"], rows, np.ones(B, dtype=bool))
+                write_rows(ds[f"conditions/{c}/done"], rows, np.ones(B, dtype=bool))
             if self._fail[rows].any():
                 again = rows[self._fail[rows]]
-                _write_rows(ds["errors/failed"], again, np.zeros(again.size, dtype=bool))
+                write_rows(ds["errors/failed"], again, np.zeros(again.size, dtype=bool))
             self._f.flush()
         self._done[:, rows] = True
         self._fail[rows] = False
@@ -309,7 +309,7 @@ class CaptureWriter(ClosingContext):
                 if a.shape != shape:
                     raise VislensError(f"{self.path}: write_batch row {r} condition {c}: "
                                        f"image_attention shape {a.shape}, expected {shape}")
-                attn[i] = a if a.dtype == np.float16 else _to_f16(a)
+                attn[i] = a if a.dtype == np.float16 else to_f16(a)
             for arr, value, name in ((img, item.image_mass, "image_mass"),
                                      (txt, item.text_mass, "text_mass")):
                 if value is not None:
@@ -327,7 +327,7 @@ class CaptureWriter(ClosingContext):
         return {
             "image_attention": attn, "image_attention_mass": img, "text_attention_mass": txt,
             "option_probs": probs,
-            "prediction": _fixed([it.text for it in items], width, PREDICTION_BYTES),
+            "prediction": fixed_strings([it.text for it in items], width, PREDICTION_BYTES),
             "correct": np.array([bool(x[c]) for x in cor], dtype=bool),
             "confidence": np.array([it.confidence for it in items], dtype=np.float32),
             "alpha_used": np.array([it.alpha_used for it in items], dtype=np.float32),
@@ -344,7 +344,7 @@ class CaptureWriter(ClosingContext):
                     ds[f"conditions/{c}/done"][r] = False
                     self._done[ci, r] = False
             width = ds["errors/reason"].dtype.itemsize
-            ds["errors/reason"][r:r + 1] = _fixed([" ".join(str(reason).split())], width,
+            ds["errors/reason"][r:r + 1] = fixed_strings([" ".join(str(reason).split())], width,
                                                   REASON_BYTES)
             self._f.flush()
             ds["errors/failed"][r] = True
@@ -371,23 +371,23 @@ class CaptureWriter(ClosingContext):
             return self.path
         with self._writing("the last batch"):
             self._close_file()
-        tmp = _tmp_of(self._real)
+        tmp = tmp_of(self._real)
         try:
-            with _open_h5(self._real) as src:
-                attrs = _read_attrs(src)
+            with open_h5(self._real) as src:
+                attrs = read_attrs(src)
                 attrs["complete"] = True
                 n = src["samples/id"].shape[0]
                 compact.build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n), attrs)
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, self._real)
-            _fsync_dir(self._real)
+            fsync_dir(self._real)
         except BaseException as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             self._load()
             if isinstance(exc, IO_ERRORS):
                 hint = "run the same command again (or finalize() again) to finish"
                 if is_disk_full(exc):
-                    hint = (f"{human_bytes(_free_bytes(self._real))} free in "
+                    hint = (f"{human_bytes(free_bytes(self._real))} free in "
                             f"{self._real.parent}; free disk space and {hint}")
                 raise VislensError(f"{self.path}: finalize failed ({os_reason(exc)}); the "
                                    f"working file is intact, {hint}") from None
@@ -491,11 +491,11 @@ class _JobSpec:
 
         owned = {"format": FORMAT, "format_version": FORMAT_VERSION, "grid": [s.grid, s.grid],
                  "num_layers": s.L, "num_heads": s.H, "num_options": s.K, "complete": False}
-        for key in _STORE_OWNED:
-            if key in attrs and attrs[key] is not None and _norm(attrs[key]) != _norm(owned[key]) \
-                    and not (key == "grid" and _norm(attrs[key]) == s.grid):
-                raise VislensError(f"{path}: attrs[{key!r}]={_short(attrs[key])} conflicts with "
-                                   f"the store's value {_short(owned[key])}")
+        for key in STORE_OWNED:
+            if key in attrs and attrs[key] is not None and stored_form(attrs[key]) != stored_form(owned[key]) \
+                    and not (key == "grid" and stored_form(attrs[key]) == s.grid):
+                raise VislensError(f"{path}: attrs[{key!r}]={short_repr(attrs[key])} conflicts with "
+                                   f"the store's value {short_repr(owned[key])}")
         if not attrs.get("model"):
             raise VislensError(f"{path}: attrs must name the model (attrs['model'])")
         from .. import __version__
@@ -508,7 +508,7 @@ class _JobSpec:
             "command": shlex.join(sys.argv), "dataset": "", "complete": False,
         }
         for key, value in attrs.items():
-            if key not in _STORE_OWNED and not (value is None and key in root):
+            if key not in STORE_OWNED and not (value is None and key in root):
                 root[key] = value
         s.attrs = root
         return s
@@ -519,17 +519,17 @@ class _JobSpec:
         """Raise a one-line VislensError at the first field where ``f`` differs from this job."""
 
         def differ(field: str, have: Any, want: Any) -> None:
-            raise VislensError(f"{path}: cannot resume: {field} is {_short(have)} in the file "
-                               f"but {_short(want)} in this job")
+            raise VislensError(f"{path}: cannot resume: {field} is {short_repr(have)} in the file "
+                               f"but {short_repr(want)} in this job")
 
-        fa = _read_attrs(f)
-        for key in _SPEC_FIELDS:
-            if fa.get(key) != _norm(self.attrs[key]):
-                differ(key, fa.get(key), _norm(self.attrs[key]))
+        fa = read_attrs(f)
+        for key in SPEC_FIELDS:
+            if fa.get(key) != stored_form(self.attrs[key]):
+                differ(key, fa.get(key), stored_form(self.attrs[key]))
         n = f["samples/id"].shape[0]
         if n != self.n:
             differ("number of samples", n, self.n)
-        ids = _text(f["samples/id"])
+        ids = read_text(f["samples/id"])
         for i, (a, b) in enumerate(zip(ids, self.ids)):
             if a != b:
                 differ(f"samples/id[{i}]", a, b)
@@ -544,15 +544,15 @@ class _JobSpec:
         if sorted(have) != sorted(want):
             differ("conditions", have, want)
         for name, cattrs in self.conditions:
-            stored = _read_attrs(f[f"conditions/{name}"])
+            stored = read_attrs(f[f"conditions/{name}"])
             for key in sorted(set(stored) | set(cattrs)):
-                if stored.get(key) != _norm(cattrs.get(key)):
-                    differ(f"conditions/{name} attr {key}", stored.get(key), _norm(cattrs.get(key)))
-        keys = (set(fa) | set(self.attrs)) - set(_SPEC_FIELDS) - set(_STORE_OWNED) \
+                if stored.get(key) != stored_form(cattrs.get(key)):
+                    differ(f"conditions/{name} attr {key}", stored.get(key), stored_form(cattrs.get(key)))
+        keys = (set(fa) | set(self.attrs)) - set(SPEC_FIELDS) - set(STORE_OWNED) \
             - RESUME_IGNORED_ATTRS
         for key in sorted(keys):
-            if fa.get(key) != _norm(self.attrs.get(key)):
-                differ(f"attr {key}", fa.get(key), _norm(self.attrs.get(key)))
+            if fa.get(key) != stored_form(self.attrs.get(key)):
+                differ(f"attr {key}", fa.get(key), stored_form(self.attrs.get(key)))
 
     def _check_content(self, f: h5py.File, path: Path, ids: np.ndarray, differ: Any) -> None:
         """Samples must hold what they held when the file was made (same ids, edited JSONL
@@ -560,19 +560,19 @@ class _JobSpec:
         image through the content fingerprint. A file without ``/samples/fingerprint``
         (vislens < 0.2) is checked on the stored text only."""
         for name in ("question", "answer"):
-            stored = _text(f[f"samples/{name}"])
+            stored = read_text(f[f"samples/{name}"])
             for i, smp in enumerate(self.samples):
                 if stored[i] != str(getattr(smp, name)):
                     differ(f"samples/{name}[{i}] (sample {ids[i]!r})", stored[i],
                            str(getattr(smp, name)))
-        stored_opts = _text(f["samples/options"])
+        stored_opts = read_text(f["samples/options"])
         for i, smp in enumerate(self.samples):
-            have, want = _trim(list(stored_opts[i])), [str(o) for o in smp.options]
+            have, want = trim_options(list(stored_opts[i])), [str(o) for o in smp.options]
             if have != want:
                 differ(f"samples/options[{i}] (sample {ids[i]!r})", have, want)
         if "samples/fingerprint" not in f:
             return
-        stored = _text(f["samples/fingerprint"])
+        stored = read_text(f["samples/fingerprint"])
         for i, smp in enumerate(self.samples):
             if stored[i] != self.fingerprints[i]:
                 raise VislensError(
@@ -591,61 +591,61 @@ class _JobSpec:
                 for name in SAMPLE_TEXT_FIELDS}
         opts = [[str(o) for o in smp.options] + [""] * (K - len(smp.options))
                 for smp in self.samples]
-        widths = {name: max(1, max(len(_utf8(v)) for v in vals)) for name, vals in text.items()}
-        widths["options"] = max(1, max(len(_utf8(o)) for row in opts for o in row))
+        widths = {name: max(1, max(len(utf8_bytes(v)) for v in vals)) for name, vals in text.items()}
+        widths["options"] = max(1, max(len(utf8_bytes(o)) for row in opts for o in row))
         check_free_space(shown, working_file_bytes(self.samples, len(self.conditions), self.grid,
                                                    self.L, self.H, self.K), "the working file")
-        tmp = _tmp_of(path)
+        tmp = tmp_of(path)
         try:
             with h5py.File(tmp, "w") as f:
-                _set_attrs(f, self.attrs)
+                set_attrs(f, self.attrs)
                 gs = f.create_group("samples")
                 for name, vals in text.items():
-                    _alloc(gs, name, h5py.string_dtype("utf-8", widths[name]), (n,))[...] = \
-                        _fixed(vals, widths[name])
-                ds = _alloc(gs, "options", h5py.string_dtype("utf-8", widths["options"]), (n, K))
-                ds[...] = _fixed([o for row in opts for o in row], widths["options"]).reshape(n, K)
-                _alloc(gs, "index", np.int64, (n,))[...] = self.index
-                _alloc(gs, "width", np.int32, (n,))[...] = self.sizes[:, 0]
-                _alloc(gs, "height", np.int32, (n,))[...] = self.sizes[:, 1]
+                    alloc_dataset(gs, name, h5py.string_dtype("utf-8", widths[name]), (n,))[...] = \
+                        fixed_strings(vals, widths[name])
+                ds = alloc_dataset(gs, "options", h5py.string_dtype("utf-8", widths["options"]), (n, K))
+                ds[...] = fixed_strings([o for row in opts for o in row], widths["options"]).reshape(n, K)
+                alloc_dataset(gs, "index", np.int64, (n,))[...] = self.index
+                alloc_dataset(gs, "width", np.int32, (n,))[...] = self.sizes[:, 0]
+                alloc_dataset(gs, "height", np.int32, (n,))[...] = self.sizes[:, 1]
                 for name in ("n_image_tokens", "n_text_tokens"):
-                    _alloc(gs, name, np.int32, (n,))[...] = np.zeros(n, dtype=np.int32)
-                _alloc(gs, "fingerprint", h5py.string_dtype("utf-8", FINGERPRINT_CHARS), (n,))[...] = \
-                    _fixed(self.fingerprints, FINGERPRINT_CHARS)
+                    alloc_dataset(gs, name, np.int32, (n,))[...] = np.zeros(n, dtype=np.int32)
+                alloc_dataset(gs, "fingerprint", h5py.string_dtype("utf-8", FINGERPRINT_CHARS), (n,))[...] = \
+                    fixed_strings(self.fingerprints, FINGERPRINT_CHARS)
 
                 ge = f.create_group("errors")
-                _alloc(ge, "failed", bool, (n,))[...] = np.zeros(n, dtype=bool)
-                _alloc(ge, "reason", h5py.string_dtype("utf-8", REASON_BYTES), (n,))[...] = \
-                    _fixed([""] * n, REASON_BYTES)
+                alloc_dataset(ge, "failed", bool, (n,))[...] = np.zeros(n, dtype=bool)
+                alloc_dataset(ge, "reason", h5py.string_dtype("utf-8", REASON_BYTES), (n,))[...] = \
+                    fixed_strings([""] * n, REASON_BYTES)
 
                 gc = f.create_group("conditions", track_order=True)
                 G, L, H = self.grid, self.L, self.H
                 for name, cattrs in self.conditions:
                     g = gc.create_group(name)
-                    _set_attrs(g, cattrs)
-                    _alloc(g, "image_attention", np.float16, (n, L, H, G, G), (1, L, H, G, G))
-                    _alloc(g, "image_attention_mass", np.float32, (n, L, H))
-                    _alloc(g, "text_attention_mass", np.float32, (n, L, H))
-                    _alloc(g, "prediction", h5py.string_dtype("utf-8", PREDICTION_BYTES), (n,))
-                    _alloc(g, "correct", bool, (n,))
-                    _alloc(g, "confidence", np.float32, (n,))
-                    _alloc(g, "alpha_used", np.float32, (n,))
-                    _alloc(g, "option_probs", np.float32, (n, K))
-                    _alloc(g, "done", bool, (n,))[...] = np.zeros(n, dtype=bool)
+                    set_attrs(g, cattrs)
+                    alloc_dataset(g, "image_attention", np.float16, (n, L, H, G, G), (1, L, H, G, G))
+                    alloc_dataset(g, "image_attention_mass", np.float32, (n, L, H))
+                    alloc_dataset(g, "text_attention_mass", np.float32, (n, L, H))
+                    alloc_dataset(g, "prediction", h5py.string_dtype("utf-8", PREDICTION_BYTES), (n,))
+                    alloc_dataset(g, "correct", bool, (n,))
+                    alloc_dataset(g, "confidence", np.float32, (n,))
+                    alloc_dataset(g, "alpha_used", np.float32, (n,))
+                    alloc_dataset(g, "option_probs", np.float32, (n, K))
+                    alloc_dataset(g, "done", bool, (n,))[...] = np.zeros(n, dtype=bool)
 
                 if self.box_masks is not None or self.boxes is not None:
-                    _write_boxes(f, self.box_masks, self.boxes, self.box_source, fixed=True)
+                    write_boxes(f, self.box_masks, self.boxes, self.box_source, fixed=True)
             _reserve(tmp, shown)
-            _fsync_path(tmp)
+            fsync_path(tmp)
             os.replace(tmp, path)
-            _fsync_dir(path)
+            fsync_dir(path)
         except IO_ERRORS as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise VislensError(f"{shown}: cannot create the working file ({os_reason(exc)}; "
-                               f"{human_bytes(_free_bytes(path))} free in {path.parent})"
+                               f"{human_bytes(free_bytes(path))} free in {path.parent})"
                                ) from None
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
 
 
@@ -653,9 +653,9 @@ def working_file_bytes(samples: Sequence["Sample"], n_conditions: int, grid: int
                        num_layers: int, num_heads: int, num_options: int) -> int:
     """Upper bound of a working file's size (the disk space a capture job reserves)."""
     n, L, H, G, K = len(samples), num_layers, num_heads, grid, num_options
-    widths = sum(max([1] + [len(_utf8(getattr(smp, name))) for smp in samples])
+    widths = sum(max([1] + [len(utf8_bytes(getattr(smp, name))) for smp in samples])
                  for name in SAMPLE_TEXT_FIELDS)
-    widths += max([1] + [len(_utf8(o)) for smp in samples for o in smp.options]) * K
+    widths += max([1] + [len(utf8_bytes(o)) for smp in samples for o in smp.options]) * K
     per_cond = n * (L * H * (G * G * 2 + 8) + K * 4 + PREDICTION_BYTES + 10)
     per_sample = widths + REASON_BYTES + FINGERPRINT_CHARS + 64
     return n_conditions * per_cond + n * per_sample + (1 << 20)
