@@ -87,7 +87,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_findings(args: argparse.Namespace) -> int:
     from .findings import scorecard_text, write_findings
+    from .io import prepare_output_dir
 
+    prepare_output_dir(args.out, force=args.force)
     found, path = write_findings(args.files, args.out, n_boot=args.n_boot, seed=args.seed,
                                  chunk=args.chunk)
     print(scorecard_text(found))
@@ -105,14 +107,19 @@ def _cmd_phrase_stats(args: argparse.Namespace) -> int:
     print(f"{len(texts)} conversation record(s) in {args.file}\n")
     print(to_markdown(df))
     if args.out:
+        from .io import check_output
+
+        check_output(args.out, force=args.force)
         df.to_csv(args.out)
         print(f"wrote {args.out}")
     return 0
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from .io import prepare_output_dir
     from .synth import synthesize
 
+    prepare_output_dir(args.out, force=args.force)
     subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
     out = synthesize(args.out, args.n, args.seed, subsets=subsets, size=args.size)
     for s in subsets:
@@ -122,7 +129,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .io import prepare_output_dir
 
+    prepare_output_dir(args.out, force=args.force)
     run_demo(out_dir=args.out, groups=args.groups, model=args.model, batch_size=args.batch_size)
     return 0
 
@@ -200,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     fi.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     fi.add_argument("--chunk", type=int, default=32, help="samples read per chunk (memory)")
+    fi.add_argument("--force", action="store_true",
+                    help="write into an existing folder vislens did not create")
     fi.set_defaults(func=_cmd_findings)
 
     ph = sub.add_parser("phrase-stats", help="relation-phrase counts in a LLaVA-format "
@@ -208,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--speaker", default="all", choices=["all", "human", "gpt"],
                     help="count the turns of this speaker only (default: all)")
     ph.add_argument("--out", help="also write the table as CSV")
+    ph.add_argument("--force", action="store_true", help="replace an existing --out file")
     ph.set_defaults(func=_cmd_phrase_stats)
 
     from . import figures as _figures
@@ -227,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--subsets", default="a,b", help="a (left/right/on/under), b (left/right/front/behind)")
     s.add_argument("--size", type=int, default=48, help="image side in pixels")
+    s.add_argument("--force", action="store_true",
+                    help="write into an existing folder vislens did not create")
     s.set_defaults(func=_cmd_synth)
 
     from . import organism as _organism
@@ -250,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--groups", type=int, default=12, help="held-out scene groups per subset")
     d.add_argument("--model", default="organism")
     d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--force", action="store_true",
+                    help="write into an existing folder vislens did not create")
     d.set_defaults(func=_cmd_demo)
     return p
 
