@@ -16,7 +16,6 @@ This module imports Ray only inside functions: ``import vislens`` never needs it
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import shutil
@@ -71,16 +70,6 @@ def check_ray_options(ray: str | None, workers: int | None, gpus_per_worker: flo
     if shard is not None:
         raise VislensError("--ray and --shard do not combine: Ray already spreads one job over "
                            "its workers into one file; use --ray, or --shard with vislens merge")
-
-
-def add_ray_arguments(p: argparse.ArgumentParser) -> None:
-    """``--ray``, ``--workers``, ``--gpus-per-worker`` (capture and sweep; docs/scale.md)."""
-    p.add_argument("--ray", metavar="local|auto|HOST:PORT",
-                   help="run the batches on a Ray cluster: local starts one on this machine, "
-                        "auto or HOST:PORT joins a running one (docs/scale.md)")
-    p.add_argument("--workers", type=int, help="Ray workers, one model replica each (default 1)")
-    p.add_argument("--gpus-per-worker", type=float,
-                   help="GPUs per Ray worker (default: 1 if the cluster has GPUs, else 0)")
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -647,6 +636,6 @@ def open_session(target: str, model: str, *, workers: int | None = None,
     return RaySession(cluster, pool)
 
 
-__all__ = ["add_ray_arguments", "check_ray_options", "connect", "start_local_cluster", "Cluster", "ReplicaPool",
+__all__ = ["check_ray_options", "connect", "start_local_cluster", "Cluster", "ReplicaPool",
            "RaySession", "open_session", "BatchJob", "BatchOutput", "make_jobs", "decode_image",
            "WorkerStats", "PoolSummary", "Replica", "RAY_TARGETS"]

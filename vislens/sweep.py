@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -274,9 +274,11 @@ def validation_pass(adapter: Any, samples: Sequence[Any], alphas: Iterable[float
                     progress: bool = False) -> ValResults:
     """Answers under ``baseline`` and ``scaling:alpha=a`` for each alpha, one engine run per batch.
 
-    Alpha 1 is the baseline itself (added when missing). No attention is recorded.
+    Alpha 1 is the baseline itself (added when missing). No attention is recorded. The
+    batches are the capture's (:func:`vislens.capture.batches_of`), in this process or on a
+    Ray pool.
     """
-    from .capture import is_correct
+    from .capture import batches_of
 
     alphas = tuple(sorted(set(float(a) for a in alphas) | {1.0}))
     names = {a: "baseline" if a == 1.0 else f"alpha{k}" for k, a in enumerate(alphas)}
@@ -286,51 +288,19 @@ def validation_pass(adapter: Any, samples: Sequence[Any], alphas: Iterable[float
     conf = np.full(n, np.nan)
     preds = np.empty((n, k), dtype=object)
     corr = np.zeros((n, k), dtype=bool)
-    bar = _progress(n, progress)
-    for rows, results in _val_batches(adapter, samples, conds, batch_size, max_new_tokens):
-        for i, res in zip(rows, results):
-            s = samples[i]
+    for batch in batches_of(adapter, samples, range(n), conds,
+                            engine={"max_new_tokens": max_new_tokens, "record": False},
+                            batch_size=batch_size, matcher=matcher, progress=progress,
+                            desc="sweep (val)"):
+        for i, res, ok in zip(batch.rows, batch.results, batch.correct):
             conf[i] = res["baseline"].confidence
             for c, a in enumerate(alphas):
-                text = res[names[a]].text
-                preds[i, c] = text
-                corr[i, c] = is_correct(text, s, matcher)
-        bar.update(len(rows))
-    bar.close()
+                preds[i, c] = res[names[a]].text
+                corr[i, c] = ok[names[a]]
     meta = pd.DataFrame({"id": [s.id for s in samples], "relation": [s.relation for s in samples],
                          "group": [s.group for s in samples],
                          "answer": [s.answer for s in samples], "confidence": conf})
     return ValResults(meta, alphas, preds, corr)
-
-
-def _val_batches(adapter: Any, samples: Sequence[Any], conds: Sequence[Any], batch_size: int,
-                 max_new_tokens: int) -> Iterator[tuple[list[int], list[dict[str, Any]]]]:
-    """(rows, results) per batch: in this process, or on a Ray pool in finishing order."""
-    from .capture import _open_image
-    from .decoding import DecodingEngine
-    from .distributed import ReplicaPool, make_jobs
-
-    if isinstance(adapter, ReplicaPool):
-        jobs = make_jobs(samples, range(len(samples)), conds, batch_size=batch_size,
-                         engine={"max_new_tokens": max_new_tokens, "record": False})
-        for _, out in adapter.imap_unordered(jobs):
-            if out.failures:
-                raise VislensError(out.failures[0][1])
-            yield out.rows, out.results
-        return
-    engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, record=False)
-    for start in range(0, len(samples), batch_size):
-        batch = list(samples[start:start + batch_size])
-        results = engine.run([_open_image(s) for s in batch], [s.question for s in batch],
-                             [s.options for s in batch], conds, sample_keys=[s.id for s in batch])
-        yield list(range(start, start + len(batch))), results
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="sample", disable=not enabled, dynamic_ncols=True,
-                desc="sweep (val)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -550,22 +520,6 @@ class SweepResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _check_job(batch_size: int, max_new_tokens: int, matcher: str, limit: int | None,
-               grid: int) -> None:
-    from .capture import MATCHERS
-
-    if batch_size < 1:
-        raise VislensError(f"--batch-size {batch_size}: must be >= 1")
-    if max_new_tokens < 1:
-        raise VislensError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
-    if matcher not in MATCHERS:
-        raise VislensError(f"--matcher {matcher!r}: choose one of {', '.join(MATCHERS)}")
-    if limit is not None and limit < 1:
-        raise VislensError(f"--limit {limit}: must be >= 1")
-    if grid < 1:
-        raise VislensError(f"--grid {grid}: must be >= 1")
-
-
 def _load_splits(dataset: str, data_root: str | None, split_seed: int, limit: int | None):
     """Validation and test samples, checked (prompts, images) before any model is loaded."""
     from .capture import check_options_in_prompt, select_samples
@@ -617,55 +571,51 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
               max_new_tokens: int = 8, matcher: str = "paper", split_seed: int = 0,
               limit: int | None = None, dtype: str = "auto", device: str = "auto",
               grid: int = 24, progress: bool = True, command: str | None = None,
-              log: Log = print, ray: str | None = None, workers: int | None = None,
-              gpus_per_worker: float | None = None) -> SweepResult:
+              force: bool = False, log: Log = print, ray: str | None = None,
+              workers: int | None = None, gpus_per_worker: float | None = None) -> SweepResult:
     """Tune ScalingVis/AdaptVis on the validation split, then compare methods on test.
 
-    ``model`` is a name/path for :func:`~vislens.models.load_model` or a loaded adapter.
-    With ``ray`` both passes run on ``workers`` Ray actors that load the model once
-    (``docs/scale.md``). Every flag is validated before the model is loaded. Writes into ``out``:
+    ``model`` is a name/path for :func:`~vislens.models.load_model`, a loaded adapter or a
+    :class:`vislens.distributed.ReplicaPool`. With ``ray`` both passes run on ``workers``
+    Ray actors that load the model once (``docs/scale.md``).
+    Every flag is validated before the model is loaded. ``out`` must be new, empty or a
+    sweep's own folder (``force`` writes into any other). Writes into ``out``:
     ``val_results.csv``, ``val_scaling.csv``, ``val_adaptvis.csv``, ``val_curves.png``,
     ``chosen.json``, ``test.h5`` (resumed if compatible), ``table1.csv``, ``table1.md``.
     """
     from .distributed import check_ray_options, open_session
+    from .io import prepare_output_dir
+    from .jobs import check_job
 
     space = make_grid(alphas, alpha1, alpha2, betas, baselines, log=log)
-    _check_job(batch_size, max_new_tokens, matcher, limit, grid)
+    check_job(batch_size=batch_size, max_new_tokens=max_new_tokens, grid=grid, matcher=matcher)
     check_ray_options(ray, workers, gpus_per_worker)
     val_samples, test_samples = _load_splits(dataset, data_root, split_seed, limit)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, force=force)
+    job = dict(space=space, val_samples=val_samples, test_samples=test_samples, out=out,
+               model=model, dataset=dataset, data_root=data_root, batch_size=batch_size,
+               max_new_tokens=max_new_tokens, matcher=matcher, split_seed=split_seed,
+               limit=limit, grid=grid, progress=progress,
+               command=command if command is not None else shlex.join(sys.argv), log=log)
     if ray is not None:
         with open_session(ray, model, workers=workers, gpus_per_worker=gpus_per_worker,
                           dtype=dtype, device=device, log=log) as session:
-            return _sweep(session.pool, space=space, val_samples=val_samples,
-                          test_samples=test_samples, out=out, model=model, dataset=dataset,
-                          data_root=data_root, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, matcher=matcher,
-                          split_seed=split_seed, limit=limit, grid=grid, progress=progress,
-                          command=command, log=log)
+            return _sweep_stages(session.pool, **job)
     if isinstance(model, (str, Path)):
         from .models import load_model
 
-        adapter = load_model(model, dtype=dtype, device=device)
-    else:
-        adapter = model
-    return _sweep(adapter, space=space, val_samples=val_samples, test_samples=test_samples,
-                  out=out, model=model, dataset=dataset, data_root=data_root,
-                  batch_size=batch_size, max_new_tokens=max_new_tokens, matcher=matcher,
-                  split_seed=split_seed, limit=limit, grid=grid, progress=progress,
-                  command=command, log=log)
+        return _sweep_stages(load_model(model, dtype=dtype, device=device), **job)
+    return _sweep_stages(model, **job)
 
 
-def _sweep(adapter: Any, *, space: SweepGrid, val_samples: list, test_samples: list, out: Path,
-           model: Any, dataset: str, data_root: str | None, batch_size: int,
-           max_new_tokens: int, matcher: str, split_seed: int, limit: int | None, grid: int,
-           progress: bool, command: str | None, log: Log) -> SweepResult:
+def _sweep_stages(adapter: Any, *, space: SweepGrid, val_samples: list, test_samples: list,
+                  out: Path, model: Any, dataset: str, data_root: str | None, batch_size: int,
+                  max_new_tokens: int, matcher: str, split_seed: int, limit: int | None,
+                  grid: int, progress: bool, command: str, log: Log) -> SweepResult:
     """Stages 1-3 of :func:`run_sweep` with a loaded adapter or a Ray worker pool."""
     from .capture import run_capture
     from .evaluate import evaluate_capture
 
-    command = command if command is not None else shlex.join(sys.argv)
     paths = {k: out / f for k, f in (("val_results", "val_results.csv"),
                                      ("val_scaling", "val_scaling.csv"),
                                      ("val_adaptvis", "val_adaptvis.csv"),
@@ -745,12 +695,12 @@ def _sweep(adapter: Any, *, space: SweepGrid, val_samples: list, test_samples: l
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``vislens sweep``'s flags to ``p`` (a subparser of the CLI or a fresh parser)."""
-    from .distributed import add_ray_arguments
+    from .jobs import add_job_arguments
 
-    p.add_argument("--model", required=True, help="hub id, local checkpoint directory, or 'organism'")
-    p.add_argument("--dataset", required=True, help="whatsup:..., vsr:..., or jsonl:PATH")
-    p.add_argument("--data-root", help="folder with the downloaded benchmark files")
+    add_job_arguments(p, max_new_tokens=8, splits="each split")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing folder vislens did not create")
     p.add_argument("--alphas", default=DEFAULT_ALPHAS,
                    help=f"ScalingVis candidates, comma list; 1 is always added (default {DEFAULT_ALPHAS})")
     p.add_argument("--alpha1", default=DEFAULT_ALPHA1,
@@ -762,16 +712,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"(default {DEFAULT_BETAS})")
     p.add_argument("--baselines", default="",
                    help=f"extra test-split baselines, comma list of {', '.join(BASELINES)}")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--matcher", default="paper", choices=["paper", "first-word"])
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the 20%% validation split")
-    p.add_argument("--limit", type=int, help="only the first N samples of each split")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--grid", type=int, default=24, help="analysis grid of the test capture")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_ray_arguments(p)
     p.set_defaults(func=run_args)
     return p
 
@@ -783,8 +723,8 @@ def run_args(args: argparse.Namespace) -> int:
               baselines=args.baselines, batch_size=args.batch_size,
               max_new_tokens=args.max_new_tokens, matcher=args.matcher,
               split_seed=args.split_seed, limit=args.limit, dtype=args.dtype,
-              device=args.device, grid=args.grid, progress=not args.quiet, ray=args.ray,
-              workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+              device=args.device, grid=args.grid, progress=not args.quiet, force=args.force,
+              ray=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
               command="vislens sweep " + shlex.join(getattr(args, "_argv", sys.argv[2:])))
     print(f"outputs in {args.out}/ (table1.md, table1.csv, chosen.json, val_curves.png)")
     return 0
