@@ -393,8 +393,9 @@ class ReplicaPool:
         """The model's description as a worker reports it, plus Ray provenance."""
         import ray
 
+        hosts = sorted({s.host for s in self.slots if s.host})
         return {**self.info["describe"], "workers": len(self.slots),
-                "ray_version": ray.__version__, "hosts": sorted({s.host for s in self.slots if s.host})}
+                "ray_version": ray.__version__, "hosts": hosts}
 
     @property
     def workers(self) -> int:
@@ -559,35 +560,35 @@ class ReplicaPool:
         self._starting.clear()
 
 
+def read_image_bytes(sample: Any) -> bytes:
+    """The sample's image file as bytes; a missing or unreadable file is one line naming it."""
+    if not sample.image_path:
+        raise VislensError(f"sample {sample.id}: no image path")
+    try:
+        return Path(sample.image_path).read_bytes()
+    except FileNotFoundError:
+        raise VislensError(f"{sample.image_path}: image not found (sample {sample.id})") from None
+    except OSError as exc:
+        raise VislensError(f"{sample.image_path}: cannot read image (sample {sample.id}): "
+                           f"{exc.strerror or _one_line(exc)}") from None
+
+
 def make_jobs(samples: Sequence[Any], rows: Sequence[int], conditions: Sequence[Any], *,
-              batch_size: int, engine: dict[str, Any], prompt_style: str = "chat",
-              on_failure: Callable[[int, str], None] | None = None) -> Iterator[BatchJob]:
+              batch_size: int, engine: dict[str, Any], on_failure: Callable[[int, str], None],
+              prompt_style: str = "chat") -> Iterator[BatchJob]:
     """Batches of ``samples[rows]`` with their image bytes, read lazily as workers free up.
 
-    A missing image raises (one line), or with ``on_failure`` is reported and left out.
+    A missing image is reported as ``on_failure(row, reason)`` (which may raise) and left
+    out of its batch.
     """
     rows = list(rows)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
         ok, data = [], []
-        for r in chunk:
-            s = samples[r]
+        for r in rows[start:start + batch_size]:
             try:
-                if not s.image_path:
-                    raise VislensError(f"sample {s.id}: no image path")
-                data.append(Path(s.image_path).read_bytes())
+                data.append(read_image_bytes(samples[r]))
                 ok.append(r)
-            except OSError as exc:
-                reason = (f"{s.image_path}: image not found (sample {s.id})"
-                          if isinstance(exc, FileNotFoundError)
-                          else f"{s.image_path}: cannot read image (sample {s.id}): "
-                               f"{exc.strerror or _one_line(exc)}")
-                if on_failure is None:
-                    raise VislensError(reason) from None
-                on_failure(r, reason)
             except VislensError as exc:
-                if on_failure is None:
-                    raise
                 on_failure(r, str(exc))
         if ok:
             batch = [samples[r] for r in ok]
@@ -638,4 +639,4 @@ def open_session(target: str, model: str, *, workers: int | None = None,
 
 __all__ = ["check_ray_options", "connect", "start_local_cluster", "Cluster", "ReplicaPool",
            "RaySession", "open_session", "BatchJob", "BatchOutput", "make_jobs", "decode_image",
-           "WorkerStats", "PoolSummary", "Replica", "RAY_TARGETS"]
+           "read_image_bytes", "WorkerStats", "PoolSummary", "Replica", "RAY_TARGETS"]
