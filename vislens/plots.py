@@ -955,7 +955,8 @@ def variance_and_auroc(source: Source, *, condition: str | None = None,
         bx.plot(curve["layer"], curve["auroc"], color=col, marker="o", label="AUROC per layer")
         best = curve.loc[curve["auroc"].idxmax()]
         bx.scatter([best["layer"]], [best["auroc"]], s=120, facecolors="none", edgecolors="black",
-                   zorder=5, label=f"best: layer {int(best['layer'])} ({best['auroc']:.2f})")
+                   zorder=5, label=f"highest on these samples: layer {int(best['layer'])} "
+                                   f"({best['auroc']:.2f})")
         bx.legend(loc="best")
     _integer_layers(ax, bx)
     fig.suptitle(f"Image attention across layers ({st.condition}, {data})")
