@@ -348,6 +348,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(18 too for Fig. 6) and 14 for Fig. 26 of 32, at the same relative "
                              "depth for other models); 'best': chosen on the validation split, "
                              "Fig. 6 on the test split")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an existing folder vislens did not create")
     parser.add_argument("--format", default="png", choices=FORMATS, help="file format (default: png)")
     parser.add_argument("--only", type=_figure_list, default=None, metavar="N,N,...",
                         help=f"only these paper figures (of {','.join(map(str, _numbers()))})")
@@ -359,6 +361,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run from parsed :func:`add_arguments` arguments (VislensError propagates)."""
+    from .io import prepare_output_dir
+
+    prepare_output_dir(args.out, force=args.force)
     write_figures(args.file, args.out, layer=args.layer, fmt=args.format, only=args.only,
                   phrase_stats=args.phrase_stats)
     return 0
