@@ -11,6 +11,7 @@ from vislens.io import MARKER
     ["synth", "--n", "4", "--out", "{out}"],
     ["demo", "--groups", "1", "--out", "{out}"],
     ["findings", "missing.h5", "--out", "{out}"],
+    ["figures", "missing.h5", "--out", "{out}"],
 ])
 def test_folder_commands_refuse_a_foreign_folder(tmp_path, capsys, argv):
     out = tmp_path / "mine"

@@ -21,7 +21,7 @@ from . import __version__
 from .data import Sample, assign_splits, load_dataset, select_split
 from .conditions import Condition, ConditionResult, check_conditions, parse_condition
 from .errors import VislensError
-from .jobs import MATCHERS, check_job, check_memory  # noqa: F401 (MATCHERS: public here too)
+from .jobs import MATCHERS, check_job, check_memory, check_stop  # noqa: F401 (MATCHERS: public here too)
 from .store import parse_shard
 
 if TYPE_CHECKING:  # the engine imports torch: the CLI checks its arguments first
@@ -272,6 +272,7 @@ def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Seque
     bar = _progress(len(rows), progress, desc)
     try:
         for start in range(0, len(rows), batch_size):
+            check_stop()  # a SIGTERM whose exception was swallowed still stops the job here
             chunk = rows[start:start + batch_size]
             ok_rows, images = [], []
             for r in chunk:

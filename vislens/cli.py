@@ -16,7 +16,7 @@ from typing import Sequence
 from . import __version__
 from .conditions import condition_help
 from .errors import VislensError
-from .jobs import add_job_arguments
+from .jobs import Terminated, add_job_arguments, clear_stop, request_stop
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
@@ -287,18 +287,16 @@ def _glue_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: writers close, locks are released, work is resumable."""
-
-
 def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Terminated()
+    request_stop()
+    raise Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_glue_values(argv))
+    clear_stop()
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -307,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VislensError as exc:
         print(f"vislens: error: {exc}", file=sys.stderr)
         return 2
-    except _Terminated:
+    except Terminated:
         print("vislens: terminated (SIGTERM); run the same command again to resume",
               file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -71,7 +71,8 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
         rep = write_report(written[f"capture_{subset}"], out / f"report_{subset}", log=log)
         written[f"report_{subset}"] = rep
         log(f"[3/5] per-layer AUROC report: {rep}")
-    figs = write_figures(written["capture_a"], out / "figures", log=lambda m: log("      " + m))
+    figs = write_figures([written["capture_a"], written["capture_b"]], out / "figures",
+                         log=lambda m: log("      " + m))  # Figs. 14/15 compare the subsets
     written["figures"] = out / "figures"
     log(f"[4/5] {len(figs)} figures in {out / 'figures'}")
     from .evaluate import to_markdown as _md

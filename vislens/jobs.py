@@ -11,9 +11,36 @@ import os
 from .errors import VislensError
 
 __all__ = ["MATCHERS", "MAX_GRID", "check_job", "check_memory", "attention_bytes",
-           "add_job_arguments"]
+           "add_job_arguments", "Terminated", "request_stop", "clear_stop", "check_stop"]
 
 MATCHERS = ("paper", "first-word")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: writers close, locks are released, work is resumable."""
+
+
+_stop_requested = False
+
+
+def request_stop() -> None:
+    """Ask running jobs to stop at their next batch (the CLI's SIGTERM handler calls this).
+
+    The handler also raises :class:`Terminated` at once; the flag makes the stop stick even
+    when that exception lands where Python swallows it (a finalizer, a GC callback)."""
+    global _stop_requested
+    _stop_requested = True
+
+
+def clear_stop() -> None:
+    global _stop_requested
+    _stop_requested = False
+
+
+def check_stop() -> None:
+    """Raise :class:`Terminated` if a stop was requested (called between batches)."""
+    if _stop_requested:
+        raise Terminated()
 #: largest analysis grid side (--grid); far above every supported model's patch grid
 MAX_GRID = 256
 
