@@ -323,6 +323,7 @@ def pool_batches(pool: "ReplicaPool", samples: Sequence[Sample], rows: Sequence[
         jobs = make_jobs(samples, rows, conditions, batch_size=batch_size, engine=engine,
                          prompt_style=prompt_style, on_failure=fail)
         for _, out in pool.imap_unordered(jobs):
+            check_stop()  # a SIGTERM whose exception was swallowed still stops the job here
             for r, reason in out.failures:
                 fail(r, reason)
             if out.rows:
