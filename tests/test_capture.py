@@ -242,7 +242,7 @@ def test_resume_with_other_conditions_is_refused(tiny_dir, scenes, tmp_path):
     (["--shard", "9/10"], "shard 9 of 10 has no samples (only 8 sample(s) selected)"),
     (["--grid", "100000"], "--grid 100000: must be in 1..256"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be >= 1"),
-    (["--condition", "add:delta=1,heads=99"], "head 99 is outside the model's heads 0-3"),
+    (["--condition", "add:delta=1,heads=99"], "heads=99 is outside the model (valid heads: 0-3)"),
     (["--model", "/no/such/model"], "no such model directory"),
 ])
 def test_cli_bad_input_one_line(tiny_dir, scenes, tmp_path, argv, msg, capsys):
@@ -355,8 +355,8 @@ def no_weights(monkeypatch):
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(max_new_tokens=0), "--max-new-tokens 0"),
-    (dict(conditions=["baseline", "add:delta=1,heads=99"]), "condition add\\+1: head 99 is outside"),
-    (dict(conditions=["scaling:alpha=2,layers=7"]), "layer 7 is outside the model's layers 0-2"),
+    (dict(conditions=["baseline", "add:delta=1,heads=99"]), "condition add\\+1: heads=99 is outside the model"),
+    (dict(conditions=["scaling:alpha=2,layers=7"]), r"layers=7 is outside the model \(valid layers: 0-2\)"),
     (dict(grid=100000), "--grid 100000"),
     (dict(grid=256, batch_size=10**6), "needs about .* GiB .* available; lower --batch-size"),
     (dict(shard="9/10"), "has no samples"),
