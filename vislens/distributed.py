@@ -176,8 +176,6 @@ def connect(target: str, *, num_cpus: int | None = None, log: Log = print) -> Cl
     ray = _import_ray()
     if target == "local":
         return start_local_cluster(num_cpus=num_cpus, log=log)
-    if ray.is_initialized():
-        return Cluster(target, owned=False, connected_here=False)
     if target not in RAY_TARGETS and not target.startswith("ray://"):
         host, _, port = target.rpartition(":")
         try:  # fail in seconds, not after Ray's minute of GCS retries
@@ -185,6 +183,8 @@ def connect(target: str, *, num_cpus: int | None = None, log: Log = print) -> Cl
         except OSError as exc:
             raise VislensError(f"--ray {target}: no Ray cluster at {target} "
                                f"({exc.strerror or _one_line(exc)})") from None
+    if ray.is_initialized():
+        return Cluster(target, owned=False, connected_here=False)
     import logging
 
     try:
