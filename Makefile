@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.vislens-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,notebooks]"
+	$(PY) -m pip install --quiet -e ".[dev,notebooks,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -26,6 +26,7 @@ from .store import parse_shard
 
 if TYPE_CHECKING:  # the engine imports torch: the CLI checks its arguments first
     from .decoding import DecodingEngine
+    from .distributed import ReplicaPool
 
 
 @dataclass
@@ -39,6 +40,7 @@ class CaptureSummary:
     seconds: float
     accuracy: dict[str, float] = field(default_factory=dict)
     complete: bool = False
+    ray: Any = None  # vislens.distributed.PoolSummary of a --ray job (per-worker throughput)
 
 
 def is_correct(prediction: str, sample: Sample, matcher: str = "paper") -> bool:
@@ -295,6 +297,65 @@ def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Seque
         bar.close()
 
 
+def pool_batches(pool: "ReplicaPool", samples: Sequence[Sample], rows: Sequence[int],
+                 conditions: Sequence[Condition], *, batch_size: int, engine: dict[str, Any],
+                 matcher: str = "paper", prompt_style: str = "chat",
+                 on_failure: Callable[[int, str], None] | None = None,
+                 progress: bool = False, desc: str = "capture") -> Iterator[Batch]:
+    """:func:`run_batches` on a Ray worker pool: the same batches, in the order they finish.
+
+    ``engine`` holds the :class:`~vislens.decoding.DecodingEngine` keyword arguments each
+    worker uses (``attention_dtype`` by name, e.g. ``"float16"``). One progress bar counts
+    the samples of all workers.
+    """
+    from .distributed import make_jobs
+
+    rows = list(rows)
+    bar = _progress(len(rows), progress, desc)
+
+    def fail(row: int, reason: str) -> None:
+        if on_failure is None:
+            raise VislensError(reason)
+        on_failure(row, reason)
+        bar.update(1)
+
+    try:
+        jobs = make_jobs(samples, rows, conditions, batch_size=batch_size, engine=engine,
+                         prompt_style=prompt_style, on_failure=fail)
+        for _, out in pool.imap_unordered(jobs):
+            check_stop()  # a SIGTERM whose exception was swallowed still stops the job here
+            for r, reason in out.failures:
+                fail(r, reason)
+            if out.rows:
+                batch = [samples[r] for r in out.rows]
+                correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
+                           for rs, s in zip(out.results, batch)]
+                yield Batch(list(out.rows), batch, list(out.sizes), out.results, correct)
+                bar.update(len(out.rows))
+    finally:
+        bar.close()
+
+
+def batches_of(adapter: Any, samples: Sequence[Sample], rows: Sequence[int],
+               conditions: Sequence[Condition], *, engine: dict[str, Any], batch_size: int,
+               matcher: str = "paper", prompt_style: str = "chat",
+               on_failure: Callable[[int, str], None] | None = None,
+               progress: bool = False, desc: str = "capture") -> Iterator[Batch]:
+    """Stage 3 with a loaded adapter (:func:`run_batches`) or a Ray pool (:func:`pool_batches`)."""
+    from .distributed import ReplicaPool
+
+    kw = dict(batch_size=batch_size, matcher=matcher, prompt_style=prompt_style,
+              on_failure=on_failure, progress=progress, desc=desc)
+    if isinstance(adapter, ReplicaPool):
+        return pool_batches(adapter, samples, rows, conditions, engine=engine, **kw)
+    import torch
+
+    from .decoding import DecodingEngine
+
+    local = {k: getattr(torch, v) if k == "attention_dtype" else v for k, v in engine.items()}
+    return run_batches(DecodingEngine(adapter, **local), samples, rows, conditions, **kw)
+
+
 def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                 conditions: Sequence[str | Condition], data_root: str | None = None,
                 split: str = "all", limit: int | None = None, batch_size: int = 8,
@@ -302,27 +363,36 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                 on_error: str = "stop", max_new_tokens: int = 16, grid: int = 24,
                 matcher: str = "paper", split_seed: int = 0, prompt_style: str = "chat",
                 command: str | None = None,
-                progress: bool = True, log: Callable[[str], None] = print) -> CaptureSummary:
+                progress: bool = True, log: Callable[[str], None] = print,
+                ray: str | None = None, workers: int | None = None,
+                gpus_per_worker: float | None = None) -> CaptureSummary:
     """Capture attention and answers for every (sample, condition); resumable.
 
-    ``model`` is a name/path for :func:`vislens.models.load_model` or an already loaded
-    adapter. Stages: :func:`plan_capture` (every check), the output's lock, the model,
-    :func:`capture_attrs` and the working file, then :func:`run_batches` into the writer.
+    ``model`` is a name/path for :func:`vislens.models.load_model`, an already loaded
+    adapter or a :class:`vislens.distributed.ReplicaPool`. With ``ray`` (``"local"``,
+    ``"auto"`` or ``"HOST:PORT"``) the batches run on ``workers`` Ray actors, one model
+    replica each, and this process writes the file (``docs/scale.md``). Stages:
+    :func:`plan_capture` (every check), the output's lock, the model (or the Ray workers),
+    :func:`capture_attrs` and the working file, then :func:`batches_of` into the writer.
     Returns a :class:`CaptureSummary`.
     """
-    import torch
-
-    from .decoding import DecodingEngine
+    from .distributed import ReplicaPool, check_ray_options, open_session
     from .store import CaptureJob, CaptureWriter, lock_output
 
+    check_ray_options(ray, workers, gpus_per_worker, shard)
     plan = plan_capture(model=model, dataset=dataset, out=out, conditions=conditions,
                         data_root=data_root, split=split, limit=limit, batch_size=batch_size,
                         shard=shard, on_error=on_error, max_new_tokens=max_new_tokens,
                         grid=grid, matcher=matcher, split_seed=split_seed,
                         prompt_style=prompt_style, log=log)
     lock = lock_output(plan.out)  # before the model: a refused second job costs nothing
+    session = None
     try:
-        if isinstance(model, (str, Path)):
+        if ray is not None:
+            session = open_session(ray, model, workers=workers, gpus_per_worker=gpus_per_worker,
+                                   dtype=dtype, device=device, log=log)
+            adapter = session.pool
+        elif isinstance(model, (str, Path)):
             from .models import load_model
 
             adapter = load_model(model, dtype=dtype, device=device)
@@ -343,7 +413,10 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
         writer = CaptureWriter.open(plan.out, job, lock=lock)
     except BaseException:
         lock.release()
+        if session is not None:
+            session.close()
         raise
+    pool = adapter if isinstance(adapter, ReplicaPool) else None
     t0 = time.perf_counter()
     written = failed = 0
     correct_counts = {c.name: [0, 0] for c in plan.conditions}
@@ -358,12 +431,11 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
         if len(pending) < len(plan.samples):
             log(f"resuming {plan.out}: {len(plan.samples) - len(pending)} of "
                 f"{len(plan.samples)} samples already done")
-        engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, grid=grid,
-                                attention_dtype=torch.float16)
-        for b in run_batches(engine, plan.samples, pending, plan.conditions,
-                             batch_size=batch_size, matcher=matcher, prompt_style=prompt_style,
-                             on_failure=skip if on_error == "skip" else None,
-                             progress=progress):
+        engine = {"max_new_tokens": max_new_tokens, "grid": grid, "attention_dtype": "float16"}
+        for b in batches_of(adapter, plan.samples, pending, plan.conditions, engine=engine,
+                            batch_size=batch_size, matcher=matcher, prompt_style=prompt_style,
+                            on_failure=skip if on_error == "skip" else None,
+                            progress=progress):
             writer.write_batch(b.rows, b.results, b.correct, sizes=b.sizes)
             for cr in b.correct:
                 for name, ok in cr.items():
@@ -371,16 +443,24 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                     correct_counts[name][1] += 1
             written += len(b.rows)
         complete = len(writer.pending_indices()) == 0
-        final = writer.finalize() if complete else plan.out
+        extra = {}
+        if pool is not None:
+            pool.log_throughput()
+            # every host that returned rows, in this run or (as recorded) before it
+            extra["hosts"] = sorted(set(writer.attrs.get("hosts", [])) | set(pool.summary.hosts))
+        final = writer.finalize(attrs=extra) if complete else plan.out
     except KeyboardInterrupt:
         log(f"interrupted: {written} sample(s) written to {plan.out}; run the same command "
             "again to resume")
         raise
     finally:
         writer.close()
+        if session is not None:
+            session.close()
     acc = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in correct_counts.items()}
     return CaptureSummary(Path(final), len(plan.samples), written, failed,
-                          time.perf_counter() - t0, acc, complete)
+                          time.perf_counter() - t0, acc, complete,
+                          pool.summary if pool is not None else None)
 
 
 def _config_dims(model: str | Path) -> tuple[int, int] | None:

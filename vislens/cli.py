@@ -29,7 +29,8 @@ def _cmd_capture(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, shard=args.shard, dtype=args.dtype, device=args.device,
         on_error=args.on_error, max_new_tokens=args.max_new_tokens, grid=args.grid,
         matcher=args.matcher, split_seed=args.split_seed, prompt_style=args.prompt_style,
-        progress=not args.quiet,
+        progress=not args.quiet, ray=args.ray, workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
         command="vislens " + shlex.join(sys.argv[1:]))
     state = "complete" if summary.complete else "incomplete"
     print(f"wrote {summary.path} ({state}: {summary.n_written} sample(s) this run, "

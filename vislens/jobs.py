@@ -121,4 +121,10 @@ def add_job_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int,
     p.add_argument("--grid", type=int, default=24,
                    help=f"analysis grid size G (G x G cells, 1..{MAX_GRID})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--ray", metavar="local|auto|HOST:PORT",
+                   help="run the batches on a Ray cluster: local starts one on this machine, "
+                        "auto or HOST:PORT joins a running one (docs/scale.md)")
+    p.add_argument("--workers", type=int, help="Ray workers, one model replica each (default 1)")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="GPUs per Ray worker (default: 1 if the cluster has GPUs, else 0)")
     return p

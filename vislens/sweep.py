@@ -275,22 +275,23 @@ def validation_pass(adapter: Any, samples: Sequence[Any], alphas: Iterable[float
     """Answers under ``baseline`` and ``scaling:alpha=a`` for each alpha, one engine run per batch.
 
     Alpha 1 is the baseline itself (added when missing). No attention is recorded. The
-    batches are the capture's (:func:`vislens.capture.run_batches`).
+    batches are the capture's (:func:`vislens.capture.batches_of`), in this process or on a
+    Ray pool.
     """
-    from .capture import run_batches
-    from .decoding import DecodingEngine
+    from .capture import batches_of
 
     alphas = tuple(sorted(set(float(a) for a in alphas) | {1.0}))
     names = {a: "baseline" if a == 1.0 else f"alpha{k}" for k, a in enumerate(alphas)}
     conds = [parse_condition("baseline")] + [_scaling_condition(a, names[a]) for a in alphas
                                              if a != 1.0]
-    engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, record=False)
     n, k = len(samples), len(alphas)
     conf = np.full(n, np.nan)
     preds = np.empty((n, k), dtype=object)
     corr = np.zeros((n, k), dtype=bool)
-    for batch in run_batches(engine, samples, range(n), conds, batch_size=batch_size,
-                             matcher=matcher, progress=progress, desc="sweep (val)"):
+    for batch in batches_of(adapter, samples, range(n), conds,
+                            engine={"max_new_tokens": max_new_tokens, "record": False},
+                            batch_size=batch_size, matcher=matcher, progress=progress,
+                            desc="sweep (val)"):
         for i, res, ok in zip(batch.rows, batch.results, batch.correct):
             conf[i] = res["baseline"].confidence
             for c, a in enumerate(alphas):
@@ -570,32 +571,51 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
               max_new_tokens: int = 8, matcher: str = "paper", split_seed: int = 0,
               limit: int | None = None, dtype: str = "auto", device: str = "auto",
               grid: int = 24, progress: bool = True, command: str | None = None,
-              force: bool = False, log: Log = print) -> SweepResult:
+              force: bool = False, log: Log = print, ray: str | None = None,
+              workers: int | None = None, gpus_per_worker: float | None = None) -> SweepResult:
     """Tune ScalingVis/AdaptVis on the validation split, then compare methods on test.
 
-    ``model`` is a name/path for :func:`~vislens.models.load_model` or a loaded adapter.
+    ``model`` is a name/path for :func:`~vislens.models.load_model`, a loaded adapter or a
+    :class:`vislens.distributed.ReplicaPool`. With ``ray`` both passes run on ``workers``
+    Ray actors that load the model once (``docs/scale.md``).
     Every flag is validated before the model is loaded. ``out`` must be new, empty or a
     sweep's own folder (``force`` writes into any other). Writes into ``out``:
     ``val_results.csv``, ``val_scaling.csv``, ``val_adaptvis.csv``, ``val_curves.png``,
     ``chosen.json``, ``test.h5`` (resumed if compatible), ``table1.csv``, ``table1.md``.
     """
-    from .capture import run_capture
-    from .evaluate import evaluate_capture
-
+    from .distributed import check_ray_options, open_session
     from .io import prepare_output_dir
     from .jobs import check_job
 
     space = make_grid(alphas, alpha1, alpha2, betas, baselines, log=log)
     check_job(batch_size=batch_size, max_new_tokens=max_new_tokens, grid=grid, matcher=matcher)
+    check_ray_options(ray, workers, gpus_per_worker)
     val_samples, test_samples = _load_splits(dataset, data_root, split_seed, limit)
     out = prepare_output_dir(out, force=force)
+    job = dict(space=space, val_samples=val_samples, test_samples=test_samples, out=out,
+               model=model, dataset=dataset, data_root=data_root, batch_size=batch_size,
+               max_new_tokens=max_new_tokens, matcher=matcher, split_seed=split_seed,
+               limit=limit, grid=grid, progress=progress,
+               command=command if command is not None else shlex.join(sys.argv), log=log)
+    if ray is not None:
+        with open_session(ray, model, workers=workers, gpus_per_worker=gpus_per_worker,
+                          dtype=dtype, device=device, log=log) as session:
+            return _sweep_stages(session.pool, **job)
     if isinstance(model, (str, Path)):
         from .models import load_model
 
-        adapter = load_model(model, dtype=dtype, device=device)
-    else:
-        adapter = model
-    command = command if command is not None else shlex.join(sys.argv)
+        return _sweep_stages(load_model(model, dtype=dtype, device=device), **job)
+    return _sweep_stages(model, **job)
+
+
+def _sweep_stages(adapter: Any, *, space: SweepGrid, val_samples: list, test_samples: list,
+                  out: Path, model: Any, dataset: str, data_root: str | None, batch_size: int,
+                  max_new_tokens: int, matcher: str, split_seed: int, limit: int | None,
+                  grid: int, progress: bool, command: str, log: Log) -> SweepResult:
+    """Stages 1-3 of :func:`run_sweep` with a loaded adapter or a Ray worker pool."""
+    from .capture import run_capture
+    from .evaluate import evaluate_capture
+
     paths = {k: out / f for k, f in (("val_results", "val_results.csv"),
                                      ("val_scaling", "val_scaling.csv"),
                                      ("val_adaptvis", "val_adaptvis.csv"),
@@ -704,6 +724,7 @@ def run_args(args: argparse.Namespace) -> int:
               max_new_tokens=args.max_new_tokens, matcher=args.matcher,
               split_seed=args.split_seed, limit=args.limit, dtype=args.dtype,
               device=args.device, grid=args.grid, progress=not args.quiet, force=args.force,
+              ray=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
               command="vislens sweep " + shlex.join(getattr(args, "_argv", sys.argv[2:])))
     print(f"outputs in {args.out}/ (table1.md, table1.csv, chosen.json, val_curves.png)")
     return 0

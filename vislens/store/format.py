@@ -43,7 +43,7 @@ REASON_BYTES = 512
 #: root attrs that may differ between a job and the file it resumes (or between shards)
 RESUME_IGNORED_ATTRS = frozenset({
     "command", "created_utc", "vislens_version", "complete", "batch_size", "device",
-    "num_workers", "hostname", "pid", "resumed",
+    "num_workers", "hostname", "pid", "resumed", "workers", "ray_version", "hosts",
 })
 #: hex characters of a sample's content fingerprint (sha256)
 FINGERPRINT_CHARS = 64

@@ -175,6 +175,13 @@ class CaptureWriter(ClosingContext):
 
     # ------------------------------------------------------------------ state
 
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The file's root attributes (plain Python values)."""
+        if self._closed or self._f is None:
+            raise VislensError(f"{self.path}: attrs after close()")
+        return read_attrs(self._f)
+
     def pending_indices(self) -> np.ndarray:
         """Rows (0..N-1) neither done in every condition nor failed, ascending."""
         return np.flatnonzero(~(self._done.all(axis=0) | self._fail))
@@ -353,13 +360,19 @@ class CaptureWriter(ClosingContext):
 
     # ------------------------------------------------------------------ finishing
 
-    def finalize(self) -> Path:
+    def finalize(self, attrs: Mapping[str, Any] | None = None) -> Path:
         """Compact the file once every sample is done or failed; else leave it as is.
 
         Writes ``FILE.tmp`` (compressed, variable-length strings, ``complete=True``) and
         atomically replaces ``FILE`` (the real file: a symlink stays a link); on any error
-        the working file is left intact and the writer stays usable.
+        the working file is left intact and the writer stays usable. ``attrs`` are root
+        attributes known only at the end (the hosts of a Ray job); they cannot be part of
+        the job's spec (only :data:`RESUME_IGNORED_ATTRS` may be given).
         """
+        bad = sorted(set(attrs or {}) - RESUME_IGNORED_ATTRS)
+        if bad:
+            raise VislensError(f"{self.path}: finalize: attr {bad[0]!r} is part of the job's "
+                               "spec and cannot change")
         if self._closed or self._f is None:
             raise VislensError(f"{self.path}: finalize after close()")
         if self._final:
@@ -374,10 +387,10 @@ class CaptureWriter(ClosingContext):
         tmp = tmp_of(self._real)
         try:
             with open_h5(self._real) as src:
-                attrs = read_attrs(src)
-                attrs["complete"] = True
+                final_attrs = {**read_attrs(src), **(attrs or {}), "complete": True}
                 n = src["samples/id"].shape[0]
-                compact.build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n), attrs)
+                compact.build_final(tmp, [src], np.zeros(n, dtype=np.int64), np.arange(n),
+                                    final_attrs)
             fsync_path(tmp)
             os.replace(tmp, self._real)
             fsync_dir(self._real)
