@@ -108,7 +108,10 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
         probs[pred] = conf[i]
         r = ConditionResult(n_image_tokens=G * G, n_text_tokens=20, text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
                    option_probs=probs, alpha_used=alpha, image_attention=(w * mass[..., None, None]).astype(np.float32),
-                   image_mass=mass.astype(np.float32), text_mass=(1 - mass).astype(np.float32))
+                   image_mass=mass.astype(np.float32), text_mass=(1 - mass).astype(np.float32),
+                   # the logits the attention came from (one per cell), after the intervention
+                   image_logit_mean=(alpha * z[i] + delta).mean(axis=(-1, -2)).astype(np.float32),
+                   image_logit_max=(alpha * z[i] + delta).max(axis=(-1, -2)).astype(np.float32))
         if not tokens:
             r.n_image_tokens = r.n_text_tokens = 0
         return r, ok
@@ -407,7 +410,7 @@ def test_write_figures_all(caps, tmp_path):
         "fig06_overlap_roc.png", "fig07_variance_and_auroc.png", "fig08_scaling_sweep.png",
         f"fig09_smoothing_layer{lay}.png", f"fig10_sharpening_layer{lay}.png",
         f"fig14_entropy_skewness_layer{lay}.png", "fig15_confidence_by_relation.png",
-        f"fig26_log_attention_layer{lay26}.png"])
+        f"fig26_attention_logits_layer{lay26}.png"])
     for p in paths:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
     assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (the paper's layers at this "
@@ -423,7 +426,7 @@ def test_write_figures_skips_what_is_missing(caps, tmp_path):
                        "skipped fig09_smoothing_layer3"}
     assert all("\n" not in n for n in notes)
     assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer3.png",
-                                       "fig10_sharpening_layer3.png", "fig26_log_attention_layer2.png"}
+                                       "fig10_sharpening_layer3.png", "fig26_attention_logits_layer2.png"}
 
 
 def test_main_cli(caps, tmp_path, capsys):
