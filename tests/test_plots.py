@@ -351,6 +351,34 @@ def test_log_attention_distribution_scales_with_alpha(caps):
     assert sd["ScalingVis α=2"] / sd["baseline"] == pytest.approx(2.0, rel=0.03)
 
 
+def test_attention_logit_distribution_shifts_with_alpha_and_marks_corrections(caps):
+    layer = 1
+    fig = plots.attention_logit_distribution(caps["full"], layer)
+    ax, bx = _axes(fig)
+    assert "mean" in ax.get_xlabel() and "max" in bx.get_xlabel()
+    with open_capture(caps["full"]) as cap:
+        tab = cap.table(conditions=["baseline", "scaling-0.5", "scaling-2"])
+        mx = {n: cap.image_logits(n)[1][:, layer].max(-1) for n in ("baseline", "scaling-0.5", "scaling-2")}
+    ok = tab.pivot(index="row", columns="condition", values="correct")
+    means = {}
+    for axis, name in ((bx, "max"), (ax, "mean")):
+        legend = [t.get_text() for t in axis.get_legend().get_texts()]
+        assert [t.split(" (")[0] for t in legend] == ["baseline", "ScalingVis α=0.5", "ScalingVis α=2"]
+        mean = {t.split(" (")[0]: float(t.split("(mean ")[1].split(")")[0]) for t in legend}
+        means[name] = mean
+        # ScalingVis multiplies the image logits by alpha: the lines move by that factor
+        assert mean["ScalingVis α=0.5"] / mean["baseline"] == pytest.approx(0.5, rel=0.02)
+        assert mean["ScalingVis α=2"] / mean["baseline"] == pytest.approx(2.0, rel=0.02)
+        for text, cond in zip(legend[1:], ("scaling-0.5", "scaling-2")):
+            fixed = int((~ok["baseline"].astype(bool) & ok[cond].astype(bool)).sum())
+            assert text.endswith(f", {fixed} corrected")
+    # the max panel's baseline line is the per-sample max over heads of the stored maxima
+    assert means["max"]["baseline"] == pytest.approx(float(np.mean(mx["baseline"])), rel=5e-3)
+    ticks = [ln for ln in bx.get_lines() if ln.get_marker() == "|"]
+    assert sum(len(ln.get_xdata()) for ln in ticks) == sum(
+        int((~ok["baseline"].astype(bool) & ok[c].astype(bool)).sum()) for c in ("scaling-0.5", "scaling-2"))
+
+
 def test_centred_log_attention_drops_zeros():
     w = np.array([[[0.5, 0.25], [0.25, 0.0]]], dtype=np.float32)
     v = plots.centred_log_attention(w)

@@ -1641,7 +1641,7 @@ def attention_logit_distribution(source: Source, layer: int | None = None, *,
             dens, edges = np.histogram(v[ok], bins=bins, density=True)
             is_base = n == base
             color = "black" if is_base else colors[i]
-            label = f"{labels[n]} (mean {np.mean(v[ok]):.2f})" if ok.any() else labels[n]
+            label = f"{labels[n]} (mean {np.mean(v[ok]):.3g})" if ok.any() else labels[n]
             if not is_base:
                 fixed = ok & ~base_ok & right[n].reindex(rows).to_numpy(dtype=bool)
                 label += f", {int(fixed.sum())} corrected"
