@@ -14,8 +14,8 @@ from ..errors import VislensError
 from ..io import check_output, real_path
 from . import compact
 from .format import (RESUME_IGNORED_ATTRS, check_format, done_matrix, failed_flags,
-                     format_version, fsync_dir, fsync_path, open_h5, plain_value, read_attrs, short_repr, read_text, tmp_of,
-                     unlink_quietly, write_boxes)
+                     format_version, fsync_dir, fsync_path, open_h5, plain_value, read_attrs,
+                     short_repr, read_text, tmp_of, unlink_quietly, write_boxes)
 from .lock import OutputLock
 
 _MERGE_IGNORED = RESUME_IGNORED_ATTRS | {"shard", "merged_from"}
