@@ -1507,6 +1507,17 @@ def centred_log_attention(attn: np.ndarray) -> np.ndarray:
     return vals[np.isfinite(vals)]
 
 
+def _rows_done_in_all(cap: "Capture", names: Sequence[str]) -> np.ndarray:
+    """Rows done under every condition of ``names`` (one-line error when there are none)."""
+    done = np.ones(len(cap), dtype=bool)
+    for n in names:
+        done &= cap.done(n)
+    rows = np.flatnonzero(done)
+    if rows.size == 0:
+        raise VislensError(f"{cap.path}: no sample completed under all of {', '.join(names)}")
+    return rows
+
+
 @_styled
 def log_attention_distribution(source: Source, layer: int | None = None, *,
                                conditions: Sequence[str] | None = None, max_samples: int = 256,
@@ -1532,12 +1543,7 @@ def log_attention_distribution(source: Source, layer: int | None = None, *,
                                "conditions)")
         L = _num_layers(cap)
         layer = check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
-        done = np.ones(len(cap), dtype=bool)
-        for n in names:
-            done &= cap.done(n)
-        rows = np.flatnonzero(done)
-        if rows.size == 0:
-            raise VislensError(f"{cap.path}: no sample completed under all of {', '.join(names)}")
+        rows = _rows_done_in_all(cap, names)
         if rows.size > max_samples:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_samples, replace=False))
         values = {n: centred_log_attention(cap.attention(n, rows=rows, layers=[layer])) for n in names}
@@ -1603,12 +1609,7 @@ def attention_logit_distribution(source: Source, layer: int | None = None, *,
         logits = {n: cap.image_logits(n) for n in order}
         tab = cap.table(conditions=order)
         right = {n: g.set_index("row")["correct"] for n, g in tab.groupby("condition")}
-        done = np.ones(len(cap), dtype=bool)
-        for n in order:
-            done &= cap.done(n)
-        rows = np.flatnonzero(done)
-        if rows.size == 0:
-            raise VislensError(f"{cap.path}: no sample completed under all of {', '.join(order)}")
+        rows = _rows_done_in_all(cap, order)
         for n in order:
             if not np.isfinite(logits[n][1][rows, layer]).any():
                 raise VislensError(f"{cap.path}: condition {n!r} has no image logits at layer "

@@ -21,8 +21,8 @@ from ..io import IO_ERRORS, check_free_space, human_bytes, is_disk_full, os_reas
 from . import compact
 from .format import (ClosingContext, FINGERPRINT_CHARS, FORMAT, FORMAT_VERSION, LOGIT_FIELDS,
                      PREDICTION_BYTES, REASON_BYTES, RESUME_IGNORED_ATTRS, SAMPLE_TEXT_FIELDS,
-                     SPEC_FIELDS, STORE_OWNED, TIME_FIELD, format_version, alloc_dataset, check_format, done_matrix, failed_flags,
-                     fixed_strings, free_bytes, fsync_dir, fsync_path, stored_form, open_h5,
+                     SPEC_FIELDS, STORE_OWNED, TIME_FIELD, alloc_dataset, check_format,
+                     done_matrix, failed_flags, format_version, fixed_strings, free_bytes, fsync_dir, fsync_path, stored_form, open_h5,
                      plain_value, read_attrs, set_attrs, short_repr, read_text, tmp_of, to_f16,
                      trim_options, unlink_quietly, utf8_bytes, write_boxes, write_rows)
 from .lock import OutputLock
