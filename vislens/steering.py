@@ -293,7 +293,7 @@ class Steerer:
     def see_logits(self, layer: int, logits: torch.Tensor) -> None:
         """Record the mean and max of the (edited, unmasked) logits over image keys."""
         if self.record:
-            self.logit_stats[layer] = image_logit_stats(logits, self._keys(layer, logits))
+            self.logit_stats[layer] = image_logit_stats(logits.detach(), self._keys(layer, logits))
 
     def see_pattern(self, layer: int, probs: torch.Tensor) -> None:
         if self.record:
