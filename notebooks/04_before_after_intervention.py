@@ -63,7 +63,7 @@ fig10
 #
 # The capture stores the answer row's image-key logits (q·k/√d after the intervention,
 # before the softmax): their mean and max per head. ScalingVis multiplies them by α, so
-# α < 1 pulls the lines towards 0 and α > 1 pushes them away; ticks under each panel mark
+# α < 1 pulls the lines towards 0 and α > 1 pushes them away; ticks at the foot of each panel mark
 # the samples the intervention corrected. Captures made before vislens 0.2 have no logits
 # (the cell then says so).
 

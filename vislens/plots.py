@@ -1586,7 +1586,7 @@ def attention_logit_distribution(source: Source, layer: int | None = None, *,
     alpha < 1 and the one with alpha > 1 present, or the given ``conditions``). ScalingVis
     multiplies the logits by alpha, so alpha < 1 pulls the lines towards 0 and alpha > 1
     pushes them away. Samples the intervention corrected (wrong under the baseline, right
-    under the condition) are marked under each panel in the condition's colour. A
+    under the condition) are ticks at the foot of each panel in the condition's colour. A
     version-1 capture (no logits) raises a one-line VislensError saying so.
     """
     with _capture(source) as cap:
@@ -1646,14 +1646,13 @@ def attention_logit_distribution(source: Source, layer: int | None = None, *,
             if not is_base:
                 fixed = ok & ~base_ok & right[n].reindex(rows).to_numpy(dtype=bool)
                 label += f", {int(fixed.sum())} corrected"
-                # corrected cases: ticks under the panel at this condition's value
-                ax.plot(v[fixed], np.full(int(fixed.sum()), -0.02 - 0.03 * i), "|", color=color,
-                        markersize=9, markeredgewidth=1.6, transform=ax.get_xaxis_transform(),
-                        clip_on=False)
+                # corrected cases: a row of ticks at the panel's foot, at this condition's values
+                ax.plot(v[fixed], np.full(int(fixed.sum()), 0.035 * i), "|", color=color,
+                        markersize=9, markeredgewidth=1.6, transform=ax.get_xaxis_transform())
             ax.stairs(dens, edges, color=color,
                       linestyle="-" if is_base else _LINESTYLES[(i % (len(_LINESTYLES) - 1)) + 1],
                       linewidth=2.2 if is_base else 1.6, label=label)
-        ax.set_xlabel(xlabel + "\n(ticks below: samples the condition corrected)")
+        ax.set_xlabel(xlabel + "\n(ticks at the foot: samples the condition corrected)")
         ax.set_ylabel("density")
         ax.legend(loc="best", fontsize=8)
     axes[0].set_title("mean over image keys")
