@@ -212,3 +212,19 @@ def test_resuming_a_version_1_working_file_is_refused(tmp_path):
     with pytest.raises(VislensError, match=r"cannot resume: the working file has capture format "
                                            r"version 1, this vislens writes version 2"):
         CaptureWriter.open(path, **kw)
+
+
+def test_evaluate_command_prints_table9(tmp_path, capsys):
+    from test_plots import make_capture
+    from vislens.cli import main
+
+    path = make_capture(tmp_path / "c.h5", n=8, conditions=("baseline", "scaling:2"))
+    with h5py.File(path, "r+") as f:  # baseline 0.5 s per sample, scaling 0.75 s
+        f["conditions/baseline/compute_seconds"][...] = 0.5
+        f["conditions/scaling-2/compute_seconds"][...] = 0.75
+    assert main(["evaluate", str(path), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    table = out.split("## inference_time")[1].split("##")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| scaling-2"))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["scaling-2", "scaling", "8", "0.75", "1.5"]
+    assert (tmp_path / "ev" / "inference_time.csv").exists()
