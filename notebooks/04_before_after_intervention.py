@@ -18,9 +18,8 @@
 #
 # The same examples under the baseline and under ScalingVis: smoothing (α < 1, Figure 9)
 # and sharpening (α > 1, Figure 10), at one layer. Examples whose answer the intervention
-# fixes come first. Figure 26 shows the distribution of the image attention logits before
-# and after scaling: the capture stores softmax weights, whose logs equal the logits up to
-# a per-map constant, so it plots centred log weights (log w - mean log w).
+# fixes come first. Figure 26 shows the distribution of the answer row's image attention
+# logits (mean and max over the image keys, stored by the capture) before and after scaling.
 
 # %% tags=["parameters"]
 # Parameters. CAPTURE: a capture file; None -> $VISLENS_CAPTURE, else the demo capture
@@ -62,11 +61,13 @@ fig10
 # %% [markdown]
 # ## Figure 26: image attention logits before and after scaling
 #
-# ScalingVis multiplies the image logits by α, so the spread of the centred log weights
-# should scale by α (compare the standard deviations in the legend; float16 storage drops
-# the smallest weights, which narrows the lower tail of sharpened maps).
+# The capture stores the answer row's image-key logits (q·k/√d after the intervention,
+# before the softmax): their mean and max per head. ScalingVis multiplies them by α, so
+# α < 1 pulls the lines towards 0 and α > 1 pushes them away; ticks at the foot of each panel mark
+# the samples the intervention corrected. Captures made before vislens 0.2 have no logits
+# (the cell then says so).
 
 # %%
-fig26 = notebook.attempt(lambda: plots.log_attention_distribution(cap, layer26), out_dir,
-                        f"fig26_log_attention_layer{layer26}", FORMAT)
+fig26 = notebook.attempt(lambda: plots.attention_logit_distribution(cap, layer26), out_dir,
+                        f"fig26_attention_logits_layer{layer26}", FORMAT)
 fig26

@@ -48,6 +48,7 @@ class EagerReference:
         self.edit = edit
         self.image_keys = image_keys  # [B, K]
         self.rows: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # last row's edited logits, before the mask
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
         rep = query.shape[1] // key.shape[1]
@@ -57,6 +58,7 @@ class EagerReference:
         if self.edit is not None:
             w = w.clone()
             w[:, :, -1, :] = self.edit(w[:, :, -1, :], self.image_keys, module.layer_idx)
+        self.logits[module.layer_idx] = w[:, :, -1, :].detach().clone()
         if attention_mask is not None:
             w = w + attention_mask
         p = torch.softmax(w.float(), dim=-1).to(query.dtype)
@@ -71,10 +73,13 @@ class EagerReference:
         AttentionMaskInterface.register(self.name, eager_mask)
 
 
-def reference_forward(adapter, batch, edit: Edit | Sequence[float] | None, *, positions=True):
+def reference_forward(adapter, batch, edit: Edit | Sequence[float] | None, *, positions=True,
+                      logits: dict | None = None):
     """Full-sequence eager forward; returns (last logits [B, V], rows {layer: [B, H, K]}).
 
     ``edit`` is an :data:`Edit`, per-row ScalingVis alphas, or None (unsteered).
+    ``logits`` (a dict), when given, receives the last row's attention logits per layer
+    ({layer: [B, H, K]}, after the edit, before the mask).
     """
     if edit is not None and not callable(edit):
         edit = scale_edit(edit)
@@ -93,6 +98,8 @@ def reference_forward(adapter, batch, edit: Edit | Sequence[float] | None, *, po
             out = model(**kw)
     finally:
         model.set_attn_implementation({"text_config": "vislens"})
+    if logits is not None:
+        logits.update(ref.logits)
     return out.logits[:, -1].float(), ref.rows
 
 

@@ -45,22 +45,14 @@ def small_disk(tmp_path):
 def fill(folder: Path) -> Path:
     """Write a filler file until the filesystem of ``folder`` is full; returns it."""
     filler = folder / "filler"
-    block = b"\0" * 65536
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(block)
-                fh.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    for size in (4096, 512, 1):  # the last partial blocks
-        try:
-            with open(filler, "ab") as fh:
-                while True:
-                    fh.write(b"\0" * size)
-                    fh.flush()
-        except OSError:
-            pass
+    # unbuffered: a buffered file would retry its unwritten bytes on close and raise there
+    with open(filler, "wb", buffering=0) as fh:
+        for size in (65536, 4096, 512, 1):  # then the last partial blocks
+            try:
+                while fh.write(b"\0" * size):
+                    pass
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
     return filler
 
 

@@ -65,6 +65,10 @@ def test_capture_contents_match_the_engine(tiny_dir, tiny_adapter, scenes, tmp_p
             for i, r in enumerate(ref):
                 np.testing.assert_allclose(attn[i], r[name].image_attention, atol=2e-3)
                 np.testing.assert_allclose(im[i], r[name].image_mass, atol=1e-5)
+            lmean, lmax = c.image_logits(name)  # format 2: the answer row's image logits
+            np.testing.assert_allclose(lmean, [r[name].image_logit_mean for r in ref],
+                                       rtol=1e-4, atol=1e-4 * np.abs(lmax).max())
+            assert (c.compute_seconds(name) > 0).all()
             t = tab[tab["condition"] == name].sort_values("row")
             assert list(t["prediction"]) == [r[name].text for r in ref]
             assert list(t["correct"]) == [match_paper(r[name].text, s.answer) for r, s in zip(ref, samples)]

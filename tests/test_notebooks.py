@@ -40,7 +40,7 @@ EXPECTED = {
     "03_scaling_and_confidence": ["fig08_scaling_sweep.png", "fig15_confidence_by_relation.png"],
     "04_before_after_intervention": [f"fig09_smoothing_layer{LAYER17}.png",
                                      f"fig10_sharpening_layer{LAYER17}.png",
-                                     f"fig26_log_attention_layer{LAYER14}.png"],
+                                     f"fig26_attention_logits_layer{LAYER14}.png"],
 }
 
 

@@ -110,7 +110,10 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
         probs[pred] = conf[i]
         r = ConditionResult(n_image_tokens=G * G, n_text_tokens=20, text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
                    option_probs=probs, alpha_used=alpha, image_attention=(w * mass[..., None, None]).astype(np.float32),
-                   image_mass=mass.astype(np.float32), text_mass=(1 - mass).astype(np.float32))
+                   image_mass=mass.astype(np.float32), text_mass=(1 - mass).astype(np.float32),
+                   # the logits the attention came from (one per cell), after the intervention
+                   image_logit_mean=(alpha * z[i] + delta).mean(axis=(-1, -2)).astype(np.float32),
+                   image_logit_max=(alpha * z[i] + delta).max(axis=(-1, -2)).astype(np.float32))
         if not tokens:
             r.n_image_tokens = r.n_text_tokens = 0
         return r, ok
@@ -350,6 +353,34 @@ def test_log_attention_distribution_scales_with_alpha(caps):
     assert sd["ScalingVis α=2"] / sd["baseline"] == pytest.approx(2.0, rel=0.03)
 
 
+def test_attention_logit_distribution_shifts_with_alpha_and_marks_corrections(caps):
+    layer = 1
+    fig = plots.attention_logit_distribution(caps["full"], layer)
+    ax, bx = _axes(fig)
+    assert "mean" in ax.get_xlabel() and "max" in bx.get_xlabel()
+    with open_capture(caps["full"]) as cap:
+        tab = cap.table(conditions=["baseline", "scaling-0.5", "scaling-2"])
+        mx = {n: cap.image_logits(n)[1][:, layer].max(-1) for n in ("baseline", "scaling-0.5", "scaling-2")}
+    ok = tab.pivot(index="row", columns="condition", values="correct")
+    means = {}
+    for axis, name in ((bx, "max"), (ax, "mean")):
+        legend = [t.get_text() for t in axis.get_legend().get_texts()]
+        assert [t.split(" (")[0] for t in legend] == ["baseline", "ScalingVis α=0.5", "ScalingVis α=2"]
+        mean = {t.split(" (")[0]: float(t.split("(mean ")[1].split(")")[0]) for t in legend}
+        means[name] = mean
+        # ScalingVis multiplies the image logits by alpha: the lines move by that factor
+        assert mean["ScalingVis α=0.5"] / mean["baseline"] == pytest.approx(0.5, rel=0.02)
+        assert mean["ScalingVis α=2"] / mean["baseline"] == pytest.approx(2.0, rel=0.02)
+        for text, cond in zip(legend[1:], ("scaling-0.5", "scaling-2")):
+            fixed = int((~ok["baseline"].astype(bool) & ok[cond].astype(bool)).sum())
+            assert text.endswith(f", {fixed} corrected")
+    # the max panel's baseline line is the per-sample max over heads of the stored maxima
+    assert means["max"]["baseline"] == pytest.approx(float(np.mean(mx["baseline"])), rel=5e-3)
+    ticks = [ln for ln in bx.get_lines() if ln.get_marker() == "|"]
+    assert sum(len(ln.get_xdata()) for ln in ticks) == sum(
+        int((~ok["baseline"].astype(bool) & ok[c].astype(bool)).sum()) for c in ("scaling-0.5", "scaling-2"))
+
+
 def test_centred_log_attention_drops_zeros():
     w = np.array([[[0.5, 0.25], [0.25, 0.0]]], dtype=np.float32)
     v = plots.centred_log_attention(w)
@@ -409,7 +440,7 @@ def test_write_figures_all(caps, tmp_path):
         "fig06_overlap_roc.png", "fig07_variance_and_auroc.png", "fig08_scaling_sweep.png",
         f"fig09_smoothing_layer{lay}.png", f"fig10_sharpening_layer{lay}.png",
         f"fig14_entropy_skewness_layer{lay}.png", "fig15_confidence_by_relation.png",
-        f"fig26_log_attention_layer{lay26}.png"])
+        f"fig26_attention_logits_layer{lay26}.png"])
     for p in paths:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
     assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (the paper's layers at this "
@@ -425,7 +456,7 @@ def test_write_figures_skips_what_is_missing(caps, tmp_path):
                        "skipped fig09_smoothing_layer3"}
     assert all("\n" not in n for n in notes)
     assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer3.png",
-                                       "fig10_sharpening_layer3.png", "fig26_log_attention_layer2.png"}
+                                       "fig10_sharpening_layer3.png", "fig26_attention_logits_layer2.png"}
 
 
 def test_main_cli(caps, tmp_path, capsys):

@@ -48,7 +48,9 @@ def _write_capture(path, *, n_done: int = N, seed: int = 0):
                                      option_probs=np.array([0.5, 0.5]), alpha_used=1.0,
                                      image_attention=attn.astype(np.float16),
                                      image_mass=np.full((L, H), 0.4, np.float32),
-                                     text_mass=np.full((L, H), 0.6, np.float32))
+                                     text_mass=np.full((L, H), 0.6, np.float32),
+                                     image_logit_mean=np.full((L, H), -1.0, np.float32),
+                                     image_logit_max=np.full((L, H), 2.0, np.float32))
         truth[i] = attn.astype(np.float16).astype(np.float64)
         w.write_batch([i], [res], [{"baseline": bool(correct[i]), "scaling-2": bool(correct[i])}])
     w.finalize()
@@ -260,7 +262,7 @@ def test_figures_layer_defaults_and_validation_choice(capture, tmp_path):
     notes: list[str] = []
     paths = figures.write_figures(path, tmp_path / "a", only=[5, 26], log=notes.append)
     # 3 layers: paper layer 17 of 32 -> round(17 * 3 / 32) = 2; 14 of 32 -> 1
-    assert sorted(p.name for p in paths) == ["fig05_heatmaps_layer2.png", "fig26_log_attention_layer1.png"]
+    assert sorted(p.name for p in paths) == ["fig05_heatmaps_layer2.png", "fig26_attention_logits_layer1.png"]
     assert "the paper's layers" in notes[-1]
     notes.clear()
     paths = figures.write_figures(path, tmp_path / "b", layer="best", only=[5, 6], log=notes.append)

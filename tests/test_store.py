@@ -438,7 +438,7 @@ def test_resume_mismatch_refused(tmp_path):
         assert list(w.pending_indices()) == [2, 3, 4, 5]
 
 
-@pytest.mark.parametrize("attr,value,match", [("format_version", 2, "format_version 2"),
+@pytest.mark.parametrize("attr,value,match", [("format_version", 3, "format_version 3"),
                                               ("format", "something-else", "not a vislens")])
 def test_wrong_format_refused(tmp_path, attr, value, match):
     path = tmp_path / "run.h5"

@@ -50,7 +50,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     tables = evaluate_capture(args.file, out)
     for name, df in tables.items():
         print(f"## {name}\n")
-        print(to_markdown(df, floatfmt=".3f" if name == "vsr" else ".1f"))
+        fmt = {"vsr": ".3f", "inference_time": ".3g"}.get(name, ".1f")  # Table 9: seconds
+        print(to_markdown(df, floatfmt=fmt))
         print()
     print(f"CSV written to {out}/")
     return 0

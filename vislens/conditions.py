@@ -100,6 +100,13 @@ class ConditionResult:
     text_mass: np.ndarray | None = None  # [L, H]
     n_image_tokens: int = 0  # image tokens of this sample's prompt (Figure 3's token share)
     n_text_tokens: int = 0  # other non-padding prompt tokens
+    #: [L, H] mean / max over the image keys of the answer row's logits after the
+    #: intervention, before mask and softmax (Figure 26)
+    image_logit_mean: np.ndarray | None = None
+    image_logit_max: np.ndarray | None = None
+    #: seconds of engine time per sample this condition needed (Table 9; see
+    #: :meth:`vislens.decoding.DecodingEngine.run`), NaN when not measured
+    compute_seconds: float = float("nan")
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -17,13 +17,14 @@ import contextlib
 import hashlib
 import inspect
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .conditions import (BASELINE_KEY, NOISE_STEPS, Condition, ConditionResult, Plan,
+from .conditions import (BASELINE_KEY, METHODS, NOISE_STEPS, Condition, ConditionResult, Plan,
                          SettingKey, adaptvis_alpha, check_conditions, dola_candidates,
                          parse_condition, plan_conditions)
 from .errors import VislensError
@@ -92,6 +93,8 @@ class _Step:
     text_mass: np.ndarray | None
     tokens: list[list[int]] | None = None  # generated continuation (None: not generated)
     rows: dict[int, torch.Tensor] | None = None  # raw [B, H, K] rows when keep_rows
+    logit_mean: np.ndarray | None = None  # [B, L, H] image-key logits (Figure 26), when recorded
+    logit_max: np.ndarray | None = None
 
 
 #: decoding rule name -> ``rule(engine, batch, cache, key, *, generate, record, sample_keys)``
@@ -104,12 +107,14 @@ class DecodingEngine:
     ``record`` stores the answer position's attention (grid, image and text mass) per
     condition; ``max_new_tokens`` bounds the continuation (1 = first token only).
     ``max_fused_rows`` bounds samples x settings run as one batch over the repeated prefix
-    cache (its memory grows with it; 1 runs each setting as its own pass).
+    cache (its memory grows with it; 1 runs each setting as its own pass). ``clock``
+    (default ``time.perf_counter``, read after synchronising the model's GPUs) times the
+    runs each condition's ``compute_seconds`` is made of (see :meth:`run`).
     """
 
     def __init__(self, adapter: VLMAdapter, *, max_new_tokens: int = 16, grid: int = 24,
                  record: bool = True, attention_dtype: torch.dtype = torch.float32,
-                 max_fused_rows: int = 32) -> None:
+                 max_fused_rows: int = 32, clock: Callable[[], float] | None = None) -> None:
         if max_new_tokens < 1:
             raise VislensError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.adapter = adapter
@@ -123,6 +128,15 @@ class DecodingEngine:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
         self.forward_calls = 0
+        self.clock = time.perf_counter if clock is None else clock
+        self._gpus = sorted({p.device.index or 0 for p in self.model.parameters()
+                             if p.device.type == "cuda"})
+
+    def _now(self) -> float:
+        """The clock once the model's queued GPU work is done (timings cover the work)."""
+        for d in self._gpus:
+            torch.cuda.synchronize(d)
+        return self.clock()
 
     # -- forward helpers ----------------------------------------------------------------
     def _forward(self, **kw) -> Any:
@@ -199,7 +213,8 @@ class DecodingEngine:
             return None if x is None else x[k::n_set]
 
         return {key: _Step(st.logits[k::n_set], st.probs[k::n_set], pick(st.grids, k),
-                           pick(st.image_mass, k), pick(st.text_mass, k), pick(st.tokens, k))
+                           pick(st.image_mass, k), pick(st.text_mass, k), pick(st.tokens, k),
+                           logit_mean=pick(st.logit_mean, k), logit_max=pick(st.logit_max, k))
                 for k, key in enumerate(keys)}
 
     def _greedy(self, batch: PreparedBatch, cache: Any, ivs: list, generate: bool, record: bool,
@@ -210,13 +225,14 @@ class DecodingEngine:
             out = self._forward(**self._last(batch), **{self._cache_kw: cache})
         logits = out.logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
-        grids = imass = tmass = None
+        grids = imass = tmass = lmean = lmax = None
         if record:
             grids, imass, tmass = self.reduce_records(batch, steerer.records)
+            lmean, lmax = self.reduce_logit_stats(steerer.logit_stats)
         tokens = self._continue(batch, cache, probs) if generate else None
         cache.crop(-(1 + (len(tokens[0]) - 1 if tokens else 0)))
         return _Step(logits, probs, grids, imass, tmass, tokens,
-                     steerer.records if keep_rows else None)
+                     steerer.records if keep_rows else None, lmean, lmax)
 
     def _continue(self, batch: PreparedBatch, cache: Any, probs: torch.Tensor) -> list[list[int]]:
         """Greedy, unsteered continuation after the first token; leaves tokens in ``cache``."""
@@ -266,10 +282,12 @@ class DecodingEngine:
             tokens = self._decode_loop(batch, first, lambda tok, mask, pos: scores(
                 None, input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True))
         cache.crop(-(len(tokens[0]) if tokens else 1))
-        grids = imass = tmass = None
+        grids = imass = tmass = lmean = lmax = None
         if record:
             grids, imass, tmass = self.reduce_records(batch, steerer.records)
-        return _Step(first, torch.softmax(first, dim=-1), grids, imass, tmass, tokens)
+            lmean, lmax = self.reduce_logit_stats(steerer.logit_stats)
+        return _Step(first, torch.softmax(first, dim=-1), grids, imass, tmass, tokens,
+                     logit_mean=lmean, logit_max=lmax)
 
     def vcd_step(self, batch: PreparedBatch, cache: Any, key: SettingKey, generate: bool = False,
                  record: bool | None = None, sample_keys: Sequence[str] = (), **_: Any) -> _Step:
@@ -345,6 +363,14 @@ class DecodingEngine:
         return (grids.cpu().numpy(), image_mass.cpu().numpy(),
                 text_mass.cpu().numpy())
 
+    @staticmethod
+    def reduce_logit_stats(stats: dict[int, tuple[torch.Tensor, torch.Tensor]]
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-layer image-key logit (mean, max) [B, H] -> two float32 arrays [B, L, H]."""
+        layers = sorted(stats)
+        return tuple(np.stack([stats[l][j].float().cpu().numpy() for l in layers], axis=1)
+                     for j in (0, 1))  # type: ignore[return-value]
+
     # -- the public entry point ---------------------------------------------------------
     @torch.inference_mode()
     def run(self, images: Sequence[Any], questions: Sequence[str],
@@ -354,20 +380,40 @@ class DecodingEngine:
 
         ``sample_keys`` (e.g. sample ids) seed per-sample randomness such as VCD's noise;
         they default to the questions.
+
+        Each result's ``compute_seconds`` is what its condition would cost run alone, per
+        sample: the shared work (preparing the batch and the prefix prefill), plus every
+        setting run whose result it uses (the last run of each of its settings; a fused pass
+        of K settings counts 1/K of its time for each; a contrastive rule's extra forwards
+        are in its run), plus the unsteered confidence probe when the method decides from
+        it (AdaptVis), divided by the batch size. Runs shared by several conditions count
+        fully for each.
         """
         check_conditions(conditions, self.adapter.num_layers, self.adapter.num_heads)
+        t0 = self._now()
         batch = self.adapter.prepare(images, questions)
         keys = list(sample_keys) if sample_keys is not None else list(questions)
-        plans, steps = self._plan_and_execute(batch, conditions, keys)
-        return self._collect(batch, options, conditions, plans, steps)
+        plans, steps, costs = self._plan_and_execute(batch, conditions, keys, t0)
+        return self._collect(batch, options, conditions, plans, steps, costs)
 
     def _plan_and_execute(self, batch: PreparedBatch, conditions: Sequence[Condition],
-                          sample_keys: Sequence[str]) -> tuple[dict[str, Plan], dict[SettingKey, _Step]]:
+                          sample_keys: Sequence[str], t0: float
+                          ) -> tuple[dict[str, Plan], dict[SettingKey, _Step], dict[str, float]]:
         """Prefill, plan every condition (probing the unsteered confidence where a method needs
-        it), then run each distinct planned setting once: greedy ones fused, others alone."""
+        it), then run each distinct planned setting once: greedy ones fused, others alone.
+
+        Also returns each condition's seconds for the whole batch (see :meth:`run`); ``t0``
+        is the clock when the batch's work began."""
         cache = self.prefill(batch)
+        shared = self._now() - t0
         gen = self.max_new_tokens > 1
         steps: dict[SettingKey, _Step] = {}
+        runs: list[float] = []  # seconds of each setting run
+        last_run: dict[SettingKey, int] = {}  # the run that produced steps[key]
+
+        def ran(key: SettingKey, seconds: float) -> None:
+            runs.append(seconds)
+            last_run[key] = len(runs) - 1
 
         def ready(key: SettingKey, generate: bool = gen, record: bool = self.record) -> bool:
             st = steps.get(key)
@@ -376,14 +422,20 @@ class DecodingEngine:
 
         def need(key: SettingKey, generate: bool = gen, record: bool = self.record) -> _Step:
             if not ready(key, generate, record):
+                t = self._now()
                 steps[key] = RULES.get(key.rule)(self, batch, cache, key, generate=generate,
                                                  record=record, sample_keys=sample_keys)
+                ran(key, self._now() - t)
             return steps[key]
+
+        probe: list[int] = []
 
         def confidence() -> np.ndarray:
             # the unsteered first token only: where a condition uses the baseline as its own
             # result, its continuation and attention come with the fused pass below
-            return need(BASELINE_KEY, False, False).probs.max(-1).values.cpu().numpy()
+            conf = need(BASELINE_KEY, False, False).probs.max(-1).values.cpu().numpy()
+            probe.append(last_run[BASELINE_KEY])
+            return conf
 
         plans = plan_conditions(conditions, batch.size, confidence)
         planned = list(dict.fromkeys(k for p in plans.values() for k in p.rows))
@@ -391,14 +443,26 @@ class DecodingEngine:
         greedy = [k for k in planned if k.rule == "greedy" and not ready(k)]
         per_pass = max(1, self.max_fused_rows // batch.size)
         for start in range(0, len(greedy), per_pass):
-            steps.update(self.fused_steps(batch, cache, greedy[start:start + per_pass], gen))
+            chunk = greedy[start:start + per_pass]
+            t = self._now()
+            steps.update(self.fused_steps(batch, cache, chunk, gen))
+            seconds = (self._now() - t) / len(chunk)  # a fused pass: 1/K of it per setting
+            for key in chunk:
+                ran(key, seconds)
         for key in planned:
             need(key)
-        return plans, steps
+        costs = {}
+        for c in conditions:
+            used = {last_run[k] for k in plans[c.name].rows}
+            if METHODS.get(c.method).needs_confidence:
+                used.update(probe)
+            costs[c.name] = shared + sum(runs[r] for r in used)
+        return plans, steps, costs
 
     def _collect(self, batch: PreparedBatch, options: Sequence[Sequence[str]],
                  conditions: Sequence[Condition], plans: dict[str, Plan],
-                 steps: dict[SettingKey, _Step]) -> list[dict[str, ConditionResult]]:
+                 steps: dict[SettingKey, _Step], costs: dict[str, float]
+                 ) -> list[dict[str, ConditionResult]]:
         """Each sample's result under each condition, from the step its plan names."""
         n_img = batch.image_keys.sum(-1).tolist()
         n_all = batch.attention_mask.sum(-1).tolist()
@@ -409,6 +473,7 @@ class DecodingEngine:
             for i, res in enumerate(results):
                 r = self._result(steps[plan.rows[i]], i, opt_ids[i], plan.alpha_used[i])
                 r.n_image_tokens, r.n_text_tokens = int(n_img[i]), int(n_all[i] - n_img[i])
+                r.compute_seconds = costs[c.name] / batch.size
                 res[c.name] = r
         return results
 
@@ -428,7 +493,9 @@ class DecodingEngine:
             alpha_used=float(alpha),
             image_attention=None if st.grids is None else st.grids[i],
             image_mass=None if st.image_mass is None else st.image_mass[i],
-            text_mass=None if st.text_mass is None else st.text_mass[i])
+            text_mass=None if st.text_mass is None else st.text_mass[i],
+            image_logit_mean=None if st.logit_mean is None else st.logit_mean[i],
+            image_logit_max=None if st.logit_max is None else st.logit_max[i])
 
 
 def _repeat_rows(batch: PreparedBatch, times: int) -> PreparedBatch:

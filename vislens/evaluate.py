@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,10 +24,14 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from .errors import VislensError
 from .metrics import wilson_interval
 
+if TYPE_CHECKING:
+    from .store import Capture
+
 __all__ = [
     "accuracy",
     "accuracy_table",
     "gold_frequency",
+    "inference_time",
     "match_first_word",
     "match_paper",
     "match_vsr_paper",
@@ -412,6 +416,33 @@ def gold_frequency(samples: pd.DataFrame) -> pd.DataFrame:
     return counts.set_index(["relation", "answer"])
 
 
+def inference_time(cap: "Capture") -> pd.DataFrame:
+    """Table 9: inference time per method relative to greedy decoding (the baseline).
+
+    One row per condition (index) with ``method``, ``n`` (done samples),
+    ``seconds_per_sample`` (mean of the stored ``compute_seconds``: what the condition
+    would cost run alone, see ``docs/capture-format.md``) and ``ratio`` to the baseline
+    condition's (NaN without a baseline). A version-1 capture has no times: one-line
+    VislensError.
+    """
+    from .plots import baseline_condition
+
+    rows = []
+    for name in cap.conditions:
+        sec = cap.compute_seconds(name)
+        ok = np.isfinite(sec)
+        rows.append({"condition": name, "method": cap.condition_attrs(name).get("method", ""),
+                     "n": int(ok.sum()),
+                     "seconds_per_sample": float(sec[ok].mean()) if ok.any() else float("nan")})
+    df = pd.DataFrame(rows).set_index("condition")
+    try:
+        ref = df.loc[baseline_condition(cap), "seconds_per_sample"]
+    except VislensError:
+        ref = float("nan")
+    df["ratio"] = df["seconds_per_sample"] / ref if ref > 0 else float("nan")
+    return df
+
+
 def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
                      log: Callable[[str], None] | None = print) -> dict[str, pd.DataFrame]:
     """Accuracy tables of a capture file under both answer matchers.
@@ -419,8 +450,10 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
     Per condition and per gold relation, each with its Wilson 95% interval; pair and set
     accuracy when the samples form complete Controlled-style groups; VSR-style yes/no data
     adds standard F1 and the paper's variant; ``gold_frequency`` is Table 7 (how often each
-    gold answer occurs per relation). Writes ``accuracy.csv``, ``gold_frequency.csv`` (and
-    ``vsr.csv``) into ``out_dir`` when given. On an unfinished capture the tables cover the
+    gold answer occurs per relation); ``inference_time`` is Table 9 (seconds per sample and
+    ratio to greedy per condition; a version-1 capture has no times and ``log`` gets one
+    line saying so). Writes ``accuracy.csv``, ``gold_frequency.csv`` (and ``vsr.csv``,
+    ``inference_time.csv``) into ``out_dir`` when given. On an unfinished capture the tables cover the
     done samples and ``log`` gets one line saying so
     (``c.h5: 8 of 16 samples done (unfinished capture)``).
     """
@@ -431,6 +464,12 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
         tab = cap.table()
         if not cap.complete and log is not None:
             log(f"{path}: {samples_note(cap)}")
+        try:
+            times: pd.DataFrame | None = inference_time(cap)
+        except VislensError as exc:
+            times = None
+            if log is not None:
+                log(f"Table 9 (inference time) skipped: {exc}")
     if tab.empty:
         raise VislensError(f"{path}: no completed samples to evaluate")
     tables: dict[str, pd.DataFrame] = {}
@@ -458,6 +497,8 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
             tables["vsr"] = pd.concat([tables["vsr"], pd.DataFrame(vs)], ignore_index=True)
     tables["accuracy"] = pd.concat(rows)
     tables["gold_frequency"] = gold_frequency(tab.drop_duplicates("row"))
+    if times is not None:
+        tables["inference_time"] = times
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

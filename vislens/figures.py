@@ -212,8 +212,9 @@ for _spec in (
     FigureSpec(15, "confidence_by_relation",
                lambda c: c.plots.relation_familiarity(c.subset_tables(), c.phrase_stats),
                cross_subset=True),
-    FigureSpec(26, "log_attention",
-               lambda c: c.plots.log_attention_distribution(c.cap, c.layer_for(26)), per_layer=True),
+    FigureSpec(26, "attention_logits",
+               lambda c: c.plots.attention_logit_distribution(c.cap, c.layer_for(26)),
+               per_layer=True),
 ):
     FIGURE_SPECS.add(str(_spec.number), _spec)
 del _spec

@@ -26,7 +26,8 @@ function                     paper       needs
 :func:`entropy_skewness`     (Fig. 14)   the same per condition of one capture
 :func:`relation_familiarity`  Fig. 15    gold relations, one capture per subset
 :func:`confidence_by_relation`  (15)     confidence box plots of one capture
-:func:`log_attention_distribution`  Fig. 26  a baseline and a steered condition
+:func:`attention_logit_distribution`  Fig. 26  image logits (capture format 2), scaling
+:func:`log_attention_distribution`  (26)  centred log weights (any capture)
 ===========================  ==========  ===========================================
 """
 from __future__ import annotations
@@ -74,6 +75,7 @@ __all__ = [
     "default_layer",
     "entropy_skewness",
     "log_attention_distribution",
+    "attention_logit_distribution",
     "overlap_roc",
     "pick_examples",
     "plot_layer_auroc",
@@ -1505,6 +1507,17 @@ def centred_log_attention(attn: np.ndarray) -> np.ndarray:
     return vals[np.isfinite(vals)]
 
 
+def _rows_done_in_all(cap: "Capture", names: Sequence[str]) -> np.ndarray:
+    """Rows done under every condition of ``names`` (one-line error when there are none)."""
+    done = np.ones(len(cap), dtype=bool)
+    for n in names:
+        done &= cap.done(n)
+    rows = np.flatnonzero(done)
+    if rows.size == 0:
+        raise VislensError(f"{cap.path}: no sample completed under all of {', '.join(names)}")
+    return rows
+
+
 @_styled
 def log_attention_distribution(source: Source, layer: int | None = None, *,
                                conditions: Sequence[str] | None = None, max_samples: int = 256,
@@ -1530,12 +1543,7 @@ def log_attention_distribution(source: Source, layer: int | None = None, *,
                                "conditions)")
         L = _num_layers(cap)
         layer = check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
-        done = np.ones(len(cap), dtype=bool)
-        for n in names:
-            done &= cap.done(n)
-        rows = np.flatnonzero(done)
-        if rows.size == 0:
-            raise VislensError(f"{cap.path}: no sample completed under all of {', '.join(names)}")
+        rows = _rows_done_in_all(cap, names)
         if rows.size > max_samples:
             rows = np.sort(np.random.default_rng(seed).choice(rows, max_samples, replace=False))
         values = {n: centred_log_attention(cap.attention(n, rows=rows, layers=[layer])) for n in names}
@@ -1562,4 +1570,94 @@ def log_attention_distribution(source: Source, layer: int | None = None, *,
     ax.legend(loc="best")
     fig.suptitle(f"Image attention logits before/after scaling, layer {layer} "
                  f"({rows.size} samples, all heads)")
+    return fig
+
+
+@_styled
+def attention_logit_distribution(source: Source, layer: int | None = None, *,
+                                 conditions: Sequence[str] | None = None) -> "Figure":
+    """Figure 26: the answer row's image attention logits before/after ScalingVis, at ``layer``.
+
+    Reads the capture's image-key logits (``q.k / sqrt(d)`` after the intervention, before
+    mask and softmax; :meth:`vislens.store.Capture.image_logits`). Left panel: each
+    sample's image-logit mean, averaged over heads; right: its image-logit max, the maximum
+    over heads. One density line per condition: the baseline (before) and the steered
+    conditions (after; default: the most extreme unrestricted ScalingVis condition with
+    alpha < 1 and the one with alpha > 1 present, or the given ``conditions``). ScalingVis
+    multiplies the logits by alpha, so alpha < 1 pulls the lines towards 0 and alpha > 1
+    pushes them away. Samples the intervention corrected (wrong under the baseline, right
+    under the condition) are ticks at the foot of each panel in the condition's colour. A
+    version-1 capture (no logits) raises a one-line VislensError saying so.
+    """
+    with _capture(source) as cap:
+        base = baseline_condition(cap)
+        if conditions is None:
+            names = []
+            for kind in ("smooth", "sharpen"):
+                try:
+                    names.append(scaling_condition(cap, kind))
+                except VislensError:
+                    pass
+        else:
+            names = [n for n in conditions if n != base]
+        if not names:
+            raise VislensError(f"{cap.path}: nothing to compare with the baseline (no 'scaling' "
+                               "conditions)")
+        L = _num_layers(cap)
+        layer = check_layer(layer if layer is not None else default_layer(cap, base), L, cap.path)
+        order = [base] + names
+        logits = {n: cap.image_logits(n) for n in order}
+        tab = cap.table(conditions=order)
+        right = {n: g.set_index("row")["correct"] for n, g in tab.groupby("condition")}
+        rows = _rows_done_in_all(cap, order)
+        for n in order:
+            if not np.isfinite(logits[n][1][rows, layer]).any():
+                raise VislensError(f"{cap.path}: condition {n!r} has no image logits at layer "
+                                   f"{layer} (captured without attention recording?)")
+        labels = {n: _label(cap, n) for n in order}
+        where = _provenance(cap)
+    base_ok = right[base].reindex(rows).to_numpy(dtype=bool)
+    panels = (("mean", "image-logit mean, averaged over heads",
+               lambda m, x: np.nanmean(m[rows, layer], axis=-1)),
+              ("max", "image-logit max, maximum over heads",
+               lambda m, x: np.nanmax(x[rows, layer], axis=-1)))
+    fig = _figure(10.5, 4.4)
+    axes = fig.subplots(1, 2)
+    colors = _series_colors(len(order))
+    for ax, (_, xlabel, reduce) in zip(axes, panels):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row stays NaN
+            values = {n: reduce(*logits[n]) for n in order}
+        finite = np.concatenate([v[np.isfinite(v)] for v in values.values()])
+        if finite.size == 0:
+            ax.text(0.5, 0.5, "no finite image logits", ha="center", va="center",
+                    transform=ax.transAxes)
+            continue
+        lo, hi = float(finite.min()), float(finite.max())
+        pad = 0.05 * (hi - lo) or 0.5
+        bins = np.linspace(lo - pad, hi + pad, 41)
+        for i, n in enumerate(order):
+            v = values[n]
+            ok = np.isfinite(v)
+            dens, edges = np.histogram(v[ok], bins=bins, density=True)
+            is_base = n == base
+            color = "black" if is_base else colors[i]
+            label = f"{labels[n]} (mean {np.mean(v[ok]):.3g})" if ok.any() else labels[n]
+            if not is_base:
+                fixed = ok & ~base_ok & right[n].reindex(rows).to_numpy(dtype=bool)
+                label += f", {int(fixed.sum())} corrected"
+                # corrected cases: a row of ticks at the panel's foot, at this condition's values
+                ax.plot(v[fixed], np.full(int(fixed.sum()), 0.035 * i), "|", color=color,
+                        markersize=9, markeredgewidth=1.6, transform=ax.get_xaxis_transform())
+            ax.stairs(dens, edges, color=color,
+                      linestyle="-" if is_base else _LINESTYLES[(i % (len(_LINESTYLES) - 1)) + 1],
+                      linewidth=2.2 if is_base else 1.6, label=label)
+        ax.set_xlabel(xlabel + "\n(ticks at the foot: samples the condition corrected)")
+        ax.set_ylabel("density")
+        ax.legend(loc="best", fontsize=8)
+    axes[0].set_title("mean over image keys")
+    axes[1].set_title("max over image keys")
+    fig.suptitle(f"Image attention logits (q·k/√d) before/after scaling, layer {layer} "
+                 f"({rows.size} samples)")
+    _footer(fig, where)
     return fig

@@ -8,6 +8,7 @@ last query's row (the last prompt token, the position that produces the answer) 
 
     logits = q_last . K^T * scale                      # [B, H, K]
     hook "attn.logits"   -> interventions edit logits on image keys (before the mask)
+    record: mean and max of the edited logits over each row's image keys
     logits += mask                                      # causal / padding
     probs = softmax(logits)
     hook "attn.pattern"  -> recording reads the row
@@ -200,6 +201,12 @@ class Steerer:
             s.add_hook("blocks.3.attn.pattern", lambda probs, hook: print(hook.name))
             model(**inputs)
         rows = s.records   # {layer: [B, H, K] softmax row of the last query, fp32}
+        stats = s.logit_stats   # {layer: (mean, max)}, each [B, H]: image-key logits
+
+    ``logit_stats`` (when ``record``) holds the mean and max over each row's image keys of
+    the last query's logits ``q.k * scale`` after the interventions and ``attn.logits``
+    hooks, before the mask and softmax (Figure 26's "attention logits"; ScalingVis
+    multiplies them by alpha). A row without image keys gets NaN; knocked-out keys -inf.
 
     ``image_keys`` [B, K] marks image-token keys over the full (padded) sequence, K being
     the key length of the steered forward (prefix cache included). Hooks are removed when
@@ -211,6 +218,7 @@ class Steerer:
     interventions: list[Intervention] = field(default_factory=list)
     record: bool = True
     records: dict[int, torch.Tensor] = field(default_factory=dict)
+    logit_stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     hooks: list[tuple[Callable[[str, int, str], bool], str, set[int], Hook]] = field(default_factory=list)
     _token: contextvars.Token | None = None
     _seen: set[int] = field(default_factory=set)
@@ -265,11 +273,15 @@ class Steerer:
         return bool(self._hooks_at("attn.logits", layer)) or any(iv.applies(layer)
                                                                  for iv in self.interventions)
 
-    def steer_logits(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+    def _keys(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         keys = self.image_keys.to(logits.device)
         if keys.shape[-1] != logits.shape[-1]:
             raise ValueError(f"image key mask covers {keys.shape[-1]} keys but layer {layer} "
                              f"attends over {logits.shape[-1]}")
+        return keys
+
+    def steer_logits(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+        keys = self._keys(layer, logits)
         for iv in self.interventions:
             if iv.applies(layer):
                 logits = iv.apply(logits, keys)
@@ -277,6 +289,11 @@ class Steerer:
             out = fn(logits, hook)
             logits = logits if out is None else out
         return logits
+
+    def see_logits(self, layer: int, logits: torch.Tensor) -> None:
+        """Record the mean and max of the (edited, unmasked) logits over image keys."""
+        if self.record:
+            self.logit_stats[layer] = image_logit_stats(logits.detach(), self._keys(layer, logits))
 
     def see_pattern(self, layer: int, probs: torch.Tensor) -> None:
         if self.record:
@@ -295,6 +312,21 @@ def last_row_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> t
     q = query[:, :, -1, :].float().reshape(b, hkv, h // hkv, d)
     logits = torch.matmul(q, key.float().transpose(-1, -2))  # [B, Hkv, rep, K]
     return logits.reshape(b, h, -1) * scaling
+
+
+def image_logit_stats(logits: torch.Tensor, image_keys: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and max of ``logits`` [B, H, K] over each row's image keys ``image_keys`` [B, K]
+    (padding is never an image key): two [B, H] fp32 tensors, NaN for a row without image
+    keys (-inf where the keys were knocked out)."""
+    keys = image_keys[:, None, :]
+    n = image_keys.sum(-1).to(logits.dtype)[:, None]  # [B, 1]
+    total = torch.where(keys, logits, torch.zeros((), dtype=logits.dtype,
+                                                  device=logits.device)).sum(-1)
+    mean = total / n
+    top = logits.masked_fill(~keys, float("-inf")).amax(-1)
+    none = (n == 0).expand_as(top)
+    return mean.masked_fill(none, float("nan")), top.masked_fill(none, float("nan"))
 
 
 def _mask_row(attention_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -329,6 +361,7 @@ def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     logits = last_row_logits(query, key, scaling)
     if edits:
         logits = steerer.steer_logits(layer, logits)
+    steerer.see_logits(layer, logits)
     mask = _mask_row(attention_mask, logits.shape[0])
     if mask is not None:
         mask = mask.to(logits.device)

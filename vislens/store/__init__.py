@@ -19,7 +19,8 @@ One module per concern: :mod:`.format` (constants, encoding, file helpers), :mod
 from __future__ import annotations
 
 from .edit import merge, parse_shard, replace_boxes, shard_path, shard_rows
-from .format import FINGERPRINT_CHARS, FORMAT, FORMAT_VERSION, PREDICTION_BYTES, REASON_BYTES
+from .format import (FINGERPRINT_CHARS, FORMAT, FORMAT_VERSION, PREDICTION_BYTES,
+                     READABLE_VERSIONS, REASON_BYTES)
 from .lock import OutputLock, lock_output
 from .reader import Capture, open_capture
 from .writer import CaptureJob, CaptureWriter, sample_fingerprint, working_file_bytes
@@ -27,6 +28,7 @@ from .writer import CaptureJob, CaptureWriter, sample_fingerprint, working_file_
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "PREDICTION_BYTES",
     "REASON_BYTES",
     "FINGERPRINT_CHARS",

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import VislensError
 from ..io import IO_ERRORS, human_bytes, is_disk_full, os_reason
-from .format import GZIP_LEVEL, SAMPLE_TEXT_FIELDS, free_bytes, plain_value, row_runs, set_attrs, read_text
+from .format import (GZIP_LEVEL, LOGIT_FIELDS, SAMPLE_TEXT_FIELDS, TIME_FIELD, free_bytes,
+                     plain_value, read_text, row_runs, set_attrs)
 
 
 
@@ -95,9 +96,12 @@ def build_final(dst: Path, sources: Sequence[h5py.File], src_of: np.ndarray,
                 g.attrs[key] = value
             name = f"conditions/{c}"
             done = _gather(sources, f"{name}/done", src_of, row_of).astype(bool)
+            # version-2 fields exist in every source or in none (merge refuses mixed versions)
+            newer = [(x, np.nan) for x in (*LOGIT_FIELDS, TIME_FIELD) if x in f0[name]]
             for field, blank in (("image_attention_mass", np.nan), ("text_attention_mass", np.nan),
                                  ("option_probs", np.nan), ("confidence", np.nan),
-                                 ("alpha_used", np.nan), ("correct", False), ("prediction", "")):
+                                 ("alpha_used", np.nan), ("correct", False), ("prediction", ""),
+                                 *newer):
                 data = _gather(sources, f"{name}/{field}", src_of, row_of)
                 data[~done] = blank
                 _final_dataset(g, field, data)

@@ -13,9 +13,9 @@ import numpy as np
 from ..errors import VislensError
 from ..io import check_output, real_path
 from . import compact
-from .format import (RESUME_IGNORED_ATTRS, check_format, done_matrix, failed_flags, fsync_dir,
-                     fsync_path, open_h5, plain_value, read_attrs, short_repr, read_text, tmp_of,
-                     unlink_quietly, write_boxes)
+from .format import (RESUME_IGNORED_ATTRS, check_format, done_matrix, failed_flags,
+                     format_version, fsync_dir, fsync_path, open_h5, plain_value, read_attrs,
+                     short_repr, read_text, tmp_of, unlink_quietly, write_boxes)
 from .lock import OutputLock
 
 _MERGE_IGNORED = RESUME_IGNORED_ATTRS | {"shard", "merged_from"}
@@ -100,6 +100,12 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
             f = open_h5(p)
             files.append(f)
             check_format(f, p)
+        versions = [format_version(f) for f in files]
+        for p, v in zip(paths[1:], versions[1:]):
+            if v != versions[0]:
+                raise VislensError(f"{p}: merge: capture format version {v} but {versions[0]} in "
+                                   f"{paths[0]}; shards of one job share a version (rerun the "
+                                   "older shards with this vislens)")
         ref = _merge_spec(files[0])
         for p, f in zip(paths[1:], files[1:]):
             spec = _merge_spec(f)

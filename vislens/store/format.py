@@ -35,7 +35,14 @@ class ClosingContext:
 
 
 FORMAT = "vislens-capture"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: versions readers accept (version 1: no image logits, no compute time)
+READABLE_VERSIONS = (1, 2)
+#: ``[N, L, H]`` float32 per condition since version 2: mean / max of the answer row's
+#: image-key logits after the intervention, before mask and softmax (Figure 26)
+LOGIT_FIELDS = ("image_logit_mean", "image_logit_max")
+#: ``[N]`` float32 per condition since version 2: engine seconds per sample (Table 9)
+TIME_FIELD = "compute_seconds"
 #: predictions are stored truncated to this many utf-8 bytes (cut at a character boundary)
 PREDICTION_BYTES = 256
 #: failure reasons are stored truncated to this many utf-8 bytes
@@ -296,9 +303,15 @@ def check_format(f: h5py.File, path: Path) -> None:
         raise VislensError(f"{path}: not a vislens capture file (format attr is {short_repr(fmt)}, "
                            f"expected {FORMAT!r})")
     version = plain_value(f.attrs.get("format_version"))
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise VislensError(f"{path}: capture format_version {short_repr(version)} is not supported "
-                           f"(this vislens reads version {FORMAT_VERSION})")
+                           f"(this vislens reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))})")
+
+
+def format_version(f: h5py.File) -> int:
+    """The file's ``format_version`` (checked by :func:`check_format`)."""
+    return int(plain_value(f.attrs["format_version"]))
 
 
 def done_matrix(f: h5py.File) -> np.ndarray:

@@ -15,7 +15,8 @@ import pandas as pd
 from ..errors import VislensError
 from ..io import IO_ERRORS
 from .compact import is_final_attention
-from .format import (ClosingContext, SAMPLE_TEXT_FIELDS, check_format, corrupt_error, done_matrix,
+from .format import (LOGIT_FIELDS, SAMPLE_TEXT_FIELDS, TIME_FIELD, ClosingContext,
+                     check_format, format_version, corrupt_error, done_matrix,
                      failed_flags, open_h5, plain_value, read_attrs, row_runs, read_text,
                      trim_options, read_values)
 
@@ -291,6 +292,37 @@ class Capture(ClosingContext):
         img[~done] = np.nan
         txt[~done] = np.nan
         return img, txt
+
+    @property
+    def format_version(self) -> int:
+        """The file's capture format version (1 lacks image logits and compute time)."""
+        return format_version(self._f)
+
+    def _newer(self, condition: str, name: str, what: str) -> h5py.Dataset:
+        g = self._group(condition)
+        if name not in g:
+            raise VislensError(f"{self.path}: needs a capture made by vislens >= 0.2 ({what}); "
+                               f"this file has capture format version {self.format_version}")
+        return g[name]
+
+    def image_logits(self, condition: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, max)``, each ``[N, L, H]`` float32: the answer row's logits over the
+        image keys (after the intervention, before mask and softmax); NaN where not done.
+        A version-1 file has none: one-line VislensError saying so."""
+        done = self.done(condition)
+        out = []
+        for name in LOGIT_FIELDS:
+            v = read_values(self._newer(condition, name, "image logits")).astype(np.float32)
+            v[~done] = np.nan
+            out.append(v)
+        return out[0], out[1]
+
+    def compute_seconds(self, condition: str) -> np.ndarray:
+        """``[N]`` float32 engine seconds per sample the condition needed (Table 9; see
+        ``docs/capture-format.md``); NaN where not done. Version 1: one-line VislensError."""
+        v = read_values(self._newer(condition, TIME_FIELD, "compute time")).astype(np.float32)
+        v[~self.done(condition)] = np.nan
+        return v
 
     def box_mask(self) -> np.ndarray | None:
         """``[N, G, G]`` float32 object coverage of each grid cell, or None if not stored."""

@@ -19,10 +19,10 @@ import numpy as np
 from ..errors import VislensError
 from ..io import IO_ERRORS, check_free_space, human_bytes, is_disk_full, os_reason, real_path
 from . import compact
-from .format import (ClosingContext, FINGERPRINT_CHARS, FORMAT, FORMAT_VERSION, PREDICTION_BYTES,
-                     REASON_BYTES, RESUME_IGNORED_ATTRS, SAMPLE_TEXT_FIELDS, SPEC_FIELDS,
-                     STORE_OWNED, alloc_dataset, check_format, done_matrix, failed_flags,
-                     fixed_strings, free_bytes, fsync_dir, fsync_path, stored_form, open_h5,
+from .format import (ClosingContext, FINGERPRINT_CHARS, FORMAT, FORMAT_VERSION, LOGIT_FIELDS,
+                     PREDICTION_BYTES, REASON_BYTES, RESUME_IGNORED_ATTRS, SAMPLE_TEXT_FIELDS,
+                     SPEC_FIELDS, STORE_OWNED, TIME_FIELD, alloc_dataset, check_format,
+                     done_matrix, failed_flags, format_version, fixed_strings, free_bytes, fsync_dir, fsync_path, stored_form, open_h5,
                      plain_value, read_attrs, set_attrs, short_repr, read_text, tmp_of, to_f16,
                      trim_options, unlink_quietly, utf8_bytes, write_boxes, write_rows)
 from .lock import OutputLock
@@ -138,6 +138,12 @@ class CaptureWriter(ClosingContext):
             if real.exists():
                 with open_h5(real) as f:
                     check_format(f, path)
+                    version = format_version(f)
+                    if version != FORMAT_VERSION and not plain_value(f.attrs.get("complete")):
+                        raise VislensError(
+                            f"{path}: cannot resume: the working file has capture format "
+                            f"version {version}, this vislens writes version {FORMAT_VERSION}; "
+                            "finish it with the vislens that started it, or write a new file")
                     spec.check_resume(f, path)
             else:
                 spec.create(real, shown=path)
@@ -306,6 +312,8 @@ class CaptureWriter(ClosingContext):
         attn = np.empty((B,) + shape, dtype=np.float16)
         img = np.full((B, self._L, self._H), np.nan, dtype=np.float32)
         txt = np.full((B, self._L, self._H), np.nan, dtype=np.float32)
+        lmean = np.full((B, self._L, self._H), np.nan, dtype=np.float32)
+        lmax = np.full((B, self._L, self._H), np.nan, dtype=np.float32)
         probs = np.full((B, self._K), np.nan, dtype=np.float32)
         for i, (r, item) in enumerate(zip(rows, items)):
             a = item.image_attention
@@ -318,7 +326,9 @@ class CaptureWriter(ClosingContext):
                                        f"image_attention shape {a.shape}, expected {shape}")
                 attn[i] = a if a.dtype == np.float16 else to_f16(a)
             for arr, value, name in ((img, item.image_mass, "image_mass"),
-                                     (txt, item.text_mass, "text_mass")):
+                                     (txt, item.text_mass, "text_mass"),
+                                     (lmean, getattr(item, LOGIT_FIELDS[0], None), LOGIT_FIELDS[0]),
+                                     (lmax, getattr(item, LOGIT_FIELDS[1], None), LOGIT_FIELDS[1])):
                 if value is not None:
                     v = np.asarray(value)
                     if v.shape != arr.shape[1:]:
@@ -338,6 +348,9 @@ class CaptureWriter(ClosingContext):
             "correct": np.array([bool(x[c]) for x in cor], dtype=bool),
             "confidence": np.array([it.confidence for it in items], dtype=np.float32),
             "alpha_used": np.array([it.alpha_used for it in items], dtype=np.float32),
+            LOGIT_FIELDS[0]: lmean, LOGIT_FIELDS[1]: lmax,
+            TIME_FIELD: np.array([getattr(it, TIME_FIELD, np.nan) for it in items],
+                                 dtype=np.float32),
         }
 
     def write_failure(self, row: int, reason: str) -> None:
@@ -643,6 +656,9 @@ class _JobSpec:
                     alloc_dataset(g, "correct", bool, (n,))
                     alloc_dataset(g, "confidence", np.float32, (n,))
                     alloc_dataset(g, "alpha_used", np.float32, (n,))
+                    for field in LOGIT_FIELDS:
+                        alloc_dataset(g, field, np.float32, (n, L, H))
+                    alloc_dataset(g, TIME_FIELD, np.float32, (n,))
                     alloc_dataset(g, "option_probs", np.float32, (n, K))
                     alloc_dataset(g, "done", bool, (n,))[...] = np.zeros(n, dtype=bool)
 
@@ -669,7 +685,7 @@ def working_file_bytes(samples: Sequence["Sample"], n_conditions: int, grid: int
     widths = sum(max([1] + [len(utf8_bytes(getattr(smp, name))) for smp in samples])
                  for name in SAMPLE_TEXT_FIELDS)
     widths += max([1] + [len(utf8_bytes(o)) for smp in samples for o in smp.options]) * K
-    per_cond = n * (L * H * (G * G * 2 + 8) + K * 4 + PREDICTION_BYTES + 10)
+    per_cond = n * (L * H * (G * G * 2 + 16) + K * 4 + PREDICTION_BYTES + 14)
     per_sample = widths + REASON_BYTES + FINGERPRINT_CHARS + 64
     return n_conditions * per_cond + n * per_sample + (1 << 20)
 
