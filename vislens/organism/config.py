@@ -28,6 +28,8 @@ DEFAULT_STEPS = 400
 DEFAULT_BATCH = 16
 DEFAULT_LR = 1e-3
 EVAL_SEED = 10_000  # held-out scenes: groups (not i.i.d. scenes) with a seed never trained on
+TUNE_SEED = 20_000  # scenes for developing the recipe (never in the card's scorecard)
+SCORECARD_SEED = 31_337  # the card's held-out scorecard: used by no training or tuning run
 TRAIN_FILE = "training.json"
 CARD_FILE = "README.md"
 
