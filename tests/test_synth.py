@@ -279,7 +279,8 @@ def test_bad_arguments_raise_one_line_error(call, arg):
 
 # --------------------------------------------------------------------------- styles (distractors, clutter)
 
-from vislens.synth import LLAVA_RELATION_WEIGHTS, SceneStyle  # noqa: E402
+from vislens.organism import RELATION_WEIGHTS as LLAVA_RELATION_WEIGHTS  # noqa: E402
+from vislens.synth import SceneStyle  # noqa: E402
 
 BUSY = SceneStyle(distractors=(1, 4), occlusion=0.5, texture=12, clutter=8)
 

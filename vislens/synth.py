@@ -20,8 +20,9 @@ A :class:`SceneStyle` makes attention work to find the named objects: extra cata
 objects (distractors, boxes in ``sample.meta["distractors"]``) that may partly occlude a
 named object, a textured background and small off-catalogue clutter. The default style is
 the plain two-object scene (byte-identical to scenes made before styles existed). Training
-data can be skewed towards left/right like LLaVA's (:data:`LLAVA_RELATION_WEIGHTS`); the
-balanced groups (:func:`generate_groups`) are for evaluation. Everything is seeded per scene
+data can be skewed towards left/right like LLaVA's (``relation_weights`` of
+:func:`generate_scenes`, e.g. ``vislens.organism.RELATION_WEIGHTS``); the balanced groups
+(:func:`generate_groups`) are for evaluation. Everything is seeded per scene
 from ``(seed, mode, subset, index)``, so the same arguments give identical images, and the
 first ``k`` scenes of a run do not depend on how many are generated.
 """
@@ -42,7 +43,7 @@ from .data.base import Box, Sample
 from .errors import VislensError
 
 __all__ = [
-    "OBJECTS", "RELATIONS", "OPTIONS", "MIN_SIZE", "LLAVA_RELATION_WEIGHTS", "ObjectSpec",
+    "OBJECTS", "RELATIONS", "OPTIONS", "MIN_SIZE", "PLAIN", "ObjectSpec",
     "Scene", "SceneStyle",
     "object_names", "question_for", "generate_groups", "generate_scenes",
     "write_scenes", "synthesize",
@@ -56,14 +57,6 @@ RELATIONS: dict[str, tuple[str, ...]] = {
     "b": ("left", "right", "front", "behind"),
 }
 OPTIONS: dict[str, list[str]] = {s: [r.capitalize() for r in rels] for s, rels in RELATIONS.items()}
-
-#: relation weights for training scenes, skewed like LLaVA's instruction data (the paper's
-#: Fig. 15: left/right phrases far outnumber on/under and front/behind). The 4:1 ratio is a
-#: choice, not a measured count.
-LLAVA_RELATION_WEIGHTS: dict[str, dict[str, float]] = {
-    "a": {"left": 4.0, "right": 4.0, "on": 1.0, "under": 1.0},
-    "b": {"left": 4.0, "right": 4.0, "front": 1.0, "behind": 1.0},
-}
 
 _BACKGROUND = (238, 236, 230)
 _BG_JITTER = 6

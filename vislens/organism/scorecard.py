@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import VislensError
-from .config import SCORECARD_SEED, Log
+from .config import SCORECARD_GROUPS, SCORECARD_SEED, Log
 
 __all__ = ["SCORECARD_CONDITIONS", "run_scorecard"]
 
@@ -27,12 +27,14 @@ SCORECARD_CONDITIONS: tuple[str, ...] = (
 )
 
 
-def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = 100,
-                  seed: int = SCORECARD_SEED, conditions: tuple[str, ...] = SCORECARD_CONDITIONS,
+def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = SCORECARD_GROUPS,
+                  seed: int = SCORECARD_SEED, style: str = "plain",
+                  conditions: tuple[str, ...] = SCORECARD_CONDITIONS,
                   batch_size: int = 16, n_boot: int = 1000, log: Log | None = print,
                   adapter: Any = None) -> list[Any]:
     """Capture ``conditions`` on ``4 * n_groups`` held-out scenes per subset (both splits)
     with the organism at ``path`` and write the findings scorecard to ``out_dir/findings``.
+    ``style``: the scenes' :class:`vislens.synth.SceneStyle` (``--style`` syntax).
 
     Returns the findings (:class:`vislens.findings.Finding` list). The captures stay in
     ``out_dir`` (``capture_a.h5``, ``capture_b.h5``) for ``vislens report``/``figures``.
@@ -44,12 +46,12 @@ def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = 100,
                            "(the `vislens findings` command)") from exc
     from ..capture import run_capture
     from ..models import load_model
-    from ..synth import synthesize
+    from ..synth import SceneStyle, synthesize
 
     say = log or (lambda msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scenes = synthesize(out / "scenes", 4 * n_groups, seed)
+    scenes = synthesize(out / "scenes", 4 * n_groups, seed, style=SceneStyle.parse(style))
     if adapter is None:
         if not Path(path, "config.json").exists():
             raise VislensError(f"{path}: no model organism there (no config.json)")
@@ -63,7 +65,8 @@ def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = 100,
                               out=cap, conditions=conditions, batch_size=batch_size,
                               max_new_tokens=3, matcher="first-word", split="all",
                               progress=False, log=say,
-                              command=f"vislens organism eval --n-groups {n_groups} --seed {seed}")
+                              command=f"vislens organism eval --scorecard-groups {n_groups} "
+                                      f"--scorecard-seed {seed} --style {style}")
         captures.append(summary.path)
     found, card = write_findings(captures, out / "findings", n_boot=n_boot)
     say(f"findings scorecard: {card}")
