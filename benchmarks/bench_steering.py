@@ -1,9 +1,13 @@
 """Steering/recording overhead on a tiny-but-real-length LLaVA (576 image tokens, ~600 total).
 
-Prints ratios measured in one run (targets from the core issue):
-  * recording + SDPA vs plain SDPA forward              target <= 1.10x
-  * AdaptVis vs greedy decoding on the same inputs       target <= 1.15x
+Prints ratios measured in one run (targets from the core issue and issue 15):
+  * recording + SDPA vs plain SDPA forward              target <= 1.10x (issue 15: 1.05x)
+  * AdaptVis vs greedy decoding on the same inputs       target <= 1.15x (issue 15: 1.05x)
   * peak memory of recording vs eager output_attentions  target <= 1/20
+  * model forward calls per batch and time vs greedy, each distinct steering setting in its
+    own pass ("before", max_fused_rows=1) and all settings of a batch as one B x K batch
+    over the repeated prefix cache ("after"), for AdaptVis, the paper's condition set and a
+    sweep validation pass (baseline + 5 alphas)     sweep target <= 1.15x greedy
 
 Usage: python benchmarks/bench_steering.py [--hidden 256] [--layers 4] [--repeats 10]
 """
@@ -64,6 +68,40 @@ def decode_ratio(adapter, imgs, repeats: int, max_new_tokens: int) -> tuple[floa
     adapt = [parse_condition("adaptvis:alpha1=0.5,alpha2=2.0,beta=0.3")]
     return _medians(paired(lambda: engine.run(imgs, qs, opts, greedy),
                            lambda: engine.run(imgs, qs, opts, adapt), repeats))
+
+
+CONDITION_SETS = {
+    "AdaptVis": ["adaptvis:alpha1=0.5,alpha2=2.0,beta=0.3"],
+    "paper set": ["baseline", "scaling:alpha=0.5", "scaling:alpha=2", "adaptvis:alpha1=0.5,alpha2=2,beta=0.3"],
+    "sweep (6 alphas)": ["baseline"] + [f"scaling:alpha={a}" for a in (0.5, 0.8, 1.2, 1.5, 2.0)],
+}
+
+
+def fused_table(adapter, imgs, repeats: int, max_new_tokens: int) -> None:
+    """Forward calls per batch and time vs greedy, one pass per setting vs fused settings."""
+    from vislens.decoding import DecodingEngine, parse_condition
+
+    qs, opts = [QUESTION] * len(imgs), [["Left", "Right", "On", "Under"]] * len(imgs)
+    greedy = [parse_condition("baseline")]
+    print(f"settings fused over the repeated prefix cache ({max_new_tokens} new tokens, "
+          f"batch {len(imgs)}; record=False for the sweep like its validation pass):")
+    for label, specs in CONDITION_SETS.items():
+        conds = [parse_condition(c) for c in specs]
+        record = not label.startswith("sweep")
+        row = []
+        for fused_rows in (1, 64):
+            eng = DecodingEngine(adapter, max_new_tokens=max_new_tokens, record=record,
+                                 max_fused_rows=fused_rows)
+            base = DecodingEngine(adapter, max_new_tokens=max_new_tokens, record=record)
+            eng.run(imgs, qs, opts, conds)
+            base.run(imgs, qs, opts, greedy)
+            calls, greedy_calls = eng.forward_calls, base.forward_calls
+            t_g, t_c = _medians(paired(lambda: base.run(imgs, qs, opts, greedy),
+                                       lambda: eng.run(imgs, qs, opts, conds), repeats))
+            row.append((calls, greedy_calls, t_c / t_g))
+        (c0, g, r0), (c1, _, r1) = row
+        print(f"  {label:17s} forward calls/batch {c0:3d} -> {c1:3d} (greedy {g}); "
+              f"time vs greedy {r0:.2f}x -> {r1:.2f}x")
 
 
 def memory_child(model_dir: str, mode: str) -> None:
@@ -129,6 +167,7 @@ def main() -> None:
         print(f"decode ({args.max_new_tokens} new tokens): greedy {t_g * 1e3:.1f} ms, AdaptVis "
               f"{t_a * 1e3:.1f} ms -> ratio {t_a / t_g:.3f}x (target <= 1.15x; two full "
               f"generations would be ~2x)")
+        fused_table(adapter, imgs, max(3, args.repeats // 2), args.max_new_tokens)
         m_rec, m_eag = memory(path, "record"), memory(path, "eager")
         print(f"memory: attention data held by recording {m_rec['kept'] / 2**20:.3f} MiB vs "
               f"output_attentions {m_eag['kept'] / 2**20:.1f} MiB -> ratio "

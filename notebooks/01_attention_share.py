@@ -29,7 +29,7 @@
 CAPTURE = None
 FIGURES_DIR = None
 FORMAT = "png"
-LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else the middle layer
+LAYER = None  # unused here: Figures 3 and 4 cover all layers
 
 # %%
 # %matplotlib inline

@@ -28,7 +28,9 @@
 CAPTURE = None
 FIGURES_DIR = None
 FORMAT = "png"
-LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else the middle layer
+LAYER = None  # None: the paper's layers at this model's depth (17 of 32; 14 for Fig. 26), not the
+#               best layer on the same data (that would flatter the AUROCs); N: layer N for all
+SUBSETS = []  # more capture files (other subsets) to compare with this one in Figure 14
 
 # %%
 # %matplotlib inline
@@ -42,9 +44,9 @@ capture, out_dir, cap = notebook.notebook_session(CAPTURE, FIGURES_DIR)
 # %%
 stats = analysis.all_stats(capture)
 base = plots.baseline_condition(cap)
-layer = LAYER if LAYER is not None else plots.default_layer(stats, base)
+layers = notebook.figure_layers(cap, LAYER)  # prints which layers are used
+layer = layers[5][0]
 auroc = analysis.per_layer_auroc_table(stats)
-print("layer used for the per-layer figures:", layer)
 auroc[auroc["condition"] == base]
 
 # %% [markdown]
@@ -56,13 +58,13 @@ fig5 = notebook.attempt(lambda: plots.attention_heatmaps(cap, layer), out_dir,
 fig5
 
 # %% [markdown]
-# ## Figure 6: ROC of the overlap at the two best layers
+# ## Figure 6: ROC of the overlap at the paper's layers (17 and 18 of 32)
 #
 # Undefined (and skipped) without a box mask or when every answer is correct (or every one
 # wrong).
 
 # %%
-fig6 = notebook.attempt(lambda: plots.overlap_roc(stats, condition=base), out_dir, "fig06_overlap_roc", FORMAT)
+fig6 = notebook.attempt(lambda: plots.overlap_roc(stats, layers[6], condition=base), out_dir, "fig06_overlap_roc", FORMAT)
 fig6
 
 # %% [markdown]
@@ -74,12 +76,18 @@ fig7 = notebook.attempt(lambda: plots.variance_and_auroc(cap, stats=stats), out_
 fig7
 
 # %% [markdown]
-# ## Figure 14: entropy and skewness of the image attention, per condition
+# ## Figure 14: entropy (Eq. 4) and positional skewness (Eq. 5) of the image attention
+#
+# The paper compares subsets (Controlled_A/B vs COCO): list more capture files in `SUBSETS`.
+# Below it, the same per condition of this capture.
 
 # %%
-fig14 = notebook.attempt(lambda: plots.entropy_skewness(stats, layer), out_dir,
-                        f"fig14_entropy_skewness_layer{layer}", FORMAT)
+fig14 = notebook.attempt(lambda: plots.subset_entropy_skewness([cap, *SUBSETS], layers[14][0]),
+                        out_dir, f"fig14_entropy_skewness_layer{layers[14][0]}", FORMAT)
 fig14
+
+# %%
+notebook.attempt(lambda: plots.entropy_skewness(stats, layers[14][0]))
 
 # %% [markdown]
 # Confidence and attention as correctness signals at that layer (AUROC per condition):

@@ -18,9 +18,10 @@
 #
 # ScalingVis multiplies the answer position's image attention logits by α (α < 1 smooths
 # the attention over the image, α > 1 sharpens it). Figure 8 sweeps α over the capture's
-# `scaling` conditions (the baseline is α = 1), per gold relation; Figure 15 shows the
-# confidence of the first answer token by gold relation, the signal AdaptVis uses to choose
-# between smoothing and sharpening.
+# `scaling` conditions (the baseline is α = 1), per gold relation; Figure 15 compares the
+# gold relations per subset, how often LLaVA's training conversations use each relation
+# phrase (`PHRASE_STATS`) and the model's confidence per relation and subset: confidence is
+# the signal AdaptVis uses to choose between smoothing and sharpening.
 
 # %% tags=["parameters"]
 # Parameters. CAPTURE: a capture file; None -> $VISLENS_CAPTURE, else the demo capture
@@ -29,7 +30,8 @@
 CAPTURE = None
 FIGURES_DIR = None
 FORMAT = "png"
-LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else the middle layer
+SUBSETS = []  # more capture files (other subsets) to compare with this one in Figure 15
+PHRASE_STATS = None  # `vislens phrase-stats CONVERSATIONS.json --out FILE.csv` output, for Fig. 15
 
 # %%
 # %matplotlib inline
@@ -52,9 +54,15 @@ fig8 = notebook.attempt(lambda: plots.scaling_sweep(cap), out_dir, "fig08_scalin
 fig8
 
 # %% [markdown]
-# ## Figure 15: confidence by gold relation (baseline)
+# ## Figure 15: gold relations, training phrases and confidence per subset (baseline)
 
 # %%
-fig15 = notebook.attempt(lambda: plots.confidence_by_relation(table), out_dir,
+fig15 = notebook.attempt(lambda: plots.relation_familiarity([cap, *SUBSETS], PHRASE_STATS), out_dir,
                         "fig15_confidence_by_relation", FORMAT)
 fig15
+
+# %% [markdown]
+# Confidence by gold relation in this capture, correct vs incorrect answers:
+
+# %%
+notebook.attempt(lambda: plots.confidence_by_relation(table))

@@ -29,7 +29,8 @@
 CAPTURE = None
 FIGURES_DIR = None
 FORMAT = "png"
-LAYER = None  # None: the best-AUROC layer if the capture has a box mask, else the middle layer
+LAYER = None  # None: the paper's layers at this model's depth (17 of 32; 14 for Fig. 26), not the
+#               best layer on the same data (that would flatter the AUROCs); N: layer N for all
 
 # %%
 # %matplotlib inline
@@ -39,8 +40,8 @@ capture, out_dir, cap = notebook.notebook_session(CAPTURE, FIGURES_DIR)
 
 # %%
 base = plots.baseline_condition(cap)
-layer = LAYER if LAYER is not None else plots.default_layer(cap, base)
-print("layer:", layer)
+layers = notebook.figure_layers(cap, LAYER)  # prints which layers are used
+layer, layer26 = layers[9][0], layers[26][0]
 
 # %% [markdown]
 # ## Figure 9: smoothing (α < 1)
@@ -66,6 +67,6 @@ fig10
 # the smallest weights, which narrows the lower tail of sharpened maps).
 
 # %%
-fig26 = notebook.attempt(lambda: plots.log_attention_distribution(cap, layer), out_dir,
-                        f"fig26_log_attention_layer{layer}", FORMAT)
+fig26 = notebook.attempt(lambda: plots.log_attention_distribution(cap, layer26), out_dir,
+                        f"fig26_log_attention_layer{layer26}", FORMAT)
 fig26

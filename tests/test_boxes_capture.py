@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -80,3 +81,47 @@ def test_boxes_errors(capture_file, tmp_path):
         attach_boxes(path, "yolo", weights=tmp_path / "nope.pt")
     with pytest.raises(VislensError, match="--detector"):
         attach_boxes(path, "sam")
+
+
+# ----------------------------------------------------------------------------- data safety
+
+from small_disk import fill, make_read_only, small_disk  # noqa: E402,F401
+
+
+def _boxes_cli(target, capfd) -> list[str]:
+    from vislens.cli import main
+
+    capfd.readouterr()
+    assert main(["boxes", str(target), "--detector", "annotations"]) == 2
+    return [line for line in capfd.readouterr().err.split("\n") if line.strip()]
+
+
+def test_boxes_disk_full_is_one_line_and_keeps_the_file(capture_file, tmp_path, small_disk,
+                                                         monkeypatch, capfd):
+    from test_store import disk_or_injection
+
+    path, _ = capture_file
+    disk, injected = disk_or_injection(small_disk, "1m", tmp_path, monkeypatch)
+    target = disk / "c.h5"
+    target.write_bytes(path.read_bytes())
+    if not injected:
+        fill(disk)
+    before = target.read_bytes()
+    err = _boxes_cli(target, capfd)
+    assert len(err) == 1 and err[0].startswith("vislens: error: ") and \
+        "No space left on device" in err[0], err
+    assert target.read_bytes() == before
+    assert not (disk / "c.h5.lock").exists() and not (disk / "c.h5.tmp").exists()
+
+
+def test_boxes_in_a_read_only_folder_is_one_line(capture_file, tmp_path, small_disk, capfd):
+    path, _ = capture_file
+    disk = small_disk("1m") or (tmp_path / "ro")
+    disk.mkdir(exist_ok=True)
+    target = disk / "c.h5"
+    target.write_bytes(path.read_bytes())
+    make_read_only(disk)
+    if os.access(disk, os.W_OK):
+        pytest.skip("this user can write any folder")
+    err = _boxes_cli(target, capfd)
+    assert len(err) == 1 and "not writable" in err[0], err

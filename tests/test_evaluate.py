@@ -194,3 +194,46 @@ def test_to_markdown_without_tabulate() -> None:
     lines = evaluate.to_markdown(table, floatfmt=".2f").splitlines()
     assert lines[0] == "| condition | n | acc |"
     assert lines[2] == "| baseline | 7 | 85.71 |"
+
+
+def test_accuracy_table_wilson_intervals_and_markdown() -> None:
+    from scipy.stats import binomtest
+
+    table = evaluate.accuracy_table(_tidy(), by=["condition"], pair_set="a", intervals=True)
+    assert table.columns.tolist()[:4] == ["n", "left", "left_low", "left_high"]
+    assert table.columns.tolist()[-3:] == ["set_acc", "set_acc_low", "set_acc_high"]
+    base = table.loc["baseline"]
+    ci = binomtest(6, 7).proportion_ci(0.95, method="wilson")  # 6 of 7 correct
+    assert base["acc_low"] == pytest.approx(100 * ci.low) and base["acc_high"] == pytest.approx(100 * ci.high)
+    ci = binomtest(2, 3).proportion_ci(0.95, method="wilson")  # 2 of 3 pairs
+    assert base["pair_acc_low"] == pytest.approx(100 * ci.low)
+    assert base["acc_low"] < base["acc"] < base["acc_high"]
+    lines = evaluate.to_markdown(table[["n", "acc", "acc_low", "acc_high"]]).splitlines()
+    assert lines[0] == "| condition | n | acc |"
+    assert lines[1] == "|:---|---:|---:|"  # the interval column stays right-aligned
+    assert lines[2] == f"| baseline | 7 | 85.7 [{100 * ci_low(6, 7):.1f}, {100 * ci_high(6, 7):.1f}] |"
+
+
+def ci_low(k, n):
+    from scipy.stats import binomtest
+
+    return binomtest(k, n).proportion_ci(0.95, method="wilson").low
+
+
+def ci_high(k, n):
+    from scipy.stats import binomtest
+
+    return binomtest(k, n).proportion_ci(0.95, method="wilson").high
+
+
+def test_gold_frequency_is_table7() -> None:
+    df = pd.DataFrame({"relation": ["left", "left", "left", "on", "on"],
+                       "answer": ["Yes", "Yes", "No", "Yes", "No"]})
+    t = evaluate.gold_frequency(df)
+    assert t.index.tolist() == [("left", "Yes"), ("left", "No"), ("on", "Yes"), ("on", "No")]
+    assert t["n"].tolist() == [2, 1, 1, 1]
+    assert t.loc[("left", "Yes"), "percent"] == pytest.approx(40.0)
+    assert t.loc[("left", "Yes"), "percent_of_relation"] == pytest.approx(200 / 3)
+    assert t["percent"].sum() == pytest.approx(100.0)
+    with pytest.raises(VislensError, match="answer"):
+        evaluate.gold_frequency(df.drop(columns="answer"))

@@ -190,10 +190,10 @@ def test_entropy_hand_cases_and_scipy() -> None:
     assert ent[2, 1] == pytest.approx(entropy(attn[2, 1].ravel()))
 
 
-def test_skewness_matches_scipy_on_random_maps() -> None:
+def test_value_skewness_matches_scipy_on_random_maps() -> None:
     rng = np.random.default_rng(4)
     attn = rng.exponential(size=(4, 3, 2, 6, 6)) * 1e-3
-    sk = metrics.attention_skewness(attn)
+    sk = metrics.attention_value_skewness(attn)
     assert sk.shape == (4, 3, 2)
     expected = skew(attn.reshape(4, 3, 2, 36), axis=-1)
     np.testing.assert_allclose(sk, expected, rtol=1e-10)
@@ -201,11 +201,112 @@ def test_skewness_matches_scipy_on_random_maps() -> None:
     assert sk[0, 0, 0] == pytest.approx(skew(attn[0, 0, 0].ravel() * 7.0))
 
 
-def test_skewness_hand_case_and_undefined() -> None:
+def test_value_skewness_hand_case_and_undefined() -> None:
     # one hot cell among four: values (1, 0, 0, 0): mean 1/4, m2 = 3/16, m3 = 9/64 * 1/4 ... -> 2/sqrt(3)
-    assert metrics.attention_skewness(_map((0, 0))) == pytest.approx(2 / math.sqrt(3))
-    assert np.isnan(metrics.attention_skewness(np.full((2, 2), 0.25)))
+    assert metrics.attention_value_skewness(_map((0, 0))) == pytest.approx(2 / math.sqrt(3))
+    assert np.isnan(metrics.attention_value_skewness(np.full((2, 2), 0.25)))
+    assert np.isnan(metrics.attention_value_skewness(np.zeros((2, 2))))
+
+
+def _eq5(cells: np.ndarray) -> float:
+    """Eq. 5 written out as in the paper, by plain loops over the token index."""
+    p = cells.ravel() / cells.sum()
+    mu = sum(j * pj for j, pj in enumerate(p))
+    var = sum((j - mu) ** 2 * pj for j, pj in enumerate(p))
+    return sum((j - mu) ** 3 * pj for j, pj in enumerate(p)) / var ** 1.5
+
+
+def test_skewness_is_eq5_over_token_positions_hand_case() -> None:
+    # row-major j = 0, 1, 2, 3 with P = (.5, .25, .25, 0): mu = .75, var = .6875,
+    # third central moment = .28125 -> S = .28125 / .6875**1.5
+    a = np.array([[0.5, 0.25], [0.25, 0.0]]) * 0.3  # raw masses; normalised inside
+    assert metrics.attention_skewness(a) == pytest.approx(0.28125 / 0.6875 ** 1.5, rel=1e-12)
+    # the mirror image (mass late) has the opposite sign; a symmetric map has S = 0
+    assert metrics.attention_skewness(a[::-1, ::-1]) == pytest.approx(-0.28125 / 0.6875 ** 1.5)
+    assert abs(metrics.attention_skewness(np.full((24, 24), 0.1))) < 1e-12
+    # it is positional, not the skewness of the values: permuting cells changes it
+    assert metrics.attention_skewness(a) != pytest.approx(metrics.attention_value_skewness(a))
+
+
+def test_skewness_matches_plain_loops_on_random_maps_and_undefined() -> None:
+    rng = np.random.default_rng(8)
+    attn = rng.dirichlet(np.full(36, 0.3), size=(3, 2, 4)).reshape(3, 2, 4, 6, 6) * 0.4
+    sk = metrics.attention_skewness(attn)
+    assert sk.shape == (3, 2, 4) and sk.dtype == np.float64
+    for idx in [(0, 0, 0), (2, 1, 3), (1, 0, 2)]:
+        assert sk[idx] == pytest.approx(_eq5(attn[idx]), rel=1e-9)
+    assert np.isnan(metrics.attention_skewness(_map((1, 0), value=0.3)))  # one cell: sigma = 0
     assert np.isnan(metrics.attention_skewness(np.zeros((2, 2))))
+    # float16 storage of a 24 x 24 map, like a capture
+    big = rng.dirichlet(np.full(576, 0.2), size=2).reshape(2, 24, 24).astype(np.float16)
+    assert metrics.attention_skewness(big)[1] == pytest.approx(_eq5(big[1].astype(np.float64)), rel=1e-9)
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def test_wilson_interval_hand_values() -> None:
+    # Wilson 95% for 8/10: centre (k + z^2/2)/(n + z^2), half-width z*sqrt(p(1-p)n + z^2/4)/(n + z^2)
+    z = 1.959963984540054
+    k, n = 8, 10
+    p = k / n
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z * math.sqrt(p * (1 - p) * n + z * z / 4) / (n + z * z)
+    lo, hi = metrics.wilson_interval(k, n)
+    assert (lo, hi) == (pytest.approx(centre - half), pytest.approx(centre + half))
+    lo, hi = metrics.wilson_interval(np.array([0, 5]), np.array([5, 5]))
+    assert lo[0] == 0 and 0 < hi[0] < 1 and hi[1] == 1 and lo[1] > 0
+    assert all(np.isnan(metrics.wilson_interval(0, 0)))
+    with pytest.raises(VislensError):
+        metrics.wilson_interval(3, 2)
+
+
+def test_weighted_auroc_equals_sklearn_on_each_resample() -> None:
+    rng = np.random.default_rng(9)
+    n = 60
+    scores = np.round(rng.normal(size=n), 1)  # many ties
+    y = rng.random(n) < 0.4
+    idx = metrics.bootstrap_indices(n, 50, seed=3)
+    got = metrics.weighted_auroc(scores, y, metrics.resample_counts(idx, n))
+    for b in range(50):
+        yb = y[idx[b]]
+        want = roc_auc_score(yb, scores[idx[b]]) if 0 < yb.sum() < n else np.nan
+        assert got[b] == pytest.approx(want, rel=1e-12, nan_ok=True)
+
+
+def test_bootstrap_indices_paired_stratified_and_deterministic() -> None:
+    strata = np.array(["a"] * 5 + ["b"] * 3)
+    idx = metrics.bootstrap_indices(8, 200, seed=1, strata=strata)
+    assert idx.shape == (200, 8)
+    assert (idx[:, :5] < 5).all() and (idx[:, 5:] >= 5).all()  # group sizes kept
+    np.testing.assert_array_equal(idx, metrics.bootstrap_indices(8, 200, seed=1, strata=strata))
+    counts = metrics.resample_counts(idx, 8)
+    assert (counts.sum(axis=1) == 8).all()
+    assert counts[7, 2] == (idx[7] == 2).sum()
+
+
+def test_auroc_interval_covers_the_auroc_and_shrinks_with_n() -> None:
+    rng = np.random.default_rng(10)
+
+    def width(n):
+        y = np.arange(n) % 2 == 0
+        s = y * 0.8 + rng.normal(size=n)
+        lo, hi = metrics.auroc_interval(s, y, n_boot=400)
+        assert lo < metrics.auroc(s, y).auroc < hi
+        return hi - lo
+
+    assert width(800) < width(50)
+    assert all(np.isnan(metrics.auroc_interval(np.ones(5), np.ones(5, bool))))
+
+
+def test_per_layer_auroc_interval_columns() -> None:
+    rng = np.random.default_rng(11)
+    y = rng.random(80) < 0.5
+    s = np.stack([y + rng.normal(size=80), rng.normal(size=80)], axis=1)
+    df = metrics.per_layer_auroc(s, y, n_boot=300)
+    assert list(df.columns) == ["layer", "auroc", "n_pos", "n_neg", "auroc_low", "auroc_high"]
+    assert (df["auroc_low"] < df["auroc"]).all() and (df["auroc"] < df["auroc_high"]).all()
+    assert df.loc[0, "auroc_low"] > 0.5 > df.loc[1, "auroc_low"]
 
 
 # --------------------------------------------------------------------------- layer variance
@@ -258,11 +359,23 @@ def test_float32_maps_agree_with_float64_to_storage_precision() -> None:
         (metrics.overlap(a32, mask, reduce_heads="mean"),
          metrics.overlap(ref_in, mask.astype(np.float64), reduce_heads="mean")),
         (metrics.attention_entropy(a32), metrics.attention_entropy(ref_in)),
-        (metrics.attention_skewness(a32), metrics.attention_skewness(ref_in)),
+        (metrics.attention_value_skewness(a32), metrics.attention_value_skewness(ref_in)),
         (metrics.layer_variance(a32), metrics.layer_variance(ref_in)),
     ]
     for got, ref in pairs:
         assert got.dtype == np.float64 and got.shape == ref.shape
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-9)
     assert np.isnan(pairs[0][0][0, 0, 0]) and np.isnan(pairs[2][0][0, 0, 0])
+    # Eq. 5 skewness: float32 sums, with rows at risk of cancellation redone in float64;
+    # absolute error far below float16 storage, also for maps piled on a few edge cells
+    focused = np.full((400, 24, 24), 1e-6)
+    rng2 = np.random.default_rng(12)
+    focused.reshape(400, -1)[np.arange(400), rng2.integers(0, 576, 400)] = 0.3
+    focused.reshape(400, -1)[np.arange(200), rng2.integers(0, 576, 200)] += 0.01
+    for maps in (a64, focused):
+        got = metrics.attention_skewness(maps.astype(np.float32))
+        ref = metrics.attention_skewness(maps.astype(np.float32).astype(np.float64))
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, ref, rtol=0, atol=5e-4)
+        assert np.isnan(got).tolist() == np.isnan(ref).tolist()
     assert metrics.normalize_maps(a32).dtype == np.float32

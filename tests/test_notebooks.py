@@ -15,7 +15,7 @@ jupytext = pytest.importorskip("jupytext")
 nbclient = pytest.importorskip("nbclient")
 
 try:  # tests/ is on sys.path with pytest's default import mode
-    from test_plots import FOCUS_LAYER, make_capture
+    from test_plots import L, make_capture
 except ImportError:  # --import-mode=importlib
     import importlib.util
 
@@ -23,20 +23,24 @@ except ImportError:  # --import-mode=importlib
                                                    Path(__file__).with_name("test_plots.py"))
     _mod = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_mod)
-    FOCUS_LAYER, make_capture = _mod.FOCUS_LAYER, _mod.make_capture
+    L, make_capture = _mod.L, _mod.make_capture
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_attention_share", "02_focus_and_auroc", "03_scaling_and_confidence",
          "04_before_after_intervention"]
+# the paper's layers at the synthetic model's depth, computed here by hand: round(l * L / 32)
+# for the paper's layer 17 (Figs. 5, 9, 10, 14) and 14 (Fig. 26) of 32
+LAYER17, LAYER14 = round(17 * L / 32), round(14 * L / 32)
+assert (L, LAYER17, LAYER14) == (5, 3, 2)
 # figures each notebook must write on the synthetic capture (every figure is supported there)
 EXPECTED = {
     "01_attention_share": ["fig03_attention_share.png", "fig04_add_constant_accuracy.png"],
-    "02_focus_and_auroc": [f"fig05_heatmaps_layer{FOCUS_LAYER}.png", "fig06_overlap_roc.png",
-                           "fig07_variance_and_auroc.png", f"fig14_entropy_skewness_layer{FOCUS_LAYER}.png"],
+    "02_focus_and_auroc": [f"fig05_heatmaps_layer{LAYER17}.png", "fig06_overlap_roc.png",
+                           "fig07_variance_and_auroc.png", f"fig14_entropy_skewness_layer{LAYER17}.png"],
     "03_scaling_and_confidence": ["fig08_scaling_sweep.png", "fig15_confidence_by_relation.png"],
-    "04_before_after_intervention": [f"fig09_smoothing_layer{FOCUS_LAYER}.png",
-                                     f"fig10_sharpening_layer{FOCUS_LAYER}.png",
-                                     f"fig26_log_attention_layer{FOCUS_LAYER}.png"],
+    "04_before_after_intervention": [f"fig09_smoothing_layer{LAYER17}.png",
+                                     f"fig10_sharpening_layer{LAYER17}.png",
+                                     f"fig26_log_attention_layer{LAYER14}.png"],
 }
 
 
@@ -86,6 +90,9 @@ def test_notebook_runs(name, capture, tmp_path, monkeypatch):
     assert written == sorted(EXPECTED[name])
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "skipped" not in text
+    if name in ("02_focus_and_auroc", "04_before_after_intervention"):  # says which layers
+        assert (f"the paper's layers at this model's depth ({L} layers): Figs. 5, 9, 10, 14 layer "
+                f"{LAYER17}") in text
     for p in out.iterdir():
         assert p.stat().st_size > 5000
 

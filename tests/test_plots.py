@@ -7,17 +7,18 @@ ones elsewhere, so AUROC, ROC and the before/after figures have a known answer.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+
+from vislens.io import MARKER
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 from vislens import figures, plots  # noqa: E402
 from vislens.boxes import box_mask  # noqa: E402
+from vislens.conditions import Condition, ConditionResult, parse_condition  # noqa: E402
 from vislens.data.base import Box, Sample  # noqa: E402
 from vislens.errors import VislensError  # noqa: E402
 from vislens.store import CaptureWriter, open_capture  # noqa: E402
@@ -30,43 +31,13 @@ OPTIONS = ["Left", "Right", "On", "Under"]
 ALL_CONDITIONS = ("baseline", "scaling:0.5", "scaling:2", "add:-1", "add:1", "adaptvis")
 
 
-@dataclass(frozen=True)
-class Cond:
-    name: str
-    method: str
-    params: tuple = ()
-
-    def attrs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "spec": self.name}
-        out.update(dict(self.params))
-        return out
-
-
-def _cond(spec: str) -> Cond:
-    if spec == "baseline":
-        return Cond("baseline", "baseline")
+def _cond(spec: str) -> Condition:
+    """``scaling:0.5`` / ``add:-1`` / ``adaptvis`` / ``baseline`` -> the real condition."""
     if spec == "adaptvis":
-        return Cond("adaptvis", "adaptvis", (("alpha1", 0.5), ("alpha2", 2.0), ("beta", 0.5)))
-    method, value = spec.split(":")
-    v = float(value)
-    if method == "scaling":
-        return Cond(f"scaling-{v:g}", "scaling", (("alpha", v),))
-    return Cond(f"add{v:+g}", "add", (("delta", v),))
-
-
-@dataclass
-class Result:
-    text: str
-    first_token: int
-    confidence: float
-    option_probs: np.ndarray
-    alpha_used: float
-    image_attention: np.ndarray | None = None
-    image_mass: np.ndarray | None = None
-    text_mass: np.ndarray | None = None
-    n_image_tokens: int = G * G
-    n_text_tokens: int = 20
-    extras: dict = field(default_factory=dict)
+        return parse_condition("adaptvis:alpha1=0.5,alpha2=2,beta=0.5")
+    method, _, value = spec.partition(":")
+    key = {"scaling": "alpha", "add": "delta"}.get(method)
+    return parse_condition(f"{method}:{key}={value}" if key else method)
 
 
 def _boxes(rel: str, rng: np.random.Generator) -> list[Box]:
@@ -125,7 +96,7 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
     flip = rng.random((len(conds), n)) < 0.25
     conf = np.where(correct, 0.55 + 0.4 * rng.random(n), 0.25 + 0.4 * rng.random(n))
 
-    def result(i: int, k: int, c: Cond) -> tuple[Result, bool]:
+    def result(i: int, k: int, c: Condition) -> tuple[ConditionResult, bool]:
         p = dict(c.params)
         alpha = p.get("alpha", 1.0) if c.method == "scaling" else 1.0
         delta = p.get("delta", 0.0) if c.method == "add" else 0.0
@@ -137,7 +108,7 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
         pred = gold if ok else (gold + 1) % 4
         probs = np.full(4, 0.05, np.float32)
         probs[pred] = conf[i]
-        r = Result(text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
+        r = ConditionResult(n_image_tokens=G * G, n_text_tokens=20, text=OPTIONS[pred], first_token=pred, confidence=float(conf[i]) * (0.8 + 0.4 * alpha / 2),
                    option_probs=probs, alpha_used=alpha, image_attention=(w * mass[..., None, None]).astype(np.float32),
                    image_mass=mass.astype(np.float32), text_mass=(1 - mass).astype(np.float32))
         if not tokens:
@@ -326,9 +297,11 @@ def test_scaling_sweep(caps):
     ax, bx = _axes(fig)
     assert ax.get_xscale() == "log" and "α" in ax.get_xlabel()
     assert "accuracy" in ax.get_ylabel() and "confidence" in bx.get_ylabel()
-    data_lines = [ln for ln in ax.lines if len(ln.get_xdata()) == 3]
+    data_lines = [ln for ln in ax.lines if len(ln.get_xdata()) == 3 and ln.get_linestyle() != "None"]
     assert len(data_lines) == 1 + len(RELATIONS)  # all + one per relation
     assert np.allclose(data_lines[0].get_xdata(), [0.5, 1, 2])
+    # relation lines are nudged sideways (their error bars must not overlap), by < 5%
+    assert all(np.allclose(ln.get_xdata(), [0.5, 1, 2], rtol=0.05) for ln in data_lines[1:])
     assert "AdaptVis" in _texts(fig)
 
 
@@ -424,19 +397,24 @@ def test_single_class_still_draws_what_it_can(caps):
 
 
 def test_write_figures_all(caps, tmp_path):
+    from vislens.analysis import paper_layer
+
     notes: list[str] = []
     paths = figures.write_figures(caps["full"], tmp_path / "figs", log=notes.append)
     names = sorted(p.name for p in paths)
-    lay = FOCUS_LAYER
+    lay, lay26 = paper_layer(17, L), paper_layer(14, L)  # the paper's layers at this depth
+    assert (lay, lay26) == (3, 2)
     assert names == sorted([
         "fig03_attention_share.png", "fig04_add_constant_accuracy.png", f"fig05_heatmaps_layer{lay}.png",
         "fig06_overlap_roc.png", "fig07_variance_and_auroc.png", "fig08_scaling_sweep.png",
         f"fig09_smoothing_layer{lay}.png", f"fig10_sharpening_layer{lay}.png",
         f"fig14_entropy_skewness_layer{lay}.png", "fig15_confidence_by_relation.png",
-        f"fig26_log_attention_layer{lay}.png"])
+        f"fig26_log_attention_layer{lay26}.png"])
     for p in paths:
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
-    assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (layer {lay})"]
+    assert notes == [f"wrote 11 figure(s) to {tmp_path / 'figs'} (the paper's layers at this "
+                     f"model's depth ({L} layers): Figs. 5, 9, 10, 14 layer 3, Fig. 6 layers 3, "
+                     f"Fig. 26 layer 2)"]
 
 
 def test_write_figures_skips_what_is_missing(caps, tmp_path):
@@ -444,17 +422,18 @@ def test_write_figures_skips_what_is_missing(caps, tmp_path):
     paths = figures.write_figures(caps["bare"], tmp_path, log=notes.append)
     skipped = {n.split(":")[0] for n in notes if n.startswith("skipped")}
     assert skipped == {"skipped fig04_add_constant_accuracy", "skipped fig06_overlap_roc",
-                       "skipped fig09_smoothing_layer2"}
+                       "skipped fig09_smoothing_layer3"}
     assert all("\n" not in n for n in notes)
-    assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer2.png",
-                                       "fig10_sharpening_layer2.png", "fig26_log_attention_layer2.png"}
+    assert {p.name for p in paths} >= {"fig03_attention_share.png", "fig05_heatmaps_layer3.png",
+                                       "fig10_sharpening_layer3.png", "fig26_log_attention_layer2.png"}
 
 
 def test_main_cli(caps, tmp_path, capsys):
     out = tmp_path / "pdf"
     assert figures.main([str(caps["full"]), "--out", str(out), "--layer", "1", "--format", "pdf",
                          "--only", "3,5"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["fig03_attention_share.pdf", "fig05_heatmaps_layer1.pdf"]
+    assert sorted(p.name for p in out.iterdir() if p.name != MARKER) == ["fig03_attention_share.pdf",
+                                                                          "fig05_heatmaps_layer1.pdf"]
     assert (out / "fig03_attention_share.pdf").read_bytes()[:4] == b"%PDF"
     assert figures.main([str(tmp_path / "missing.h5"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -470,7 +449,9 @@ def test_add_arguments_parses_subcommand():
     sub = p.add_subparsers()
     figures.add_arguments(sub.add_parser("figures"))
     args = p.parse_args(["figures", "x.h5", "--out", "o", "--layer", "17", "--format", "pdf"])
-    assert (args.file, args.out, args.layer, args.format, args.only) == ("x.h5", "o", 17, "pdf", None)
+    assert (args.file, args.out, args.layer, args.format, args.only) == (["x.h5"], "o", 17, "pdf", None)
+    args = p.parse_args(["figures", "a.h5", "b.h5", "--phrase-stats", "p.csv"])
+    assert args.file == ["a.h5", "b.h5"] and args.phrase_stats == "p.csv"
 
 
 def test_resolve_paths(caps, tmp_path, monkeypatch):
@@ -513,3 +494,236 @@ def test_a_registered_figure_needs_no_other_edit(caps, tmp_path, monkeypatch):
     assert "26,99" in parser.format_help().replace("\n", "").replace(" ", "")
     with pytest.raises(VislensError, match=r"no figure 98 \(vislens draws figures 3, 4, .*26, 99\)"):
         figures.write_figures(caps["bare"], tmp_path, only=[98])
+
+
+# ----------------------------------------------------------------------------- readability
+
+
+def _wilson_by_hand(k: int, n: int) -> tuple[float, float]:
+    """The Wilson score interval from its formula (not scipy's binomtest), in %."""
+    from scipy.stats import norm
+
+    z = norm.ppf(0.975)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def _errorbar_ranges(container) -> np.ndarray:
+    """``[n, 2]`` (low, high) of an errorbar container's vertical bars."""
+    segs = container.lines[2][0].get_segments()
+    return np.array([[s[:, 1].min(), s[:, 1].max()] for s in segs])
+
+
+def test_accuracy_interval_is_wilson():
+    for k, n in ((0, 7), (3, 7), (7, 7), (41, 57)):
+        acc, lo, hi, nn = plots.accuracy_interval(np.arange(n) < k)
+        assert nn == n and acc == pytest.approx(100 * k / n)
+        assert (lo, hi) == pytest.approx(_wilson_by_hand(k, n), rel=1e-9, abs=1e-9)
+    assert np.isnan(plots.accuracy_interval([])[0])
+
+
+def test_add_constant_accuracy_wilson_bars(caps):
+    """Fig. 4's error bars are the (asymmetric) Wilson interval of each condition's accuracy."""
+    fig = plots.add_constant_accuracy(caps["full"])
+    (ax,) = _axes(fig)
+    with open_capture(caps["full"]) as cap:
+        tab = cap.table()
+    by_delta = {-1.0: "add-1", 0.0: "baseline", 1.0: "add+1"}
+    line = ax.containers[0]
+    x = np.asarray(line.lines[0].get_xdata())
+    ranges = _errorbar_ranges(line)
+    for xi, (lo, hi) in zip(x, ranges):
+        c = tab.loc[tab["condition"] == by_delta[round(float(np.log(xi)))], "correct"]
+        assert (lo, hi) == pytest.approx(_wilson_by_hand(int(c.sum()), len(c)), rel=1e-6)
+    assert ax.get_ylim()[0] < 0 and ax.get_ylim()[1] > 100  # 0% and 100% stay visible
+
+
+def test_scaling_sweep_wilson_and_margins(caps):
+    fig = plots.scaling_sweep(caps["full"])
+    ax, bx = _axes(fig)
+    for a in (ax, bx):
+        lo, hi = a.get_ylim()
+        assert lo < 0 and hi > 100, "lines at 0% and 100% must not sit on the frame"
+    with open_capture(caps["full"]) as cap:
+        tab = cap.table()
+    alpha = {"scaling-0.5": 0.5, "baseline": 1.0, "scaling-2": 2.0}
+    # overall band: its polygon's top/bottom at each alpha are the Wilson bounds
+    band = next(c for c in ax.collections if "Wilson" in str(c.get_label()))
+    verts = band.get_paths()[0].vertices
+    for cond, a in alpha.items():
+        c = tab.loc[tab["condition"] == cond, "correct"]
+        ys = verts[np.isclose(verts[:, 0], a), 1]
+        assert (ys.min(), ys.max()) == pytest.approx(_wilson_by_hand(int(c.sum()), len(c)), rel=1e-6)
+    # per-relation error bars
+    rel = "under"
+    cont = next(c for c in ax.containers if str(c.get_label()).startswith(f"{rel} "))
+    got = _errorbar_ranges(cont)
+    for (lo, hi), cond in zip(got, ["scaling-0.5", "baseline", "scaling-2"]):
+        c = tab.loc[(tab["condition"] == cond) & (tab["relation"] == rel), "correct"]
+        assert (lo, hi) == pytest.approx(_wilson_by_hand(int(c.sum()), len(c)), rel=1e-6)
+
+
+def test_confidence_boxes_clear_the_frame(caps):
+    (ax,) = _axes(plots.confidence_by_relation(caps["full"]))
+    assert ax.get_ylim()[0] < 0 and ax.get_ylim()[1] > 100
+
+
+def test_heatmap_overlay_pixels(caps):
+    """A cell with no object: the pixel is the overlay colour of the known map value over the
+    faint grey image, composited with the overlay's opacity (an object cannot darken a cell
+    by more than (1 - alpha) * UNDERLAY_CONTRAST)."""
+    import matplotlib as mpl
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    row = 5
+    fig = plots.attention_heatmaps(caps["full"], FOCUS_LAYER, rows={"correct": [row]})
+    ax = _axes(fig)[0]
+    underlay, heat = ax.get_images()
+    with open_capture(caps["full"]) as cap:
+        attn = cap.attention("baseline", rows=[row], layers=[FOCUS_LAYER])[0, 0]
+        image_path = cap.samples.iloc[row]["image_path"]
+    amap = attn.mean(axis=0) / attn.mean(axis=0).sum() * 100  # head mean, % of image attention
+    assert np.allclose(heat.get_array(), amap, rtol=1e-5)
+    grey = np.asarray(Image.open(image_path).convert("L"), dtype=float) / 255
+    bg = grey[-1, -1]  # the background in the bottom-right cell (no object there)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    buf = np.asarray(canvas.buffer_rgba(), dtype=float)[..., :3] / 255
+    cell = W_IMG / G, H_IMG / G
+    x, y = ax.transData.transform(((G - 0.5) * cell[0], (G - 0.5) * cell[1]))
+    pixel = buf[int(round(buf.shape[0] - y)), int(round(x))]
+    rgb = np.array(mpl.colormaps[plots.CMAP](heat.norm(amap[-1, -1]))[:3])
+    faint = 1 - plots.UNDERLAY_CONTRAST * (1 - bg)
+    expected = plots.OVERLAY_ALPHA * rgb + (1 - plots.OVERLAY_ALPHA) * faint
+    assert pixel == pytest.approx(expected, abs=2.5 / 255)
+    assert np.allclose(plots.faint_image(np.array([0.0, 1.0])), [1 - plots.UNDERLAY_CONTRAST, 1.0])
+
+
+def test_dataset_labels():
+    cases = {"jsonl:/tmp/x/scenes/controlled_a.jsonl": "Controlled_A", "whatsup:coco_two": "COCO_two",
+             "vsr:test": "VSR test", "jsonl:my/questions.jsonl": "questions", "synthetic": "synthetic"}
+    for spec, want in cases.items():
+        assert plots.dataset_label(spec) == want
+    assert plots.dataset_label("", "/a/run7.h5") == "run7"
+    assert plots.relation_group("on top of") == "On etc" and plots.relation_group("Under") == "Under etc"
+    assert plots.relation_group("in front of") == "front" and plots.relation_group("near") == "other"
+
+
+@pytest.fixture(scope="module")
+def subsets(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("subsets")
+    return [make_capture(root / "a.h5", n=12, conditions=("baseline",), seed=1,
+                         attrs={"dataset": f"jsonl:{root}/scenes/controlled_a.jsonl"}),
+            make_capture(root / "b.h5", n=16, conditions=("baseline",), seed=2,
+                         attrs={"dataset": "whatsup:coco_one"})]
+
+
+def _eq4_eq5_by_hand(attn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[n, H, G, G] -> per-sample head means of scipy's entropy and Eq. 5 by its formula."""
+    from scipy.stats import entropy
+
+    p = attn.reshape(attn.shape[0], attn.shape[1], -1).astype(float)
+    p /= p.sum(-1, keepdims=True)
+    ent = entropy(p, axis=-1)
+    j = np.arange(p.shape[-1])
+    mu = (p * j).sum(-1, keepdims=True)
+    sd = np.sqrt((p * (j - mu) ** 2).sum(-1))
+    skew = (p * (j - mu) ** 3).sum(-1) / sd ** 3
+    return ent.mean(-1), skew.mean(-1)
+
+
+def test_subset_entropy_skewness_matches_per_file_means(subsets):
+    fig = plots.subset_entropy_skewness(subsets, FOCUS_LAYER)
+    ax, bx = _axes(fig)
+    assert "Eq. 5" in bx.get_ylabel() and "positional skewness" in bx.get_ylabel()
+    assert "Eq. 4" in ax.get_ylabel()
+    ticks = [t.get_text() for t in bx.get_xticklabels()]
+    assert ticks[0].startswith("Controlled_A\n") and ticks[1].startswith("COCO_one\n")
+    assert "jsonl:" not in _texts(fig)
+    ent_means = next(ln for ln in ax.lines if ln.get_label() == "mean").get_ydata()
+    skew_means = next(ln for ln in bx.lines if ln.get_label() == "mean").get_ydata()
+    for i, path in enumerate(subsets):
+        with open_capture(path) as cap:
+            attn = cap.attention("baseline", layers=[FOCUS_LAYER])[:, 0]
+            correct = cap.table(conditions=["baseline"])["correct"].to_numpy(bool)
+        ent, skew = _eq4_eq5_by_hand(attn)
+        assert ent_means[i] == pytest.approx(ent.mean(), rel=1e-4)
+        assert skew_means[i] == pytest.approx(skew.mean(), rel=1e-3)
+        lo, hi = _wilson_by_hand(int(correct.sum()), correct.size)
+        assert f"{100 * correct.mean():.0f}% [{lo:.0f}-{hi:.0f}]" in ticks[i]
+
+
+def test_subset_figures_refuse_mixed_depths(subsets, tmp_path):
+    other = make_capture(tmp_path / "deep.h5", n=4, conditions=("baseline",))
+    from vislens.analysis import all_stats
+
+    st = all_stats(other)[0]
+    st.entropy = np.zeros((st.entropy.shape[0], L + 1))
+    st.image_mass = np.zeros((st.image_mass.shape[0], L + 1))
+    with pytest.raises(VislensError, match="different depth"):
+        plots.subset_entropy_skewness({"a": subsets[0], "deep": st})
+
+
+def test_relation_familiarity(subsets, tmp_path):
+    phr = tmp_path / "phrases.csv"
+    phr.write_text("relation,occurrences,records,percent\nleft,30,3,50\nright,20,2,33.3\non,6,1,10\n"
+                   "under,4,1,6.7\n")
+    fig = plots.relation_familiarity(subsets, phr)
+    ax, px, hx = _axes(fig)
+    # right: mean baseline confidence per relation group x subset, by hand
+    heat = np.ma.filled(hx.get_images()[0].get_array(), np.nan)
+    groups = [t.get_text() for t in hx.get_yticklabels()]
+    assert groups == ["left", "right", "On etc", "Under etc"]
+    for c, path in enumerate(subsets):
+        with open_capture(path) as cap:
+            t = cap.table(conditions=["baseline"])
+        for r, rel in enumerate(["left", "right", "on", "under"]):
+            want = 100 * t.loc[t["relation"] == rel, "confidence"].mean()
+            assert heat[r, c] == pytest.approx(want, rel=1e-6)  # float32 confidences
+    # middle: the phrase counts as given
+    assert [b.get_height() for b in px.patches] == [30, 20, 6, 4]
+    assert [t.get_text() for t in px.get_xticklabels()] == ["left", "right", "On etc", "Under etc"]
+    # left: each subset's label distribution (4 relations, equally often)
+    heights = np.array([b.get_height() for b in ax.patches])
+    assert np.allclose(heights, 25.0)
+    # without phrase counts the middle panel says what to pass
+    fig = plots.relation_familiarity(subsets)
+    assert "--phrase-stats" in " ".join(_texts(fig).split())
+
+
+def test_read_phrase_stats_formats_and_errors(tmp_path):
+    import json
+
+    (tmp_path / "a.json").write_text(json.dumps({"left": 5, "on": {"occurrences": 2}}))
+    assert plots.read_phrase_stats(tmp_path / "a.json")["occurrences"].to_dict() == {"left": 5, "on": 2}
+    (tmp_path / "b.json").write_text(json.dumps([{"relation": "under", "occurrences": 3}]))
+    assert plots.read_phrase_stats(tmp_path / "b.json").loc["under", "occurrences"] == 3
+    (tmp_path / "bad.csv").write_text("relation,count\nleft,3\n")
+    for path, text in ((tmp_path / "bad.csv", "needs columns 'relation' and 'occurrences'"),
+                       (tmp_path / "none.csv", "no such phrase-stats file")):
+        with pytest.raises(VislensError, match=text) as info:
+            plots.read_phrase_stats(path)
+        assert "\n" not in str(info.value)
+
+
+def test_write_figures_compares_subsets(subsets, tmp_path, capsys):
+    from vislens.phrases import phrase_stats
+
+    phr = tmp_path / "phrases.csv"
+    phrase_stats(["the cup is on the left of the bowl, under the lamp"]).to_csv(phr)
+    notes: list[str] = []
+    paths = figures.write_figures(subsets, tmp_path / "f", only=[14, 15], phrase_stats=phr,
+                                  log=notes.append)
+    assert sorted(p.name for p in paths) == ["fig14_entropy_skewness_layer3.png",
+                                             "fig15_confidence_by_relation.png"]
+    assert notes[0].startswith("comparing 2 subsets in the cross-subset figures: Controlled_A, "
+                               "COCO_one; the other figures are drawn from Controlled_A")
+    out = tmp_path / "cli"
+    assert figures.main([str(subsets[0]), str(subsets[1]), "--out", str(out), "--only", "15",
+                         "--phrase-stats", str(tmp_path / "missing.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.csv" in err[0]
+    assert figures.main([str(subsets[0]), str(subsets[1]), "--out", str(out), "--only", "14"]) == 0

@@ -1,8 +1,6 @@
 """Streaming analysis and ``vislens report`` on a synthetic capture whose answer is known."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,14 +8,15 @@ from sklearn.metrics import roc_auc_score
 
 from vislens.analysis import all_stats
 from vislens.data.base import Box, Sample
-from vislens.decoding import parse_condition
+from vislens.conditions import ConditionResult, parse_condition
 from vislens.store import CaptureWriter, open_capture
 
 L, H, G, N = 3, 2, 6, 40
 
 
 def _write_capture(path, *, n_done: int = N, seed: int = 0):
-    """Layer 1 attends to the objects exactly when the answer is right; layers 0, 2 are noise.
+    """Layer 1 attends to the objects exactly when the answer is right, layer 2 exactly when it
+    is wrong (an inverted layer); layer 0 is noise. Every third sample is a validation one.
 
     Only the first ``n_done`` samples are written; with fewer than ``N`` the working file is
     left unfinished (as a killed or still running capture leaves it).
@@ -29,7 +28,8 @@ def _write_capture(path, *, n_done: int = N, seed: int = 0):
         masks[i, r:r + 2, c:c + 2] = 1
         boxes.append([Box("a", (c * 8.0, r * 8.0, c * 8.0 + 16, r * 8.0 + 16))])
         samples.append(Sample(id=f"s{i}", image_path="", question="Where is the a in relation to the b?",
-                              options=["Left", "Right"], answer="Left", relation=["left", "right"][i % 2]))
+                              options=["Left", "Right"], answer="Left", relation=["left", "right"][i % 2],
+                              split="val" if i % 3 == 0 else "test"))
     correct = rng.random(N) < 0.5
     correct[:2] = [True, False]
     conds = [parse_condition("baseline"), parse_condition("scaling:alpha=2")]
@@ -39,11 +39,12 @@ def _write_capture(path, *, n_done: int = N, seed: int = 0):
     truth = {}
     for i in range(n_done):
         attn = rng.dirichlet(np.ones(G * G), size=(L, H)).reshape(L, H, G, G) * 0.4
-        if correct[i]:
-            attn[1] = 0.2 * attn[1] + 0.8 * 0.4 * masks[i] / masks[i].sum()
+        focus = 1 if correct[i] else 2
+        attn[focus] = 0.2 * attn[focus] + 0.8 * 0.4 * masks[i] / masks[i].sum()
         res = {}
         for c in ("baseline", "scaling-2"):
-            res[c] = SimpleNamespace(text="Left" if correct[i] else "Right", confidence=0.5 + 0.4 * correct[i],
+            res[c] = ConditionResult(text="Left" if correct[i] else "Right", first_token=0,
+                                     confidence=0.5 + 0.4 * correct[i],
                                      option_probs=np.array([0.5, 0.5]), alpha_used=1.0,
                                      image_attention=attn.astype(np.float16),
                                      image_mass=np.full((L, H), 0.4, np.float32),
@@ -88,7 +89,9 @@ def test_report_files_and_auroc(capture, tmp_path):
               "attention_by_layer.csv", "calibration.csv", "report.md"):
         assert (out / f).exists() and (out / f).stat().st_size > 0, f
     df = pd.read_csv(out / "per_layer_auroc.csv")
-    assert list(df.columns) == ["condition", "layer", "auroc", "n_pos", "n_neg"]
+    assert list(df.columns) == ["condition", "layer", "auroc", "n_pos", "n_neg", "auroc_low",
+                                "auroc_high"]
+    assert (df["auroc_low"] <= df["auroc"]).all() and (df["auroc"] <= df["auroc_high"]).all()
     for layer in range(L):
         scores = [plain_overlap(truth[i], masks[i])[layer] for i in range(N)]
         row = df[(df.condition == "baseline") & (df.layer == layer)].iloc[0]
@@ -98,6 +101,41 @@ def test_report_files_and_auroc(capture, tmp_path):
     assert best.layer == 1 and best.auroc > 0.95
     md = (out / "report.md").read_text()
     assert "layer 1" in md and "baseline" in md
+    # the validation-chosen layer, scored on the test samples only, apart from the maximum
+    val, test = np.arange(N) % 3 == 0, np.arange(N) % 3 != 0
+    test_auroc = roc_auc_score(correct[test], [plain_overlap(truth[i], masks[i])[1]
+                                               for i in np.flatnonzero(test)])
+    assert f"validation split: **layer 1**" in md
+    assert f"test AUROC **{test_auroc:.3f}**" in md and f"({test.sum()} test samples)" in md
+    assert "maximum over layers (layer chosen and scored on the same samples" in md
+    inv = df[(df.condition == "baseline") & (df.layer == 2)].iloc[0]
+    assert inv.auroc < 0.05
+    assert inv.auroc_high < 0.5
+    assert f"inverted layers (AUROC < 0.5" in md and f"**layer 2: {inv.auroc:.3f}**" in md
+
+
+def _eq4_eq5(cells):
+    p = cells.ravel() / cells.sum()
+    j = np.arange(p.size)
+    mu = (j * p).sum()
+    sd = np.sqrt(((j - mu) ** 2 * p).sum())
+    nz = p[p > 0]
+    return -(nz * np.log(nz)).sum(), ((j - mu) ** 3 * p).sum() / sd ** 3
+
+
+def test_attention_stats_csv_is_per_head_eq4_eq5_averaged(capture, tmp_path):
+    from vislens.report import write_report
+
+    path, truth, masks, correct = capture
+    write_report(path, tmp_path / "r", conditions=["baseline"], chunk=16)
+    df = pd.read_csv(tmp_path / "r" / "attention_stats.csv")
+    assert list(df.columns) == ["condition", "sample_id", "layer", "entropy", "skewness"]
+    assert len(df) == N * L and set(df["condition"]) == {"baseline"}
+    for i, layer in [(0, 0), (7, 1), (31, 2)]:
+        row = df[(df.sample_id == f"s{i}") & (df.layer == layer)].iloc[0]
+        per_head = np.array([_eq4_eq5(truth[i][layer, h]) for h in range(H)])
+        assert row.entropy == pytest.approx(per_head[:, 0].mean(), rel=1e-5)
+        assert row.skewness == pytest.approx(per_head[:, 1].mean(), rel=1e-5)
 
 
 def test_undefined_auroc_reported_as_nan(tmp_path):
@@ -199,3 +237,37 @@ def test_partly_matched_boxes_say_how_many_samples_count(tmp_path):
     scores = [plain_overlap(truth[i], masks[i])[1] for i in np.flatnonzero(keep)]
     assert row.auroc == pytest.approx(roc_auc_score(correct[keep], scores), rel=1e-9)
     assert (row.n_pos, row.n_neg) == (correct[keep].sum(), (~correct[keep]).sum())
+def test_evaluate_capture_table7_and_intervals(capture, tmp_path):
+    from vislens.evaluate import evaluate_capture
+
+    path, truth, masks, correct = capture
+    tables = evaluate_capture(path, tmp_path / "e")
+    gold = tables["gold_frequency"]
+    assert gold.loc[("left", "Left"), "n"] == N // 2 and gold.loc[("right", "Left"), "n"] == N // 2
+    assert gold.loc[("right", "Left"), "percent_of_relation"] == pytest.approx(100.0)
+    assert (tmp_path / "e" / "gold_frequency.csv").exists()
+    acc = tables["accuracy"]
+    row = acc[acc["matcher"] == "first-word"].loc["baseline"]
+    assert row["acc_low"] < row["acc"] < row["acc_high"]
+
+
+def test_figures_layer_defaults_and_validation_choice(capture, tmp_path):
+    """Per-layer figures default to the paper's layers at this depth; --layer best is chosen
+    on the validation samples and Figure 6 is then drawn on the test samples."""
+    from vislens import figures
+
+    path, truth, masks, correct = capture
+    notes: list[str] = []
+    paths = figures.write_figures(path, tmp_path / "a", only=[5, 26], log=notes.append)
+    # 3 layers: paper layer 17 of 32 -> round(17 * 3 / 32) = 2; 14 of 32 -> 1
+    assert sorted(p.name for p in paths) == ["fig05_heatmaps_layer2.png", "fig26_log_attention_layer1.png"]
+    assert "the paper's layers" in notes[-1]
+    notes.clear()
+    paths = figures.write_figures(path, tmp_path / "b", layer="best", only=[5, 6], log=notes.append)
+    assert sorted(p.name for p in paths) == ["fig05_heatmaps_layer1.png", "fig06_overlap_roc.png"]
+    test = np.arange(N) % 3 != 0
+    want = roc_auc_score(correct[test], [plain_overlap(truth[i], masks[i])[1] for i in np.flatnonzero(test)])
+    assert f"{test.sum()} test samples, AUROC {want:.3f}" in notes[-1]
+    assert figures.main([str(path), "--out", str(tmp_path / "c"), "--layer", "best", "--only", "6"]) == 0
+    with pytest.raises(SystemExit):  # argparse: usage and exit status 2
+        figures.main([str(path), "--out", str(tmp_path / "c"), "--layer", "top"])

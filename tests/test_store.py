@@ -5,21 +5,22 @@ back can be checked exactly against a fresh regeneration.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 
+from vislens.conditions import Condition, ConditionResult
 from vislens.data.base import Box, Sample
 from vislens.errors import VislensError
 from vislens.store import (FORMAT, FORMAT_VERSION, PREDICTION_BYTES, CaptureWriter, merge,
@@ -30,40 +31,8 @@ L, H, G, K = 2, 2, 4, 3
 SEED = 20250
 
 
-@dataclass(frozen=True)
-class FakeCondition:
-    """Stands in for decoding.Condition (which imports torch) in the kill-test child."""
-
-    name: str
-    method: str
-    params: tuple[tuple[str, float], ...] = ()
-    layers: tuple[int, ...] | None = None
-
-    def attrs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": self.method, "spec": f"{self.method}:{self.params}"}
-        out.update(dict(self.params))
-        if self.layers is not None:
-            out["layers"] = list(self.layers)
-        return out
-
-
-@dataclass
-class FakeResult:
-    """Same fields as decoding.ConditionResult."""
-
-    text: str
-    first_token: int
-    confidence: float
-    option_probs: np.ndarray
-    alpha_used: float
-    image_attention: np.ndarray | None = None
-    image_mass: np.ndarray | None = None
-    text_mass: np.ndarray | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-CONDS = (FakeCondition("baseline", "baseline"),
-         FakeCondition("scaling-0.5", "scaling", (("alpha", 0.5),), layers=(0, 1)))
+CONDS = (Condition("baseline", "baseline"),
+         Condition("scaling-0.5", "scaling", (("alpha", 0.5),), layers=(0, 1)))
 OPTIONS = ["Left", "Right", "On"]
 ATTRS = {"model": "tiny/llava", "model_revision": "abc", "dataset": "synthetic",
          "max_new_tokens": 4, "matcher": "paper"}
@@ -77,12 +46,12 @@ def make_samples(n: int, offset: int = 0) -> list[Sample]:
             for i in range(offset, offset + n)]
 
 
-def gen(row: int, ci: int) -> FakeResult:
+def gen(row: int, ci: int) -> ConditionResult:
     """The deterministic result of dataset position ``row`` under condition ``ci``."""
     rng = np.random.default_rng([SEED, row, ci])
     nopt = 2 + row % 2
     probs = rng.dirichlet(np.ones(nopt)).astype(np.float32)
-    return FakeResult(
+    return ConditionResult(
         text=f"answer {row}/{ci} " + "é" * (row % 4),
         first_token=row,
         confidence=float(probs.max()),
@@ -193,7 +162,7 @@ def test_shard_path():
 
 
 def test_float16_conversion_is_exact():
-    from vislens.store import _to_f16
+    from vislens.store.format import to_f16
 
     rng = np.random.default_rng(0)
     edge = np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519, 65520, 1e10, -1e-8, 2.0**-14,
@@ -203,9 +172,9 @@ def test_float16_conversion_is_exact():
                                   * 10.0 ** rng.uniform(-12, 6, 100_000)).astype(np.float32)])
     with np.errstate(all="ignore"):
         ref = vals.astype(np.float16)
-    np.testing.assert_array_equal(_to_f16(vals).view(np.uint16), ref.view(np.uint16))
-    assert np.isnan(_to_f16(np.array([np.nan, -np.nan], np.float32))).all()
-    assert _to_f16(np.ones((2, 3), np.float32)).shape == (2, 3)
+    np.testing.assert_array_equal(to_f16(vals).view(np.uint16), ref.view(np.uint16))
+    assert np.isnan(to_f16(np.array([np.nan, -np.nan], np.float32))).all()
+    assert to_f16(np.ones((2, 3), np.float32)).shape == (2, 3)
 
 
 def test_lazy_open_capture():
@@ -297,13 +266,13 @@ def test_fast_final_reader_matches_hdf5_decoder(tmp_path, monkeypatch):
     exactly what HDF5's own filter pipeline gives, every float16 bit pattern included."""
     import zlib
 
-    from vislens import store
+    from vislens.store import reader
 
     n = 9
     path = final_file(tmp_path / "run.h5", n)
     # the conversion table against numpy's cast, for every float16 bit pattern
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
-    np.testing.assert_array_equal(store._HALF_TO_SINGLE.view(np.uint32),
+    np.testing.assert_array_equal(reader._HALF_TO_SINGLE.view(np.uint32),
                                   every.astype(np.float32).view(np.uint32))
     # random bit patterns in the final file, with signed zeros, subnormals, inf and nan
     codes = np.random.default_rng(1).integers(0, 1 << 16, (n, L, H, G, G)).astype(np.uint16)
@@ -314,8 +283,8 @@ def test_fast_final_reader_matches_hdf5_decoder(tmp_path, monkeypatch):
         ref = f["conditions/baseline/image_attention"][()].astype(np.float32)
     assert np.isnan(ref).any() and np.isinf(ref).any()
     done = np.flatnonzero(~np.isin(np.arange(n), [r for r in range(n) if fails(r)]))
-    for inflate in (store._inflate, zlib.decompress):
-        monkeypatch.setattr(store, "_inflate", inflate)
+    for inflate in (reader._inflate, zlib.decompress):
+        monkeypatch.setattr(reader, "_inflate", inflate)
         with open_capture(path) as cap:
             got = cap.attention("baseline", done)
             np.testing.assert_array_equal(got.view(np.uint32), ref[done].view(np.uint32))
@@ -354,7 +323,7 @@ def test_iter_attention_prefetch_and_reuse_match_plain(tmp_path, prefetch, reuse
 
 
 def test_real_condition_objects(tmp_path):
-    from vislens.decoding import ConditionResult, parse_condition
+    from vislens.conditions import parse_condition
 
     conds = [parse_condition("baseline"), parse_condition("scaling:alpha=0.5,layers=0-1"),
              parse_condition("adaptvis:alpha1=0.5,alpha2=1.5,beta=0.3")]
@@ -451,7 +420,7 @@ def test_resume_mismatch_refused(tmp_path):
                      "max_new_tokens": 8, "matcher": "paper"}), "attr max_new_tokens"),
         (dict(offset=1), r"samples/id\[0\]"),
         (dict(conds=CONDS[:1]), "conditions"),
-        (dict(conds=(CONDS[0], FakeCondition("scaling-0.5", "scaling", (("alpha", 0.6),)))),
+        (dict(conds=(CONDS[0], Condition("scaling-0.5", "scaling", (("alpha", 0.6),)))),
          "conditions/scaling-0.5 attr alpha"),
     ]
     for kw, field_name in cases:
@@ -668,3 +637,448 @@ def test_merge_keeps_detector_unmatched_records(tmp_path):
         assert len(ref.unmatched()) == sum(i % 3 for i in range(total))
         assert m.unmatched().equals(ref.unmatched())
         assert m.boxes().equals(ref.boxes())
+
+
+# ----------------------------------------------------------------------------- data safety
+# (issue 11: full disk, overwrites, edited content, symlinks, corrupted bytes)
+
+from small_disk import fill, read_only_folder, small_disk  # noqa: E402,F401
+
+BIG_G = 32  # 8 KiB of attention per row and condition: every row needs fresh disk pages
+
+
+def big_result(row: int, ci: int) -> FakeResult:
+    r = gen(row, ci)
+    rng = np.random.default_rng([SEED, row, ci, 1])
+    r.image_attention = rng.random((L, H, BIG_G, BIG_G)).astype(np.float16)
+    return r
+
+
+def big_writer(path: Path, n: int, **kw) -> CaptureWriter:
+    from vislens.store import CaptureJob
+
+    job = CaptureJob(samples=make_samples(n), conditions=CONDS, grid=BIG_G, num_layers=L,
+                     num_heads=H, num_options=K, attrs=ATTRS)
+    return CaptureWriter.open(path, job, **kw)
+
+
+def big_rows(w: CaptureWriter, rows) -> None:
+    rows = list(rows)
+    w.write_batch(rows, [{c.name: big_result(r, ci) for ci, c in enumerate(CONDS)} for r in rows],
+                  [{c.name: gold_correct(r, ci) for ci, c in enumerate(CONDS)} for r in rows],
+                  sizes=[(100 + r, 50) for r in rows])
+
+
+def big_final(path: Path, n: int) -> Path:
+    with big_writer(path, n) as w:
+        big_rows(w, range(n))
+        w.finalize()
+    return path
+
+
+def same_content(a_path: Path, b_path: Path) -> None:
+    """Two captures hold the same samples, results, attention and boxes."""
+    with open_capture(a_path) as a, open_capture(b_path) as b:
+        assert a.complete == b.complete
+        assert a.samples.equals(b.samples)
+        assert a.table(done_only=False).equals(b.table(done_only=False))
+        for c in b.conditions:
+            np.testing.assert_array_equal(a.attention(c), b.attention(c))
+            for x, y in zip(a.masses(c), b.masses(c)):
+                np.testing.assert_array_equal(x, y)
+        assert (a.boxes() is None) == (b.boxes() is None)
+
+
+def one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _fallocate_works(folder: Path) -> bool:
+    probe = folder / "probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT)
+    try:
+        os.posix_fallocate(fd, 0, 4096)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_job_object_or_its_fields(tmp_path):
+    from vislens.store import CaptureJob
+
+    job = CaptureJob(samples=make_samples(3), conditions=CONDS, grid=G, num_layers=L,
+                     num_heads=H, num_options=K, attrs=ATTRS)
+    with CaptureWriter.open(tmp_path / "a.h5", job) as w:
+        write_rows(w, range(3))
+    with open_writer(tmp_path / "b.h5", 3, boxes=False) as w:  # the same job as keywords
+        write_rows(w, range(3))
+    same_content(tmp_path / "a.h5", tmp_path / "b.h5")
+    with pytest.raises(TypeError, match="not both"):
+        CaptureWriter.open(tmp_path / "c.h5", job, grid=G)
+    assert not (tmp_path / "c.h5.lock").exists()
+
+
+def test_working_file_reserves_its_disk_blocks(tmp_path):
+    if not _fallocate_works(tmp_path):
+        pytest.skip("this filesystem cannot reserve blocks")
+    path = tmp_path / "run.h5"
+    big_writer(path, 64).close()
+    st = os.stat(path)
+    assert st.st_size > 64 * 2 * 8192  # attention of every row and condition, untouched yet
+    assert st.st_blocks * 512 >= st.st_size  # not sparse: the space is taken now
+
+
+def test_disk_full_is_refused_before_any_sample(tmp_path, small_disk, monkeypatch):
+    from vislens.store import writer
+
+    disk = small_disk("1m")
+    if disk is None:  # inject: the filesystem says "full" when the blocks are reserved
+        disk = tmp_path
+
+        def full(fd, offset, length):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    else:  # the estimate check first: readable units, never "0.00 GB"
+        with pytest.raises(VislensError) as exc:
+            big_writer(disk / "run.h5", 64)
+        msg = one_line(exc)
+        assert re.search(r"needs \d+\.\d MiB but only \d+(\.\d KiB| B) are free", msg), msg
+    # an estimate that passes (as on a filesystem whose free space changes meanwhile):
+    # reserving the blocks fails at creation, before any sample is computed
+    monkeypatch.setattr(writer, "working_file_bytes", lambda *a: 0)
+    with pytest.raises(VislensError, match=r"cannot reserve \d+\.\d MiB .*\(No space left on device; ") as exc:
+        big_writer(disk / "run.h5", 64)
+    one_line(exc)
+    assert not [p for p in disk.iterdir() if p.name.startswith("run.h5")]  # no file, .tmp, .lock
+
+
+def test_disk_full_while_writing_is_reported_before_done(tmp_path, small_disk, monkeypatch):
+    """Where blocks cannot be reserved (copy-on-write filesystems), a write that fails is
+    one line, its rows are not marked done, and a resume after freeing space gives the
+    file an uninterrupted run gives."""
+    from vislens.store import writer
+
+    n = 40
+    ref = big_final(tmp_path / "ref.h5", n)
+    monkeypatch.setattr(writer, "_reserve", lambda path, shown: None)  # a sparse file
+    disk = small_disk("3m")
+    filler = None
+    if disk is None:  # inject ENOSPC at the write layer for rows >= 10
+        disk = tmp_path / "inj"
+        disk.mkdir()
+        real_write = writer.write_rows
+
+        def write(ds, rows, data):
+            if filler is not None and ds.name.endswith("image_attention") and rows.max() >= 10:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_write(ds, rows, data)
+
+        monkeypatch.setattr(writer, "write_rows", write)
+    path = disk / "run.h5"
+    w = big_writer(path, n)
+    big_rows(w, range(10))
+    filler = fill(disk) if disk.name != "inj" else True
+    with pytest.raises(VislensError, match=r"writing rows 1\d-\d+ failed \(No space left on "
+                                           r"device\).* free disk space") as exc:
+        for start in range(10, n, 5):
+            big_rows(w, range(start, start + 5))
+    one_line(exc)
+    with pytest.raises(VislensError, match="after a failed write"):
+        big_rows(w, [39])
+    w.close()  # no second error, no "Exception ignored", lock released
+    assert not (disk / "run.h5.lock").exists()
+    with open_capture(path) as cap:
+        done = cap.done("baseline")
+        assert done[:10].all() and not done[10:].any()  # nothing of the failed batch is done
+        np.testing.assert_array_equal(cap.attention("baseline", np.arange(10)),
+                                      np.stack([big_result(r, 0).image_attention
+                                                for r in range(10)]).astype(np.float32))
+    if isinstance(filler, Path):
+        filler.unlink()
+    filler = None
+    with big_writer(path, n) as w:  # resume after freeing space
+        assert list(w.pending_indices()) == list(range(10, n))
+        big_rows(w, w.pending_indices())
+        w.finalize()
+    same_content(path, ref)
+
+
+def disk_or_injection(small_disk, size: str, tmp_path: Path, monkeypatch) -> tuple[Path, bool]:
+    """A small tmpfs, or (where none can be mounted) a folder where writing any new file of
+    the final layout (finalize, merge, boxes) fails with ENOSPC; and whether injected."""
+    from vislens.store import compact
+
+    disk = small_disk(size)
+    if disk is not None:
+        return disk, False
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(compact, "build_final", full)
+    disk = tmp_path / "inj"
+    disk.mkdir()
+    return disk, True
+
+
+def test_disk_full_at_finalize_keeps_the_working_file(tmp_path, small_disk, monkeypatch):
+    n = 40
+    ref = big_final(tmp_path / "ref.h5", n)
+    disk, injected = disk_or_injection(small_disk, "3m", tmp_path, monkeypatch)
+    path = disk / "run.h5"
+    w = big_writer(path, n)
+    filler = None if injected else fill(disk)
+    big_rows(w, range(n))  # the reserved blocks take every row although the disk is full
+    with pytest.raises(VislensError, match=r"finalize failed \(No space left on device\); the "
+                                           r"working file is intact, \d+(\.\d \w+| B) free") as exc:
+        w.finalize()
+    one_line(exc)
+    assert not (disk / "run.h5.tmp").exists()
+    with open_capture(path) as cap:
+        assert not cap.complete and cap.n_done == n
+    if filler is not None:
+        filler.unlink()
+    monkeypatch.undo()
+    assert w.finalize() == path
+    w.close()
+    same_content(path, ref)
+
+
+def _merge_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vislens", "merge", *args], capture_output=True,
+                          text=True, cwd=TESTS.parent, timeout=120)
+
+
+def test_merge_disk_full_and_missing_folder_are_one_line(tmp_path, small_disk, monkeypatch):
+    src = big_final(tmp_path / "src.h5", 40)
+    disk, injected = disk_or_injection(small_disk, "256k", tmp_path, monkeypatch)
+    if not injected:  # a real process: exactly one line on stderr, no "Exception ignored", no segfault
+        r = _merge_cli(str(disk / "m.h5"), str(src))
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and "No space left on device" in r.stderr, r.stderr
+        assert list(disk.iterdir()) == []
+    with pytest.raises(VislensError, match=r"merge failed \(No space left on device") as exc:
+        merge(disk / "m.h5", [src])
+    one_line(exc)
+    assert list(disk.iterdir()) == []  # no output, no .tmp, no stale .lock
+    with pytest.raises(VislensError, match="folder .*nowhere does not exist") as exc:
+        merge(tmp_path / "nowhere" / "m.h5", [src])
+    one_line(exc)
+
+
+def test_merge_refuses_to_overwrite_unless_forced(tmp_path):
+    total = 6
+    shards = [_shard(tmp_path, tmp_path / "run.h5", i, 2, total) for i in range(2)]
+    out = tmp_path / "notes.txt"
+    out.write_text("my notes")
+    with pytest.raises(VislensError, match="already exists .* --force") as exc:
+        merge(out, shards)
+    one_line(exc)
+    assert out.read_text() == "my notes"
+    r = _merge_cli(str(out), *map(str, shards))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--force" in r.stderr
+    assert out.read_text() == "my notes"
+    assert merge(out, shards, force=True) == out
+    with open_capture(out) as m:
+        assert m.complete and len(m) == total
+
+
+def test_resume_refuses_edited_sample_content(tmp_path):
+    from vislens.store import sample_fingerprint
+
+    img = tmp_path / "img"
+    img.mkdir()
+    samples = make_samples(4)
+    for i, s in enumerate(samples):
+        s.image_path = str(img / f"{i}.png")
+        Path(s.image_path).write_bytes(bytes([i]) * 100)
+    path = tmp_path / "run.h5"
+
+    def writer(smp):
+        return CaptureWriter.open(path, samples=smp, conditions=CONDS, grid=G, num_layers=L,
+                                  num_heads=H, num_options=K, attrs=ATTRS)
+
+    with writer(samples) as w:
+        write_rows(w, [0, 1])
+    digest = _md5(path)
+    import copy
+
+    cases = [("question", "Where is the cat?", r"samples/question\[2\] \(sample 's0002'\) is "
+                                              r"'Where is mug 2\?' in the file but 'Where is the cat\?'"),
+             ("answer", "Right", r"samples/answer\[2\] \(sample 's0002'\) is 'Left'"),
+             ("options", ["Left", "Under"], r"samples/options\[2\] \(sample 's0002'\)")]
+    for field_name, value, match in cases:
+        edited = copy.deepcopy(samples)
+        setattr(edited[2], field_name, value)
+        with pytest.raises(VislensError, match=f"cannot resume: {match}") as exc:
+            writer(edited)
+        one_line(exc)
+    Path(samples[3].image_path).write_bytes(b"another image")  # same path, new bytes
+    with pytest.raises(VislensError, match=r"image of sample 's0003' \(row 3, .*3.png\)") as exc:
+        writer(samples)
+    one_line(exc)
+    assert _md5(path) == digest  # nothing modified
+    Path(samples[3].image_path).write_bytes(bytes([3]) * 100)
+    with writer(samples) as w:  # the same content resumes
+        assert list(w.pending_indices()) == [2, 3]
+        write_rows(w, [2, 3])
+        w.finalize()
+    # the final file keeps the fingerprints
+    assert _text_of(path, "samples/fingerprint") == [sample_fingerprint(s) for s in samples]
+    # a file made before fingerprints existed resumes on its stored text alone
+    old = tmp_path / "old.h5"
+    with CaptureWriter.open(old, samples=samples, conditions=CONDS, grid=G, num_layers=L,
+                            num_heads=H, num_options=K, attrs=ATTRS):
+        pass
+    with h5py.File(old, "r+") as f:
+        del f["samples/fingerprint"]
+    Path(samples[3].image_path).write_bytes(b"unverifiable")
+    CaptureWriter.open(old, samples=samples, conditions=CONDS, grid=G, num_layers=L, num_heads=H,
+                       num_options=K, attrs=ATTRS).close()
+    edited = copy.deepcopy(samples)
+    edited[1].answer = "Left"
+    with pytest.raises(VislensError, match=r"samples/answer\[1\]"):
+        CaptureWriter.open(old, samples=edited, conditions=CONDS, grid=G, num_layers=L,
+                           num_heads=H, num_options=K, attrs=ATTRS)
+
+
+def _text_of(path: Path, name: str) -> list[str]:
+    with h5py.File(path, "r", locking=False) as f:
+        return list(f[name].asstr()[()])
+
+
+def test_symlinked_output_is_locked_and_stays_a_link(tmp_path):
+    target = tmp_path / "data" / "run.h5"
+    target.parent.mkdir()
+    link = tmp_path / "link.h5"
+    link.symlink_to(target)
+    other = tmp_path / "other.h5"
+    other.symlink_to(target)
+    w = open_writer(link, 6)
+    assert target.exists() and link.is_symlink()
+    with pytest.raises(VislensError, match="being written by another vislens job"):
+        open_writer(other, 6)  # another name of the same file
+    with pytest.raises(VislensError, match="being written by another vislens job"):
+        open_writer(target, 6)
+    write_rows(w, range(6))
+    assert w.finalize() == link
+    w.close()
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    with open_capture(link) as cap:
+        assert cap.complete and check_rows(cap, required_all=True) == 6  # row 7 (fails) not among them
+    merged = tmp_path / "merged-link.h5"
+    merged.symlink_to(tmp_path / "data" / "merged.h5")
+    shards = [_shard(tmp_path, tmp_path / "s.h5", i, 2, 6) for i in range(2)]
+    merge(merged, shards)
+    assert merged.is_symlink() and (tmp_path / "data" / "merged.h5").exists()
+
+
+def _corrupt_chunk(path: Path, name: str, row: int) -> None:
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        info = ds.id.get_chunk_info_by_coord((row,) + (0,) * (ds.ndim - 1))
+        offset, size = info.byte_offset, info.size
+    with open(path, "r+b") as fh:
+        fh.seek(offset + size // 3)
+        fh.write(b"\xde\xad\xbe\xef" * 2)
+
+
+def test_corrupted_chunks_name_file_condition_and_row(tmp_path):
+    path = final_file(tmp_path / "run.h5", 12)
+    _corrupt_chunk(path, "conditions/scaling-0.5/image_attention", 3)
+    with open_capture(path) as cap:
+        good = cap.attention("scaling-0.5", [0, 1, 2])  # other rows still read
+        assert good.shape[0] == 3
+        for rows in (None, [3], [0, 3, 5, 6, 8]):
+            with pytest.raises(VislensError) as exc:
+                cap.attention("scaling-0.5", rows)
+            msg = one_line(exc)
+            assert msg.startswith(str(path)) and "condition 'scaling-0.5'" in msg and \
+                "row 3" in msg and "corrupted" in msg, msg
+        with pytest.raises(VislensError, match="row 3"):
+            list(cap.iter_attention("scaling-0.5", chunk=4, prefetch=True))
+    path2 = final_file(tmp_path / "run2.h5", 12)
+    with h5py.File(path2, "r") as f:  # 1-D datasets are one chunk: rows 0-11
+        n_chunks = f["conditions/baseline/confidence"].id.get_num_chunks()
+    _corrupt_chunk(path2, "conditions/baseline/confidence", 0)
+    with open_capture(path2) as cap:
+        with pytest.raises(VislensError, match=r"condition 'baseline' \(confidence\), rows? 0") as exc:
+            cap.table()
+        one_line(exc)
+        assert n_chunks == 1
+    from vislens.evaluate import evaluate_capture
+
+    with pytest.raises(VislensError, match="corrupted"):
+        evaluate_capture(path2)
+
+
+def test_progress_line_of_unfinished_and_complete_captures(tmp_path):
+    path = tmp_path / "run.h5"
+    with open_writer(path, 16) as w:
+        write_rows(w, range(8))  # row 7 fails
+        with open_capture(path) as cap:
+            assert (cap.n_samples, cap.n_done, cap.n_failed) == (16, 7, 1)
+            assert cap.progress_line() == "7 of 16 samples done (unfinished capture, 1 failed)"
+        write_rows(w, range(8, 16))
+        w.finalize()
+    with open_capture(path) as cap:
+        assert cap.progress_line() == "16 samples, 1 failed"
+
+
+def test_parse_shard_is_the_one_shard_syntax():
+    from vislens import capture
+    from vislens.store import parse_shard, shard_rows
+
+    assert parse_shard("2/4") == (2, 4) and parse_shard([1, 3]) == (1, 3)
+    assert capture.parse_shard is parse_shard  # one parser, one syntax
+    for bad in ("-1/2", "2/2", "1-of-2", "a/b", "1/0", "3"):
+        with pytest.raises(VislensError, match="--shard"):
+            parse_shard(bad)
+    assert shard_rows(8, (1, 3)) == [1, 4, 7] and shard_rows(3, None) == [0, 1, 2]
+    with pytest.raises(VislensError, match=r"shard 9 of 10 has no samples \(only 8"):
+        shard_rows(8, (9, 10))
+
+
+def test_read_only_folder_is_one_line(tmp_path, small_disk):
+    ro = read_only_folder(small_disk, tmp_path)
+    if os.access(ro, os.W_OK):
+        pytest.skip("this user can write any folder")
+    with pytest.raises(VislensError, match="not writable") as exc:
+        open_writer(ro / "run.h5", 3)
+    one_line(exc)
+    src = final_file(tmp_path / "src.h5", 3)
+    with pytest.raises(VislensError, match="not writable"):
+        merge(ro / "m.h5", [src])
+
+
+def test_check_output_rule(tmp_path):
+    """Create, or rewrite what vislens created; anything else only with --force."""
+    from vislens.io import MARKER, check_output, human_bytes, prepare_output_dir
+
+    assert human_bytes(0) == "0 B" and human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(3 * 2**30) == "3.0 GiB"
+    new = tmp_path / "new.h5"
+    assert check_output(new) == new
+    new.write_text("x")
+    with pytest.raises(VislensError, match="already exists .* --force"):
+        check_output(new)
+    assert check_output(new, force=True) == new
+    with pytest.raises(VislensError, match="folder .*missing does not exist"):
+        check_output(tmp_path / "missing" / "f.h5")
+    out = prepare_output_dir(tmp_path / "a" / "report")  # parents created, marked
+    assert (out / MARKER).exists()
+    (out / "table.csv").write_text("old")
+    assert prepare_output_dir(out) == out  # its own folder: rewritten freely
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    with pytest.raises(VislensError, match="did not create and it is not empty"):
+        prepare_output_dir(mine)
+    assert prepare_output_dir(mine, force=True) == mine and (mine / "thesis.tex").exists()
+    assert prepare_output_dir(tmp_path / "empty-dir") == tmp_path / "empty-dir"

@@ -2,8 +2,8 @@
 
 One pass over ``image_attention`` (chunk by chunk, never the whole array in memory) gives,
 for every sample and layer, the statistics the paper's analysis needs: overlap of the
-head-mean map with the object mask (and per head), entropy and skewness of the head-mean
-map, its sum and max. The metric definitions live in :mod:`vislens.metrics`; this module
+head-mean map with the object mask (and per head), entropy (Eq. 4) and positional skewness
+(Eq. 5) of each head's map averaged over heads, the head-mean map's sum and max. The metric definitions live in :mod:`vislens.metrics`; this module
 only streams and assembles them.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -62,11 +62,13 @@ class LayerStats:
     text_mass: np.ndarray
     attn_sum: np.ndarray  # head-mean sum over grid cells (spatial image attention)
     attn_max: np.ndarray  # head-mean max over grid cells
-    entropy: np.ndarray
-    skewness: np.ndarray
+    entropy: np.ndarray  # Eq. 4 of each head's map, averaged over heads
+    skewness: np.ndarray  # Eq. 5 (positional) of each head's map, averaged over heads
     overlap: np.ndarray | None = None  # head-mean map vs mask
     overlap_heads: np.ndarray | None = None  # [n, L, H]
     extra: dict = field(default_factory=dict)
+    sample_id: np.ndarray | None = None  # [n] str
+    split: np.ndarray | None = None  # [n] str: "val" / "test" (as the capture stores it)
 
     @property
     def num_layers(self) -> int:
@@ -90,8 +92,8 @@ def condition_stats(cap, condition: str, *, chunk: int = 32, mask: np.ndarray | 
         parts["rows"].append(np.asarray(rows))
         parts["sum"].append(head_mean.sum(axis=(-1, -2), dtype=np.float64))
         parts["max"].append(head_mean.max(axis=(-1, -2)).astype(np.float64))
-        parts["ent"].append(metrics.attention_entropy(head_mean))
-        parts["skew"].append(metrics.attention_skewness(head_mean))
+        parts["ent"].append(_head_average(metrics.attention_entropy(attn)))
+        parts["skew"].append(_head_average(metrics.attention_skewness(attn)))
         if mask is not None:
             m = mask[np.asarray(rows)]
             parts["ov"].append(metrics.overlap(head_mean, m))  # = reduce_heads="mean"
@@ -109,32 +111,121 @@ def condition_stats(cap, condition: str, *, chunk: int = 32, mask: np.ndarray | 
         attn_sum=np.concatenate(parts["sum"]), attn_max=np.concatenate(parts["max"]),
         entropy=np.concatenate(parts["ent"]), skewness=np.concatenate(parts["skew"]),
         overlap=np.concatenate(parts["ov"]) if parts["ov"] else None,
-        overlap_heads=np.concatenate(parts["ovh"]) if parts["ovh"] else None)
+        overlap_heads=np.concatenate(parts["ovh"]) if parts["ovh"] else None,
+        sample_id=info["id"].to_numpy(str), split=info["split"].to_numpy(str))
 
 
-def per_layer_auroc_table(stats: Sequence[LayerStats]) -> pd.DataFrame:
-    """``condition, layer, auroc, n_pos, n_neg`` of overlap predicting correctness."""
+def _head_average(per_head: np.ndarray) -> np.ndarray:
+    """``[n, L, H] -> [n, L]``: mean over the heads where the value is defined (NaN if none)."""
+    ok = np.isfinite(per_head)
+    total = np.where(ok, per_head, 0.0).sum(axis=-1)
+    count = ok.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def attention_stats_table(stats: Sequence[LayerStats]) -> pd.DataFrame:
+    """``condition, sample_id, layer, entropy, skewness``: one row per sample and layer.
+
+    Entropy (Eq. 4, nats) and positional skewness (Eq. 5) of each head's image attention,
+    averaged over heads (heads whose value is undefined are left out of the mean).
+    """
+    frames = []
+    for st in stats:
+        n, L = st.entropy.shape
+        ids = st.sample_id if st.sample_id is not None else st.rows.astype(str)
+        frames.append(pd.DataFrame({
+            "condition": st.condition, "sample_id": np.repeat(ids, L),
+            "layer": np.tile(np.arange(L), n), "entropy": st.entropy.ravel(),
+            "skewness": st.skewness.ravel()}))
+    if not frames:
+        return pd.DataFrame(columns=["condition", "sample_id", "layer", "entropy", "skewness"])
+    return pd.concat(frames, ignore_index=True)
+
+
+class LayerChoice(NamedTuple):
+    """A layer chosen on the validation split and its AUROC on the test split."""
+
+    layer: int
+    val_auroc: float
+    test_auroc: float
+    test_low: float
+    test_high: float
+    n_val: int
+    n_test: int
+
+
+def choose_layer(st: LayerStats, *, n_boot: int = metrics.N_BOOT, seed: int = 0
+                 ) -> LayerChoice | None:
+    """The layer whose overlap AUROC is highest on the validation samples, scored on test.
+
+    Ties go to the lower layer. The test AUROC's interval is a bootstrap over the test
+    samples with the layer held fixed. None when the stats have no overlap, no split, or
+    either split lacks a class (then no honest choice exists).
+    """
+    if st.overlap is None or st.split is None:
+        return None
+    val, test = st.split == "val", st.split == "test"
+    if not val.any() or not test.any():
+        return None
+    v = metrics.per_layer_auroc(st.overlap[val], st.correct[val])
+    if not np.isfinite(v["auroc"]).any():
+        return None
+    best = v[np.isfinite(v["auroc"])].sort_values(["auroc", "layer"], ascending=[False, True]).iloc[0]
+    layer = int(best["layer"])
+    t = metrics.auroc(st.overlap[test, layer], st.correct[test])
+    if not np.isfinite(t.auroc):
+        return None
+    lo, hi = metrics.auroc_interval(st.overlap[test, layer], st.correct[test], n_boot=n_boot, seed=seed)
+    return LayerChoice(layer, float(best["auroc"]), t.auroc, lo, hi, int(val.sum()), int(test.sum()))
+
+
+def per_layer_auroc_table(stats: Sequence[LayerStats], n_boot: int = 0) -> pd.DataFrame:
+    """``condition, layer, auroc, n_pos, n_neg`` of overlap predicting correctness.
+
+    With ``n_boot > 0`` also ``auroc_low, auroc_high``, the 95% bootstrap interval.
+    """
     frames = []
     for st in stats:
         if st.overlap is None:
             continue
-        df = metrics.per_layer_auroc(st.overlap, st.correct)
+        df = metrics.per_layer_auroc(st.overlap, st.correct, n_boot=n_boot)
         df.insert(0, "condition", st.condition)
         frames.append(df)
     if not frames:
-        return pd.DataFrame(columns=["condition", "layer", "auroc", "n_pos", "n_neg"])
+        return pd.DataFrame(columns=["condition", "layer", "auroc", "n_pos", "n_neg"]
+                            + (["auroc_low", "auroc_high"] if n_boot else []))
     return pd.concat(frames, ignore_index=True)
 
 
+#: the layers the paper draws for its 32-layer models (0-based), by figure
+PAPER_LAYERS: dict[int, tuple[int, ...]] = {5: (17,), 6: (17, 18), 9: (17,), 10: (17,),
+                                            14: (17,), 18: (17,), 26: (14,)}
+
+
+def paper_layer(layer32: int, num_layers: int) -> int:
+    """A paper layer of a 32-layer model at the same relative depth of a ``num_layers`` model.
+
+    ``round(layer32 * num_layers / 32)``, kept in range; the paper's own layer when
+    ``num_layers == 32``.
+    """
+    if num_layers < 1:
+        raise VislensError(f"num_layers must be >= 1, got {num_layers}")
+    return int(min(num_layers - 1, max(0, round(layer32 * num_layers / 32))))
+
+
 def summary_table(stats: Sequence[LayerStats], layer: int | None = None) -> pd.DataFrame:
-    """Per condition: accuracy, confidence and mean attention statistics (one layer or all)."""
+    """Per condition: accuracy (with its Wilson 95% interval), confidence and mean attention
+    statistics (one layer or all)."""
     rows = []
     for st in stats:
         sel = slice(None) if layer is None else slice(layer, layer + 1)
         share = st.image_mass[:, sel] / (st.image_mass[:, sel] + st.text_mass[:, sel])
+        lo, hi = metrics.wilson_interval(int(np.sum(st.correct)), len(st.rows))
         rows.append({
             "condition": st.condition, "n": len(st.rows),
-            "accuracy": float(np.mean(st.correct)), "confidence": float(np.mean(st.confidence)),
+            "accuracy": float(np.mean(st.correct)), "accuracy_low": lo, "accuracy_high": hi,
+            "confidence": float(np.mean(st.confidence)),
             "image_attention_share": float(nanmean(share)),
             "entropy": float(nanmean(st.entropy[:, sel])),
             "skewness": float(nanmean(st.skewness[:, sel])),

@@ -768,7 +768,7 @@ def attach_boxes(path: str | Path, detector: str = "annotations", *, weights: st
                  on_error: str = "skip") -> dict[str, int]:
     """``vislens boxes``: detect (or take) the question objects' boxes and store them with
     their analysis-grid masks in the capture's ``/boxes/`` (atomic rewrite of the file)."""
-    from .store import open_capture, replace_boxes
+    from .store import lock_output, open_capture, replace_boxes
 
     if detector not in ("annotations", "yolo"):
         raise VislensError(f"--detector {detector!r}: choose annotations or yolo")
@@ -780,18 +780,22 @@ def attach_boxes(path: str | Path, detector: str = "annotations", *, weights: st
         grid = int(np.asarray(cap.attrs["grid"]).ravel()[0])
         samples = capture_samples(cap)
         sizes = list(zip(cap.samples["width"], cap.samples["height"]))
-    if detector == "yolo":
-        results = detect_boxes(samples, weights, conf=conf, batch=batch, device=device,
-                               on_error="raise" if on_error == "stop" else on_error)
-    else:
-        results = annotation_boxes(samples)
-    masks = np.zeros((len(samples), grid, grid), dtype=np.float32)
-    for i, res in enumerate(results):
-        size = res.image_size or (int(sizes[i][0]), int(sizes[i][1]))
-        if res.detections and size[0] > 0:
-            masks[i] = box_mask(res.xyxy, size, grid)
-    replace_boxes(path, masks, [r.detections for r in results], detector,
-                  unmatched=[r.unmatched for r in results])
+    lock = lock_output(path)  # before detection: a second writer or read-only folder fails now
+    try:
+        if detector == "yolo":
+            results = detect_boxes(samples, weights, conf=conf, batch=batch, device=device,
+                                   on_error="raise" if on_error == "stop" else on_error)
+        else:
+            results = annotation_boxes(samples)
+        masks = np.zeros((len(samples), grid, grid), dtype=np.float32)
+        for i, res in enumerate(results):
+            size = res.image_size or (int(sizes[i][0]), int(sizes[i][1]))
+            if res.detections and size[0] > 0:
+                masks[i] = box_mask(res.xyxy, size, grid)
+        replace_boxes(path, masks, [r.detections for r in results], detector,
+                      unmatched=[r.unmatched for r in results], lock=lock)
+    finally:
+        lock.release()
     n_found = sum(len(r.detections) for r in results)
     n_missing = sum(len(r.unmatched) for r in results)
     return {"samples": len(samples), "boxes": n_found, "unmatched": n_missing,

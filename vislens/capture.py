@@ -13,16 +13,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import __version__
 from .data import Sample, assign_splits, load_dataset, select_split
-from .decoding import Condition, DecodingEngine, check_conditions, parse_condition
+from .conditions import Condition, ConditionResult, check_conditions, parse_condition
 from .errors import VislensError
+from .jobs import MATCHERS, check_job, check_memory, check_stop  # noqa: F401 (MATCHERS: public here too)
+from .store import parse_shard
 
-MATCHERS = ("paper", "first-word")
+if TYPE_CHECKING:  # the engine imports torch: the CLI checks its arguments first
+    from .decoding import DecodingEngine
 
 
 @dataclass
@@ -36,19 +39,6 @@ class CaptureSummary:
     seconds: float
     accuracy: dict[str, float] = field(default_factory=dict)
     complete: bool = False
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` -> (I, N) with 0 <= I < N."""
-    if text is None:
-        return None
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise VislensError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise VislensError(f"--shard {text!r}: need 0 <= I < N")
-    return i, n
 
 
 def is_correct(prediction: str, sample: Sample, matcher: str = "paper") -> bool:
@@ -85,10 +75,12 @@ def check_options_in_prompt(samples: Sequence[Sample]) -> list[str]:
 
 
 def select_samples(dataset: str, data_root: str | None, *, split: str = "all",
-                   limit: int | None = None, shard: tuple[int, int] | None = None,
-                   split_seed: int = 0, val_fraction: float = 0.2
+                   limit: int | None = None, split_seed: int = 0, val_fraction: float = 0.2
                    ) -> tuple[list[Sample], list[int]]:
-    """Load, split, limit and shard a dataset; returns samples and their indices in the split."""
+    """Load, split and limit a dataset; returns samples and their indices in the split.
+
+    Sharding is :func:`vislens.store.shard_rows` on the result (merge checks that the
+    shards add up to this selection)."""
     if split not in ("val", "test", "all"):
         raise VislensError(f"--split {split!r}: choose val, test or all")
     samples = load_dataset(dataset, data_root)
@@ -100,15 +92,11 @@ def select_samples(dataset: str, data_root: str | None, *, split: str = "all",
         if limit < 1:
             raise VislensError(f"--limit {limit}: must be >= 1")
         chosen = chosen[:limit]
-    index = list(range(len(chosen)))
-    if shard is not None:
-        i, n = shard
-        index = index[i::n]
-        chosen = [chosen[k] for k in index]
-    return chosen, index
+    return chosen, list(range(len(chosen)))
 
 
-def _open_image(sample: Sample):
+def open_image(sample: Sample):
+    """The sample's image as RGB PIL; a missing or undecodable file is one line naming it."""
     from PIL import Image
 
     path = sample.image_path
@@ -122,6 +110,9 @@ def _open_image(sample: Sample):
     except Exception as exc:  # PIL raises many types; ultralytics' patched open adds more
         raise VislensError(f"{path}: cannot decode image (sample {sample.id}): "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+_open_image = open_image  # the former private name (tests and notebooks may still use it)
 
 
 def _image_size(sample: Sample) -> tuple[int, int] | None:
@@ -150,6 +141,160 @@ def annotation_masks(samples: Sequence[Sample], grid: int):
     return masks, [list(s.boxes) for s in samples], sizes
 
 
+@dataclass
+class CapturePlan:
+    """A validated capture job: everything known before the model or the output is touched."""
+
+    conditions: list[Condition]
+    samples: list[Sample]
+    index: list[int]  # each sample's position in the selected split
+    n_selected: int  # samples selected before sharding (merge checks the shards add up)
+    out: Path  # the file this job writes (the shard's own file with --shard)
+    dims: tuple[int, int] | None  # (layers, heads) from the model config; None if unknown yet
+    num_options: int
+    box_masks: np.ndarray | None
+    boxes: list[list[Any]] | None
+    sizes: list[tuple[int, int]] | None
+
+
+def plan_capture(*, model: str | Any, dataset: str, out: str | Path,
+                 conditions: Sequence[str | Condition], data_root: str | None = None,
+                 split: str = "all", limit: int | None = None, batch_size: int = 8,
+                 shard: str | None = None, on_error: str = "stop", max_new_tokens: int = 16,
+                 grid: int = 24, matcher: str = "paper", split_seed: int = 0,
+                 prompt_style: str = "chat", log: Callable[[str], None] = print) -> CapturePlan:
+    """Stage 1 of a capture: check every parameter and input, before any file or weights.
+
+    Conditions are checked against the model's layer and head counts read from its config
+    (:func:`vislens.models.model_dims`); memory for one batch and disk space for the
+    working file are checked when those counts are known.
+    """
+    from .io import check_folder
+    from .store import open_capture, shard_path, shard_rows
+
+    conds = [c if isinstance(c, Condition) else parse_condition(c) for c in conditions]
+    check_job(batch_size=batch_size, max_new_tokens=max_new_tokens, grid=grid, matcher=matcher,
+              on_error=on_error, prompt_style=prompt_style)
+    shard_t = parse_shard(shard) if shard is not None else None
+    dims = (model.num_layers, model.num_heads) if not isinstance(model, (str, Path)) \
+        else _config_dims(model)
+    check_conditions(conds, *(dims or (None, None)))
+    samples, index = select_samples(dataset, data_root, split=split, limit=limit,
+                                    split_seed=split_seed)
+    n_selected = len(samples)
+    keep = shard_rows(n_selected, shard_t)
+    index = [index[k] for k in keep]
+    samples = [samples[k] for k in keep]
+    if prompt_style == "paper":
+        missing = [s.id for s in samples if "<image>" not in s.meta.get("prompt", "")]
+        if missing:
+            raise VislensError(f"--prompt-style paper: sample {missing[0]} has no published "
+                               "prompt (only the WhatsUp/AdaptVis question files carry one)")
+    flagged = check_options_in_prompt(samples)
+    if flagged:
+        log(f"note: {len(flagged)} sample(s) whose gold answer is not offered by the prompt "
+            f"(published data): {', '.join(flagged[:5])}")
+    out_path = Path(out) if shard_t is None else shard_path(Path(out), *shard_t)
+    check_folder(out_path)  # exists and writable, before any slow step
+    if on_error == "stop":  # fail before loading the model, not after hours of work
+        from .data import check_images
+
+        problems = check_images(samples)
+        if problems:
+            sid, reason = problems[0]
+            raise VislensError(f"sample {sid}: {reason} (use --on-error skip to list and skip "
+                               f"{len(problems)} such sample(s))")
+    if out_path.exists():  # resuming: it must be a capture (the job spec is checked on open)
+        open_capture(out_path).close()
+    masks, boxes, sizes = annotation_masks(samples, grid)
+    plan = CapturePlan(conds, samples, index, n_selected, out_path, dims,
+                       max(len(s.options) for s in samples), masks, boxes, sizes)
+    if dims is not None:
+        check_resources(plan, grid=grid, batch_size=batch_size)
+    return plan
+
+
+def check_resources(plan: CapturePlan, *, grid: int, batch_size: int) -> None:
+    """Memory for one batch, and (for a new file) disk space for the working file."""
+    from .io import check_free_space
+    from .store import working_file_bytes
+
+    assert plan.dims is not None
+    check_memory(batch_size=batch_size, n_conditions=len(plan.conditions),
+                 num_layers=plan.dims[0], num_heads=plan.dims[1], grid=grid)
+    if not plan.out.exists():
+        need = working_file_bytes(plan.samples, len(plan.conditions), grid, *plan.dims,
+                                  plan.num_options)
+        check_free_space(plan.out, need, "the working file")
+
+
+def capture_attrs(adapter: Any, plan: CapturePlan, **job: Any) -> dict[str, Any]:
+    """Stage 2: the root attrs a capture file records (model, data, job parameters).
+
+    ``job``: dataset, data_root, split, split_seed, limit, max_new_tokens, matcher, shard,
+    prompt_style and command, as given to :func:`run_capture`."""
+    return {**adapter.describe(), "vislens_version": __version__, "dataset": job["dataset"],
+            "data_root": str(job["data_root"] or ""), "split": job["split"],
+            "split_seed": job["split_seed"],
+            "limit": -1 if job["limit"] is None else job["limit"],
+            "max_new_tokens": job["max_new_tokens"], "matcher": job["matcher"],
+            "shard": job["shard"] or "", "total_samples": plan.n_selected,
+            "prompt_style": job["prompt_style"],
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": job["command"] if job["command"] is not None else shlex.join(sys.argv)}
+
+
+@dataclass
+class Batch:
+    """One engine run: the rows of ``samples`` it answered and what came out."""
+
+    rows: list[int]
+    samples: list[Sample]
+    sizes: list[tuple[int, int]]  # original image sizes
+    results: list[dict[str, ConditionResult]]
+    correct: list[dict[str, bool]]
+
+
+def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Sequence[int],
+                conditions: Sequence[Condition], *, batch_size: int, matcher: str = "paper",
+                prompt_style: str = "chat",
+                on_failure: Callable[[int, str], None] | None = None,
+                progress: bool = False, desc: str = "capture") -> Iterator[Batch]:
+    """Stage 3: run ``conditions`` on ``samples[rows]``, ``batch_size`` at a time.
+
+    An unreadable image raises (one line), or with ``on_failure`` is reported as
+    ``on_failure(row, reason)`` and left out of its batch (``--on-error skip``).
+    ``prompt_style="paper"`` uses each sample's published prompt verbatim.
+    """
+    rows = list(rows)
+    bar = _progress(len(rows), progress, desc)
+    try:
+        for start in range(0, len(rows), batch_size):
+            check_stop()  # a SIGTERM whose exception was swallowed still stops the job here
+            chunk = rows[start:start + batch_size]
+            ok_rows, images = [], []
+            for r in chunk:
+                try:
+                    images.append(open_image(samples[r]))
+                    ok_rows.append(r)
+                except VislensError as exc:
+                    if on_failure is None:
+                        raise
+                    on_failure(r, str(exc))
+            if ok_rows:
+                batch = [samples[r] for r in ok_rows]
+                questions = [s.meta["prompt"] if prompt_style == "paper" else s.question
+                             for s in batch]  # a prompt holding <image> is used verbatim
+                results = engine.run(images, questions, [s.options for s in batch], conditions,
+                                     sample_keys=[s.id for s in batch])
+                correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
+                           for rs, s in zip(results, batch)]
+                yield Batch(ok_rows, batch, [im.size for im in images], results, correct)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
 def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                 conditions: Sequence[str | Condition], data_root: str | None = None,
                 split: str = "all", limit: int | None = None, batch_size: int = 8,
@@ -161,126 +306,92 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     """Capture attention and answers for every (sample, condition); resumable.
 
     ``model`` is a name/path for :func:`vislens.models.load_model` or an already loaded
-    adapter. Returns a :class:`CaptureSummary`.
+    adapter. Stages: :func:`plan_capture` (every check), the output's lock, the model,
+    :func:`capture_attrs` and the working file, then :func:`run_batches` into the writer.
+    Returns a :class:`CaptureSummary`.
     """
     import torch
 
-    from .store import CaptureWriter, shard_path
+    from .decoding import DecodingEngine
+    from .store import CaptureJob, CaptureWriter, lock_output
 
-    conds = [c if isinstance(c, Condition) else parse_condition(c) for c in conditions]
-    check_conditions(conds)
-    if on_error not in ("stop", "skip"):
-        raise VislensError(f"--on-error {on_error!r}: choose stop or skip")
-    if matcher not in MATCHERS:
-        raise VislensError(f"--matcher {matcher!r}: choose one of {', '.join(MATCHERS)}")
-    if batch_size < 1:
-        raise VislensError(f"--batch-size {batch_size}: must be >= 1")
-    if prompt_style not in ("chat", "paper"):
-        raise VislensError(f"--prompt-style {prompt_style!r}: choose chat or paper")
-    shard_t = parse_shard(shard)
-    samples, index = select_samples(dataset, data_root, split=split, limit=limit,
-                                    split_seed=split_seed)
-    n_selected = len(samples)  # before sharding: merge checks shards add up to this
-    if shard_t is not None:  # load once, then shard (as select_samples(shard=...) does)
-        i, n = shard_t
-        index = index[i::n]
-        samples = samples[i::n]
-    if prompt_style == "paper":
-        missing = [s.id for s in samples if "<image>" not in s.meta.get("prompt", "")]
-        if missing:
-            raise VislensError(f"--prompt-style paper: sample {missing[0]} has no published "
-                               "prompt (only the WhatsUp/AdaptVis question files carry one)")
-    flagged = check_options_in_prompt(samples)
-    if flagged:
-        log(f"note: {len(flagged)} sample(s) whose gold answer is not offered by the prompt "
-            f"(published data): {', '.join(flagged[:5])}")
-    out_path = Path(out)
-    if shard_t is not None:
-        out_path = shard_path(out_path, *shard_t)
-    if on_error == "stop":  # fail before loading the model, not after hours of work
-        from .data import check_images
+    plan = plan_capture(model=model, dataset=dataset, out=out, conditions=conditions,
+                        data_root=data_root, split=split, limit=limit, batch_size=batch_size,
+                        shard=shard, on_error=on_error, max_new_tokens=max_new_tokens,
+                        grid=grid, matcher=matcher, split_seed=split_seed,
+                        prompt_style=prompt_style, log=log)
+    lock = lock_output(plan.out)  # before the model: a refused second job costs nothing
+    try:
+        if isinstance(model, (str, Path)):
+            from .models import load_model
 
-        problems = check_images(samples)
-        if problems:
-            sid, reason = problems[0]
-            raise VislensError(f"sample {sid}: {reason} (use --on-error skip to list and skip "
-                               f"{len(problems)} such sample(s))")
-    masks, boxes, sizes = annotation_masks(samples, grid)
-
-    if isinstance(model, (str, Path)):
-        from .models import load_model
-
-        adapter = load_model(model, dtype=dtype, device=device)
-    else:
-        adapter = model
-    attrs = {**adapter.describe(), "vislens_version": __version__, "dataset": dataset,
-             "data_root": str(data_root or ""), "split": split, "split_seed": split_seed,
-             "limit": -1 if limit is None else limit, "max_new_tokens": max_new_tokens,
-             "matcher": matcher, "shard": shard or "", "total_samples": n_selected,
-             "prompt_style": prompt_style,
-             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "command": command if command is not None else shlex.join(sys.argv)}
-    num_options = max(len(s.options) for s in samples)
-    writer = CaptureWriter.open(out_path, samples=samples, conditions=conds, grid=grid,
-                                num_layers=adapter.num_layers, num_heads=adapter.num_heads,
-                                num_options=num_options, attrs=attrs, sample_index=index,
-                                sizes=sizes, box_masks=masks, boxes=boxes)
+            adapter = load_model(model, dtype=dtype, device=device)
+        else:
+            adapter = model
+        if plan.dims is None:  # a hub model whose config was not cached: check before the file
+            plan.dims = (adapter.num_layers, adapter.num_heads)
+            check_conditions(plan.conditions, *plan.dims)
+            check_resources(plan, grid=grid, batch_size=batch_size)
+        attrs = capture_attrs(adapter, plan, dataset=dataset, data_root=data_root, split=split,
+                              split_seed=split_seed, limit=limit, max_new_tokens=max_new_tokens,
+                              matcher=matcher, shard=shard, prompt_style=prompt_style,
+                              command=command)
+        job = CaptureJob(samples=plan.samples, conditions=plan.conditions, grid=grid,
+                         num_layers=adapter.num_layers, num_heads=adapter.num_heads,
+                         num_options=plan.num_options, attrs=attrs, sample_index=plan.index,
+                         sizes=plan.sizes, box_masks=plan.box_masks, boxes=plan.boxes)
+        writer = CaptureWriter.open(plan.out, job, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
     t0 = time.perf_counter()
     written = failed = 0
-    correct_counts = {c.name: [0, 0] for c in conds}
+    correct_counts = {c.name: [0, 0] for c in plan.conditions}
+
+    def skip(row: int, reason: str) -> None:
+        nonlocal failed
+        writer.write_failure(row, reason)
+        failed += 1
+
     try:
         pending = [int(r) for r in writer.pending_indices()]
-        if len(pending) < len(samples):
-            log(f"resuming {out_path}: {len(samples) - len(pending)} of {len(samples)} samples "
-                "already done")
+        if len(pending) < len(plan.samples):
+            log(f"resuming {plan.out}: {len(plan.samples) - len(pending)} of "
+                f"{len(plan.samples)} samples already done")
         engine = DecodingEngine(adapter, max_new_tokens=max_new_tokens, grid=grid,
                                 attention_dtype=torch.float16)
-        bar = _progress(len(pending), enabled=progress)
-        for start in range(0, len(pending), batch_size):
-            rows = pending[start:start + batch_size]
-            ok_rows, images = [], []
-            for r in rows:
-                try:
-                    images.append(_open_image(samples[r]))
-                    ok_rows.append(r)
-                except VislensError as exc:
-                    if on_error == "stop":
-                        raise
-                    writer.write_failure(r, str(exc))
-                    failed += 1
-            if ok_rows:
-                batch = [samples[r] for r in ok_rows]
-                questions = [s.meta["prompt"] if prompt_style == "paper" else s.question
-                             for s in batch]  # a prompt holding <image> is used verbatim
-                results = engine.run(images, questions,
-                                     [s.options for s in batch], conds,
-                                     sample_keys=[s.id for s in batch])
-                correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
-                           for rs, s in zip(results, batch)]
-                writer.write_batch(ok_rows, results, correct,
-                                   sizes=[im.size for im in images])
-                for cr in correct:
-                    for name, ok in cr.items():
-                        correct_counts[name][0] += int(ok)
-                        correct_counts[name][1] += 1
-                written += len(ok_rows)
-            bar.update(len(rows))
-        bar.close()
+        for b in run_batches(engine, plan.samples, pending, plan.conditions,
+                             batch_size=batch_size, matcher=matcher, prompt_style=prompt_style,
+                             on_failure=skip if on_error == "skip" else None,
+                             progress=progress):
+            writer.write_batch(b.rows, b.results, b.correct, sizes=b.sizes)
+            for cr in b.correct:
+                for name, ok in cr.items():
+                    correct_counts[name][0] += int(ok)
+                    correct_counts[name][1] += 1
+            written += len(b.rows)
         complete = len(writer.pending_indices()) == 0
-        final = writer.finalize() if complete else out_path
+        final = writer.finalize() if complete else plan.out
     except KeyboardInterrupt:
-        log(f"interrupted: {written} sample(s) written to {out_path}; run the same command "
+        log(f"interrupted: {written} sample(s) written to {plan.out}; run the same command "
             "again to resume")
         raise
     finally:
         writer.close()
     acc = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in correct_counts.items()}
-    return CaptureSummary(Path(final), len(samples), written, failed,
+    return CaptureSummary(Path(final), len(plan.samples), written, failed,
                           time.perf_counter() - t0, acc, complete)
 
 
-def _progress(total: int, enabled: bool):
+def _config_dims(model: str | Path) -> tuple[int, int] | None:
+    from .models import model_dims
+
+    return model_dims(model)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    """The one progress bar of model-running jobs (capture, sweep): samples, on stderr."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="sample", disable=not enabled, dynamic_ncols=True,
-                desc="capture", file=sys.stderr)
+                desc=desc, file=sys.stderr)

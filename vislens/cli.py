@@ -7,12 +7,16 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .conditions import condition_help
 from .errors import VislensError
+from .jobs import Terminated, add_job_arguments, clear_stop, request_stop
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
@@ -38,8 +42,10 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_capture, to_markdown
+    from .io import prepare_output_dir
 
     out = args.out or str(Path(args.file).with_suffix("")) + "-eval"
+    prepare_output_dir(out, force=args.force)
     tables = evaluate_capture(args.file, out)
     for name, df in tables.items():
         print(f"## {name}\n")
@@ -52,7 +58,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .store import merge
 
-    path = merge(args.out, args.shards)
+    path = merge(args.out, args.shards, force=args.force)
     print(f"merged {len(args.shards)} shard(s) into {path}")
     return 0
 
@@ -68,18 +74,52 @@ def _cmd_boxes(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .io import prepare_output_dir
     from .report import write_report
 
     out = args.out or str(Path(args.file).with_suffix("")) + "-report"
+    prepare_output_dir(out, force=args.force)
     conds = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
     path = write_report(args.file, out, conditions=conds, chunk=args.chunk)
     print(f"wrote {path} (and CSV/PNG files beside it)")
     return 0
 
 
+def _cmd_findings(args: argparse.Namespace) -> int:
+    from .findings import scorecard_text, write_findings
+    from .io import prepare_output_dir
+
+    prepare_output_dir(args.out, force=args.force)
+    found, path = write_findings(args.files, args.out, n_boot=args.n_boot, seed=args.seed,
+                                 chunk=args.chunk)
+    print(scorecard_text(found))
+    print(f"wrote {path} (and findings.csv, findings.json)")
+    return 0
+
+
+def _cmd_phrase_stats(args: argparse.Namespace) -> int:
+    from .evaluate import to_markdown
+    from .phrases import phrase_stats, read_conversations
+
+    speakers = None if args.speaker == "all" else [args.speaker]
+    texts = read_conversations(args.file, speakers)
+    df = phrase_stats(texts)
+    print(f"{len(texts)} conversation record(s) in {args.file}\n")
+    print(to_markdown(df))
+    if args.out:
+        from .io import check_output
+
+        check_output(args.out, force=args.force)
+        df.to_csv(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from .io import prepare_output_dir
     from .synth import SceneStyle, synthesize
 
+    prepare_output_dir(args.out, force=args.force)
     subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
     out = synthesize(args.out, args.n, args.seed, subsets=subsets, size=args.size,
                      style=SceneStyle.parse(args.style))
@@ -90,7 +130,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .io import prepare_output_dir
 
+    prepare_output_dir(args.out, force=args.force)
     run_demo(out_dir=args.out, groups=args.groups, model=args.model, batch_size=args.batch_size)
     return 0
 
@@ -109,40 +151,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("capture", help="run decoding conditions over a dataset into an HDF5 capture")
-    c.add_argument("--model", required=True, help="hub id, local checkpoint directory, or 'organism'")
-    c.add_argument("--dataset", required=True,
-                   help="whatsup:controlled_a|controlled_b|coco_one|coco_two|vg_one|vg_two, "
-                        "vsr:test|dev|train, or jsonl:PATH")
-    c.add_argument("--data-root", help="folder with the downloaded benchmark files")
-    c.add_argument("--out", required=True, help="output .h5 file (resumed if it exists)")
+    add_job_arguments(c, max_new_tokens=16)
+    c.add_argument("--out", required=True,
+                   help="output .h5 file (resumed if it exists; with --shard I/N the job writes "
+                        "OUT-stem.shardI-of-N.h5 instead, e.g. run.h5 -> run.shard0-of-4.h5)")
     c.add_argument("--condition", action="append", metavar="SPEC",
-                   help="baseline | scaling:alpha=A | adaptvis:alpha1=A1,alpha2=A2,beta=B | "
-                        "add:delta=D (optional ,layers=8-15,heads=0+3,name=N); repeatable")
+                   help=condition_help().replace("%", "%%"))
     c.add_argument("--split", default="all", choices=["val", "test", "all"])
-    c.add_argument("--split-seed", type=int, default=0, help="seed of the 20%% validation split")
-    c.add_argument("--limit", type=int, help="only the first N samples of the split")
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--shard", help="I/N: this job takes every N-th sample from I; one file per shard")
-    c.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
-    c.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, or balanced (several GPUs)")
+    c.add_argument("--shard", help="I/N (0 <= I < N): this job takes every N-th sample from I and "
+                   "writes OUT as OUT-stem.shardI-of-N.h5; combine the N files with vislens merge")
     c.add_argument("--on-error", default="stop", choices=["stop", "skip"])
-    c.add_argument("--max-new-tokens", type=int, default=16)
-    c.add_argument("--grid", type=int, default=24, help="analysis grid size G (G x G cells)")
-    c.add_argument("--matcher", default="paper", choices=["paper", "first-word"])
     c.add_argument("--prompt-style", default="chat", choices=["chat", "paper"],
                    help="chat: the model's chat template around the plain question; paper: the "
                         "published AdaptVis prompt strings verbatim (LLaVA-1.5 only)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_capture)
 
     e = sub.add_parser("evaluate", help="accuracy tables of a capture file")
     e.add_argument("file")
     e.add_argument("--out", help="folder for the CSV files (default: FILE-eval/)")
+    e.add_argument("--force", action="store_true",
+                   help="write into an existing folder vislens did not create")
     e.set_defaults(func=_cmd_evaluate)
 
-    m = sub.add_parser("merge", help="combine shard files into one capture")
-    m.add_argument("out")
-    m.add_argument("shards", nargs="+")
+    m = sub.add_parser("merge", help="combine shard files into one capture",
+                       description="Combine the files of capture --shard I/N jobs "
+                       "(run.shard0-of-N.h5 ... run.shardN-1-of-N.h5) into one final capture, "
+                       "rows in dataset order. Predictions equal a one-process run's; attention "
+                       "and probabilities agree to about one float16 step (batches differ).")
+    m.add_argument("out", help="the merged capture file (must not exist, unless --force)")
+    m.add_argument("shards", nargs="+", help="the shard files, e.g. run.shard*-of-4.h5")
+    m.add_argument("--force", action="store_true", help="replace an existing OUT")
     m.set_defaults(func=_cmd_merge)
 
     b = sub.add_parser("boxes", help="object boxes (YOLO or dataset annotations) -> patch masks in a capture")
@@ -161,7 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: FILE-report/)")
     r.add_argument("--conditions", help="comma-separated subset of the capture's conditions")
     r.add_argument("--chunk", type=int, default=32, help="samples read per chunk (memory)")
+    r.add_argument("--force", action="store_true",
+                   help="write into an existing folder vislens did not create")
     r.set_defaults(func=_cmd_report)
+
+    fi = sub.add_parser("findings", help="test the paper's claims F1-F10 on capture files "
+                        "(findings.md/.csv/.json)")
+    fi.add_argument("files", nargs="+", metavar="CAPTURE.h5", help="one or more capture files (pooled)")
+    fi.add_argument("--out", required=True, help="output folder")
+    fi.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    fi.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    fi.add_argument("--chunk", type=int, default=32, help="samples read per chunk (memory)")
+    fi.add_argument("--force", action="store_true",
+                    help="write into an existing folder vislens did not create")
+    fi.set_defaults(func=_cmd_findings)
+
+    ph = sub.add_parser("phrase-stats", help="relation-phrase counts in a LLaVA-format "
+                        "training-conversation file (Figure 15)")
+    ph.add_argument("file", metavar="CONVERSATIONS.json")
+    ph.add_argument("--speaker", default="all", choices=["all", "human", "gpt"],
+                    help="count the turns of this speaker only (default: all)")
+    ph.add_argument("--out", help="also write the table as CSV")
+    ph.add_argument("--force", action="store_true", help="replace an existing --out file")
+    ph.set_defaults(func=_cmd_phrase_stats)
 
     from . import figures as _figures
     from . import sweep as _sweep
@@ -183,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--style", default="plain",
                    help="busy scenes: distractors=LO-HI,occlusion=P,texture=N,clutter=N "
                         "(extra objects, partial occlusion, background noise, specks)")
+    s.add_argument("--force", action="store_true",
+                    help="write into an existing folder vislens did not create")
     s.set_defaults(func=_cmd_synth)
 
     from . import organism as _organism
@@ -206,20 +268,55 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--groups", type=int, default=12, help="held-out scene groups per subset")
     d.add_argument("--model", default="organism")
     d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--force", action="store_true",
+                    help="write into an existing folder vislens did not create")
     d.set_defaults(func=_cmd_demo)
     return p
 
 
+def _glue_values(argv: Sequence[str]) -> list[str]:
+    """``--shard -1/2`` -> ``--shard=-1/2``: argparse would take a value starting with ``-``
+    for an option and answer with its multi-line usage; vislens checks it in one line."""
+    if not argv or argv[0] != "capture":
+        return list(argv)
+    out: list[str] = []
+    it = iter(argv)
+    for tok in it:
+        if tok == "--shard":
+            nxt = next(it, None)
+            out.append(tok if nxt is None else f"{tok}={nxt}")
+        else:
+            out.append(tok)
+    return out
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    request_stop()
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_glue_values(argv))
+    clear_stop()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except VislensError as exc:
         print(f"vislens: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("vislens: terminated (SIGTERM); run the same command again to resume",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,245 +1,39 @@
-"""Decoding conditions (greedy, ScalingVis, AdaptVis, additive) sharing one prefix prefill.
+"""Executes planned decoding conditions over a batch, sharing one prefix prefill.
 
 An intervention changes only the attention row of the last prompt token, so the KV cache of
 the first ``n-1`` tokens is the same under every condition. The engine prefills those once
-per batch, then runs the last token once per distinct *steering setting* (a scale or an
-additive shift of the image-key logits, possibly restricted to layers/heads), records its
-attention row, and continues greedily (unsteered, like the paper) only where some condition
-needs the generated text. AdaptVis reuses the baseline step for its confidence, then reuses
-(or runs) the steps of alpha1/alpha2, each sample taking its own alpha.
+per batch, asks :func:`vislens.conditions.plan_conditions` which *steering settings*
+(:class:`~vislens.conditions.SettingKey`: an intervention kind with its values and
+restriction, and a decoding rule) each condition's rows need, runs the last token once per
+distinct setting, records its attention row, and continues (greedy and unsteered, like the
+paper, or by a contrastive rule) only where some condition needs the generated text.
+
+Planning is in :mod:`vislens.conditions` (torch-free); this module knows no method.
+Decoding rules are entries of :data:`RULES` (``greedy``, ``vcd``, ``dola``).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from .conditions import (BASELINE_KEY, NOISE_STEPS, Condition, ConditionResult, Plan,
+                         SettingKey, adaptvis_alpha, check_conditions, dola_candidates,
+                         parse_condition, plan_conditions)
 from .errors import VislensError
 from .models.base import PreparedBatch, VLMAdapter
+from .registry import Registry
 from .steering import Steerer, interventions_for
 
-# ----------------------------------------------------------------------------- conditions
-
-#: method -> (required parameters, optional parameters with defaults)
-METHODS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "baseline": ((), {}),
-    "scaling": (("alpha",), {}),
-    "adaptvis": (("alpha1", "alpha2", "beta"), {}),
-    "add": (("delta",), {}),
-    # baselines (contrastive decoding rules, no attention steering)
-    "vcd": ((), {"alpha": 1.0, "beta": 0.1, "noise_steps": 500, "seed": 0}),
-    "dola": ((), {"relative_top": 0.1}),
-}
-_COMMON = {"layers": None, "heads": None, "name": None}
-#: methods whose ``layers`` option is a string (not a steering restriction)
-_STRING_OPTIONS = {"dola": {"layers": "high"}}
-CONTRASTIVE = ("vcd", "dola")
-
-
-@dataclass(frozen=True)
-class Condition:
-    """One decoding condition, e.g. ``scaling:alpha=0.5`` or ``adaptvis:alpha1=0.5,...``.
-
-    ``layers``/``heads`` restrict the intervention (None = all, as in the paper).
-    """
-
-    name: str
-    method: str
-    params: tuple[tuple[str, float], ...] = ()
-    layers: tuple[int, ...] | None = None
-    heads: tuple[int, ...] | None = None
-    options: tuple[tuple[str, str], ...] = ()
-
-    def __getitem__(self, key: str) -> Any:
-        merged = {**dict(self.options), **dict(self.params)}
-        return merged[key]
-
-    def attrs(self) -> dict[str, Any]:
-        """What the capture file stores about this condition."""
-        out: dict[str, Any] = {"method": self.method, "spec": self.spec()}
-        out.update(dict(self.params))
-        out.update(dict(self.options))
-        if self.layers is not None:
-            out["layers"] = list(self.layers)
-        if self.heads is not None:
-            out["heads"] = list(self.heads)
-        return out
-
-    def spec(self) -> str:
-        parts = [f"{k}={_fmt(v)}" for k, v in self.params]
-        parts += [f"{k}={v}" for k, v in self.options]
-        if self.layers is not None:
-            parts.append("layers=" + _fmt_ints(self.layers))
-        if self.heads is not None:
-            parts.append("heads=" + _fmt_ints(self.heads))
-        return self.method + (":" + ",".join(parts) if parts else "")
-
-
-def _fmt(v: float) -> str:
-    return f"{v:g}"
-
-
-def _fmt_ints(v: Sequence[int]) -> str:
-    return "+".join(str(i) for i in v)
-
-
-def _parse_ints(text: str, what: str) -> tuple[int, ...]:
-    out: list[int] = []
-    try:
-        for part in text.replace("+", " ").replace(";", " ").split():
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise VislensError(f"condition option {what}={text!r}: expected integers like 0-15 or 3+7") from None
-    return tuple(sorted(set(out)))
-
-
-def parse_condition(text: str) -> Condition:
-    """Parse ``method[:key=value,...]`` (the ``--condition`` syntax) and validate it.
-
-    Layers/heads take ranges joined by ``+``: ``scaling:alpha=2,layers=8-15+20``.
-    """
-    method, _, rest = text.strip().partition(":")
-    method = method.strip().lower()
-    if method not in METHODS:
-        raise VislensError(f"unknown condition method {method!r} in {text!r}; choose one of "
-                           f"{', '.join(METHODS)}")
-    required, optional = METHODS[method]
-    string_opts = _STRING_OPTIONS.get(method, {})
-    values: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, val = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise VislensError(f"condition {text!r}: expected key=value, got {item!r}")
-        if key not in required and key not in optional and key not in _COMMON:
-            allowed = list(required) + list(optional) + list(_COMMON)
-            raise VislensError(f"condition {text!r}: unknown option {key!r} for {method} "
-                               f"(allowed: {', '.join(allowed)})")
-        values[key] = val.strip()
-    missing = [k for k in required if k not in values]
-    if missing:
-        raise VislensError(f"condition {text!r}: missing {', '.join(missing)}")
-    options = tuple((k, values.pop(k, default)) for k, default in string_opts.items())
-    params = []
-    for key in list(required) + list(optional):
-        if key not in values:
-            params.append((key, float(optional[key])))
-            continue
-        try:
-            num = float(values[key])
-        except ValueError:
-            raise VislensError(f"condition {text!r}: {key}={values[key]!r} is not a number") from None
-        params.append((key, num))
-    cond = Condition(name=values.get("name") or _default_name(method, dict(params)),
-                     method=method, params=tuple(params), options=options,
-                     layers=_parse_ints(values["layers"], "layers") if "layers" in values else None,
-                     heads=_parse_ints(values["heads"], "heads") if "heads" in values else None)
-    validate_condition(cond)
-    return cond
-
-
-def _default_name(method: str, p: dict[str, float]) -> str:
-    if method == "scaling":
-        return f"scaling-{_fmt(p['alpha'])}"
-    if method == "add":
-        return f"add{p['delta']:+g}"  # add+1, add-0.5
-    return method  # baseline, adaptvis, vcd, dola
-
-
-def validate_condition(cond: Condition) -> None:
-    """Reject non-finite or out-of-range parameters before any work starts."""
-    for key, v in cond.params:
-        if not math.isfinite(v):
-            raise VislensError(f"condition {cond.name}: {key}={v} is not finite")
-    p = dict(cond.params)
-    for key in ("alpha", "alpha1", "alpha2"):
-        if key in p and p[key] <= 0:
-            raise VislensError(f"condition {cond.name}: {key}={p[key]:g} must be > 0 (a temperature)")
-    if cond.method == "vcd":
-        if p["alpha"] < 0:
-            raise VislensError(f"condition {cond.name}: alpha={p['alpha']:g} must be >= 0")
-        if not 0.0 < p["beta"] <= 1.0:
-            raise VislensError(f"condition {cond.name}: beta={p['beta']:g} must be in (0, 1] "
-                               "(the plausibility cutoff)")
-        if not (0 <= p["noise_steps"] < NOISE_STEPS and float(p["noise_steps"]).is_integer()):
-            raise VislensError(f"condition {cond.name}: noise_steps={p['noise_steps']:g} must be "
-                               f"an integer in [0, {NOISE_STEPS - 1}]")
-        return
-    if cond.method == "dola":
-        if not 0.0 < p["relative_top"] < 1.0:
-            raise VislensError(f"condition {cond.name}: relative_top={p['relative_top']:g} "
-                               "must be in (0, 1)")
-        layers = cond["layers"]
-        if layers not in ("high", "low"):
-            _parse_ints(layers, "layers")
-        return
-    if "beta" in p and not 0.0 <= p["beta"] <= 1.0:
-        raise VislensError(f"condition {cond.name}: beta={p['beta']:g} must be in [0, 1] "
-                           "(a probability threshold)")
-    if cond.method == "adaptvis" and not p["alpha1"] <= p["alpha2"]:
-        raise VislensError(f"condition {cond.name}: alpha1={p['alpha1']:g} should smooth and "
-                           f"alpha2={p['alpha2']:g} sharpen (alpha1 <= alpha2)")
-
-
-def check_conditions(conds: Sequence[Condition]) -> None:
-    names = [c.name for c in conds]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise VislensError(f"two conditions are named {dup[0]!r}; add name=... to one of them")
-    if not conds:
-        raise VislensError("no condition given (e.g. --condition baseline)")
-
-
-# ----------------------------------------------------------------------------- results
-
-@dataclass
-class ConditionResult:
-    """One sample under one condition."""
-
-    text: str
-    first_token: int
-    confidence: float
-    option_probs: np.ndarray
-    alpha_used: float
-    image_attention: np.ndarray | None = None  # [L, H, G, G] (engine's attention_dtype)
-    image_mass: np.ndarray | None = None  # [L, H]
-    text_mass: np.ndarray | None = None  # [L, H]
-    n_image_tokens: int = 0  # image tokens of this sample's prompt (Figure 3's token share)
-    n_text_tokens: int = 0  # other non-padding prompt tokens
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-SettingKey = tuple[str, "float | tuple[float, ...]", "tuple[int, ...] | None", "tuple[int, ...] | None"]
-BASELINE_KEY: SettingKey = ("scale", 1.0, None, None)
-
-
-def setting_of(cond: Condition, alpha: float | None = None) -> SettingKey:
-    """The steering setting a (non-adaptive) condition, or AdaptVis with a chosen alpha, uses."""
-    if cond.method == "baseline":
-        return BASELINE_KEY
-    if cond.method == "add":
-        return ("add", cond["delta"], cond.layers, cond.heads)
-    value = cond["alpha"] if alpha is None else alpha
-    if value == 1.0:
-        return BASELINE_KEY
-    return ("scale", float(value), cond.layers, cond.heads)
-
-
-def adaptvis_alpha(confidence: np.ndarray, alpha1: float, alpha2: float, beta: float) -> np.ndarray:
-    """Eq. 3: alpha1 (smooth) where the unsteered confidence is below beta, else alpha2."""
-    confidence = np.asarray(confidence, dtype=np.float64)
-    return np.where(confidence < beta, alpha1, alpha2)
-
-
-NOISE_STEPS = 1000  # VCD's diffusion schedule length
+__all__ = ["BASELINE_KEY", "Condition", "ConditionResult", "DecodingEngine", "RULES",
+           "SettingKey", "adaptvis_alpha", "check_conditions", "diffusion_noise",
+           "dola_candidates", "dola_scores", "parse_condition", "run_conditions", "vcd_scores"]
 
 
 def diffusion_noise(x: torch.Tensor, noise_steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -264,28 +58,6 @@ def vcd_scores(real: torch.Tensor, noisy: torch.Tensor, alpha: float, beta: floa
     cutoff = math.log(beta) + real.max(dim=-1, keepdim=True).values
     scores = (1 + alpha) * real - alpha * noisy
     return scores.masked_fill(real < cutoff, float("-inf"))
-
-
-def dola_candidates(spec: str, num_layers: int) -> list[int]:
-    """Premature-layer candidates (hidden-state indices; 0 = embeddings) for DoLa.
-
-    ``"low"``/``"high"``: every second layer of the lower/upper half (for models over 40
-    layers, the first/last 20), as the DoLa paper and transformers 4.x did; or an explicit
-    list such as ``"0+2+4"``. The final layer is never a candidate.
-    """
-    if spec in ("low", "high"):
-        if num_layers <= 40:
-            lo, hi = (0, num_layers // 2) if spec == "low" else (num_layers // 2, num_layers)
-        else:
-            lo, hi = (0, 20) if spec == "low" else (num_layers - 20, num_layers)
-        layers = list(range(lo, hi, 2))
-    else:
-        layers = list(_parse_ints(spec, "layers"))
-    bad = [l for l in layers if not 0 <= l < num_layers]
-    if bad or not layers:
-        raise VislensError(f"dola layers={spec!r}: need indices in [0, {num_layers - 1}] "
-                           f"(0 = embeddings, {num_layers} = final layer)")
-    return layers
 
 
 def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: float = 0.1
@@ -313,7 +85,7 @@ def dola_scores(final: torch.Tensor, premature: torch.Tensor, relative_top: floa
 class _Step:
     """What one steering setting produced for the whole batch."""
 
-    logits: torch.Tensor  # [B, V] fp32, first generated token
+    logits: torch.Tensor  # [B, V] fp32 scores of the first generated token
     probs: torch.Tensor  # [B, V] fp32
     grids: np.ndarray | None  # [B, L, H, G, G]
     image_mass: np.ndarray | None
@@ -322,15 +94,22 @@ class _Step:
     rows: dict[int, torch.Tensor] | None = None  # raw [B, H, K] rows when keep_rows
 
 
+#: decoding rule name -> ``rule(engine, batch, cache, key, *, generate, record, sample_keys)``
+RULES: Registry[Callable[..., _Step]] = Registry("decoding rule")
+
+
 class DecodingEngine:
     """Runs several conditions over a batch with one shared prefix prefill.
 
     ``record`` stores the answer position's attention (grid, image and text mass) per
-    condition; ``max_new_tokens`` bounds the greedy continuation (1 = first token only).
+    condition; ``max_new_tokens`` bounds the continuation (1 = first token only).
+    ``max_fused_rows`` bounds samples x settings run as one batch over the repeated prefix
+    cache (its memory grows with it; 1 runs each setting as its own pass).
     """
 
     def __init__(self, adapter: VLMAdapter, *, max_new_tokens: int = 16, grid: int = 24,
-                 record: bool = True, attention_dtype: torch.dtype = torch.float32) -> None:
+                 record: bool = True, attention_dtype: torch.dtype = torch.float32,
+                 max_fused_rows: int = 32) -> None:
         if max_new_tokens < 1:
             raise VislensError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.adapter = adapter
@@ -339,6 +118,7 @@ class DecodingEngine:
         self.grid = grid
         self.record = record
         self.attention_dtype = attention_dtype  # float16 halves the device->host copy for stores
+        self.max_fused_rows = max_fused_rows  # samples x settings in one pass (1: no fusing)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
@@ -363,24 +143,71 @@ class DecodingEngine:
                             **batch.vision)
         return self._cache_of(out)
 
-    def step(self, batch: PreparedBatch, cache: Any, key: SettingKey, generate: bool = False,
-             keep_rows: bool = False, record: bool | None = None) -> _Step:
-        """Run the last prompt token under one steering setting on top of the prefix cache.
+    @staticmethod
+    def _last(batch: PreparedBatch) -> dict[str, Any]:
+        """Forward kwargs of the last prompt token (on top of the prefix cache)."""
+        return dict(input_ids=batch.input_ids[:, -1:], attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids[..., -1:], use_cache=True)
+
+    # -- decoding rules (entries of RULES) ----------------------------------------------
+    def step(self, batch: PreparedBatch, cache: Any, key: SettingKey | tuple, generate: bool = False,
+             keep_rows: bool = False, record: bool | None = None, **_: Any) -> _Step:
+        """Greedy rule: the last prompt token under one steering setting on the prefix cache,
+        then (``generate``) an unsteered greedy continuation.
 
         The cache is cropped back to the prefix afterwards, ready for the next setting.
         """
-        kind, value, layers, heads = key
-        b = batch.size
-        # a scalar applies to every row; a tuple gives each row its own value (AdaptVis)
-        values = list(value) if isinstance(value, tuple) else [value] * b
-        ivs = interventions_for(kind, values, layers=layers, heads=heads)
+        key = SettingKey(*key)
+        values = list(key.value) if isinstance(key.value, tuple) else [key.value] * batch.size
+        ivs = interventions_for(key.kind, values, layers=key.layers, heads=key.heads)
+        return self._greedy(batch, cache, ivs, generate, self.record if record is None else record,
+                            keep_rows)
+
+    def fused_steps(self, batch: PreparedBatch, cache: Any, keys: Sequence[SettingKey],
+                    generate: bool = False, record: bool | None = None) -> dict[SettingKey, _Step]:
+        """Greedy rule for several settings in one pass per token.
+
+        The batch and its prefix cache are repeated once per setting (row ``i*K + k`` is
+        sample ``i`` under setting ``k``), each setting's intervention acts on its own rows,
+        and one forward per generated token serves all K settings. On a GPU a decode step
+        re-reads every weight, so this turns K x N weight passes into N. The cache is back to
+        the prefix of the original rows afterwards.
+        """
+        keys = [SettingKey(*k) for k in keys]
+        n_set, b = len(keys), batch.size
         record = self.record if record is None else record
+        if n_set == 1:
+            return {keys[0]: self.step(batch, cache, keys[0], generate, record=record)}
+        ivs = []
+        for k, key in enumerate(keys):
+            values = torch.zeros(b, n_set)
+            values[:, k] = torch.as_tensor(key.value if isinstance(key.value, tuple)
+                                           else [key.value] * b, dtype=torch.float32)
+            rows = torch.zeros(b, n_set, dtype=torch.bool)
+            rows[:, k] = True
+            ivs += interventions_for(key.kind, values.flatten(), layers=key.layers,
+                                     heads=key.heads, rows=rows.flatten())
+        big = _repeat_rows(batch, n_set)
+        cache.batch_repeat_interleave(n_set)
+        try:
+            st = self._greedy(big, cache, ivs, generate, record, keep_rows=False)
+        finally:  # back to the original rows (the repeated copies are identical)
+            # CPU indices index tensors on any device (the layers may sit on several GPUs)
+            cache.batch_select_indices(torch.arange(0, b * n_set, n_set))
+
+        def pick(x: Any, k: int) -> Any:
+            return None if x is None else x[k::n_set]
+
+        return {key: _Step(st.logits[k::n_set], st.probs[k::n_set], pick(st.grids, k),
+                           pick(st.image_mass, k), pick(st.text_mass, k), pick(st.tokens, k))
+                for k, key in enumerate(keys)}
+
+    def _greedy(self, batch: PreparedBatch, cache: Any, ivs: list, generate: bool, record: bool,
+                keep_rows: bool) -> _Step:
+        """The last prompt token under interventions ``ivs``, then the greedy continuation."""
         steerer = Steerer(batch.image_keys, interventions=ivs, record=record)
         with steerer:
-            out = self._forward(input_ids=batch.input_ids[:, -1:],
-                                attention_mask=batch.attention_mask,
-                                position_ids=batch.position_ids[..., -1:],
-                                use_cache=True, **{self._cache_kw: cache})
+            out = self._forward(**self._last(batch), **{self._cache_kw: cache})
         logits = out.logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)
         grids = imass = tmass = None
@@ -425,55 +252,73 @@ class DecodingEngine:
             cut.append(row[:end] + [-1] * (n_fed - end))
         return cut
 
-    def contrastive_step(self, batch: PreparedBatch, cache: Any, cond: Condition,
-                         keys: Sequence[str], generate: bool) -> _Step:
-        """VCD or DoLa decoding (no steering): first-token scores and optional continuation."""
-        last = dict(input_ids=batch.input_ids[:, -1:], attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids[..., -1:], use_cache=True)
-        if cond.method == "vcd":
-            noisy = PreparedBatch(**{**batch.__dict__, "vision": self._noised(batch, cond, keys)})
-            cache2 = self.prefill(noisy)
-            caches = (cache, cache2)
+    def _contrastive(self, batch: PreparedBatch, cache: Any,
+                     scores: Callable[..., torch.Tensor], generate: bool, record: bool) -> _Step:
+        """First-token scores, attention and optional continuation of a contrastive rule.
 
-            def both(**kw):
-                outs = [self._forward(**kw, **{self._cache_kw: c}).logits[:, -1] for c in caches]
-                return vcd_scores(outs[0], outs[1], cond["alpha"], cond["beta"])
-
-            first = both(**last)
-            step_scores = lambda tok, mask, pos: both(input_ids=tok[:, None], attention_mask=mask,
-                                                      position_ids=pos, use_cache=True)
-        else:
-            cands = dola_candidates(cond["layers"], self.adapter.num_layers)
-            head, norm = self.model.get_output_embeddings(), self.adapter.final_norm()
-
-            def dola(**kw):
-                out = self._forward(**kw, output_hidden_states=True, **{self._cache_kw: cache})
-                hs = out.hidden_states
-                prem = torch.stack([head(norm(hs[j][:, -1])) for j in cands])
-                return dola_scores(out.logits[:, -1], prem, cond["relative_top"])[0]
-
-            first = dola(**last)
-            step_scores = lambda tok, mask, pos: dola(input_ids=tok[:, None], attention_mask=mask,
-                                                      position_ids=pos, use_cache=True)
-        tokens = self._decode_loop(batch, first, step_scores) if generate else None
+        ``scores(steerer, **forward_kwargs)`` runs the rule's forwards (the real-image,
+        full-depth one inside ``steerer`` when given) and returns next-token scores.
+        """
+        steerer = Steerer(batch.image_keys, record=record)
+        first = scores(steerer, **self._last(batch)).float()
+        tokens = None
+        if generate:
+            tokens = self._decode_loop(batch, first, lambda tok, mask, pos: scores(
+                None, input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True))
         cache.crop(-(len(tokens[0]) if tokens else 1))
-        probs = torch.softmax(first.float(), dim=-1)
-        return _Step(first.float(), probs, None, None, None, tokens)
+        grids = imass = tmass = None
+        if record:
+            grids, imass, tmass = self.reduce_records(batch, steerer.records)
+        return _Step(first, torch.softmax(first, dim=-1), grids, imass, tmass, tokens)
 
-    def _noised(self, batch: PreparedBatch, cond: Condition, keys: Sequence[str]) -> dict[str, Any]:
+    def vcd_step(self, batch: PreparedBatch, cache: Any, key: SettingKey, generate: bool = False,
+                 record: bool | None = None, sample_keys: Sequence[str] = (), **_: Any) -> _Step:
+        """VCD rule: contrast the real image with its diffusion-noised view (no steering).
+
+        The attention recorded is the real-image forward's (the unsteered row)."""
+        args = dict(key.rule_args)
+        noisy = PreparedBatch(**{**batch.__dict__,
+                                 "vision": self._noised(batch, args, sample_keys)})
+        noisy_cache = self.prefill(noisy)
+
+        def scores(steerer: Steerer | None, **kw) -> torch.Tensor:
+            with steerer if steerer is not None else _NO_STEERER:
+                real = self._forward(**kw, **{self._cache_kw: cache}).logits[:, -1]
+            fake = self._forward(**kw, **{self._cache_kw: noisy_cache}).logits[:, -1]
+            return vcd_scores(real, fake, args["alpha"], args["beta"])
+
+        return self._contrastive(batch, cache, scores, generate,
+                                 self.record if record is None else record)
+
+    def dola_step(self, batch: PreparedBatch, cache: Any, key: SettingKey, generate: bool = False,
+                  record: bool | None = None, **_: Any) -> _Step:
+        """DoLa rule: contrast the final layer with the most divergent premature layer."""
+        args = dict(key.rule_args)
+        cands = dola_candidates(args["premature_layers"], self.adapter.num_layers)
+        head, norm = self.model.get_output_embeddings(), self.adapter.final_norm()
+
+        def scores(steerer: Steerer | None, **kw) -> torch.Tensor:
+            with steerer if steerer is not None else _NO_STEERER:
+                out = self._forward(**kw, output_hidden_states=True, **{self._cache_kw: cache})
+            prem = torch.stack([head(norm(out.hidden_states[j][:, -1])) for j in cands])
+            return dola_scores(out.logits[:, -1], prem, args["relative_top"])[0]
+
+        return self._contrastive(batch, cache, scores, generate,
+                                 self.record if record is None else record)
+
+    def _noised(self, batch: PreparedBatch, args: dict[str, Any],
+                sample_keys: Sequence[str]) -> dict[str, Any]:
         """The batch's pixel inputs with per-sample deterministic diffusion noise."""
-        import hashlib
-
         pix = batch.vision["pixel_values"]
         if "image_grid_thw" in batch.vision:  # Qwen2-VL: patches of all images concatenated
             sizes = batch.vision["image_grid_thw"].prod(-1).tolist()
         else:
             sizes = [1] * pix.shape[0]
         parts, start = [], 0
-        for key, n in zip(keys, sizes):
-            digest = hashlib.sha256(f"{int(cond['seed'])}:{key}".encode()).digest()
+        for key, n in zip(sample_keys, sizes):
+            digest = hashlib.sha256(f"{int(args['seed'])}:{key}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-            parts.append(diffusion_noise(pix[start:start + n], int(cond["noise_steps"]), gen))
+            parts.append(diffusion_noise(pix[start:start + n], int(args["noise_steps"]), gen))
             start += n
         return {**batch.vision, "pixel_values": torch.cat(parts)}
 
@@ -510,78 +355,65 @@ class DecodingEngine:
         ``sample_keys`` (e.g. sample ids) seed per-sample randomness such as VCD's noise;
         they default to the questions.
         """
-        check_conditions(conditions)
+        check_conditions(conditions, self.adapter.num_layers, self.adapter.num_heads)
         batch = self.adapter.prepare(images, questions)
         keys = list(sample_keys) if sample_keys is not None else list(questions)
-        opt_ids = [self.adapter.option_token_ids(o) for o in options]
+        plans, steps = self._plan_and_execute(batch, conditions, keys)
+        return self._collect(batch, options, conditions, plans, steps)
+
+    def _plan_and_execute(self, batch: PreparedBatch, conditions: Sequence[Condition],
+                          sample_keys: Sequence[str]) -> tuple[dict[str, Plan], dict[SettingKey, _Step]]:
+        """Prefill, plan every condition (probing the unsteered confidence where a method needs
+        it), then run each distinct planned setting once: greedy ones fused, others alone."""
         cache = self.prefill(batch)
-        steps: dict[SettingKey, _Step] = {}
-        b = batch.size
         gen = self.max_new_tokens > 1
+        steps: dict[SettingKey, _Step] = {}
 
-        def need(key: SettingKey, generate: bool, record: bool = True) -> _Step:
+        def ready(key: SettingKey, generate: bool = gen, record: bool = self.record) -> bool:
             st = steps.get(key)
-            record = record and self.record
-            if st is None or (generate and st.tokens is None) or (record and st.grids is None):
-                st = self.step(batch, cache, key, generate, record=record)
-                steps[key] = st
-            return st
+            return st is not None and not (generate and st.tokens is None) and \
+                not (record and st.grids is None)
 
-        steered = [c for c in conditions if c.method not in CONTRASTIVE]
-        fixed = {c.name: setting_of(c) for c in steered if c.method != "adaptvis"}
-        adaptive = [c for c in steered if c.method == "adaptvis"]
-        contrastive = [c for c in conditions if c.method in CONTRASTIVE]
-        # the baseline step first: AdaptVis needs its confidence, VCD/DoLa its attention
-        # (they do not change attention), and it is usually requested anyway
-        if adaptive or contrastive or BASELINE_KEY in fixed.values():
-            need(BASELINE_KEY, gen and BASELINE_KEY in fixed.values(),
-                 record=BASELINE_KEY in fixed.values() or bool(contrastive))
-        for key in dict.fromkeys(fixed.values()):
-            need(key, gen)
-        chosen: dict[str, np.ndarray] = {}
-        adaptive_key: dict[str, SettingKey] = {}
-        if adaptive:
-            base_conf = steps[BASELINE_KEY].probs.max(-1).values.cpu().numpy()
-            for c in adaptive:
-                alphas = adaptvis_alpha(base_conf, c["alpha1"], c["alpha2"], c["beta"])
-                chosen[c.name] = alphas
-                row_keys = {setting_of(c, a) for a in alphas.tolist()}
-                reusable = all(k in steps and (steps[k].tokens is not None or not gen)
-                               for k in row_keys)
-                if len(row_keys) > 1 and not reusable:
-                    # one step in which every row gets its own alpha, instead of one step
-                    # per alpha over the whole batch
-                    key = ("scale", tuple(float(a) for a in alphas), c.layers, c.heads)
-                    need(key, gen)
-                    adaptive_key[c.name] = key
-                else:
-                    for k in row_keys:
-                        need(k, gen)
-        special = {c.name: self.contrastive_step(batch, cache, c, keys, gen) for c in contrastive}
+        def need(key: SettingKey, generate: bool = gen, record: bool = self.record) -> _Step:
+            if not ready(key, generate, record):
+                steps[key] = RULES.get(key.rule)(self, batch, cache, key, generate=generate,
+                                                 record=record, sample_keys=sample_keys)
+            return steps[key]
 
-        results: list[dict[str, ConditionResult]] = [{} for _ in range(b)]
-        for c in conditions:
-            for i in range(b):
-                if c.name in special:
-                    results[i][c.name] = self._result(special[c.name], i, opt_ids[i], 1.0,
-                                                      attention=steps[BASELINE_KEY])
-                    continue
-                alpha = float(chosen[c.name][i]) if c.method == "adaptvis" else \
-                    (c["alpha"] if c.method == "scaling" else 1.0)
-                if c.method == "adaptvis":
-                    key = adaptive_key.get(c.name) or setting_of(c, alpha)
-                else:
-                    key = fixed[c.name]
-                results[i][c.name] = self._result(steps[key], i, opt_ids[i], alpha)
+        def confidence() -> np.ndarray:
+            # the unsteered first token only: where a condition uses the baseline as its own
+            # result, its continuation and attention come with the fused pass below
+            return need(BASELINE_KEY, False, False).probs.max(-1).values.cpu().numpy()
+
+        plans = plan_conditions(conditions, batch.size, confidence)
+        planned = list(dict.fromkeys(k for p in plans.values() for k in p.rows))
+        # greedy settings share passes (max_fused_rows rows each); other rules run alone
+        greedy = [k for k in planned if k.rule == "greedy" and not ready(k)]
+        per_pass = max(1, self.max_fused_rows // batch.size)
+        for start in range(0, len(greedy), per_pass):
+            steps.update(self.fused_steps(batch, cache, greedy[start:start + per_pass], gen))
+        for key in planned:
+            need(key)
+        return plans, steps
+
+    def _collect(self, batch: PreparedBatch, options: Sequence[Sequence[str]],
+                 conditions: Sequence[Condition], plans: dict[str, Plan],
+                 steps: dict[SettingKey, _Step]) -> list[dict[str, ConditionResult]]:
+        """Each sample's result under each condition, from the step its plan names."""
         n_img = batch.image_keys.sum(-1).tolist()
         n_all = batch.attention_mask.sum(-1).tolist()
-        for i, res in enumerate(results):
-            for r in res.values():
+        opt_ids = [self.adapter.option_token_ids(o) for o in options]
+        results: list[dict[str, ConditionResult]] = [{} for _ in range(batch.size)]
+        for c in conditions:
+            plan = plans[c.name]
+            for i, res in enumerate(results):
+                r = self._result(steps[plan.rows[i]], i, opt_ids[i], plan.alpha_used[i])
                 r.n_image_tokens, r.n_text_tokens = int(n_img[i]), int(n_all[i] - n_img[i])
+                res[c.name] = r
         return results
 
-    def _result(self, st: _Step, i: int, opt_ids: Sequence[Sequence[int]], alpha: float,
-                attention: _Step | None = None) -> ConditionResult:
+    def _result(self, st: _Step, i: int, opt_ids: Sequence[Sequence[int]],
+                alpha: float) -> ConditionResult:
         p = st.probs[i]
         first = int(p.argmax())
         if st.tokens is not None:
@@ -589,15 +421,31 @@ class DecodingEngine:
         else:
             ids = [] if first in self.adapter.eos_token_ids else [first]
         text = self.adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        att = attention if attention is not None else st
         option_probs = np.array([float(p[list(ids_k)].sum()) if ids_k else 0.0
                                  for ids_k in opt_ids], dtype=np.float32)
         return ConditionResult(
             text=text, first_token=first, confidence=float(p.max()), option_probs=option_probs,
             alpha_used=float(alpha),
-            image_attention=None if att.grids is None else att.grids[i],
-            image_mass=None if att.image_mass is None else att.image_mass[i],
-            text_mass=None if att.text_mass is None else att.text_mass[i])
+            image_attention=None if st.grids is None else st.grids[i],
+            image_mass=None if st.image_mass is None else st.image_mass[i],
+            text_mass=None if st.text_mass is None else st.text_mass[i])
+
+
+def _repeat_rows(batch: PreparedBatch, times: int) -> PreparedBatch:
+    """Each row repeated ``times`` times in place (row ``i*times + k``), for the last token and
+    the decode steps (no pixels: the image is in the prefix cache)."""
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(times, dim=-2 if t.dim() == 3 else 0)
+    return PreparedBatch(input_ids=rep(batch.input_ids), attention_mask=rep(batch.attention_mask),
+                         position_ids=rep(batch.position_ids), image_keys=rep(batch.image_keys),
+                         vision={}, layouts=[lay for lay in batch.layouts for _ in range(times)],
+                         prompts=[p for p in batch.prompts for _ in range(times)])
+
+
+RULES.add("greedy", DecodingEngine.step)
+RULES.add("vcd", DecodingEngine.vcd_step)
+RULES.add("dola", DecodingEngine.dola_step)
+_NO_STEERER = contextlib.nullcontext()
 
 
 def run_conditions(adapter: VLMAdapter, images: Sequence[Any], questions: Sequence[str],

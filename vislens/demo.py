@@ -2,7 +2,8 @@
 
 Held-out synthetic scenes -> capture (baseline, ScalingVis smooth/sharpen, AdaptVis) into one
 HDF5 file per subset -> evaluation tables -> per-layer AUROC reports -> the paper's figures ->
-a ScalingVis/AdaptVis hyper-parameter sweep with VCD and DoLa baselines (Table 1).
+a ScalingVis/AdaptVis hyper-parameter sweep with VCD and DoLa baselines (Table 1) -> the
+findings scorecard (the paper's claims F1-F10 on both captures).
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
         rep = write_report(written[f"capture_{subset}"], out / f"report_{subset}", log=log)
         written[f"report_{subset}"] = rep
         log(f"[3/5] per-layer AUROC report: {rep}")
-    figs = write_figures(written["capture_a"], out / "figures", log=lambda m: log("      " + m))
+    figs = write_figures([written["capture_a"], written["capture_b"]], out / "figures",
+                         log=lambda m: log("      " + m))  # Figs. 14/15 compare the subsets
     written["figures"] = out / "figures"
     log(f"[4/5] {len(figs)} figures in {out / 'figures'}")
     from .evaluate import to_markdown as _md
@@ -82,6 +84,13 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
     written["sweep_a"] = out / "sweep_a"
     log(f"[5/5] sweep (alpha, beta chosen on the validation split) -> {out / 'sweep_a'}\n")
     log(_md(sweep.table1, floatfmt=".1f"))
+    log("")
+    from .findings import scorecard_text, write_findings
+
+    found, card = write_findings([written["capture_a"], written["capture_b"]], out / "findings")
+    written["findings"] = card
+    log(f"findings scorecard of the organism ({card}):\n")
+    log(scorecard_text(found))
     log("")
     log(f"done in {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return written

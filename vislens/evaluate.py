@@ -22,10 +22,12 @@ import pandas as pd
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from .errors import VislensError
+from .metrics import wilson_interval
 
 __all__ = [
     "accuracy",
     "accuracy_table",
+    "gold_frequency",
     "match_first_word",
     "match_paper",
     "match_vsr_paper",
@@ -245,8 +247,14 @@ def accuracy_table(
     columns: str | None = "relation",
     pair_set: Literal["a", "b"] | None = None,
     paper_denominators: bool = False,
+    intervals: bool = False,
 ) -> pd.DataFrame:
     """Accuracy (percent) per row key and per relation, like the paper's tables.
+
+    With ``intervals=True`` every accuracy column ``X`` is followed by ``X_low`` and
+    ``X_high``, its Wilson 95% interval in percent (:func:`vislens.metrics.wilson_interval`;
+    pair/set accuracy over the pairs/sets counted, NaN with ``paper_denominators`` when
+    ``N/2`` or ``N/4`` is not whole). :func:`to_markdown` shows them as ``X [low, high]``.
 
     ``df`` is tidy: one row per question with the ``by`` columns (default ``condition``),
     ``relation`` and a bool ``correct`` (plus ``group`` when ``pair_set`` is given). Returns
@@ -269,6 +277,13 @@ def accuracy_table(
 
     col_values = list(pd.unique(df[columns])) if columns is not None else []
     rows = []
+
+    def wilson(row: dict, name: object, k: float, n: float) -> None:
+        if intervals:
+            whole = float(n).is_integer() and float(k).is_integer()
+            lo, hi = wilson_interval(int(k), int(n)) if whole else (np.nan, np.nan)
+            row[f"{name}_low"], row[f"{name}_high"] = 100.0 * lo, 100.0 * hi
+
     for key, part in df.groupby(by, sort=False, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         correct = _bool_array(part["correct"].to_numpy())
@@ -277,7 +292,9 @@ def accuracy_table(
         for v in col_values:
             sel = (part[columns] == v).to_numpy()
             row[v] = 100.0 * accuracy(correct[sel])
+            wilson(row, v, correct[sel].sum(), sel.sum())
         row["acc"] = 100.0 * accuracy(correct)
+        wilson(row, "acc", correct.sum(), correct.size)
         if pair_set is not None:
             ps = pair_set_accuracy(
                 part["relation"].to_numpy(),
@@ -287,9 +304,13 @@ def accuracy_table(
                 paper_denominators=paper_denominators,
             )
             row["pair_acc"] = ps["pair_acc"]
+            wilson(row, "pair_acc", ps["pair_correct"], ps["n_pairs"])
             row["set_acc"] = ps["set_acc"]
+            wilson(row, "set_acc", ps["set_correct"], ps["n_sets"])
         rows.append(row)
-    order = [*by, "n", *col_values, "acc"] + (["pair_acc", "set_acc"] if pair_set else [])
+    accs = [*col_values, "acc"] + (["pair_acc", "set_acc"] if pair_set else [])
+    order = [*by, "n"] + [c for a in accs
+                          for c in ([a, f"{a}_low", f"{a}_high"] if intervals else [a])]
     return pd.DataFrame(rows, columns=order).set_index(by)
 
 
@@ -301,14 +322,36 @@ def _cell(value: object, floatfmt: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _merge_intervals(df: pd.DataFrame, floatfmt: str) -> tuple[pd.DataFrame, list]:
+    """Columns ``X, X_low, X_high`` -> one text column ``X`` reading ``v [lo, hi]``; also
+    returns the merged column labels."""
+    cols = [c for c in df.columns if isinstance(c, str) or not isinstance(c, tuple)]
+    names = {str(c): c for c in cols}
+    merged = [c for c in cols if f"{c}_low" in names and f"{c}_high" in names
+              and all(pd.api.types.is_numeric_dtype(df[x]) for x in (c, names[f"{c}_low"],
+                                                                     names[f"{c}_high"]))]
+    if not merged:
+        return df, []
+    out = df.copy()
+    for c in merged:
+        lo, hi = df[names[f"{c}_low"]], df[names[f"{c}_high"]]
+        out[c] = [_cell(v, floatfmt) + (f" [{_cell(a, floatfmt)}, {_cell(b, floatfmt)}]"
+                                         if np.isfinite(a) and np.isfinite(b) else "")
+                  for v, a, b in zip(df[c], lo, hi)]
+        out = out.drop(columns=[names[f"{c}_low"], names[f"{c}_high"]])
+    return out, merged
+
+
 def to_markdown(df: pd.DataFrame, *, floatfmt: str = ".1f", index: bool | None = None) -> str:
     """Render ``df`` as a GitHub pipe table without the optional ``tabulate`` package.
 
     Floats use ``floatfmt`` (NaN prints as ``nan``); numeric columns are right-aligned;
     ``|`` in cells is escaped. ``index=None`` includes the index unless it is a default
     ``RangeIndex``. MultiIndex levels become separate columns; MultiIndex column labels are
-    joined with ``" / "``.
+    joined with ``" / "``. A column ``X`` followed by numeric ``X_low`` and ``X_high`` (an
+    interval) is shown as one column, ``X [low, high]``.
     """
+    df, merged = _merge_intervals(df, floatfmt)
     frame = df
     if index is None:
         index = not (isinstance(df.index, pd.RangeIndex) and df.index.name is None)
@@ -324,7 +367,8 @@ def to_markdown(df: pd.DataFrame, *, floatfmt: str = ".1f", index: bool | None =
 
     headers = [header_override.get(i, label(c)) for i, c in enumerate(frame.columns)]
     numeric = [
-        pd.api.types.is_numeric_dtype(frame.iloc[:, i]) and not pd.api.types.is_bool_dtype(frame.iloc[:, i])
+        (pd.api.types.is_numeric_dtype(frame.iloc[:, i]) and not pd.api.types.is_bool_dtype(frame.iloc[:, i]))
+        or frame.columns[i] in merged
         for i in range(frame.shape[1])
     ]
     body = [[_cell(v, floatfmt) for v in row] for row in frame.itertuples(index=False, name=None)]
@@ -348,14 +392,36 @@ def _subset_of(relations: pd.Series) -> str | None:
     return None
 
 
+def gold_frequency(samples: pd.DataFrame) -> pd.DataFrame:
+    """Table 7: how often each gold answer occurs, per relation.
+
+    ``samples`` has one row per question with ``relation`` and ``answer``. Returns one row
+    per (relation, answer) in first-appearance order with ``n``, ``percent`` (of all
+    questions) and ``percent_of_relation`` (of the relation's questions): a benchmark whose
+    gold answers are unbalanced rewards a model that always gives the frequent one.
+    """
+    missing = sorted({"relation", "answer"} - set(samples.columns))
+    if missing:
+        raise VislensError(f"gold_frequency: missing column(s) {missing}")
+    if samples.empty:
+        raise VislensError("gold_frequency: no samples")
+    counts = samples.groupby(["relation", "answer"], sort=False).size().rename("n").reset_index()
+    per_rel = counts.groupby("relation", sort=False)["n"].transform("sum")
+    counts["percent"] = 100.0 * counts["n"] / counts["n"].sum()
+    counts["percent_of_relation"] = 100.0 * counts["n"] / per_rel
+    return counts.set_index(["relation", "answer"])
+
+
 def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
                      log: Callable[[str], None] | None = print) -> dict[str, pd.DataFrame]:
     """Accuracy tables of a capture file under both answer matchers.
 
-    Per condition and per gold relation; pair and set accuracy when the samples form complete
-    Controlled-style groups; VSR-style yes/no data adds standard F1 and the paper's variant.
-    Writes ``accuracy.csv`` (and ``vsr.csv``) into ``out_dir`` when given. On an unfinished
-    capture the tables cover the done samples and ``log`` gets one line saying so
+    Per condition and per gold relation, each with its Wilson 95% interval; pair and set
+    accuracy when the samples form complete Controlled-style groups; VSR-style yes/no data
+    adds standard F1 and the paper's variant; ``gold_frequency`` is Table 7 (how often each
+    gold answer occurs per relation). Writes ``accuracy.csv``, ``gold_frequency.csv`` (and
+    ``vsr.csv``) into ``out_dir`` when given. On an unfinished capture the tables cover the
+    done samples and ``log`` gets one line saying so
     (``c.h5: 8 of 16 samples done (unfinished capture)``).
     """
     from .analysis import samples_note
@@ -378,7 +444,7 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
                             for p, a in zip(t["prediction"], t["answer"])]
         else:
             t["correct"] = [fn(p, a) for p, a in zip(t["prediction"], t["answer"])]
-        acc = accuracy_table(t, by=("condition",), pair_set=subset)
+        acc = accuracy_table(t, by=("condition",), pair_set=subset, intervals=True)
         acc.insert(0, "matcher", matcher)
         rows.append(acc)
         if yesno:
@@ -391,6 +457,7 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
             tables.setdefault("vsr", pd.DataFrame())
             tables["vsr"] = pd.concat([tables["vsr"], pd.DataFrame(vs)], ignore_index=True)
     tables["accuracy"] = pd.concat(rows)
+    tables["gold_frequency"] = gold_frequency(tab.drop_duplicates("row"))
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

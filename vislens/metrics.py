@@ -25,7 +25,6 @@ from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import entropy as _scipy_entropy
 from scipy.stats import skew as _scipy_skew
 from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -37,13 +36,20 @@ __all__ = [
     "attention_entropy",
     "attention_share",
     "attention_skewness",
+    "attention_value_skewness",
     "auroc",
+    "auroc_interval",
+    "bootstrap_indices",
     "calibration_aurocs",
     "layer_variance",
     "normalize_maps",
     "overlap",
     "per_layer_auroc",
+    "percentile_interval",
+    "resample_counts",
     "roc",
+    "weighted_auroc",
+    "wilson_interval",
 ]
 
 
@@ -218,12 +224,16 @@ def per_layer_auroc(
     correct: np.ndarray,
     *,
     layers: Sequence[int] | None = None,
+    n_boot: int = 0,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """AUROC of a per-layer score (e.g. head-mean overlap) for predicting correctness.
 
     ``scores`` is ``[N, L]``, ``correct`` is ``[N]``. Returns one row per layer with columns
     ``layer`` (``layers[i]`` if given, else the column index), ``auroc``, ``n_pos``,
-    ``n_neg``; see :func:`auroc` for NaN handling.
+    ``n_neg``; see :func:`auroc` for NaN handling. With ``n_boot > 0`` also
+    ``auroc_low``, ``auroc_high``: the 95% bootstrap percentile interval over samples (the
+    same resamples for every layer).
     """
     s = _as_float(scores, "scores")
     if s.ndim != 2:
@@ -235,7 +245,7 @@ def per_layer_auroc(
     if len(layer_ids) != s.shape[1]:
         raise VislensError(f"layers: {len(layer_ids)} ids for {s.shape[1]} score columns")
     rows = [auroc(s[:, j], y) for j in range(s.shape[1])]
-    return pd.DataFrame(
+    df = pd.DataFrame(
         {
             "layer": pd.array(layer_ids, dtype="int64"),
             "auroc": np.array([r.auroc for r in rows], dtype=np.float64),
@@ -243,6 +253,13 @@ def per_layer_auroc(
             "n_neg": pd.array([r.n_neg for r in rows], dtype="int64"),
         }
     )
+    if n_boot > 0:
+        counts = resample_counts(bootstrap_indices(s.shape[0], n_boot, seed), s.shape[0]) \
+            if s.shape[0] else np.zeros((n_boot, 0))
+        ci = [percentile_interval(weighted_auroc(s[:, j], y, counts)) for j in range(s.shape[1])]
+        df["auroc_low"] = np.array([c[0] for c in ci], dtype=np.float64)
+        df["auroc_high"] = np.array([c[1] for c in ci], dtype=np.float64)
+    return df
 
 
 def roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -280,6 +297,123 @@ def calibration_aurocs(
     rows = [(name, *auroc(values, correct)) for name, values in signals.items()]
     df = pd.DataFrame(rows, columns=["signal", "auroc", "n_pos", "n_neg"])
     return df.astype({"auroc": "float64", "n_pos": "int64", "n_neg": "int64"})
+
+
+# --------------------------------------------------------------------------- intervals
+
+#: bootstrap resamples used by default for 95% intervals
+N_BOOT = 1000
+
+
+def wilson_interval(k: int | np.ndarray, n: int | np.ndarray, level: float = 0.95
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion ``k / n`` (scipy's ``binomtest``), as fractions.
+
+    Scalars or equal-shape arrays; ``n == 0`` gives NaN. Used for every accuracy a table
+    reports: unlike the normal approximation it stays inside [0, 1] and is honest at 0% or
+    100% and for small ``n``.
+    """
+    from scipy.stats import binomtest
+
+    kk = np.asarray(k, dtype=np.int64)
+    nn = np.asarray(n, dtype=np.int64)
+    if kk.shape != nn.shape:
+        raise VislensError(f"wilson_interval: k {kk.shape} and n {nn.shape} differ in shape")
+    if ((kk < 0) | (kk > nn)).any():
+        raise VislensError("wilson_interval: need 0 <= k <= n")
+    lo = np.full(kk.shape, np.nan)
+    hi = np.full(kk.shape, np.nan)
+    for pos in np.ndindex(kk.shape):
+        if nn[pos] == 0:
+            continue
+        ci = binomtest(int(kk[pos]), int(nn[pos])).proportion_ci(level, method="wilson")
+        lo[pos], hi[pos] = ci.low, ci.high
+    return (lo, hi) if kk.ndim else (float(lo), float(hi))
+
+
+def bootstrap_indices(n: int, n_boot: int = N_BOOT, seed: int = 0,
+                      strata: np.ndarray | None = None) -> np.ndarray:
+    """``[n_boot, n]`` row indices of bootstrap resamples of ``n`` samples.
+
+    With ``strata`` (``[n]`` labels), each resample draws within each stratum as many
+    samples as it holds, so group sizes are kept (e.g. per relation or per capture file).
+    Deterministic for a given ``seed``. Comparing conditions on the same samples uses the
+    same indices for both (a paired bootstrap).
+    """
+    if n < 1 or n_boot < 1:
+        raise VislensError(f"bootstrap: need n >= 1 and n_boot >= 1, got {n} and {n_boot}")
+    rng = np.random.default_rng(seed)
+    if strata is None:
+        return rng.integers(0, n, size=(n_boot, n))
+    lab = np.asarray(strata)
+    if lab.shape != (n,):
+        raise VislensError(f"bootstrap: strata has shape {lab.shape}, expected ({n},)")
+    out = np.empty((n_boot, n), dtype=np.int64)
+    for value in pd.unique(lab):
+        members = np.flatnonzero(lab == value)
+        out[:, members] = members[rng.integers(0, members.size, size=(n_boot, members.size))]
+    return out
+
+
+def percentile_interval(replicates: np.ndarray, level: float = 0.95,
+                        min_defined: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates; NaN replicates (e.g. an AUROC of a
+    resample with one class) are dropped, and the interval is NaN when fewer than
+    ``min_defined`` of them are defined (too unstable to report)."""
+    r = np.asarray(replicates, dtype=np.float64).ravel()
+    ok = np.isfinite(r)
+    if r.size == 0 or ok.mean() < min_defined:
+        return float("nan"), float("nan")
+    tail = 50 * (1 - level)
+    lo, hi = np.percentile(r[ok], [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def weighted_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of ``scores`` for ``labels`` with per-sample ``weights`` ``[B, n]``, one per row.
+
+    With integer weights = how often a bootstrap resample drew each sample, row ``b`` equals
+    :func:`auroc` on that resample exactly (ties count one half), at the cost of one sort
+    for all rows instead of one per resample. Non-finite scores are dropped; rows without
+    both classes give NaN.
+    """
+    s, y = _check_1d_pair(scores, labels)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2 or w.shape[1] != s.size:
+        raise VislensError(f"weights: expected [B, {s.size}], got shape {w.shape}")
+    keep = np.isfinite(s)
+    s, y, w = s[keep], y[keep], w[:, keep]
+    if s.size == 0:
+        return np.full(w.shape[0], np.nan)
+    order = np.argsort(s, kind="stable")
+    s, y, w = s[order], y[order], w[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first sample of each tied value
+    pos = np.add.reduceat(w * y, starts, axis=1)
+    neg = np.add.reduceat(w * ~y, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each value
+    num = (pos * (below + 0.5 * neg)).sum(axis=1)
+    den = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def resample_counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """``[B, n]`` how often each sample appears in each resample of :func:`bootstrap_indices`."""
+    idx = np.asarray(idx, dtype=np.int64)
+    B = idx.shape[0]
+    flat = (np.arange(B, dtype=np.int64)[:, None] * n + idx).ravel()
+    return np.bincount(flat, minlength=B * n).reshape(B, n)
+
+
+def auroc_interval(scores: np.ndarray, labels: np.ndarray, *, n_boot: int = N_BOOT,
+                   seed: int = 0, level: float = 0.95, strata: np.ndarray | None = None
+                   ) -> tuple[float, float]:
+    """Bootstrap percentile interval of :func:`auroc` over samples (NaN when undefined)."""
+    s, y = _check_1d_pair(scores, labels)
+    if s.size == 0:
+        return float("nan"), float("nan")
+    idx = bootstrap_indices(s.size, n_boot, seed, strata)
+    return percentile_interval(weighted_auroc(s, y, resample_counts(idx, s.size)), level)
 
 
 # --------------------------------------------------------------------------- attention share
@@ -339,25 +473,108 @@ def attention_entropy(attn: np.ndarray) -> np.ndarray:
 
     Eq. 4 is the Shannon entropy ``H = -sum_i p_i log p_i`` of the normalised image
     attention ``p_i = a_i / sum_j a_j`` over the ``G*G`` cells: low = focused, high =
-    spread out; ``log(G*G)`` for a uniform map. Computed with :func:`scipy.stats.entropy`.
-    Values depend on the analysis grid, so compare only at equal ``G``. ``[..., G, G] ->
-    [...]``; an all-zero map gives NaN.
+    spread out; ``log(G*G)`` for a uniform map. Values depend on the analysis grid, so
+    compare only at equal ``G``. ``[..., G, G] -> [...]``; an all-zero map gives NaN.
+
+    Computed without normalising the map first, in one pass over the cells:
+    ``H = log S - sum_i a_i log a_i / S`` with ``S = sum_i a_i`` (``0 log 0 = 0``), in
+    blocks so a streamed chunk is not copied whole, in the map's precision (float32 maps:
+    see the module notes); equal to :func:`scipy.stats.entropy` of the normalised map (the tests check it).
     """
-    p = _flat_cells(attn)
-    bad = np.isnan(p).any(axis=-1)
-    h = _scipy_entropy(np.where(bad[..., None], 1.0, p), axis=-1)
-    return np.where(bad, np.nan, h).astype(np.float64, copy=False)
+    a = _check_maps(attn)
+    cells = a.shape[-2] * a.shape[-1]
+    flat = a.reshape(-1, cells)
+    total = np.empty(flat.shape[0], dtype=np.float64)
+    spread = np.empty(flat.shape[0], dtype=np.float64)
+    tiny = np.finfo(flat.dtype).tiny  # log of a zero cell is finite, times zero is 0
+    buf = np.empty((min(4096, flat.shape[0]), cells), dtype=flat.dtype)  # reused per block
+    for start in range(0, flat.shape[0], 4096):
+        block = flat[start:start + 4096]
+        alog = buf[:block.shape[0]]
+        total[start:start + 4096] = block.sum(axis=-1)
+        np.maximum(block, tiny, out=alog)
+        with np.errstate(invalid="ignore"):
+            np.log(alog, out=alog)
+        alog *= block
+        spread[start:start + 4096] = alog.sum(axis=-1)
+    ok = np.isfinite(total) & (total > 0) & np.isfinite(spread)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h = np.log(total) - spread / total
+    return np.where(ok, h, np.nan).reshape(a.shape[:-2])
 
 
 def attention_skewness(attn: np.ndarray) -> np.ndarray:
-    """Skewness of the attention values over image cells (Appendix E.1, Eq. 5).
+    """Positional skewness of each map over the token index (Appendix E.1, Eq. 5).
 
-    Eq. 5 treats the ``G*G`` cell values of one map as a sample and takes its
-    Fisher-Pearson skewness ``g1 = m3 / m2**1.5`` (population moments, scipy's default
-    ``bias=True``): large positive = a few cells hold much more attention than the rest.
-    Skewness is scale-invariant, so it is the same on raw or normalised maps (normalised
-    here). ``[..., G, G] -> [...]``; a constant (e.g. uniform) map has zero variance and an
-    all-zero map no distribution, and both give NaN.
+    Eq. 5 is the third standardised moment of the token index ``j`` under the normalised
+    image attention ``P~_j = a_j / sum_k a_k``:
+    ``S = sum_j (j - mu)**3 P~_j / sigma**3`` with ``mu = sum_j j P~_j`` and
+    ``sigma**2 = sum_j (j - mu)**2 P~_j``. ``j`` runs over the ``G*G`` grid cells in
+    row-major order (the order of the image tokens): S > 0 = the attention's bulk sits
+    early (top of the image) with a tail towards later cells, S < 0 the reverse, 0 for a
+    map symmetric about its mean (e.g. uniform). ``[..., G, G] -> [...]``; a map with all
+    its attention on one cell (``sigma = 0``) or none at all gives NaN.
+
+    This is not the skewness of the cell *values*: that is
+    :func:`attention_value_skewness`.
+    """
+    a = _check_maps(attn)
+    cells = a.shape[-2] * a.shape[-1]
+    flat = a.reshape(-1, cells)
+    # raw moments of the centred, scaled index u = (j - c) / c in [-1, 1] (skewness is
+    # invariant to that affine map), so the central moments below cancel little
+    c = max((cells - 1) / 2, 1.0)
+    u = (np.arange(cells, dtype=np.float64) - (cells - 1) / 2) / c
+    powers = np.stack([np.ones_like(u), u, u * u, u * u * u], axis=1)  # [G*G, 4]
+    m = np.empty((flat.shape[0], 4), dtype=np.float64)
+    if flat.dtype == np.float32:
+        # fast path: float32 sums. The bound ``est`` on the rounding error in S overstates it
+        # 3x or more (measured); rows where it exceeds 1e-3 (attention piled on a few cells
+        # away from the centre) are redone in float64, so the error stays below ~3e-4, under
+        # what the float16 storage of the maps already perturbs
+
+        p32 = powers.astype(np.float32)
+        for start in range(0, flat.shape[0], 4096):
+            m[start:start + 4096] = flat[start:start + 4096] @ p32
+        s, var, e1, e2 = _eq5_from_moments(m)
+        delta = np.finfo(np.float32).eps * np.sqrt(cells)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            est = (delta * (1 + 3 * np.abs(e1) + 3 * np.abs(e2) + 6 * e1 * e1) / var ** 1.5
+                   + 1.5 * np.abs(s) * delta * (1 + 2 * np.abs(e1)) / var)
+        redo = np.flatnonzero(~(est < 1e-3))  # also NaN: degenerate or empty maps
+        for start in range(0, redo.size, 4096):
+            rows = redo[start:start + 4096]
+            m[rows] = flat[rows].astype(np.float64) @ powers
+    else:
+        for start in range(0, flat.shape[0], 4096):
+            m[start:start + 4096] = flat[start:start + 4096] @ powers
+    s, var, _, _ = _eq5_from_moments(m)
+    return s.reshape(a.shape[:-2])
+
+
+def _eq5_from_moments(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(S, var, e1, e2)`` from raw moments ``m[:, k] = sum_j a_j u_j**k`` (k = 0..3)."""
+    total = m[:, 0]
+    ok = np.isfinite(total) & (total > 0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        e1, e2, e3 = (m[:, k] / total for k in (1, 2, 3))
+        var = e2 - e1 * e1
+        third = e3 - 3 * e1 * e2 + 2 * e1 ** 3  # E[(u - mu)^3] from the raw moments
+        # sigma = 0 up to rounding (all the attention on one cell): undefined
+        degenerate = ~(var > 1e-12)
+        s = third / np.abs(var) ** 1.5
+    return np.where(ok & ~degenerate, s, np.nan), var, e1, e2
+
+
+def attention_value_skewness(attn: np.ndarray) -> np.ndarray:
+    """Skewness of the attention *values* over image cells (not the paper's Eq. 5).
+
+    Treats the ``G*G`` cell values of one map as a sample and takes its Fisher-Pearson
+    skewness ``g1 = m3 / m2**1.5`` (population moments, scipy's default ``bias=True``):
+    large positive = a few cells hold much more attention than the rest. Scale-invariant,
+    so raw or normalised maps agree. ``[..., G, G] -> [...]``; a constant (e.g. uniform)
+    map and an all-zero map give NaN. The paper's skewness is the positional one,
+    :func:`attention_skewness`.
     """
     p = _flat_cells(attn)
     with warnings.catch_warnings():

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from .store import Capture
 
-__all__ = ["DEMO_CAPTURE", "attempt", "notebook_session", "resolve_capture",
+__all__ = ["DEMO_CAPTURE", "attempt", "figure_layers", "notebook_session", "resolve_capture",
            "resolve_figures_dir"]
 
 #: the organism demo's capture, relative to the repository root (``make demo`` writes it)
@@ -95,3 +95,26 @@ def attempt(draw: Callable[[], "Figure"], out_dir: str | os.PathLike | None = No
     if out_dir is not None and name:
         log(f"saved {save_figure(fig, out_dir, name, fmt)}")
     return fig
+
+
+def figure_layers(cap: "Capture", layer: int | None = None,
+                  log: Callable[[str], None] = print) -> dict[int, list[int]]:
+    """The layers each per-layer paper figure is drawn at, ``{figure: [layer, ...]}``.
+
+    ``layer`` (the notebooks' ``LAYER``) draws them all there; ``None`` takes the paper's
+    layers at this model's relative depth (:data:`vislens.analysis.PAPER_LAYERS`: 17 of 32
+    for Figures 5, 9, 10 and 14, 17 and 18 for Figure 6, 14 for Figure 26), as
+    ``vislens figures`` does. Not the best layer on the same data, which would flatter the
+    AUROCs. Logs which layers were used.
+    """
+    from .analysis import PAPER_LAYERS
+    from .figures import describe_paper_layers, paper_figure_layers
+    from .plots import check_layer
+
+    n = int(cap.attrs["num_layers"])
+    if layer is not None:
+        fixed = check_layer(layer, n, cap.path)
+        log(f"layer {fixed} (LAYER) for every per-layer figure")
+        return {k: [fixed] for k in PAPER_LAYERS}
+    log(describe_paper_layers(n))
+    return paper_figure_layers(n)

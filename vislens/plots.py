@@ -22,8 +22,10 @@ function                     paper       needs
 :func:`variance_and_auroc`   Figure 7    attention; box mask for the AUROC panel
 :func:`scaling_sweep`        Figure 8    conditions with method ``scaling``
 :func:`before_after`         Figs 9, 10  a ``scaling`` condition with alpha < 1 / > 1
-:func:`entropy_skewness`     Figure 14   attention
-:func:`confidence_by_relation`  Fig. 15  gold relations
+:func:`subset_entropy_skewness`  Fig. 14  attention, one capture per subset
+:func:`entropy_skewness`     (Fig. 14)   the same per condition of one capture
+:func:`relation_familiarity`  Fig. 15    gold relations, one capture per subset
+:func:`confidence_by_relation`  (15)     confidence box plots of one capture
 :func:`log_attention_distribution`  Fig. 26  a baseline and a steered condition
 ===========================  ==========  ===========================================
 """
@@ -42,6 +44,8 @@ import numpy as np
 import pandas as pd
 
 from . import metrics
+from .conditions import condition_label as _condition_label
+from .conditions import format_ranges as _ranges
 from .errors import VislensError
 
 if TYPE_CHECKING:
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CMAP",
+    "accuracy_interval",
     "add_constant_accuracy",
     "attention_heatmaps",
     "attention_share",
@@ -61,9 +66,11 @@ __all__ = [
     "best_layers",
     "cell_variance",
     "centred_log_attention",
+    "capture_label",
     "check_layer",
     "condition_label",
     "confidence_by_relation",
+    "dataset_label",
     "default_layer",
     "entropy_skewness",
     "log_attention_distribution",
@@ -71,8 +78,13 @@ __all__ = [
     "pick_examples",
     "plot_layer_auroc",
     "plot_roc_layers",
+    "relation_familiarity",
+    "relation_group",
+    "read_phrase_stats",
     "scaling_condition",
     "scaling_sweep",
+    "subset_entropy_skewness",
+    "subset_labels",
     "token_counts",
     "variance_and_auroc",
     "vislens_style",
@@ -187,6 +199,66 @@ def _style_key(i: int) -> dict[str, Any]:
     return {"marker": _MARKERS[i % len(_MARKERS)], "linestyle": _LINESTYLES[(i // 3) % len(_LINESTYLES)]}
 
 
+#: margin (percentage points) below 0% and above 100% on percentage axes, so lines and
+#: boxes at the limits stay visible instead of hiding under the frame
+PCT_PAD = 4.0
+
+
+def _pct_axis(ax: "Axes", top: float = 100.0) -> None:
+    """A 0..``top`` % y axis with :data:`PCT_PAD` of room at both ends."""
+    ax.set_ylim(-PCT_PAD, top + PCT_PAD)
+
+
+def accuracy_interval(correct: Any) -> tuple[float, float, float, int]:
+    """``(accuracy %, low %, high %, n)`` of a boolean vector: the 95% Wilson interval
+    (:func:`vislens.metrics.wilson_interval`); NaNs when ``n == 0``."""
+    c = np.asarray(correct, dtype=bool)
+    n = int(c.size)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    lo, hi = metrics.wilson_interval(int(c.sum()), n)
+    return 100.0 * float(c.mean()), 100.0 * lo, 100.0 * hi, n
+
+
+def _acc_text(acc: tuple[float, float, float, int]) -> str:
+    """``62% [55-69]`` (95% Wilson interval)."""
+    return f"{acc[0]:.0f}% [{acc[1]:.0f}-{acc[2]:.0f}]"
+
+
+#: readable names of the paper's subsets, by the name vislens gives them
+SUBSET_NAMES = {"controlled_a": "Controlled_A", "controlled_b": "Controlled_B",
+                "coco_one": "COCO_one", "coco_two": "COCO_two"}
+
+
+def dataset_label(spec: Any, path: str | os.PathLike | None = None) -> str:
+    """A short readable name of a capture's ``dataset`` attr for titles and legends.
+
+    ``whatsup:controlled_a`` and ``jsonl:.../controlled_a.jsonl`` -> ``Controlled_A``;
+    ``vsr:test`` -> ``VSR test``; another ``jsonl:PATH`` -> the file's stem; an empty attr
+    -> the capture file's stem (``path``), else ``capture``. Never a raw ``jsonl:/path``.
+    """
+    text = str(spec or "").strip()
+    if text.startswith("jsonl:"):
+        text = Path(text[len("jsonl:"):]).stem
+    elif text.startswith("vsr:"):
+        return f"VSR {text[len('vsr:'):]}"
+    elif ":" in text:
+        text = text.split(":", 1)[1]
+    if not text:
+        return Path(path).stem if path else "capture"
+    return SUBSET_NAMES.get(text.lower(), text)
+
+
+def capture_label(cap: "Capture") -> str:
+    """:func:`dataset_label` of an open capture."""
+    return dataset_label(cap.attrs.get("dataset", ""), cap.path)
+
+
+def _provenance(cap: "Capture") -> str:
+    """``data: Controlled_A; model: llava`` for footers."""
+    return f"data: {capture_label(cap)}; model: {cap.attrs.get('model', '')}"
+
+
 # ----------------------------------------------------------------------------- sources
 
 
@@ -228,34 +300,9 @@ def _methods(cap: "Capture", method: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 def condition_label(name: str, attrs: Mapping[str, Any] | None = None) -> str:
-    """Human label of a condition from its attrs, e.g. ``ScalingVis α=0.5``, ``add δ=-1``."""
-    a = dict(attrs or {})
-    method = a.get("method", "")
-    where = ""
-    if a.get("layers") is not None:
-        layers = list(np.atleast_1d(a["layers"]))
-        where = f", layers {_ranges(layers)}"
-    if method == "baseline":
-        return "baseline"
-    if method == "scaling" and "alpha" in a:
-        return f"ScalingVis α={a['alpha']:g}{where}"
-    if method == "add" and "delta" in a:
-        return f"add δ={a['delta']:g}{where}"
-    if method == "adaptvis" and {"alpha1", "alpha2", "beta"} <= a.keys():
-        return f"AdaptVis (α₁={a['alpha1']:g}, α₂={a['alpha2']:g}, β={a['beta']:g}){where}"
-    return name
-
-
-def _ranges(values: Sequence[int]) -> str:
-    vals = sorted(int(v) for v in values)
-    parts, start = [], None
-    for i, v in enumerate(vals):
-        if start is None:
-            start = v
-        if i + 1 == len(vals) or vals[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return "+".join(parts)
+    """Human label of a condition from its attrs, e.g. ``ScalingVis α=0.5``, ``add δ=-1``
+    (each method labels itself: :func:`vislens.conditions.condition_label`)."""
+    return _condition_label(name, attrs)
 
 
 def _label(cap: "Capture", name: str) -> str:
@@ -282,6 +329,13 @@ def check_layer(layer: int, n_layers: int, where: Any) -> int:
         raise VislensError(f"{where}: layer {layer} out of range (the capture has {n_layers} "
                            f"layers, 0-{n_layers - 1})")
     return layer
+
+
+def _is_stats(source: Any) -> bool:
+    from .analysis import LayerStats
+
+    return isinstance(source, LayerStats) or (isinstance(source, (list, tuple)) and bool(source)
+                                               and all(isinstance(s, LayerStats) for s in source))
 
 
 def _stats_for(source: Any, condition: str | None = None) -> "LayerStats":
@@ -421,7 +475,7 @@ def attention_share(source: Source, *, condition: str | None = None,
         share = metrics.attention_share(im, tx, np.where(known, n_img, 0.0), np.where(known, n_txt, 0.0))
         att = share.attention_share
         token = float(share.token_share[known, 0].mean()) if known.any() else None
-        model = str(cap.attrs.get("model", ""))
+        where = _provenance(cap)
         label = _label(cap, cond)
     if not np.isfinite(att).any():
         raise VislensError(f"condition {cond!r}: no image/text attention masses stored")
@@ -439,7 +493,7 @@ def attention_share(source: Source, *, condition: str | None = None,
         ax.axhline(token * 100, color=pal[0], linestyle="--", label="image share of the prompt tokens")
     ax.set_xlabel("layer")
     ax.set_ylabel("image share (%)")
-    ax.set_ylim(0, 100)
+    _pct_axis(ax)
     ax.set_xlim(-0.5, L - 0.5)
     ax.legend(loc="best")
     att_all = float(np.nanmean(att)) * 100
@@ -461,7 +515,7 @@ def attention_share(source: Source, *, condition: str | None = None,
                  f"share not drawn: the capture stores no text token counts")
     fig.suptitle(textwrap.fill(title, 110))
     _integer_layers(ax)
-    _footer(fig, f"model: {model}; token counts: {origin}; attention share = image mass / "
+    _footer(fig, f"{where}; token counts: {origin}; attention share = image mass / "
                  "(image + text mass), head mean")
     return fig
 
@@ -469,15 +523,15 @@ def attention_share(source: Source, *, condition: str | None = None,
 # ----------------------------------------------------------------------------- Figure 4
 
 
-def _accuracy(tab: pd.DataFrame) -> tuple[float, float, int]:
-    """accuracy (%), half-width of a 95% Wilson interval (%), n."""
-    n = int(len(tab))
-    if n == 0:
-        return math.nan, math.nan, 0
-    p = float(tab["correct"].mean())
-    z = 1.96
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return p * 100, half * 100, n
+def _accuracy(tab: pd.DataFrame) -> tuple[float, float, float, int]:
+    """:func:`accuracy_interval` of a results table's ``correct`` column."""
+    return accuracy_interval(tab["correct"].to_numpy(bool))
+
+
+def _yerr(acc: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Asymmetric error bars ``[2, n]`` from an interval (the Wilson interval is not
+    centred on the observed accuracy)."""
+    return np.vstack([np.asarray(acc) - np.asarray(lo), np.asarray(hi) - np.asarray(acc)])
 
 
 @_styled
@@ -503,7 +557,7 @@ def add_constant_accuracy(source: Source) -> "Figure":
             if attrs.get("heads") is not None:
                 key += (" " if key else "") + f"heads {_ranges(np.atleast_1d(attrs['heads']))}"
             groups.setdefault(key or "all layers and heads", []).append((float(attrs["delta"]), name))
-        model = str(cap.attrs.get("model", ""))
+        where = _provenance(cap)
     base_acc = _accuracy(tab[tab["condition"] == base])
     fig = _figure(6.2, 4.2)
     ax = fig.subplots()
@@ -513,12 +567,13 @@ def add_constant_accuracy(source: Source) -> "Figure":
         pts = [(0.0, *base_acc)] + [(d, *_accuracy(tab[tab["condition"] == n])) for d, n in items]
         pts.sort()
         d = np.array([p[0] for p in pts])
-        acc = np.array([p[1] for p in pts])
-        err = np.array([p[2] for p in pts])
-        ax.errorbar(np.exp(d), acc, yerr=err, color=colors[i], capsize=3, label=key, **_style_key(i))
+        acc, lo, hi = (np.array([p[k] for p in pts]) for k in (1, 2, 3))
+        ax.errorbar(np.exp(d), acc, yerr=_yerr(acc, lo, hi), color=colors[i], capsize=3, label=key,
+                    **_style_key(i))
         all_x.extend(np.exp(d).tolist())
-    ax.errorbar([1.0], [base_acc[0]], yerr=[base_acc[1]], color="black", marker="*", markersize=12,
-                linestyle="none", capsize=3, label=f"baseline (δ = 0), n = {base_acc[2]}", zorder=5)
+    ax.errorbar([1.0], [base_acc[0]], yerr=_yerr([base_acc[0]], [base_acc[1]], [base_acc[2]]),
+                color="black", marker="*", markersize=12, linestyle="none", capsize=3,
+                label=f"baseline (δ = 0): {_acc_text(base_acc)}, n = {base_acc[3]}", zorder=5)
     ax.set_xscale("log")
     xs = sorted(set(round(x, 9) for x in all_x))
     ax.set_xticks(xs)
@@ -526,10 +581,10 @@ def add_constant_accuracy(source: Source) -> "Figure":
     ax.minorticks_off()
     ax.set_xlabel("factor e^δ on the image attention weights (log scale; δ added to image logits)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
+    _pct_axis(ax)
     ax.legend(loc="best")
     fig.suptitle("Accuracy vs a constant δ added to the image attention logits")
-    _footer(fig, f"model: {model}; error bars: 95% Wilson intervals")
+    _footer(fig, f"{where}; error bars: 95% Wilson intervals")
     return fig
 
 
@@ -601,14 +656,33 @@ def pick_examples(tab: pd.DataFrame, n: int, *, correct: bool | None = None) -> 
     return out
 
 
+#: how much of the image's grey-level contrast the heatmap underlay keeps: the image is
+#: drawn faintly, as ``1 - UNDERLAY_CONTRAST * (1 - grey)`` (white stays white, black becomes
+#: light grey), so dark objects cannot pass for low attention
+UNDERLAY_CONTRAST = 0.3
+#: opacity of the attention overlay drawn over the faint image
+OVERLAY_ALPHA = 0.75
+
+
+def faint_image(grey: np.ndarray) -> np.ndarray:
+    """The heatmap underlay: a grey image in [0, 1] squeezed into ``[1 - UNDERLAY_CONTRAST, 1]``."""
+    return 1.0 - UNDERLAY_CONTRAST * (1.0 - np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0))
+
+
 class _Panels:
-    """What the heatmap figures need about the capture's samples, read once."""
+    """What the heatmap figures need about the capture's samples, read once.
+
+    Each panel: the image faintly in grey (:func:`faint_image`), the attention map over it
+    as a separate overlay with opacity :data:`OVERLAY_ALPHA` (opaque when the image is
+    missing), and the object boxes as white outlines with a black edge.
+    """
 
     def __init__(self, cap: "Capture") -> None:
         self.cap_dir = cap.path.parent
         self.samples = cap.samples
         self.boxes = cap.boxes()
         self.grid = _grid(cap)
+        self.where = capture_label(cap)
 
     def draw(self, ax: "Axes", row: int, amap: np.ndarray, norm: Any, title: str) -> Any:
         from matplotlib import patheffects
@@ -624,9 +698,10 @@ class _Panels:
             w = h = self.grid
         extent = (0, w, h, 0)
         if image is not None:
-            ax.imshow(image, cmap="gray", extent=extent, vmin=0, vmax=1, interpolation="bilinear")
+            ax.imshow(faint_image(image), cmap="gray", extent=extent, vmin=0, vmax=1,
+                      interpolation="bilinear")
         mappable = ax.imshow(amap, cmap=CMAP, norm=norm, extent=extent, interpolation="nearest",
-                             alpha=0.62 if image is not None else 1.0)
+                             alpha=OVERLAY_ALPHA if image is not None else 1.0)
         if pixels and self.boxes is not None:
             stroke = [patheffects.withStroke(linewidth=3.2, foreground="black")]
             for _, b in self.boxes[self.boxes["row"] == row].iterrows():
@@ -722,7 +797,7 @@ def attention_heatmaps(source: Source, layer: int | None = None, *, condition: s
         missing = [o for o in _OUTCOMES if o not in chosen]
         note = f" (no {missing[0]} answers in this capture)" if missing and rows is None else ""
         fig.suptitle(f"Attention of the answer position over the image, layer {layer}, head mean, "
-                     f"{label}{note}")
+                     f"{label}, {panels.where}{note}")
     return fig
 
 
@@ -730,14 +805,18 @@ def attention_heatmaps(source: Source, layer: int | None = None, *, condition: s
 
 
 @_styled
-def overlap_roc(source: Any, layers: Sequence[int] | None = None, *, condition: str | None = None
-                ) -> "Figure":
+def overlap_roc(source: Any, layers: Sequence[int] | None = None, *, condition: str | None = None,
+                dataset: str | None = None) -> "Figure":
     """Figure 6: ROC of attention/box overlap predicting a correct answer, at two layers.
 
     The score is the cosine overlap of the head-mean map with the object mask
     (:func:`vislens.metrics.overlap`). ``layers`` default to the two best-AUROC layers.
-    ``source``: a capture, a path, or :class:`~vislens.analysis.LayerStats`.
+    ``source``: a capture, a path, or :class:`~vislens.analysis.LayerStats`; ``dataset``
+    names the data in the title (default: the capture's :func:`dataset_label`).
     """
+    if dataset is None and not _is_stats(source):
+        with _capture(source) as cap:
+            dataset = capture_label(cap)
     st = _stats_for(source, condition)
     curve = _auroc_curve(st)
     if layers is None:
@@ -763,7 +842,8 @@ def overlap_roc(source: Any, layers: Sequence[int] | None = None, *, condition: 
         ax.set_aspect("equal")
         ax.legend(loc="lower right")
     axes[0].set_ylabel("true positive rate (correct scored high)")
-    fig.suptitle(f"Attention/object overlap predicts a correct answer ({st.condition})")
+    fig.suptitle(f"Attention/object overlap predicts a correct answer ({st.condition}"
+                 f"{', ' + dataset if dataset else ''})")
     return fig
 
 
@@ -832,6 +912,7 @@ def variance_and_auroc(source: Source, *, condition: str | None = None,
         cond = condition or baseline_condition(cap)
         st = _stats_for(stats if stats is not None else cap, cond)
         rows, var = cell_variance(cap, cond)
+        data = capture_label(cap)
     pos = {int(r): i for i, r in enumerate(st.rows)}
     correct = np.array([bool(st.correct[pos[int(r)]]) for r in rows])
     L = var.shape[1]
@@ -874,10 +955,11 @@ def variance_and_auroc(source: Source, *, condition: str | None = None,
         bx.plot(curve["layer"], curve["auroc"], color=col, marker="o", label="AUROC per layer")
         best = curve.loc[curve["auroc"].idxmax()]
         bx.scatter([best["layer"]], [best["auroc"]], s=120, facecolors="none", edgecolors="black",
-                   zorder=5, label=f"best: layer {int(best['layer'])} ({best['auroc']:.2f})")
+                   zorder=5, label=f"highest on these samples: layer {int(best['layer'])} "
+                                   f"({best['auroc']:.2f})")
         bx.legend(loc="best")
     _integer_layers(ax, bx)
-    fig.suptitle(f"Image attention across layers ({st.condition})")
+    fig.suptitle(f"Image attention across layers ({st.condition}, {data})")
     return fig
 
 
@@ -895,8 +977,10 @@ def scaling_sweep(source: Source, *, max_relations: int = 8) -> "Figure":
     """Figure 8: accuracy (left) and confidence (right) vs the ScalingVis coefficient alpha.
 
     One line per gold relation (the ``max_relations`` most frequent) plus all samples
-    (black); the baseline is ``alpha = 1``; x axis log2-scaled. An AdaptVis condition, if
-    present, is drawn as a horizontal reference on the accuracy panel.
+    (black); the baseline is ``alpha = 1``; x axis log2-scaled. Accuracies carry their 95%
+    Wilson intervals: a band around the overall line, error bars on the relation lines
+    (nudged sideways so they do not overlap). An AdaptVis condition, if present, is drawn
+    as a horizontal reference (with its interval as a band) on the accuracy panel.
     """
     with _capture(source) as cap:
         scal = _methods(cap, "scaling")
@@ -913,44 +997,56 @@ def scaling_sweep(source: Source, *, max_relations: int = 8) -> "Figure":
         if len(alpha_of) < 2:
             raise VislensError(f"{cap.path}: no unrestricted 'scaling' condition (all are limited "
                                "to some layers/heads)")
-        model = str(cap.attrs.get("model", ""))
+        where, data = _provenance(cap), capture_label(cap)
     t = tab[tab["condition"].isin(alpha_of)].assign(alpha=lambda d: d["condition"].map(alpha_of))
     t = t.drop_duplicates(["row", "alpha"])
     rels = _top_relations(t, max_relations)
     fig = _figure(10.5, 4.0)
     ax, bx = fig.subplots(1, 2, sharex=True)
     colors = _series_colors(max(2, len(rels)))
+    nudge = 2.0 ** (0.035 * (np.arange(len(rels)) - (len(rels) - 1) / 2))  # x offsets, log2 axis
     for k, (what, axis, unit) in enumerate((("correct", ax, "accuracy (%)"),
                                             ("confidence", bx, "mean confidence (%)"))):
         overall = t.groupby("alpha")[what].mean() * 100
+        if what == "correct":
+            iv = np.array([accuracy_interval(g["correct"])[:3] for _, g in t.groupby("alpha")])
+            axis.fill_between(overall.index, iv[:, 1], iv[:, 2], color="0.5", alpha=0.22,
+                              linewidth=0, label="all: 95% Wilson interval", zorder=1)
         axis.plot(overall.index, overall.values, color="black", linewidth=2.6, marker="o",
                   label=f"all (n={t['row'].nunique()})", zorder=4)
         for i, rel in enumerate(rels):
             sub = t[t["relation"].astype(str) == rel]
             g = sub.groupby("alpha")[what].mean() * 100
-            axis.plot(g.index, g.values, color=colors[i], label=f"{rel} (n={sub['row'].nunique()})",
-                      **_style_key(i))
+            label = f"{rel} (n={sub['row'].nunique()})"
+            if what == "correct":
+                iv = np.array([accuracy_interval(gg["correct"])[:3] for _, gg in sub.groupby("alpha")])
+                axis.errorbar(g.index * nudge[i], g.values, yerr=_yerr(iv[:, 0], iv[:, 1], iv[:, 2]),
+                              color=colors[i], label=label, capsize=2, elinewidth=0.8,
+                              **_style_key(i))
+            else:
+                axis.plot(g.index * nudge[i], g.values, color=colors[i], label=label, **_style_key(i))
         axis.axvline(1.0, color="0.5", linestyle=":", linewidth=1)
         axis.set_ylabel(unit)
-        axis.set_ylim(0, 100)
+        _pct_axis(axis)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("ScalingVis α (log₂ scale)")
     for i, (name, attrs) in enumerate(adapt[:2]):
-        acc = tab.loc[tab["condition"] == name, "correct"].mean() * 100
-        ax.axhline(acc, color="0.3", linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
-                   label=f"{condition_label(name, attrs)}: {acc:.0f}%")
+        acc = accuracy_interval(tab.loc[tab["condition"] == name, "correct"].to_numpy(bool))
+        ax.axhspan(acc[1], acc[2], color="0.3", alpha=0.08, linewidth=0)
+        ax.axhline(acc[0], color="0.3", linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
+                   label=f"{condition_label(name, attrs)}: {_acc_text(acc)}")
     alphas = sorted(set(alpha_of.values()))
     ax.set_xticks(alphas)
     ax.set_xticklabels([f"{a:g}" for a in alphas])
     ax.minorticks_off()
     bx.minorticks_off()
-    ax.set_title("accuracy by gold relation")
-    bx.set_title("confidence (max first-token probability) by gold relation")
+    ax.set_title("accuracy by gold relation\n(bars, band: 95% Wilson intervals)")
+    bx.set_title("confidence by gold relation\n(max first-token probability)")
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8)
-    fig.suptitle("Scaling the image attention: accuracy and confidence vs α "
+    fig.suptitle(f"Scaling the image attention, {data}: accuracy and confidence vs α\n"
                  "(α = 1: baseline, α < 1 smooths, α > 1 sharpens)")
-    _footer(fig, f"model: {model}")
+    _footer(fig, where)
     return fig
 
 
@@ -1029,11 +1125,14 @@ def before_after(source: Source, layer: int | None = None, *, kind: str = "smoot
         note = ""
         if steered is not None and layer not in [int(x) for x in np.atleast_1d(steered)]:
             note = f"; layer {layer} is not steered (changes come from earlier layers)"
-        fig.suptitle(f"Attention before and after {what}, layer {layer}{note}")
+        fig.suptitle(f"Attention before and after {what}, layer {layer}, {panels.where}{note}")
     return fig
 
 
 # ----------------------------------------------------------------------------- Figure 14-15
+
+_ENTROPY_LABEL = "entropy (Eq. 4, nats)\nof each head's map, head mean"
+_SKEW_LABEL = "positional skewness (Eq. 5)\nof each head's map, head mean"
 
 
 @_styled
@@ -1041,9 +1140,11 @@ def entropy_skewness(source: Any, layer: int | None = None, *,
                      conditions: Sequence[str] | None = None) -> "Figure":
     """Figure 14: entropy (left) and skewness (right) of the image attention at ``layer``.
 
-    Per condition, box plots for correct and incorrect answers; entropy of the head-mean
-    map as a distribution over cells (nats; ``log(G*G)`` = uniform), skewness of its cell
-    values (:mod:`vislens.metrics`). ``source``: capture, path or a list of LayerStats.
+    Per condition of one capture, box plots for correct and incorrect answers: entropy
+    (Eq. 4, nats; ``log(G*G)`` = uniform) and positional skewness (Eq. 5: third moment of
+    the row-major cell index under the normalised map) of each head's map, averaged over
+    heads (:mod:`vislens.metrics`). ``source``: capture, path or a list of LayerStats. The
+    paper's Figure 14 compares subsets: :func:`subset_entropy_skewness`.
     """
     import seaborn as sns
 
@@ -1065,8 +1166,7 @@ def entropy_skewness(source: Any, layer: int | None = None, *,
     pal = _outcome_palette()
     fig = _figure(max(6.5, 1.15 * len(order) + 2.0), 6.6)
     axes = fig.subplots(2, 1, sharex=True)
-    for ax, col, unit in ((axes[0], "entropy", "entropy of attention over cells (nats)"),
-                          (axes[1], "skewness", "skewness of attention over cells")):
+    for ax, col, unit in ((axes[0], "entropy", _ENTROPY_LABEL), (axes[1], "skewness", _SKEW_LABEL)):
         with _quiet_seaborn():
             sns.boxplot(data=df, x="condition", y=col, hue="outcome", order=order, hue_order=hue_order,
                         palette=pal, ax=ax, fliersize=2, linewidth=0.8, linecolor="0.15")
@@ -1078,7 +1178,7 @@ def entropy_skewness(source: Any, layer: int | None = None, *,
     axes[1].tick_params(axis="x", rotation=20)
     if axes[1].get_legend() is not None:
         axes[1].get_legend().remove()
-    fig.suptitle(f"Shape of the image attention, layer {layer}")
+    fig.suptitle(f"Shape of the image attention per condition, layer {layer}")
     return fig
 
 
@@ -1129,10 +1229,257 @@ def confidence_by_relation(source: Any, *, condition: str | None = None, max_rel
     ax.set_xticklabels([f"{r}\n(n={counts[r]})" for r in order])
     ax.set_xlabel("gold relation")
     ax.set_ylabel("confidence: max first-token probability (%)")
-    ax.set_ylim(0, 100)
+    _pct_axis(ax)
     if ax.get_legend() is not None:
         ax.get_legend().set_title("")
     fig.suptitle(f"Confidence by gold relation ({cond})")
+    return fig
+
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+def subset_labels(sources: Sequence[Any]) -> list[str]:
+    """Readable, distinct labels of capture files/objects (:func:`dataset_label`); a label
+    shared by several files gets the file stem appended."""
+    labels = []
+    for src in sources:
+        with _capture(src) as cap:
+            labels.append(capture_label(cap))
+    for lab in set(labels):
+        if labels.count(lab) > 1:
+            for i, src in enumerate(sources):
+                if labels[i] == lab:
+                    path = src.path if hasattr(src, "path") else Path(src)
+                    labels[i] = f"{lab} ({Path(path).stem})"
+    return labels
+
+
+def _subsets(subsets: Any) -> list[tuple[str, Any]]:
+    """``(label, value)`` pairs from a mapping ``{label: value}`` or a sequence of captures/paths."""
+    if isinstance(subsets, Mapping):
+        items = [(str(k), v) for k, v in subsets.items()]
+    elif isinstance(subsets, (list, tuple)):
+        items = list(zip(subset_labels(subsets), subsets))
+    else:
+        items = list(zip(subset_labels([subsets]), [subsets]))
+    if not items:
+        raise VislensError("no subsets to compare (give one or more capture files)")
+    return items
+
+
+def _baseline_table(value: Any) -> pd.DataFrame:
+    """The baseline rows of a results table, capture or path."""
+    if isinstance(value, pd.DataFrame):
+        names = list(dict.fromkeys(value["condition"]))
+        if not names:
+            raise VislensError("a results table is empty")
+        return value[value["condition"] == ("baseline" if "baseline" in names else names[0])]
+    with _capture(value) as cap:
+        return cap.table(conditions=[baseline_condition(cap)])
+
+
+@_styled
+def subset_entropy_skewness(subsets: Any, layer: int | None = None) -> "Figure":
+    """Figure 14: entropy (Eq. 4) and positional skewness (Eq. 5) of the image attention at
+    ``layer``, compared across subsets (the paper: Controlled_A/B vs COCO).
+
+    ``subsets``: a sequence of captures/paths (labelled by their dataset,
+    :func:`subset_labels`) or a mapping ``{label: capture, path or baseline LayerStats}``.
+    Each subset's baseline samples: a box plot per subset, its mean as a white diamond, and
+    the subset's baseline accuracy with its 95% Wilson interval under its name. ``layer``
+    defaults to the paper's layer 17 of 32 at this model's depth
+    (:func:`vislens.analysis.paper_layer`). All subsets need the same number of layers.
+    """
+    import seaborn as sns
+
+    from .analysis import PAPER_LAYERS, paper_layer
+
+    items = [(label, _stats_for(v)) for label, v in _subsets(subsets)]
+    depths = {st.num_layers for _, st in items}
+    if len(depths) > 1:
+        raise VislensError("the subsets come from models of different depth "
+                           f"({', '.join(f'{lab}: {st.num_layers} layers' for lab, st in items)}); "
+                           "compare captures of one model")
+    L = depths.pop()
+    layer = check_layer(paper_layer(PAPER_LAYERS[14][0], L) if layer is None else layer, L,
+                        "subset_entropy_skewness")
+    df = pd.concat([pd.DataFrame({"subset": lab, "entropy": st.entropy[:, layer],
+                                  "skewness": st.skewness[:, layer]}) for lab, st in items],
+                   ignore_index=True)
+    order = [lab for lab, _ in items]
+    pal = dict(zip(order, _series_colors(max(2, len(order)))))
+    fig = _figure(max(5.0, 1.6 * len(order) + 2.2), 6.4)
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, col, unit in ((axes[0], "entropy", _ENTROPY_LABEL), (axes[1], "skewness", _SKEW_LABEL)):
+        with _quiet_seaborn():
+            sns.boxplot(data=df, x="subset", y=col, hue="subset", order=order, hue_order=order,
+                        palette=pal, ax=ax, fliersize=2, linewidth=0.8, linecolor="0.15",
+                        width=0.55, legend=False)
+        means = df.groupby("subset", sort=False)[col].mean().reindex(order)
+        ax.plot(range(len(order)), means.to_numpy(), linestyle="none", marker="D", markersize=6,
+                markerfacecolor="white", markeredgecolor="black", label="mean", zorder=5)
+        ax.set_ylabel(unit)
+        ax.set_xlabel("")
+    axes[0].legend(loc="best")
+    ticks = []
+    for lab, st in items:
+        acc = accuracy_interval(st.correct)
+        ticks.append(f"{lab}\nn={acc[3]}, accuracy\n{_acc_text(acc)}")
+    axes[1].set_xticks(range(len(order)))
+    axes[1].set_xticklabels(ticks)
+    axes[1].set_xlabel("subset (baseline answers; accuracy with 95% Wilson interval)")
+    fig.suptitle(f"Shape of the image attention across subsets, layer {layer} of {L}")
+    return fig
+
+
+#: relation groups of Figure 15: the paper's "On etc" and "Under etc" pool synonyms
+RELATION_GROUPS: dict[str, str] = {"left": "left", "right": "right", "on": "On etc",
+                                   "above": "On etc", "top": "On etc", "under": "Under etc",
+                                   "below": "Under etc", "bottom": "Under etc",
+                                   "beneath": "Under etc", "front": "front", "behind": "behind"}
+_GROUP_ORDER = ("left", "right", "On etc", "Under etc", "front", "behind")
+
+
+def relation_group(relation: Any) -> str:
+    """Figure 15's group of a gold relation: the first of its words found in
+    :data:`RELATION_GROUPS` (``"in front of"`` -> ``front``, ``"on top of"`` -> ``On etc``),
+    else ``"other"``."""
+    for word in str(relation).lower().replace("_", " ").replace("-", " ").split():
+        if word in RELATION_GROUPS:
+            return RELATION_GROUPS[word]
+    return "other"
+
+
+def read_phrase_stats(path: str | os.PathLike) -> pd.DataFrame:
+    """A ``vislens phrase-stats --out`` table (CSV, or JSON: records or ``{relation: ...}``)
+    as a DataFrame indexed by relation with an ``occurrences`` column."""
+    p = Path(path)
+    if not p.is_file():
+        raise VislensError(f"{p}: no such phrase-stats file (write one with vislens phrase-stats "
+                           "CONVERSATIONS.json --out FILE.csv)")
+    try:
+        if p.suffix.lower() == ".json":
+            import json
+
+            data = json.loads(p.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                data = [{"relation": k, **(v if isinstance(v, dict) else {"occurrences": v})}
+                        for k, v in data.items()]
+            df = pd.DataFrame(data)
+        else:
+            df = pd.read_csv(p)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise VislensError(f"{p}: not a phrase-stats table ({str(exc).splitlines()[0]})") from None
+    if "relation" not in df.columns or "occurrences" not in df.columns:
+        raise VislensError(f"{p}: a phrase-stats table needs columns 'relation' and 'occurrences' "
+                           f"(has {', '.join(map(str, df.columns)) or 'none'})")
+    occ = pd.to_numeric(df["occurrences"], errors="coerce")
+    if occ.isna().any() or (occ < 0).any():
+        raise VislensError(f"{p}: 'occurrences' must be non-negative counts")
+    return df.assign(occurrences=occ.astype(int)).set_index("relation")
+
+
+@_styled
+def relation_familiarity(subsets: Any, phrase_stats: "pd.DataFrame | str | os.PathLike | None" = None
+                         ) -> "Figure":
+    """Figure 15: are the relations the model is unsure of the ones it rarely saw?
+
+    Left: gold-label distribution per subset (% of each subset's samples per relation
+    group, :func:`relation_group`). Middle: relation-phrase counts in LLaVA's training
+    conversations, from ``phrase_stats`` (a :func:`vislens.phrases.phrase_stats` table or
+    its ``vislens phrase-stats --out`` file); without it the panel says what to pass.
+    Right: mean baseline confidence (max first-token probability) by gold relation group x
+    subset, with the sample count in each cell. ``subsets``: a sequence of captures/paths,
+    or ``{label: capture, path or results table}``.
+    """
+    import matplotlib as mpl
+
+    items = [(label, _baseline_table(v)) for label, v in _subsets(subsets)]
+    frames = []
+    for lab, t in items:
+        frames.append(pd.DataFrame({"subset": lab, "group": t["relation"].map(relation_group),
+                                    "confidence": t["confidence"].astype(float) * 100}))
+    df = pd.concat(frames, ignore_index=True)
+    order = [lab for lab, _ in items]
+    present = set(df["group"])
+    groups = [g for g in _GROUP_ORDER if g in present] + (["other"] if "other" in present else [])
+    if not groups:
+        raise VislensError("no gold relations in the subsets (/samples/relation is empty)")
+    if isinstance(phrase_stats, (str, os.PathLike)):
+        phrase_stats = read_phrase_stats(phrase_stats)
+    fig = _figure(max(12.0, 2.3 * len(groups) + 1.2 * len(order) + 5), 4.4)
+    ax, px, hx = fig.subplots(1, 3, width_ratios=[1.3, 1.0, 0.35 * len(order) + 0.9])
+    # left: label distribution
+    share = pd.crosstab(df["group"], df["subset"], normalize="columns").reindex(
+        index=groups, columns=order).fillna(0.0) * 100
+    colors = _series_colors(max(2, len(order)))
+    width = 0.8 / len(order)
+    x = np.arange(len(groups))
+    for i, lab in enumerate(order):
+        ax.bar(x + (i - (len(order) - 1) / 2) * width, share[lab].to_numpy(), width, color=colors[i],
+               edgecolor="black", linewidth=0.5, label=lab)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, rotation=20)
+    ax.set_ylabel("% of the subset's samples")
+    ax.set_ylim(0, max(5.0, float(share.to_numpy().max()) * 1.15))
+    ax.set_title("gold relation per subset")
+    ax.legend(loc="best", title="subset")
+    ax.grid(axis="x", visible=False)
+    # middle: phrase counts in the training conversations
+    px.set_title("phrases in LLaVA's training conversations")
+    if phrase_stats is None:
+        px.text(0.5, 0.5, "no phrase counts given:\nrun vislens phrase-stats\nCONVERSATIONS.json "
+                "--out phrases.csv\nand pass --phrase-stats phrases.csv", transform=px.transAxes,
+                ha="center", va="center", fontsize=8.5, color="0.3")
+        px.set_xticks([])
+        px.set_yticks([])
+    else:
+        counts = phrase_stats["occurrences"].astype(float)
+        names = [RELATION_GROUPS.get(str(r), str(r)) for r in counts.index]
+        bars = px.bar(names, counts.to_numpy(), color=_series_colors(3)[1], edgecolor="black",
+                      linewidth=0.5)
+        total = counts.sum()
+        for b, v in zip(bars, counts.to_numpy()):
+            px.annotate(f"{v:,.0f}\n({100 * v / total:.0f}%)" if total else "0", (b.get_x() + b.get_width() / 2, v),
+                        ha="center", va="bottom", xytext=(0, 2), textcoords="offset points", fontsize=7)
+        px.set_ylim(0, max(1.0, float(counts.max()) * 1.25))
+        px.set_ylabel("occurrences")
+        px.tick_params(axis="x", rotation=20)
+        px.grid(axis="x", visible=False)
+    # right: confidence heatmap
+    mean = df.pivot_table(index="group", columns="subset", values="confidence", aggfunc="mean"
+                          ).reindex(index=groups, columns=order)
+    n = df.pivot_table(index="group", columns="subset", values="confidence", aggfunc="size"
+                       ).reindex(index=groups, columns=order)
+    cmap = mpl.colormaps[CMAP].with_extremes(bad="0.9")
+    vals = mean.to_numpy(float)
+    finite = vals[np.isfinite(vals)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    if hi - lo < 1:
+        lo, hi = lo - 1, hi + 1
+    im = hx.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+    for r in range(vals.shape[0]):
+        for c in range(vals.shape[1]):
+            v = vals[r, c]
+            if not np.isfinite(v):
+                hx.text(c, r, "no\nsamples", ha="center", va="center", fontsize=7, color="0.4")
+                continue
+            dark = sum(cmap((v - lo) / (hi - lo))[:3]) / 3 < 0.5
+            hx.text(c, r, f"{v:.0f}%\nn={int(n.iloc[r, c])}", ha="center", va="center", fontsize=7.5,
+                    color="white" if dark else "black")
+    hx.set_xticks(range(len(order)))
+    hx.set_xticklabels(order, rotation=20)
+    hx.set_yticks(range(len(groups)))
+    hx.set_yticklabels(groups)
+    hx.grid(False)
+    hx.set_title("mean confidence (baseline)")
+    fig.colorbar(im, ax=hx, shrink=0.85, label="mean max first-token probability (%)")
+    fig.suptitle("Relations: how often each is asked, how often LLaVA saw it in training, how "
+                 "confident the model is")
+    _footer(fig, '"On etc" = on/above/top; "Under etc" = under/below/bottom/beneath; '
+                 "confidence of the baseline condition of each subset")
     return fig
 
 

@@ -2,14 +2,18 @@
 
 Writes into ``OUT``:
 
-- ``per_layer_auroc.csv``  condition, layer, auroc, n_pos, n_neg (overlap of the head-mean
-  attention map with the object mask, as a score for answer correctness);
+- ``per_layer_auroc.csv``  condition, layer, auroc, n_pos, n_neg, auroc_low, auroc_high
+  (overlap of the head-mean attention map with the object mask, as a score for answer
+  correctness; a 95% bootstrap interval over samples);
 - ``per_layer_auroc.png``  AUROC across layers per condition;
-- ``roc_best_layers.png``  ROC curves at the two best layers (first condition);
+- ``roc_best_layers.png``  ROC curves at the paper's Figure 6 layers (17 and 18 of 32, at
+  the same relative depth for other models; first condition);
 - ``summary.csv``          per condition: accuracy, confidence, image-attention share,
   entropy, skewness, overlap, variance across layers;
 - ``attention_by_layer.csv`` the same statistics per layer;
-- ``calibration.csv``      AUROC of confidence, attention sum and max at the best layer;
+- ``attention_stats.csv``  condition, sample_id, layer, entropy, skewness: per sample and
+  layer, Eq. 4 and Eq. 5 of each head's map averaged over heads;
+- ``calibration.csv``      AUROC of confidence, attention sum and max at the paper's layer;
 - ``report.md``            what a human reads first, tying them together.
 """
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .analysis import (LayerStats, all_stats, calibration_table, nanmean,
+from .analysis import (LayerStats, all_stats, attention_stats_table, calibration_table,
+                       choose_layer, nanmean, paper_layer, PAPER_LAYERS,
                        per_layer_auroc_table, samples_note, summary_table)
 from .errors import VislensError
 
@@ -66,6 +71,45 @@ def _mask_coverage(cap, stats: Sequence[LayerStats]) -> tuple[int, int, list[str
     return int(has.sum()), len(rows), reasons
 
 
+def auroc_lines(st: LayerStats, sub: pd.DataFrame) -> list[str]:
+    """report.md lines for one condition: the validation-chosen layer's test AUROC, the
+    maximum over layers (labelled optimistic) and every inverted layer (AUROC < 0.5)."""
+    def ci(r) -> str:
+        lo, hi = getattr(r, "auroc_low", np.nan), getattr(r, "auroc_high", np.nan)
+        return f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else ""
+
+    n_pos = int(sub["n_pos"].iloc[0]) if len(sub) else 0
+    n_neg = int(sub["n_neg"].iloc[0]) if len(sub) else 0
+    out = [f"- **{st.condition}** ({n_pos} correct / {n_neg} wrong)"]
+    choice = choose_layer(st)
+    if choice is not None:
+        out.append(f"  - layer chosen on the validation split: **layer {choice.layer}** (validation "
+                   f"AUROC {choice.val_auroc:.3f}, {choice.n_val} samples); test AUROC "
+                   f"**{choice.test_auroc:.3f}** [{choice.test_low:.3f}, {choice.test_high:.3f}] "
+                   f"({choice.n_test} test samples)")
+    else:
+        out.append("  - no validation-chosen layer: the capture needs validation and test samples "
+                   "with both correct and wrong answers (capture with --split all)")
+    defined = sub[np.isfinite(sub["auroc"])]
+    if defined.empty:
+        out.append("  - AUROC undefined at every layer (one class of answers)")
+        return out
+    top = defined.sort_values(["auroc", "layer"], ascending=[False, True]).iloc[0]
+    out.append(f"  - maximum over layers (layer chosen and scored on the same samples, so "
+               f"optimistic): layer {int(top.layer)}: {top.auroc:.3f}{ci(top)}")
+    inverted = defined[defined["auroc"] < 0.5].sort_values("auroc")
+    if len(inverted):
+        def strong(r) -> bool:
+            return bool(getattr(r, "auroc_high", np.nan) < 0.5)
+
+        out.append("  - inverted layers (AUROC < 0.5: overlap is higher for wrong answers; "
+                   "**bold** = strongly, the interval lies below 0.5): "
+                   + ", ".join((f"**layer {int(r.layer)}: {r.auroc:.3f}**" if strong(r)
+                                else f"layer {int(r.layer)}: {r.auroc:.3f}") + ci(r)
+                               for r in inverted.itertuples()))
+    return out
+
+
 def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[str] | None = None,
                  chunk: int = 32, log: Callable[[str], None] | None = print) -> Path:
     """Compute the analysis of a capture and write the report files; returns ``report.md``.
@@ -88,26 +132,30 @@ def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[
             log(f"{path}: {n_note}")
         covered, n_rows, reasons = _mask_coverage(cap, stats) if has_boxes else (0, 0, [])
     has_mask = covered > 0
-    auroc = per_layer_auroc_table(stats)
+    auroc = per_layer_auroc_table(stats, n_boot=1000)
     auroc.to_csv(out / "per_layer_auroc.csv", index=False)
+    attention_stats_table(stats).to_csv(out / "attention_stats.csv", index=False)
     summary = summary_table(stats)
     summary.to_csv(out / "summary.csv", index=False)
     by_layer = layer_table(stats)
     by_layer.to_csv(out / "attention_by_layer.csv", index=False)
-    first = stats[0].condition
-    best = best_layers(auroc, first) if has_mask else []
-    calib_layer = best[0] if best else stats[0].num_layers // 2
+    n_layers = stats[0].num_layers
+    roc_layers = sorted({paper_layer(x, n_layers) for x in PAPER_LAYERS[6]}) if has_mask else []
+    calib_layer = paper_layer(PAPER_LAYERS[18][0], n_layers)
     calib = calibration_table(stats, calib_layer)
     calib.to_csv(out / "calibration.csv", index=False)
-    figures = []
+    figures: list[str] = []
+    notes: list[str] = []
     if has_mask and auroc["auroc"].notna().any():
         fig = plots.plot_layer_auroc(auroc)
         fig.savefig(out / "per_layer_auroc.png", dpi=150, bbox_inches="tight")
         figures.append("per_layer_auroc.png")
-        if len(best) >= 1:
-            fig = plots.plot_roc_layers(stats[0], best)
+        try:
+            fig = plots.plot_roc_layers(stats[0], roc_layers)
             fig.savefig(out / "roc_best_layers.png", dpi=150, bbox_inches="tight")
             figures.append("roc_best_layers.png")
+        except VislensError as exc:  # e.g. one class of answers in the first condition
+            notes.append(f"roc_best_layers.png not drawn: {str(exc).splitlines()[0]}")
     try:
         acc = evaluate_capture(path, log=None)["accuracy"]
         acc = acc[acc["matcher"] == attrs.get("matcher", "paper")].drop(columns="matcher")
@@ -141,21 +189,16 @@ def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[
                       f"their question objects" + (" (without: " + "; ".join(reasons) + ")"
                                                    if reasons else "") + ".", ""]
         for st in stats:
-            sub = auroc[auroc["condition"] == st.condition]
-            top = sub.sort_values("auroc", ascending=False).head(3)
-            desc = ", ".join(f"layer {int(r.layer)}: {r.auroc:.3f}" for r in top.itertuples()
-                             if np.isfinite(r.auroc)) or "undefined"
-            n_pos = int(sub["n_pos"].iloc[0]) if len(sub) else 0
-            n_neg = int(sub["n_neg"].iloc[0]) if len(sub) else 0
-            lines.append(f"- **{st.condition}** ({n_pos} correct / {n_neg} wrong): best {desc}")
+            lines += auroc_lines(st, auroc[auroc["condition"] == st.condition])
         lines.append("")
     lines += ["## Attention statistics (mean over samples and layers)", "",
               to_markdown(summary.set_index("condition"), floatfmt=".3f"), "",
               f"## Calibration at layer {calib_layer}", "",
-              "AUROC of each signal for answer correctness (Figure 18).", "",
+              f"AUROC of each signal for answer correctness (Figure 18), at layer {calib_layer}: "
+              f"the paper's layer {PAPER_LAYERS[18][0]} of 32 at this model's relative depth.", "",
               to_markdown(calib.set_index("condition"), floatfmt=".3f"), ""]
-    if figures:
-        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    if figures or notes:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + notes + [""]
     lines += ["Files: " + ", ".join(sorted(p.name for p in out.iterdir() if p.is_file())), ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

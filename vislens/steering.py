@@ -13,20 +13,27 @@ last query's row (the last prompt token, the position that produces the answer) 
     hook "attn.pattern"  -> recording reads the row
     out[last] = probs . V                               # only where an intervention acted
 
-Hook points are named TransformerLens-style (``blocks.{layer}.attn.logits`` and
-``blocks.{layer}.attn.pattern``); user hooks can be added with :meth:`Steerer.add_hook`.
+Hook points are named TransformerLens-style, ``blocks.{layer}.attn.logits`` and
+``blocks.{layer}.attn.pattern`` (``attn.logits`` / ``attn.pattern`` alone: every layer); user
+hooks are added with :meth:`Steerer.add_hook` and receive a :class:`HookPoint`.
 
-ScalingVis (paper Eq. 2) multiplies the image-key logits by ``alpha``; the Figure 4
-experiment adds ``delta`` to them (a factor ``e**delta`` in probability space). Both take one
-value per batch row, so AdaptVis can give each sample its own alpha in a single forward.
+Interventions are the kinds of :data:`INTERVENTIONS`: ScalingVis (paper Eq. 2) multiplies the
+image-key logits by ``alpha``; the Figure 4 experiment adds ``delta`` to them (a factor
+``e**delta`` in probability space); knockout sets them to -inf (the answer row gives the
+image no weight). Each takes one value per batch row, so AdaptVis can give each sample its
+own alpha in a single forward.
 """
 from __future__ import annotations
 
 import contextvars
+import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+
+from .registry import Registry
 
 ATTN_NAME = "vislens"
 HOOK_POINTS = ("attn.logits", "attn.pattern")
@@ -34,8 +41,6 @@ HOOK_POINTS = ("attn.logits", "attn.pattern")
 _ACTIVE: contextvars.ContextVar["Steerer | None"] = contextvars.ContextVar("vislens_steerer",
                                                                           default=None)
 _REGISTERED = False
-
-Hook = Callable[[int, torch.Tensor, "Steerer"], "torch.Tensor | None"]
 
 
 def register_attention() -> str:
@@ -51,28 +56,60 @@ def register_attention() -> str:
     return ATTN_NAME
 
 
+# ----------------------------------------------------------------------------- interventions
+
+@dataclass(frozen=True)
+class Edit:
+    """How one intervention kind changes image-key logits.
+
+    ``fn(logits, value)``: ``logits`` [B, H, K] fp32, ``value`` [B, 1, 1] (one per row);
+    returns the edited logits (only image keys of the selected heads are kept from it).
+    ``neutral`` is the value that changes nothing (None: every value edits).
+    """
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    neutral: float | None
+
+
+#: intervention kind -> its edit; conditions name these kinds in their settings
+INTERVENTIONS: Registry[Edit] = Registry("intervention kind")
+INTERVENTIONS.add("scale", Edit(lambda x, v: x * v, 1.0))  # ScalingVis (Eq. 2)
+INTERVENTIONS.add("add", Edit(lambda x, v: x + v, 0.0))  # Figure 4: odds times e**delta
+INTERVENTIONS.add("knockout", Edit(lambda x, v: torch.full_like(x, float("-inf")), None))
+
+
 @dataclass
 class Intervention:
     """An edit of the answer position's image-key logits.
 
-    ``kind`` is ``"scale"`` (ScalingVis: logits * value) or ``"add"`` (logits + value);
-    ``value`` holds one number per batch row. ``layers``/``heads`` restrict it (None = all).
+    ``kind`` names an entry of :data:`INTERVENTIONS`: ``"scale"`` (ScalingVis: logits *
+    value), ``"add"`` (logits + value) or ``"knockout"`` (-inf: the row gives image keys no
+    weight; value unused). ``value`` holds one number per batch row. ``layers``/``heads``
+    restrict it (None = all); ``rows`` (bool, one per batch row) too, so that several
+    interventions can share one forward, each on its own rows (None = all rows).
     """
 
     kind: str
     value: torch.Tensor
     layers: frozenset[int] | None = None
     heads: tuple[int, ...] | None = None
+    rows: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("scale", "add"):
-            raise ValueError(f"intervention kind must be 'scale' or 'add', got {self.kind!r}")
+        if self.kind not in INTERVENTIONS:
+            raise ValueError(f"intervention kind must be one of {', '.join(INTERVENTIONS)}, "
+                             f"got {self.kind!r}")
+        self.edit = INTERVENTIONS.get(self.kind)
         if not torch.isfinite(self.value).all():
             raise ValueError(f"intervention {self.kind} has a non-finite value: {self.value.tolist()}")
+        if self.rows is not None and self.rows.shape != self.value.shape:
+            raise ValueError(f"intervention rows {tuple(self.rows.shape)} do not match its values "
+                             f"{tuple(self.value.shape)}")
 
     def is_identity(self) -> bool:
-        neutral = 1.0 if self.kind == "scale" else 0.0
-        return bool((self.value == neutral).all())
+        neutral = self.edit.neutral
+        value = self.value if self.rows is None else self.value[self.rows]
+        return neutral is not None and bool((value == neutral).all())
 
     def applies(self, layer: int) -> bool:
         return (self.layers is None or layer in self.layers) and not self.is_identity()
@@ -80,13 +117,77 @@ class Intervention:
     def apply(self, logits: torch.Tensor, image_keys: torch.Tensor) -> torch.Tensor:
         """``logits`` [B, H, K] fp32, ``image_keys`` [B, K] bool."""
         v = self.value.to(logits.device, logits.dtype)[:, None, None]
-        edited = logits * v if self.kind == "scale" else logits + v
+        edited = self.edit.fn(logits, v)
         where = image_keys[:, None, :]
+        if self.rows is not None:
+            where = where & self.rows.to(logits.device)[:, None, None]
         if self.heads is not None:
-            head_sel = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+            n_heads = logits.shape[1]
+            if max(self.heads) >= n_heads or min(self.heads) < 0:
+                raise ValueError(f"intervention heads {list(self.heads)} outside the model's "
+                                 f"heads 0-{n_heads - 1}")
+            head_sel = torch.zeros(n_heads, dtype=torch.bool, device=logits.device)
             head_sel[list(self.heads)] = True
             where = where & head_sel[None, :, None]
         return torch.where(where, edited, logits)
+
+
+# ----------------------------------------------------------------------------- hooks
+
+@dataclass(frozen=True)
+class HookPoint:
+    """What a hook is called with besides the tensor: where it runs.
+
+    ``name`` is the full TransformerLens-style name (``blocks.3.attn.logits``), ``point``
+    the layer-free part (``attn.logits``), ``layer`` the language-model layer.
+    """
+
+    name: str
+    point: str
+    layer: int
+    steerer: "Steerer"
+
+
+#: ``fn(tensor, hook)``: may return a replacement tensor at ``attn.logits`` (None: keep)
+Hook = Callable[[torch.Tensor, HookPoint], "torch.Tensor | None"]
+#: the original signature ``fn(layer, tensor, steerer)``, still accepted
+LegacyHook = Callable[[int, torch.Tensor, "Steerer"], "torch.Tensor | None"]
+
+_NAME = re.compile(r"^(?:blocks\.(\d+)\.)?(attn\.logits|attn\.pattern)$")
+
+
+def hook_name(layer: int, point: str) -> str:
+    return f"blocks.{layer}.{point}"
+
+
+def _matcher(names) -> tuple[Callable[[str, int, str], bool], set[int]]:
+    """(match(point, layer, full_name), layers named explicitly) for ``add_hook``'s names."""
+    if callable(names):
+        return (lambda point, layer, full: bool(names(full))), set()
+    items = [names] if isinstance(names, str) else list(names)
+    if not items:
+        raise ValueError("add_hook: no hook name given")
+    wanted: set[tuple[int | None, str]] = set()
+    for item in items:
+        m = _NAME.match(item) if isinstance(item, str) else None
+        if m is None:
+            raise ValueError(f"unknown hook point {item!r}; use attn.logits, attn.pattern or "
+                             "blocks.{layer}.attn.logits / blocks.{layer}.attn.pattern")
+        wanted.add((None if m.group(1) is None else int(m.group(1)), m.group(2)))
+    explicit = {layer for layer, _ in wanted if layer is not None}
+    return (lambda point, layer, full: (None, point) in wanted or (layer, point) in wanted), explicit
+
+
+def _as_hook(fn: Hook | LegacyHook) -> Hook:
+    """Wrap the documented three-argument form ``fn(layer, tensor, steerer)``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) == 3 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        return lambda t, hook: fn(hook.layer, t, hook.steerer)
+    return fn
 
 
 @dataclass
@@ -96,47 +197,73 @@ class Steerer:
     Use as a context manager around the forward you want to steer or record::
 
         with Steerer(image_keys, interventions=[Intervention("scale", alpha)], record=True) as s:
+            s.add_hook("blocks.3.attn.pattern", lambda probs, hook: print(hook.name))
             model(**inputs)
         rows = s.records   # {layer: [B, H, K] softmax row of the last query, fp32}
 
     ``image_keys`` [B, K] marks image-token keys over the full (padded) sequence, K being
-    the key length of the steered forward (prefix cache included).
+    the key length of the steered forward (prefix cache included). Hooks are removed when
+    the context exits; a hook or intervention naming a layer the model never ran is an
+    error there (nothing is silently skipped).
     """
 
     image_keys: torch.Tensor
     interventions: list[Intervention] = field(default_factory=list)
     record: bool = True
     records: dict[int, torch.Tensor] = field(default_factory=dict)
-    hooks: dict[str, list[Hook]] = field(default_factory=dict)
+    hooks: list[tuple[Callable[[str, int, str], bool], str, set[int], Hook]] = field(default_factory=list)
     _token: contextvars.Token | None = None
+    _seen: set[int] = field(default_factory=set)
 
-    def add_hook(self, point: str, fn: Hook) -> "Steerer":
-        """Add ``fn(layer, row, steerer)`` at ``"attn.logits"`` or ``"attn.pattern"``.
+    def add_hook(self, names: "str | Iterable[str] | Callable[[str], bool]", fn: Hook | LegacyHook
+                 ) -> "Steerer":
+        """Call ``fn(tensor, hook)`` at the named hook points.
 
-        A hook may return a replacement tensor (logits hooks) or None (read only).
+        ``names``: ``"attn.logits"`` / ``"attn.pattern"`` (every layer), a full name such as
+        ``"blocks.3.attn.logits"``, a list of these, or a filter ``name -> bool`` over full
+        names. ``hook`` is a :class:`HookPoint` (``.name``, ``.layer``, ``.point``). A hook at
+        ``attn.logits`` may return replacement logits; None keeps them. The three-argument
+        form ``fn(layer, tensor, steerer)`` is accepted too.
         """
-        if point not in HOOK_POINTS:
-            raise ValueError(f"unknown hook point {point!r}; choose one of {HOOK_POINTS}")
-        self.hooks.setdefault(point, []).append(fn)
+        match, explicit = _matcher(names)
+        hook = _as_hook(fn)
+        for point in HOOK_POINTS:
+            self.hooks.append((match, point, explicit, hook))
         return self
 
     def __enter__(self) -> "Steerer":
         register_attention()
+        self._seen = set()
         self._token = _ACTIVE.set(self)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._token is not None:
             _ACTIVE.reset(self._token)
             self._token = None
+        named = set().union(*(e for _, _, e, _ in self.hooks)) if self.hooks else set()
+        self.hooks = []
+        if exc_type is None and self._seen:
+            named |= set().union(*(iv.layers for iv in self.interventions if iv.layers is not None))
+            missing = sorted(named - self._seen)
+            if missing:
+                raise ValueError(f"layer(s) {missing} named by a hook or intervention never ran; "
+                                 f"the model ran layers {min(self._seen)}-{max(self._seen)}")
 
     # -- called from the attention function -------------------------------------------
+    def _hooks_at(self, point: str, layer: int) -> list[tuple[HookPoint, Hook]]:
+        name = hook_name(layer, point)
+        return [(HookPoint(name, point, layer, self), fn)
+                for match, p, _, fn in self.hooks if p == point and match(point, layer, name)]
+
     def wants(self, layer: int) -> bool:
-        return (self.record or bool(self.hooks)
+        self._seen.add(layer)
+        return (self.record or any(self._hooks_at(p, layer) for p in HOOK_POINTS)
                 or any(iv.applies(layer) for iv in self.interventions))
 
     def edits(self, layer: int) -> bool:
-        return bool(self.hooks.get("attn.logits")) or any(iv.applies(layer) for iv in self.interventions)
+        return bool(self._hooks_at("attn.logits", layer)) or any(iv.applies(layer)
+                                                                 for iv in self.interventions)
 
     def steer_logits(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         keys = self.image_keys.to(logits.device)
@@ -146,16 +273,16 @@ class Steerer:
         for iv in self.interventions:
             if iv.applies(layer):
                 logits = iv.apply(logits, keys)
-        for fn in self.hooks.get("attn.logits", ()):
-            out = fn(layer, logits, self)
+        for hook, fn in self._hooks_at("attn.logits", layer):
+            out = fn(logits, hook)
             logits = logits if out is None else out
         return logits
 
     def see_pattern(self, layer: int, probs: torch.Tensor) -> None:
         if self.record:
             self.records[layer] = probs.detach()
-        for fn in self.hooks.get("attn.pattern", ()):
-            fn(layer, probs, self)
+        for hook, fn in self._hooks_at("attn.pattern", layer):
+            fn(probs, hook)
 
 
 def last_row_logits(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -223,10 +350,11 @@ def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 def interventions_for(kind: str, values: Iterable[float] | torch.Tensor, *,
                       layers: Iterable[int] | None = None,
-                      heads: Iterable[int] | None = None) -> list[Intervention]:
+                      heads: Iterable[int] | None = None,
+                      rows: torch.Tensor | None = None) -> list[Intervention]:
     """One :class:`Intervention` from per-row values (empty list for identity)."""
     v = torch.as_tensor(list(values) if not isinstance(values, torch.Tensor) else values,
                         dtype=torch.float32)
     iv = Intervention(kind, v, frozenset(layers) if layers is not None else None,
-                      tuple(heads) if heads is not None else None)
+                      tuple(heads) if heads is not None else None, rows)
     return [] if iv.is_identity() else [iv]

@@ -9,7 +9,7 @@ Three stages, each writing into one output folder:
    and whether it is correct.
 2. **Offline selection** (:func:`scaling_scores`, :func:`adaptvis_scores`): AdaptVis at
    ``(alpha1, alpha2, beta)`` answers sample ``i`` exactly as ``scaling:alpha=alpha_i`` does
-   in the same batch, with ``alpha_i`` from Eq. 3 (:func:`~vislens.decoding.adaptvis_alpha`)
+   in the same batch, with ``alpha_i`` from Eq. 3 (:func:`~vislens.conditions.adaptvis_alpha`)
    on the *baseline* confidence. So every beta costs a table look-up, not a model run.
    Ties go to the setting closest to no intervention (see :func:`pick_scaling`,
    :func:`pick_adaptvis`).
@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .conditions import adaptvis_alpha, parse_condition
 from .errors import VislensError
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_ALPHA1", "DEFAULT_ALPHA2", "DEFAULT_BETAS", "BASELINES",
@@ -265,8 +266,6 @@ def read_val_results(path: str | Path) -> ValResults:
 
 
 def _scaling_condition(alpha: float, name: str):
-    from .decoding import parse_condition
-
     return parse_condition(f"scaling:alpha={_label(alpha)},name={name}")
 
 
@@ -275,10 +274,11 @@ def validation_pass(adapter: Any, samples: Sequence[Any], alphas: Iterable[float
                     progress: bool = False) -> ValResults:
     """Answers under ``baseline`` and ``scaling:alpha=a`` for each alpha, one engine run per batch.
 
-    Alpha 1 is the baseline itself (added when missing). No attention is recorded.
+    Alpha 1 is the baseline itself (added when missing). No attention is recorded. The
+    batches are the capture's (:func:`vislens.capture.run_batches`).
     """
-    from .capture import _open_image, is_correct
-    from .decoding import DecodingEngine, parse_condition
+    from .capture import run_batches
+    from .decoding import DecodingEngine
 
     alphas = tuple(sorted(set(float(a) for a in alphas) | {1.0}))
     names = {a: "baseline" if a == 1.0 else f"alpha{k}" for k, a in enumerate(alphas)}
@@ -289,31 +289,17 @@ def validation_pass(adapter: Any, samples: Sequence[Any], alphas: Iterable[float
     conf = np.full(n, np.nan)
     preds = np.empty((n, k), dtype=object)
     corr = np.zeros((n, k), dtype=bool)
-    bar = _progress(n, progress)
-    for start in range(0, n, batch_size):
-        batch = list(samples[start:start + batch_size])
-        results = engine.run([_open_image(s) for s in batch], [s.question for s in batch],
-                             [s.options for s in batch], conds, sample_keys=[s.id for s in batch])
-        for j, (s, res) in enumerate(zip(batch, results)):
-            i = start + j
+    for batch in run_batches(engine, samples, range(n), conds, batch_size=batch_size,
+                             matcher=matcher, progress=progress, desc="sweep (val)"):
+        for i, res, ok in zip(batch.rows, batch.results, batch.correct):
             conf[i] = res["baseline"].confidence
             for c, a in enumerate(alphas):
-                text = res[names[a]].text
-                preds[i, c] = text
-                corr[i, c] = is_correct(text, s, matcher)
-        bar.update(len(batch))
-    bar.close()
+                preds[i, c] = res[names[a]].text
+                corr[i, c] = ok[names[a]]
     meta = pd.DataFrame({"id": [s.id for s in samples], "relation": [s.relation for s in samples],
                          "group": [s.group for s in samples],
                          "answer": [s.answer for s in samples], "confidence": conf})
     return ValResults(meta, alphas, preds, corr)
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="sample", disable=not enabled, dynamic_ncols=True,
-                desc="sweep (val)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -339,12 +325,10 @@ def adaptvis_scores(val: ValResults, pairs: Iterable[tuple[float, float]],
     """Validation accuracy of AdaptVis at every (alpha1, alpha2, beta), from the table alone.
 
     Sample i takes alpha1's answer when its baseline confidence is < beta, else alpha2's
-    (Eq. 3 via :func:`~vislens.decoding.adaptvis_alpha`, so confidence == beta -> alpha2).
+    (Eq. 3 via :func:`~vislens.conditions.adaptvis_alpha`, so confidence == beta -> alpha2).
     Also returns ``n_below_beta`` (samples given alpha1) and ``mean_abs_log_alpha`` (the
     average |ln alpha| applied, the intervention strength used to break ties).
     """
-    from .decoding import adaptvis_alpha
-
     conf, n = val.confidence, len(val)
     rows, run = np.arange(n), np.asarray(val.alphas)
     out = []
@@ -535,22 +519,6 @@ class SweepResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _check_job(batch_size: int, max_new_tokens: int, matcher: str, limit: int | None,
-               grid: int) -> None:
-    from .capture import MATCHERS
-
-    if batch_size < 1:
-        raise VislensError(f"--batch-size {batch_size}: must be >= 1")
-    if max_new_tokens < 1:
-        raise VislensError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
-    if matcher not in MATCHERS:
-        raise VislensError(f"--matcher {matcher!r}: choose one of {', '.join(MATCHERS)}")
-    if limit is not None and limit < 1:
-        raise VislensError(f"--limit {limit}: must be >= 1")
-    if grid < 1:
-        raise VislensError(f"--grid {grid}: must be >= 1")
-
-
 def _load_splits(dataset: str, data_root: str | None, split_seed: int, limit: int | None):
     """Validation and test samples, checked (prompts, images) before any model is loaded."""
     from .capture import check_options_in_prompt, select_samples
@@ -602,22 +570,25 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
               max_new_tokens: int = 8, matcher: str = "paper", split_seed: int = 0,
               limit: int | None = None, dtype: str = "auto", device: str = "auto",
               grid: int = 24, progress: bool = True, command: str | None = None,
-              log: Log = print) -> SweepResult:
+              force: bool = False, log: Log = print) -> SweepResult:
     """Tune ScalingVis/AdaptVis on the validation split, then compare methods on test.
 
     ``model`` is a name/path for :func:`~vislens.models.load_model` or a loaded adapter.
-    Every flag is validated before the model is loaded. Writes into ``out``:
+    Every flag is validated before the model is loaded. ``out`` must be new, empty or a
+    sweep's own folder (``force`` writes into any other). Writes into ``out``:
     ``val_results.csv``, ``val_scaling.csv``, ``val_adaptvis.csv``, ``val_curves.png``,
     ``chosen.json``, ``test.h5`` (resumed if compatible), ``table1.csv``, ``table1.md``.
     """
     from .capture import run_capture
     from .evaluate import evaluate_capture
 
+    from .io import prepare_output_dir
+    from .jobs import check_job
+
     space = make_grid(alphas, alpha1, alpha2, betas, baselines, log=log)
-    _check_job(batch_size, max_new_tokens, matcher, limit, grid)
+    check_job(batch_size=batch_size, max_new_tokens=max_new_tokens, grid=grid, matcher=matcher)
     val_samples, test_samples = _load_splits(dataset, data_root, split_seed, limit)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out, force=force)
     if isinstance(model, (str, Path)):
         from .models import load_model
 
@@ -704,10 +675,12 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``vislens sweep``'s flags to ``p`` (a subparser of the CLI or a fresh parser)."""
-    p.add_argument("--model", required=True, help="hub id, local checkpoint directory, or 'organism'")
-    p.add_argument("--dataset", required=True, help="whatsup:..., vsr:..., or jsonl:PATH")
-    p.add_argument("--data-root", help="folder with the downloaded benchmark files")
+    from .jobs import add_job_arguments
+
+    add_job_arguments(p, max_new_tokens=8, splits="each split")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true",
+                   help="write into an existing folder vislens did not create")
     p.add_argument("--alphas", default=DEFAULT_ALPHAS,
                    help=f"ScalingVis candidates, comma list; 1 is always added (default {DEFAULT_ALPHAS})")
     p.add_argument("--alpha1", default=DEFAULT_ALPHA1,
@@ -719,15 +692,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"(default {DEFAULT_BETAS})")
     p.add_argument("--baselines", default="",
                    help=f"extra test-split baselines, comma list of {', '.join(BASELINES)}")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--matcher", default="paper", choices=["paper", "first-word"])
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the 20%% validation split")
-    p.add_argument("--limit", type=int, help="only the first N samples of each split")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--grid", type=int, default=24, help="analysis grid of the test capture")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_args)
     return p
 
@@ -739,7 +703,7 @@ def run_args(args: argparse.Namespace) -> int:
               baselines=args.baselines, batch_size=args.batch_size,
               max_new_tokens=args.max_new_tokens, matcher=args.matcher,
               split_seed=args.split_seed, limit=args.limit, dtype=args.dtype,
-              device=args.device, grid=args.grid, progress=not args.quiet,
+              device=args.device, grid=args.grid, progress=not args.quiet, force=args.force,
               command="vislens sweep " + shlex.join(getattr(args, "_argv", sys.argv[2:])))
     print(f"outputs in {args.out}/ (table1.md, table1.csv, chosen.json, val_curves.png)")
     return 0

@@ -17,7 +17,7 @@ from .layout import ImageLayout, area_projection, grid_rects
 
 __all__ = ["load_model", "VLMAdapter", "PreparedBatch", "ImageLayout", "area_projection",
            "grid_rects", "ADAPTERS", "ADAPTER_REGISTRY", "AdapterEntry", "register_adapter",
-           "resolve_dtype", "resolve_device", "organism_path"]
+           "resolve_dtype", "resolve_device", "organism_path", "model_dims"]
 
 #: the supported ``model_type`` names (derived from :data:`ADAPTER_REGISTRY`)
 ADAPTERS: tuple[str, ...] = ADAPTER_REGISTRY.names()
@@ -106,6 +106,56 @@ def _pickle_detail(exc: BaseException) -> str:
     return next((l for l in lines if "GLOBAL" in l), lines[0] if lines else type(exc).__name__)
 
 
+def _locate(name_or_path: str | Path) -> tuple[str, bool]:
+    """``(name, is_local_dir)``: ``"organism"`` -> its folder; a local folder must hold a
+    config and weights; a path-like name that does not exist is refused."""
+    name = str(name_or_path)
+    if name == "organism":  # the embedded default: vislens's own tiny trained LLaVA
+        name = str(organism_path())
+    path = Path(name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise VislensError(f"{name}: not a model directory (no config.json)")
+        if not any(any(path.glob(g)) for g in _WEIGHT_GLOBS):
+            raise VislensError(f"{name}: model directory has no weights (*.safetensors or *.bin)")
+        return name, True
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise VislensError(f"{name}: no such model directory")
+    return name, False
+
+
+def model_dims(name_or_path: str | Path, *, revision: str | None = None) -> tuple[int, int] | None:
+    """``(num_layers, num_heads)`` of a model's language model, read from its config only.
+
+    No weights are loaded and the hub is never contacted: ``"organism"`` and local folders
+    read their ``config.json``; a hub id reads its cached config. A hub id whose config is
+    not cached gives ``None`` when the hub may be reached (the caller checks after loading)
+    and a one-line error when offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``).
+    An unsupported architecture is refused here too.
+    """
+    from transformers import AutoConfig
+
+    name, local = _locate(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        if local:
+            raise VislensError(f"{name}: cannot read the model config "
+                               f"({str(exc).splitlines()[0]})") from None
+        if _hub_offline():
+            raise VislensError(f"{name}: not a local model directory and not in the hub cache "
+                               "(the hub is offline: HF_HUB_OFFLINE); download it first or "
+                               "pass a local directory") from None
+        return None
+    model_type = getattr(config, "model_type", "")
+    if model_type not in ADAPTERS:
+        archs = getattr(config, "architectures", None) or [model_type]
+        raise VislensError(f"{name}: unsupported architecture {archs[0]!r}; vislens supports "
+                           f"{', '.join(ADAPTERS)}")
+    text = getattr(config, "text_config", None) or config
+    return int(text.num_hidden_layers), int(text.num_attention_heads)
+
+
 def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None = "auto", *,
                revision: str | None = None, local_files_only: bool | None = None) -> VLMAdapter:
     """Load a supported VLM checkpoint (hub id or local directory) and wrap it in its adapter.
@@ -120,18 +170,8 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
 
     from ..steering import register_attention
 
-    name = str(name_or_path)
-    if name == "organism":  # the embedded default: vislens's own tiny trained LLaVA
-        name = str(organism_path())
-    path = Path(name)
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
-            raise VislensError(f"{name}: not a model directory (no config.json)")
-        if not any(any(path.glob(g)) for g in _WEIGHT_GLOBS):
-            raise VislensError(f"{name}: model directory has no weights (*.safetensors or *.bin)")
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise VislensError(f"{name}: no such model directory")
-    else:
+    name, local = _locate(name_or_path)
+    if not local:
         local_files_only = _check_hub_id(name, revision, local_files_only)
     try:
         config = AutoConfig.from_pretrained(name, revision=revision,

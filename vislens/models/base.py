@@ -183,11 +183,6 @@ class VLMAdapter:
         """Positions of the ``steps``-th generated token (0 = first), shaped like one column."""
         return position_ids.amax(dim=-1, keepdim=True) + 1 + steps
 
-    def text_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    vision: dict[str, Any]) -> dict[str, Any]:
-        """Extra forward kwargs a family needs along with input ids (none by default)."""
-        return {}
-
     def layouts(self, input_ids: torch.Tensor, image_keys: torch.Tensor,
                 vision: dict[str, Any], sizes: list[tuple[int, int]]) -> list[ImageLayout]:
         raise NotImplementedError

@@ -55,13 +55,14 @@ def _scorecard(args: argparse.Namespace) -> dict:
     """Run the held-out scorecard (and the untrained control) for ``eval --scorecard``."""
     from dataclasses import asdict
 
+    from ..io import prepare_output_dir
     from .build import build_organism
     from .scorecard import SCORECARD_CONDITIONS, run_scorecard
 
     stats_file = Path(args.path, TRAIN_FILE)
     stats = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.exists() else {}
     style = args.style if args.style is not None else stats.get("style", "plain")
-    out = Path(args.scorecard)
+    out = prepare_output_dir(args.scorecard)
 
     def rows(found) -> list[dict]:
         return [{k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(f).items()}

@@ -31,10 +31,12 @@ def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = SCOR
                   seed: int = SCORECARD_SEED, style: str = "plain",
                   conditions: tuple[str, ...] = SCORECARD_CONDITIONS,
                   batch_size: int = 16, n_boot: int = 1000, log: Log | None = print,
-                  adapter: Any = None) -> list[Any]:
+                  adapter: Any = None, force: bool = False) -> list[Any]:
     """Capture ``conditions`` on ``4 * n_groups`` held-out scenes per subset (both splits)
     with the organism at ``path`` and write the findings scorecard to ``out_dir/findings``.
     ``style``: the scenes' :class:`vislens.synth.SceneStyle` (``--style`` syntax).
+    ``out_dir`` follows vislens's output rule (a folder vislens did not create is refused
+    unless ``force``); the captures in it are replaced.
 
     Returns the findings (:class:`vislens.findings.Finding` list). The captures stay in
     ``out_dir`` (``capture_a.h5``, ``capture_b.h5``) for ``vislens report``/``figures``.
@@ -45,12 +47,12 @@ def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = SCOR
         raise VislensError("the organism scorecard needs vislens.findings "
                            "(the `vislens findings` command)") from exc
     from ..capture import run_capture
+    from ..io import prepare_output_dir
     from ..models import load_model
     from ..synth import SceneStyle, synthesize
 
     say = log or (lambda msg: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir, force=force)
     scenes = synthesize(out / "scenes", 4 * n_groups, seed, style=SceneStyle.parse(style))
     if adapter is None:
         if not Path(path, "config.json").exists():

@@ -1,0 +1,263 @@
+"""``vislens findings``: every finding on synthetic captures built so that it holds and so
+that it fails; the verdict flips. Captures are written with the public CaptureWriter."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from vislens.data.base import Box, Sample
+from vislens.decoding import ConditionResult, parse_condition
+from vislens.findings import FINDINGS, load_evidence, run_findings
+from vislens.store import CaptureWriter
+
+L, H, G = 6, 2, 4  # thirds of the layers: early 0-1, middle 2-3
+RELATIONS = ("left", "right", "on", "under")
+OPTIONS = ["Left", "Right", "On", "Under"]
+CONDITIONS = ("baseline", "add:delta=1", "scaling:alpha=0.5", "scaling:alpha=2",
+              "adaptvis:alpha1=0.5,alpha2=2,beta=0.5", "vcd", "dola")
+N_BOOT = 300
+
+
+@dataclass(frozen=True)
+class World:
+    """Knobs: True = the paper's claim holds in the data, False = it fails."""
+
+    share_low: bool = True  # F1
+    add_hurts: bool = True  # F2
+    overlap: str = "signal"  # F3/F4: "signal", "none", or "confound" (relation difficulty only)
+    entropy_early_high: bool = True  # F5
+    familiar_confident: bool = True  # F6
+    confidence_predicts: bool = True  # F7
+    scaling_halves: bool = True  # F8
+    adapt_best: bool = True  # F9
+    beats_contrastive: bool = True  # F10
+    conditions: tuple = CONDITIONS
+    splits: bool = True
+    boxes: bool = True
+    tokens: bool = True
+    n: int = 200
+    seed: int = 0
+
+
+def _flip(rng, ok: np.ndarray, where: np.ndarray, to: bool, frac: float) -> np.ndarray:
+    """Set a fraction ``frac`` of the samples in ``where`` that are not ``to`` to ``to``."""
+    out = ok.copy()
+    cand = np.flatnonzero(where & (ok != to))
+    pick = rng.choice(cand, size=int(round(frac * cand.size)), replace=False) if cand.size else cand
+    out[pick] = to
+    return out
+
+
+def build(path: Path, w: World) -> Path:
+    rng = np.random.default_rng(w.seed)
+    n = w.n
+    rel = np.array([RELATIONS[i % 4] for i in range(n)])
+    familiar = np.isin(rel, ("left", "right"))
+    if w.overlap == "confound":  # familiar relations are easy, rare ones hard
+        correct = np.where(familiar, rng.random(n) < 0.85, rng.random(n) < 0.15)
+    else:
+        correct = rng.random(n) < 0.5
+    conf = np.where(correct, 0.55, 0.35) if w.confidence_predicts else np.full(n, 0.45)
+    conf = conf + 0.3 * rng.random(n)
+    conf = conf + (0.1 if w.familiar_confident else -0.1) * familiar
+    low = conf < np.median(conf)
+
+    # baseline attention: focus on the object mask (or a distractor cell) in the middle layers
+    masks = np.zeros((n, G, G), np.float32)
+    distract = np.zeros((n, G, G))
+    boxes = []
+    for i in range(n):
+        r, c = rng.integers(0, G - 1, size=2)
+        masks[i, r:r + 2, c:c + 2] = 1
+        boxes.append([Box("cube", (c * 8.0, r * 8.0, c * 8.0 + 16, r * 8.0 + 16))])
+        free = np.argwhere(masks[i] == 0)
+        rr, cc = free[rng.integers(len(free))]
+        distract[i, rr, cc] = 1
+    if w.overlap == "signal":
+        on_objects = correct
+    elif w.overlap == "confound":
+        on_objects = familiar
+    else:
+        on_objects = rng.random(n) < 0.5
+    target = np.where(on_objects[:, None, None], masks / 4, distract)
+    z = rng.normal(0, 0.6, (n, L, H, G, G))
+    focused_layers = [2, 3] if w.entropy_early_high else [0, 1]
+    for layer in focused_layers:
+        z[:, layer] += 6.0 * target[:, None]
+    spread_layers = [0, 1] if w.entropy_early_high else [2, 3]
+    z[:, spread_layers] *= 0.05  # near-uniform
+    attn = np.exp(z)
+    attn /= attn.sum(axis=(-2, -1), keepdims=True)
+    img_mass = np.full((n, L, H), 0.1 if w.share_low else 0.9) + 0.02 * rng.random((n, L, H))
+    txt_mass = np.full((n, L, H), 0.5 if w.share_low else 0.04)
+    attn = attn * img_mass[..., None, None]
+
+    # other conditions' correctness, relative to the baseline
+    outcome = {"baseline": correct}
+    everywhere = np.ones(n, bool)
+    outcome["add+1"] = (_flip(rng, correct, everywhere, False, 0.3) if w.add_hurts
+                        else _flip(rng, correct, everywhere, True, 0.4))
+    if w.scaling_halves:
+        outcome["scaling-0.5"] = _flip(rng, correct, low, True, 0.5)
+        outcome["scaling-2"] = _flip(rng, correct, ~low, True, 0.5)
+    else:
+        outcome["scaling-0.5"] = _flip(rng, correct, low, False, 0.5)
+        outcome["scaling-2"] = _flip(rng, correct, ~low, False, 0.5)
+    outcome["adaptvis"] = (_flip(rng, correct, everywhere, True, 0.7) if w.adapt_best
+                           else _flip(rng, correct, everywhere, False, 0.3))
+    best_ours = np.maximum(outcome["adaptvis"], outcome["scaling-2"])
+    for name in ("vcd", "dola"):
+        outcome[name] = (_flip(rng, correct, everywhere, False, 0.3) if w.beats_contrastive
+                         else _flip(rng, best_ours, everywhere, True, 0.8))
+
+    conds = [parse_condition(c) for c in w.conditions]
+    samples = [Sample(id=f"s{i}", image_path="", question="Where is the cube?", options=OPTIONS,
+                      answer=rel[i].capitalize(), relation=rel[i],
+                      split=("val" if i % 5 == 0 else "test") if w.splits else "")
+               for i in range(n)]
+    path.unlink(missing_ok=True)
+    writer = CaptureWriter.open(path, samples=samples, conditions=conds, grid=G, num_layers=L,
+                                num_heads=H, num_options=4, attrs={"model": "synthetic"},
+                                box_masks=masks if w.boxes else None,
+                                boxes=boxes if w.boxes else None, sizes=[(32, 32)] * n)
+    for start in range(0, n, 50):
+        rows = list(range(start, min(n, start + 50)))
+        res, cor = [], []
+        for i in rows:
+            gold = OPTIONS.index(samples[i].answer)
+            d = {}
+            for c in conds:
+                ok = bool(outcome[c.name][i])
+                pred = gold if ok else (gold + 1) % 4
+                d[c.name] = ConditionResult(
+                    OPTIONS[pred], pred, float(conf[i]), np.full(4, 0.25, np.float32), 1.0,
+                    attn[i].astype(np.float32), img_mass[i].astype(np.float32),
+                    txt_mass[i].astype(np.float32), n_image_tokens=576 if w.tokens else 0,
+                    n_text_tokens=50 if w.tokens else 0)
+            res.append(d)
+            cor.append({c.name: bool(outcome[c.name][i]) for c in conds})
+        writer.write_batch(rows, res, cor)
+    writer.finalize()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def scorecards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("findings")
+    worlds = {
+        "holds": World(),
+        "fails": World(share_low=False, add_hurts=False, overlap="none", entropy_early_high=False,
+                       familiar_confident=False, confidence_predicts=False, scaling_halves=False,
+                       adapt_best=False, beats_contrastive=False, seed=1),
+        "confound": World(overlap="confound", seed=2),
+    }
+    out = {}
+    for name, w in worlds.items():
+        ev = load_evidence(build(root / f"{name}.h5", w), chunk=64)
+        out[name] = ({f.id: f for f in run_findings([ev], n_boot=N_BOOT)}, ev)
+    return out
+
+
+@pytest.mark.parametrize("fid", list(FINDINGS))
+def test_verdict_flips_between_worlds(scorecards, fid):
+    holds, fails = scorecards["holds"][0][fid], scorecards["fails"][0][fid]
+    assert holds.verdict == "reproduced", holds
+    assert fails.verdict == "not reproduced", fails
+    for f in (holds, fails):
+        assert f.ci_low <= f.value <= f.ci_high and f.n >= 10 and f.why
+
+
+def test_f4_catches_relation_difficulty(scorecards):
+    found, ev = scorecards["confound"]
+    assert found["F3"].verdict == "reproduced"  # pooled over relations the overlap "works"
+    assert found["F4"].verdict == "not reproduced"  # ... but not within any relation
+    assert abs(found["F4"].value - 0.5) < 0.15
+
+
+def test_values_against_plain_computations(scorecards):
+    found, ev = scorecards["holds"]
+    tab = ev.table
+    base = tab[tab.condition == "baseline"].set_index("row")
+    # F7: sklearn AUROC of confidence
+    assert found["F7"].value == pytest.approx(roc_auc_score(base.correct, base.confidence))
+    # F6: confidence difference in percentage points
+    fam = base.relation.isin(["left", "right"])
+    assert found["F6"].value == pytest.approx(100 * (base.confidence[fam].mean()
+                                                     - base.confidence[~fam].mean()), rel=1e-6)
+    # F2: the only add condition's paired accuracy change
+    add = tab[tab.condition == "add+1"].set_index("row")
+    assert found["F2"].value == pytest.approx(100 * (add.correct.mean() - base.correct.mean()))
+    # F9: test-split difference of the only adaptvis and the validation-best scaling condition
+    val = base.split == "val"
+    sc = {c: tab[tab.condition == c].set_index("row").correct for c in ("scaling-0.5", "scaling-2")}
+    best = max(sc, key=lambda c: (sc[c][val].mean(), c == "scaling-0.5"))
+    ad = tab[tab.condition == "adaptvis"].set_index("row").correct
+    test = ~val
+    assert found["F9"].value == pytest.approx(100 * (ad[test].mean() - sc[best][test].mean()))
+    assert best in found["F9"].why
+    # F1: share ratio by hand
+    img, txt = ev.masses
+    ratio = (img[:, 2:4] / (img[:, 2:4] + txt[:, 2:4])).mean(axis=(1, 2)) / (576 / 626)
+    assert found["F1"].value == pytest.approx(ratio.mean(), rel=1e-5)
+    # F3: the layer named in "why" is chosen on validation, the value is its test AUROC
+    st = ev.stats
+    layer = int(found["F3"].why.split("layer ")[1].split()[0])
+    v = st.split == "val"
+    val_auroc = [roc_auc_score(st.correct[v], st.overlap[v, k]) for k in range(L)]
+    assert layer == int(np.argmax(val_auroc))
+    t = st.split == "test"
+    assert found["F3"].value == pytest.approx(roc_auc_score(st.correct[t], st.overlap[t, layer]))
+
+
+def test_not_testable_names_what_is_missing(tmp_path):
+    w = World(conditions=("baseline", "scaling:alpha=2"), splits=False, boxes=False, tokens=False)
+    ev = load_evidence(build(tmp_path / "bare.h5", w))
+    found = {f.id: f for f in run_findings([ev], n_boot=50)}
+    expect = {"F1": "token counts", "F2": "add", "F3": "box mask", "F4": "box mask",
+              "F8": "alpha < 1", "F9": "adaptvis", "F10": "vcd or dola"}
+    for fid, words in expect.items():
+        assert found[fid].verdict == "not testable" and words in found[fid].why, found[fid]
+        assert np.isnan(found[fid].value) and found[fid].n == 0
+    assert found["F7"].verdict != "not testable"  # what it has is still tested
+    w2 = World(splits=False)
+    found = {f.id: f for f in run_findings([load_evidence(build(tmp_path / "nosplit.h5", w2))],
+                                           n_boot=50)}
+    for fid in ("F3", "F9", "F10"):
+        assert found[fid].verdict == "not testable" and "validation" in found[fid].why, found[fid]
+
+
+def test_several_captures_are_pooled(scorecards, tmp_path):
+    one = scorecards["holds"][1]
+    two = load_evidence(build(tmp_path / "two.h5", World(seed=5)))
+    found = {f.id: f for f in run_findings([one, two], n_boot=N_BOOT)}
+    single = scorecards["holds"][0]
+    assert found["F7"].n == single["F7"].n + len(two.table[two.table.condition == "baseline"])
+    assert found["F9"].n > single["F9"].n
+    assert all(found[k].verdict == "reproduced" for k in FINDINGS)
+
+
+def test_cli_writes_md_csv_json(scorecards, tmp_path, capsys):
+    from vislens.cli import main
+
+    path = scorecards["holds"][1].path
+    assert main(["findings", str(path), "--out", str(tmp_path / "f"), "--n-boot", "200"]) == 0
+    out = tmp_path / "f"
+    data = json.loads((out / "findings.json").read_text())
+    assert [d["id"] for d in data] == list(FINDINGS)
+    assert set(data[0]) == {"id", "claim", "statistic", "value", "ci_low", "ci_high", "n",
+                            "verdict", "why"}
+    assert all(d["verdict"] in ("reproduced", "not reproduced", "not testable") for d in data)
+    csv = pd.read_csv(out / "findings.csv")
+    assert list(csv["id"]) == list(FINDINGS)
+    md = (out / "findings.md").read_text()
+    assert "| F3 | reproduced |" in md
+    assert "F10" in capsys.readouterr().out
+    assert main(["findings", str(tmp_path / "missing.h5"), "--out", str(out)]) == 2
+    assert "missing.h5" in capsys.readouterr().err
