@@ -274,7 +274,8 @@ def test_scorecard_runs_on_a_small_organism(small_run, tmp_path):
     by_id = {f.id: f for f in found}
     assert set(by_id) >= {f"F{i}" for i in range(1, 11)}
     assert by_id["F9"].verdict == "not testable"  # no adaptvis condition captured
-    assert by_id["F1"].n == 24 and (tmp_path / "sc" / "findings" / "findings.json").exists()
+    # F6 counts left/right (12) and on/under (6) samples of the 2 x 12 scenes
+    assert by_id["F6"].n == 18 and (tmp_path / "sc" / "findings" / "findings.json").exists()
     recs = [json.loads(x) for x in (tmp_path / "sc" / "scenes" / "controlled_a.jsonl").read_text().splitlines()]
     assert len(recs) == 12 and all(len(r["meta"]["distractors"]) == 1 for r in recs)
 
