@@ -305,3 +305,30 @@ def test_committed_organism_scorecard_matches_card(tmp_path):
         half = (ref["ci_high"] - ref["ci_low"]) / 2
         assert found[fid].n == 8 * n_groups or fid == "F6"
         assert abs(found[fid].value - ref["value"]) <= 2 * widen * half + 1e-9, (fid, found[fid], ref)
+
+
+def test_eval_scorecard_cli_writes_card_with_control(small_run, tmp_path, monkeypatch, capsys):
+    """``organism eval --scorecard DIR --control --write-card``: both scorecards land in the
+    card and organism.json; the control is the untrained init of the training seed."""
+    pytest.importorskip("vislens.findings")
+    import shutil
+
+    from vislens.cli import main
+    from vislens.organism import scorecard
+
+    path, stats = small_run
+    dest = tmp_path / "org"
+    shutil.copytree(path, dest)
+    monkeypatch.setattr(scorecard, "SCORECARD_CONDITIONS", ("baseline", "scaling:alpha=2"))
+    assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--scorecard",
+                 str(tmp_path / "sc"), "--scorecard-groups", "2", "--scorecard-seed", "5",
+                 "--control", "--write-card"]) == 0
+    meta = json.loads((dest / "organism.json").read_text())
+    sc = meta["scorecard"]
+    assert sc["conditions"] == ["baseline", "scaling:alpha=2"] and sc["n_groups"] == 2
+    assert sc["control_seed"] == stats["seed"] and len(sc["control"]) == len(sc["findings"]) >= 10
+    assert (tmp_path / "sc" / "control" / "findings" / "findings.json").exists()
+    card = (dest / "README.md").read_text()
+    assert "### Control: the same architecture with the init prior, untrained" in card
+    assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--control"]) == 2
+    assert "--control needs --scorecard" in capsys.readouterr().err

@@ -101,19 +101,23 @@ def run(args: argparse.Namespace) -> int:
         else:
             if not Path(args.path, "config.json").exists():
                 raise VislensError(f"{args.path}: no model organism there (no config.json)")
+            if args.control and not args.scorecard:
+                raise VislensError("--control needs --scorecard DIR")
             df = evaluate_organism(args.path, n_groups=args.n_groups, seed=args.seed)
             print(df.to_string(index=False))
             print("image attention in the boxes per layer:", df.attrs["box_attention_by_layer"],
                   "ratio:", df.attrs["box_ratio_by_layer"])
-            if args.control and not args.scorecard:
-                raise VislensError("--control needs --scorecard DIR")
             scorecard = _scorecard(args) if args.scorecard else None
             if args.write_card:
                 stats = json.loads(Path(args.path, TRAIN_FILE).read_text(encoding="utf-8"))
+                meta_file = Path(args.path, "organism.json")
+                old = (json.loads(meta_file.read_text(encoding="utf-8")).get("scorecard")
+                       if meta_file.exists() else None)
                 if scorecard is None:  # keep the card's scorecard when not re-measured
-                    meta_file = Path(args.path, "organism.json")
-                    if meta_file.exists():
-                        scorecard = json.loads(meta_file.read_text(encoding="utf-8")).get("scorecard")
+                    scorecard = old
+                elif old and old.get("notes") and all(
+                        old.get(k) == scorecard[k] for k in ("n_groups", "seed", "style", "conditions")):
+                    scorecard["notes"] = old["notes"]  # the card's notes on the same measurement
                 card = write_model_card(args.path, stats, df,
                                         {"n_groups": args.n_groups, "seed": args.seed}, scorecard)
                 print(f"model card: {card}")

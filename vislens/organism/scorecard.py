@@ -29,10 +29,10 @@ SCORECARD_CONDITIONS: tuple[str, ...] = (
 
 def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = SCORECARD_GROUPS,
                   seed: int = SCORECARD_SEED, style: str = "plain",
-                  conditions: tuple[str, ...] = SCORECARD_CONDITIONS,
+                  conditions: tuple[str, ...] | None = None,
                   batch_size: int = 16, n_boot: int = 1000, log: Log | None = print,
                   adapter: Any = None, force: bool = False) -> list[Any]:
-    """Capture ``conditions`` on ``4 * n_groups`` held-out scenes per subset (both splits)
+    """Capture ``conditions`` (default :data:`SCORECARD_CONDITIONS`) on ``4 * n_groups`` held-out scenes per subset (both splits)
     with the organism at ``path`` and write the findings scorecard to ``out_dir/findings``.
     ``style``: the scenes' :class:`vislens.synth.SceneStyle` (``--style`` syntax).
     ``out_dir`` follows vislens's output rule (a folder vislens did not create is refused
@@ -51,6 +51,7 @@ def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = SCOR
     from ..models import load_model
     from ..synth import SceneStyle, synthesize
 
+    conditions = SCORECARD_CONDITIONS if conditions is None else tuple(conditions)
     say = log or (lambda msg: None)
     out = prepare_output_dir(out_dir, force=force)
     scenes = synthesize(out / "scenes", 4 * n_groups, seed, style=SceneStyle.parse(style))
