@@ -203,7 +203,7 @@ def test_model_card_template_reproduces_the_committed_card(tmp_path):
     df.attrs["box_attention_by_layer"] = ev["box_attention_by_layer"]
     df.attrs["box_ratio_by_layer"] = ev["box_ratio_by_layer"]
     info = {k: v for k, v in ev.items() if k not in ("table", "box_attention_by_layer", "box_ratio_by_layer")}
-    card = write_model_card(tmp_path, stats, df, info)
+    card = write_model_card(tmp_path, stats, df, info, meta.get("scorecard"))
     assert card.read_text(encoding="utf-8") == (DEFAULT_PATH / "README.md").read_text(encoding="utf-8")
     assert json.loads((tmp_path / "organism.json").read_text(encoding="utf-8")) == meta
 
@@ -216,3 +216,119 @@ def test_organism_runs_as_a_module(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr == f"vislens: error: {tmp_path}: no model organism there (no config.json)\n"
+
+
+def _finding(fid: str, verdict: str, value: float | None) -> dict:
+    return {"id": fid, "claim": f"claim {fid}", "statistic": "s", "value": value,
+            "ci_low": None if value is None else value - 0.1,
+            "ci_high": None if value is None else value + 0.1, "n": 0 if value is None else 40,
+            "verdict": verdict, "why": f"because {fid}"}
+
+
+def test_card_reports_scorecard_and_control(small_run, tmp_path):
+    """The card's scorecard section counts verdicts, lists every finding with its interval
+    and the untrained control's; organism.json keeps them for the tests."""
+    import shutil
+
+    from vislens.organism import evaluate_organism, write_model_card
+
+    path, stats = small_run
+    dest = tmp_path / "org"
+    shutil.copytree(path, dest)
+    df = evaluate_organism(dest, n_groups=1, seed=11)
+    sc = {"n_groups": 3, "seed": 99, "style": "distractors=1-2", "conditions": ["baseline", "vcd"],
+          "findings": [_finding("F1", "reproduced", 0.5), _finding("F2", "not testable", None),
+                       _finding("F3", "not reproduced", 0.45)],
+          "control": [_finding("F1", "not reproduced", 1.2)], "control_seed": 3}
+    text = write_model_card(dest, {**stats, "style": "distractors=1-2"}, df, {"n_groups": 1, "seed": 11}, sc).read_text()
+    assert "**1 of 3 findings reproduced.**" in text and "**0 of 1 reproduced**" in text
+    assert "| F1 | reproduced | 0.500 | [0.400, 0.600] | 40 | claim F1 |" in text
+    assert "| F2 | not testable | — | — | 0 | claim F2 |" in text
+    assert "- **F3** (not reproduced): because F3" in text
+    assert "seed 99" in text and "`distractors=1-2`" in text and "--style distractors=1-2" in text
+    assert json.loads((dest / "organism.json").read_text())["scorecard"] == sc
+    plain = write_model_card(dest, stats, df, {"n_groups": 1, "seed": 11}).read_text()
+    assert "Not measured for this checkpoint" in plain
+
+
+def test_scorecard_conditions_parse_and_cover_the_findings():
+    from vislens.decoding import check_conditions, parse_condition
+    from vislens.organism.scorecard import SCORECARD_CONDITIONS
+
+    conds = [parse_condition(c) for c in SCORECARD_CONDITIONS]
+    check_conditions(conds)  # unique names
+    methods = {c.method for c in conds}
+    assert {"baseline", "scaling", "adaptvis", "add", "vcd", "dola"} <= methods
+    alphas = [dict(c.params)["alpha"] for c in conds if c.method == "scaling"]
+    assert min(alphas) < 1 < max(alphas)  # F8 needs smoothing and sharpening
+
+
+def test_scorecard_runs_on_a_small_organism(small_run, tmp_path):
+    pytest.importorskip("vislens.findings")
+    from vislens.organism.scorecard import run_scorecard
+
+    path, _ = small_run
+    found = run_scorecard(path, tmp_path / "sc", n_groups=3, seed=77, style="distractors=1",
+                          conditions=("baseline", "scaling:alpha=0.5", "scaling:alpha=2"),
+                          n_boot=50, log=None)
+    by_id = {f.id: f for f in found}
+    assert set(by_id) >= {f"F{i}" for i in range(1, 11)}
+    assert by_id["F9"].verdict == "not testable"  # no adaptvis condition captured
+    # F6 counts left/right (12) and on/under (6) samples of the 2 x 12 scenes
+    assert by_id["F6"].n == 18 and (tmp_path / "sc" / "findings" / "findings.json").exists()
+    recs = [json.loads(x) for x in (tmp_path / "sc" / "scenes" / "controlled_a.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and all(len(r["meta"]["distractors"]) == 1 for r in recs)
+
+
+def _card_scorecard() -> dict | None:
+    meta_file = DEFAULT_PATH / "organism.json"
+    return json.loads(meta_file.read_text()).get("scorecard") if meta_file.exists() else None
+
+
+@pytest.mark.skipif(_card_scorecard() is None, reason="the committed card has no scorecard")
+def test_committed_organism_scorecard_matches_card(tmp_path):
+    """The first groups of the card's held-out scorecard set, baseline only: F1 (image share
+    of attention) and F6 (familiar minus rare confidence) agree with the card within
+    sampling error (the card's interval widened for the smaller sample)."""
+    pytest.importorskip("vislens.findings")
+    from vislens.organism.scorecard import run_scorecard
+
+    sc = _card_scorecard()
+    n_groups = 6
+    found = {f.id: f for f in run_scorecard(DEFAULT_PATH, tmp_path, n_groups=n_groups,
+                                            seed=sc["seed"], style=sc["style"],
+                                            conditions=("baseline",), n_boot=200, log=None)}
+    card = {f["id"]: f for f in sc["findings"]}
+    widen = (sc["n_groups"] / n_groups) ** 0.5
+    for fid in ("F1", "F6"):
+        ref = card[fid]
+        half = (ref["ci_high"] - ref["ci_low"]) / 2
+        assert found[fid].n == 8 * n_groups or fid == "F6"
+        assert abs(found[fid].value - ref["value"]) <= 2 * widen * half + 1e-9, (fid, found[fid], ref)
+
+
+def test_eval_scorecard_cli_writes_card_with_control(small_run, tmp_path, monkeypatch, capsys):
+    """``organism eval --scorecard DIR --control --write-card``: both scorecards land in the
+    card and organism.json; the control is the untrained init of the training seed."""
+    pytest.importorskip("vislens.findings")
+    import shutil
+
+    from vislens.cli import main
+    from vislens.organism import scorecard
+
+    path, stats = small_run
+    dest = tmp_path / "org"
+    shutil.copytree(path, dest)
+    monkeypatch.setattr(scorecard, "SCORECARD_CONDITIONS", ("baseline", "scaling:alpha=2"))
+    assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--scorecard",
+                 str(tmp_path / "sc"), "--scorecard-groups", "2", "--scorecard-seed", "5",
+                 "--control", "--write-card"]) == 0
+    meta = json.loads((dest / "organism.json").read_text())
+    sc = meta["scorecard"]
+    assert sc["conditions"] == ["baseline", "scaling:alpha=2"] and sc["n_groups"] == 2
+    assert sc["control_seed"] == stats["seed"] and len(sc["control"]) == len(sc["findings"]) >= 10
+    assert (tmp_path / "sc" / "control" / "findings" / "findings.json").exists()
+    card = (dest / "README.md").read_text()
+    assert "### Control: the same architecture with the init prior, untrained" in card
+    assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--control"]) == 2
+    assert "--control needs --scorecard" in capsys.readouterr().err

@@ -275,3 +275,137 @@ def test_bad_arguments_raise_one_line_error(call, arg):
         call()
     msg = str(e.value)
     assert "\n" not in msg and re.search(rf"\b{arg}\b", msg), msg
+
+
+# --------------------------------------------------------------------------- styles (distractors, clutter)
+
+from vislens.organism import RELATION_WEIGHTS as LLAVA_RELATION_WEIGHTS  # noqa: E402
+from vislens.synth import SceneStyle  # noqa: E402
+
+BUSY = SceneStyle(distractors=(1, 4), occlusion=0.5, texture=12, clutter=8)
+
+
+@pytest.fixture(scope="module")
+def busy():
+    """Styled scenes of both kinds (groups, i.i.d.) and two sizes."""
+    return (generate_groups(30, "a", seed=21, style=BUSY) + generate_groups(30, "b", seed=21, style=BUSY)
+            + generate_scenes(60, "a", seed=22, style=BUSY) + generate_scenes(40, "b", seed=23, size=96, style=BUSY))
+
+
+def test_style_does_not_move_the_named_objects():
+    """Style randomness comes after the layout: same question, answer and boxes as plain."""
+    for subset in ("a", "b"):
+        plain = generate_groups(6, subset, seed=9)
+        styled = generate_groups(6, subset, seed=9, style=BUSY)
+        for p, s in zip(plain, styled):
+            assert (p.sample.question, p.sample.answer, p.sample.boxes) == \
+                (s.sample.question, s.sample.answer, s.sample.boxes)
+            assert not np.array_equal(np.asarray(p.image), np.asarray(s.image))
+        again = generate_groups(6, subset, seed=9, style=SceneStyle())
+        assert all(np.array_equal(np.asarray(p.image), np.asarray(a.image)) for p, a in zip(plain, again))
+
+
+def test_styled_scenes_deterministic_and_prefix_stable():
+    a = generate_scenes(10, "a", seed=4, style=BUSY)
+    b = generate_scenes(5, "a", seed=4, style=BUSY)
+    for x, y in zip(a, b):
+        assert x.sample == y.sample and np.array_equal(np.asarray(x.image), np.asarray(y.image))
+    c = generate_scenes(5, "a", seed=5, style=BUSY)
+    assert any(x.sample.meta["distractors"] != y.sample.meta["distractors"] for x, y in zip(b, c))
+
+
+def test_styled_boxes_exact_from_pixels(busy):
+    """Named and distractor boxes checked against the rendered colours; distractors keep
+    clear of the named boxes except a single occluder, which hides at most half an object."""
+    n_occluded = 0
+    for s in busy:
+        arr = np.asarray(s.image)
+        size = arr.shape[0]
+        named = {b.label: tuple(int(v) for v in b.xyxy) for b in s.sample.boxes}
+        distract = {d["label"]: tuple(d["xyxy"]) for d in s.sample.meta["distractors"]}
+        assert not set(named) & set(distract)
+        for label, box in distract.items():  # drawn last, never overlapping: exact
+            assert _bbox(_colour_mask(arr, label)) == box, (s.sample.id, label)
+        touching = [(d, n) for d, db in distract.items() for n, nb in named.items()
+                    if db[0] < nb[2] + 1 and nb[0] - 1 < db[2] and db[1] < nb[3] + 1 and nb[1] - 1 < db[3]]
+        assert len(touching) <= 1, (s.sample.id, touching)
+        n_occluded += len(touching)
+        for label, (x0, y0, x1, y1) in named.items():
+            vis = _colour_mask(arr, label)
+            vx0, vy0, vx1, vy1 = _bbox(vis)
+            assert x0 <= vx0 and y0 <= vy0 and vx1 <= x1 and vy1 <= y1 and x1 <= size, (s.sample.id, label)
+            occluded = (s.sample.relation == "behind" and label == s.sample.objects[0]
+                        or s.sample.relation == "front" and label == s.sample.objects[1]
+                        or any(n == label for _, n in touching))
+            if not occluded:
+                assert (vx0, vy0, vx1, vy1) == (x0, y0, x1, y1), (s.sample.id, label)
+        _check_relation(s)
+    assert 0.3 < n_occluded / len(busy) < 0.6  # occlusion=0.5 (a few placements fail)
+
+
+def test_distractor_count_and_occlusion_frequencies():
+    style = SceneStyle(distractors=(0, 3), occlusion=0.0)
+    counts = Counter(len(s.sample.meta["distractors"]) for s in generate_scenes(800, "a", 3, style=style))
+    for k in range(4):  # uniform on 0..3 (placement rarely fails with at most 3)
+        assert abs(counts[k] / 800 - 0.25) < 0.06, counts
+    exact = generate_scenes(50, "b", 3, style=SceneStyle(distractors=(2, 2)))
+    assert all(len(s.sample.meta["distractors"]) == 2 for s in exact)
+
+
+def test_llava_weights_skew_training_scenes():
+    for subset in ("a", "b"):
+        w = LLAVA_RELATION_WEIGHTS[subset]
+        items = generate_scenes(3000, subset, seed=8, relation_weights=w, style=BUSY)
+        freq = Counter(s.sample.relation for s in items)
+        total = sum(w.values())
+        for rel in RELATIONS[subset]:
+            assert abs(freq[rel] / 3000 - w[rel] / total) < 0.025, freq
+        assert min(freq["left"], freq["right"]) > 2 * max(freq[r] for r in RELATIONS[subset][2:])
+
+
+def test_texture_and_clutter_stay_off_catalogue_colours():
+    for s in generate_scenes(40, "b", seed=6, style=SceneStyle(texture=40, clutter=30)):
+        arr = np.asarray(s.image)
+        on_objects = _union_of_boxes(s.sample.boxes, arr.shape[0])
+        for o in OBJECTS:
+            if o.name not in s.sample.objects:
+                assert not _colour_mask(arr, o.name).any(), (s.sample.id, o.name)
+        assert len(np.unique(arr[~on_objects].reshape(-1, 3), axis=0)) > 20  # textured
+
+
+def test_styled_jsonl_roundtrip_through_loader(tmp_path):
+    from vislens.data import load_dataset
+
+    out = synthesize(tmp_path / "busy", n=8, seed=1, subsets=("a",), style=BUSY)
+    path = out / "controlled_a.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert all(r["meta"]["distractors"] for r in recs if "meta" in r) and any("meta" in r for r in recs)
+    samples = load_dataset(f"jsonl:{path}")
+    assert [s.meta.get("distractors", []) for s in samples] == [r.get("meta", {}).get("distractors", []) for r in recs]
+
+
+def test_style_parse_and_bad_styles():
+    assert SceneStyle.parse("distractors=1-3,occlusion=0.25,texture=8,clutter=5") == \
+        SceneStyle(distractors=(1, 3), occlusion=0.25, texture=8, clutter=5)
+    assert SceneStyle.parse("distractors=2") == SceneStyle(distractors=(2, 2))
+    assert SceneStyle.parse("plain") == SceneStyle()
+    for bad, word in [("distractors=3-1", "distractors"), ("distractors=9", "distractors"),
+                      ("occlusion=1.5", "occlusion"), ("texture=99", "texture"),
+                      ("clutter=-1", "clutter"), ("colour=3", "style"), ("texture=x", "style")]:
+        with pytest.raises(VislensError) as e:
+            SceneStyle.parse(bad)
+        assert "\n" not in str(e.value) and word in str(e.value), (bad, e.value)
+    with pytest.raises(VislensError, match="style"):
+        generate_scenes(2, "a", 0, style={"distractors": 2})
+
+
+def test_cli_synth_style(tmp_path, capsys):
+    from vislens.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "s"), "--n", "4", "--seed", "2", "--subsets", "b",
+                 "--style", "distractors=2,clutter=3"]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "s" / "controlled_b.jsonl").read_text().splitlines()]
+    want = generate_groups(1, "b", seed=2, style=SceneStyle(distractors=(2, 2), clutter=3))
+    assert recs == [s.record() for s in want]
+    assert main(["synth", "--out", str(tmp_path / "x"), "--n", "4", "--style", "texture=many"]) == 2
+    assert "vislens: error: style" in capsys.readouterr().err

@@ -119,11 +119,12 @@ def _cmd_phrase_stats(args: argparse.Namespace) -> int:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .io import prepare_output_dir
-    from .synth import synthesize
+    from .synth import SceneStyle, synthesize
 
     prepare_output_dir(args.out, force=args.force)
     subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
-    out = synthesize(args.out, args.n, args.seed, subsets=subsets, size=args.size)
+    out = synthesize(args.out, args.n, args.seed, subsets=subsets, size=args.size,
+                     style=SceneStyle.parse(args.style))
     for s in subsets:
         print(f"wrote {Path(out) / f'controlled_{s}.jsonl'}  (use --dataset jsonl:{Path(out) / f'controlled_{s}.jsonl'})")
     return 0
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--subsets", default="a,b", help="a (left/right/on/under), b (left/right/front/behind)")
     s.add_argument("--size", type=int, default=48, help="image side in pixels")
+    s.add_argument("--style", default="plain",
+                   help="busy scenes: distractors=LO-HI,occlusion=P,texture=N,clutter=N "
+                        "(extra objects, partial occlusion, background noise, specks)")
     s.add_argument("--force", action="store_true",
                     help="write into an existing folder vislens did not create")
     s.set_defaults(func=_cmd_synth)

@@ -14,7 +14,15 @@ object (subject) is in relation to the second (reference):
   the image and larger), ``behind`` (partly occluded by the reference, higher and smaller).
 
 Boxes are tight pixel boxes ``(x0, y0, x1, y1)`` with exclusive ends (pixel columns
-``x0 .. x1-1``), of the whole object even where it is occluded. Everything is seeded per scene
+``x0 .. x1-1``), of the whole object even where it is occluded.
+
+A :class:`SceneStyle` makes attention work to find the named objects: extra catalogue
+objects (distractors, boxes in ``sample.meta["distractors"]``) that may partly occlude a
+named object, a textured background and small off-catalogue clutter. The default style is
+the plain two-object scene (byte-identical to scenes made before styles existed). Training
+data can be skewed towards left/right like LLaVA's (``relation_weights`` of
+:func:`generate_scenes`, e.g. ``vislens.organism.RELATION_WEIGHTS``); the balanced groups
+(:func:`generate_groups`) are for evaluation. Everything is seeded per scene
 from ``(seed, mode, subset, index)``, so the same arguments give identical images, and the
 first ``k`` scenes of a run do not depend on how many are generated.
 """
@@ -35,7 +43,8 @@ from .data.base import Box, Sample
 from .errors import VislensError
 
 __all__ = [
-    "OBJECTS", "RELATIONS", "OPTIONS", "MIN_SIZE", "ObjectSpec", "Scene",
+    "OBJECTS", "RELATIONS", "OPTIONS", "MIN_SIZE", "PLAIN", "ObjectSpec",
+    "Scene", "SceneStyle",
     "object_names", "question_for", "generate_groups", "generate_scenes",
     "write_scenes", "synthesize",
 ]
@@ -159,6 +168,78 @@ def _mask(shape: str, side: int) -> np.ndarray:
     return m
 
 
+# --------------------------------------------------------------------------- style
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """How busy a scene is besides its two named objects (defaults: a plain scene).
+
+    * ``distractors``: ``(lo, hi)``, the number of extra catalogue objects (never the named
+      ones) drawn uniformly in ``lo..hi``; placed clear of the named objects' boxes, except:
+    * ``occlusion``: probability that the first distractor partly covers one named object
+      (10-40% of its box, at least half of its pixels stay visible), drawn over it;
+    * ``texture``: amplitude of per-pixel background noise (intensity levels, 0-40);
+    * ``clutter``: number of small off-catalogue specks (2-3 px, greys) on the background,
+      clear of the named objects' boxes.
+
+    Distractors and clutter never touch a named object's box unless occluding, so the
+    boxes stay exact and each named object is still the only one of its colour.
+    """
+
+    distractors: tuple[int, int] = (0, 0)
+    occlusion: float = 0.0
+    texture: int = 0
+    clutter: int = 0
+
+    def __post_init__(self) -> None:
+        d = self.distractors
+        if (not isinstance(d, tuple) or len(d) != 2 or not all(_is_int(x) for x in d)
+                or not 0 <= d[0] <= d[1] <= 6):
+            raise VislensError(f"style distractors must be (lo, hi) with 0 <= lo <= hi <= 6, got {d!r}")
+        if isinstance(self.occlusion, bool) or not isinstance(self.occlusion, (int, float)) \
+                or not 0.0 <= self.occlusion <= 1.0:
+            raise VislensError(f"style occlusion must be a probability in [0, 1], got {self.occlusion!r}")
+        if not _is_int(self.texture) or not 0 <= self.texture <= 40:
+            raise VislensError(f"style texture must be an integer in 0..40, got {self.texture!r}")
+        if not _is_int(self.clutter) or not 0 <= self.clutter <= 30:
+            raise VislensError(f"style clutter must be an integer in 0..30, got {self.clutter!r}")
+
+    @property
+    def plain(self) -> bool:
+        return self.distractors == (0, 0) and self.texture == 0 and self.clutter == 0
+
+    @classmethod
+    def parse(cls, text: str) -> "SceneStyle":
+        """``distractors=1-3,occlusion=0.3,texture=12,clutter=8`` (the ``--style`` syntax;
+        ``distractors=2`` means exactly 2; ``""`` or ``plain`` is the plain style)."""
+        kw: dict = {}
+        if text.strip() in ("", "plain"):
+            return cls()
+        for item in text.split(","):
+            key, eq, val = (x.strip() for x in item.partition("="))
+            try:
+                if not eq or key not in ("distractors", "occlusion", "texture", "clutter"):
+                    raise ValueError
+                if key == "distractors":
+                    lo, _, hi = val.partition("-")
+                    kw[key] = (int(lo), int(hi or lo))
+                else:
+                    kw[key] = float(val) if key == "occlusion" else int(val)
+            except ValueError:
+                raise VislensError(f"style {text!r}: expected distractors=LO-HI, occlusion=P, "
+                                   f"texture=N or clutter=N, got {item.strip()!r}") from None
+        return cls(**kw)
+
+
+PLAIN = SceneStyle()
+#: muted off-catalogue colours for clutter specks (far from every catalogue colour)
+_CLUTTER = ((150, 150, 150), (180, 172, 160), (125, 132, 140), (200, 192, 175), (165, 160, 175))
+
+
 # --------------------------------------------------------------------------- layout
 
 @dataclass(frozen=True)
@@ -266,14 +347,94 @@ def _layout(rng: np.random.Generator, subj: ObjectSpec, obj: ObjectSpec, relatio
     return [_Placed(spec, m, x, y) for (spec, m), (x, y) in zip(order, xy)]
 
 
-def _render(placed: Sequence[_Placed], size: int, background: tuple[int, int, int]) -> Image.Image:
-    """Paint the objects in order (later ones over earlier ones) on a flat background."""
-    arr = np.empty((size, size, 3), dtype=np.uint8)
-    arr[:] = background
+def _render(placed: Sequence[_Placed], size: int, background: tuple[int, int, int],
+            base: np.ndarray | None = None) -> Image.Image:
+    """Paint the objects in order (later ones over earlier ones) on a flat background (or on
+    ``base``, a prepared ``[size, size, 3]`` background)."""
+    if base is None:
+        arr = np.empty((size, size, 3), dtype=np.uint8)
+        arr[:] = background
+    else:
+        arr = base.copy()
     for p in placed:
         h, w = p.mask.shape
         arr[p.y:p.y + h, p.x:p.x + w][p.mask] = p.spec.color
     return Image.fromarray(arr, "RGB")
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int], pad: int = 0) -> int:
+    """Area of the intersection of two xyxy boxes, ``b`` grown by ``pad`` pixels."""
+    w = min(a[2], b[2] + pad) - max(a[0], b[0] - pad)
+    h = min(a[3], b[3] + pad) - max(a[1], b[1] - pad)
+    return max(0, w) * max(0, h)
+
+
+def _visible_fraction(p: _Placed, over: _Placed) -> float:
+    """Share of ``p``'s pixels not covered by ``over`` (drawn after it)."""
+    cover = np.zeros((p.mask.shape[0], p.mask.shape[1]), dtype=bool)
+    x0, y0 = over.x - p.x, over.y - p.y
+    h, w = over.mask.shape
+    ys, xs = slice(max(0, y0), max(0, min(cover.shape[0], y0 + h))), \
+        slice(max(0, x0), max(0, min(cover.shape[1], x0 + w)))
+    cover[ys, xs] = over.mask[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+    return float((p.mask & ~cover).sum() / p.mask.sum())
+
+
+def _place_distractors(rng: np.random.Generator, named: list[_Placed], style: SceneStyle,
+                       size: int) -> list[_Placed]:
+    """Distractor objects for ``style`` (see :class:`SceneStyle`), in drawing order."""
+    scale = size / 48
+    margin = max(1, round(2 * scale))
+    lo, hi = style.distractors
+    want = int(rng.integers(lo, hi + 1))
+    occlude = want > 0 and rng.random() < style.occlusion
+    names = {p.spec.name for p in named}
+    pool = [o for o in OBJECTS if o.name not in names]
+    specs = [pool[i] for i in rng.permutation(len(pool))[:want]]
+    out: list[_Placed] = []
+    for k, spec in enumerate(specs):
+        mask = _mask(spec.shape, _px(rng, 9, 13, scale))
+        h, w = mask.shape
+        target = named[int(rng.integers(len(named)))] if k == 0 and occlude else None
+        for _ in range(80):
+            x = int(rng.integers(margin, size - margin - w + 1))
+            y = int(rng.integers(margin, size - margin - h + 1))
+            cand = _Placed(spec, mask, x, y)
+            box = cand.xyxy
+            if any(_overlap(box, d.xyxy, 1) for d in out):
+                continue
+            hits = [p for p in named if _overlap(box, p.xyxy, 1)]
+            if target is None:
+                if hits:
+                    continue
+            else:
+                if hits != [target] or _overlap(box, named[1 - named.index(target)].xyxy, 1):
+                    continue
+                tb = target.xyxy
+                share = _overlap(box, tb) / ((tb[2] - tb[0]) * (tb[3] - tb[1]))
+                if not 0.1 <= share <= 0.4 or _visible_fraction(target, cand) < 0.5:
+                    continue
+            out.append(cand)
+            break
+    return out
+
+
+def _background(rng: np.random.Generator, colour: tuple[int, int, int], named: list[_Placed],
+                style: SceneStyle, size: int) -> np.ndarray | None:
+    """The textured, cluttered background of ``style`` (``None`` when it is flat)."""
+    if style.texture == 0 and style.clutter == 0:
+        return None
+    arr = np.empty((size, size, 3), dtype=np.int16)
+    arr[:] = colour
+    if style.texture:
+        arr += rng.integers(-style.texture, style.texture + 1, (size, size, 1), dtype=np.int16)
+    for _ in range(style.clutter):
+        side = int(rng.integers(2, 4))
+        x, y = (int(v) for v in rng.integers(0, size - side + 1, 2))
+        if any(_overlap((x, y, x + side, y + side), p.xyxy, 1) for p in named):
+            continue
+        arr[y:y + side, x:x + side] = _CLUTTER[int(rng.integers(len(_CLUTTER)))]
+    return np.clip(arr, 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- scenes
@@ -290,13 +451,17 @@ class Scene:
     sample: Sample
 
     def record(self) -> dict:
-        """The scene's JSONL object (generic vislens JSONL format)."""
+        """The scene's JSONL object (generic vislens JSONL format); distractor boxes go to
+        ``meta.distractors`` (only when there are any)."""
         s = self.sample
-        return {
+        rec = {
             "id": s.id, "image": s.image_path, "question": s.question, "options": list(s.options),
             "answer": s.answer, "relation": s.relation, "group": s.group, "objects": list(s.objects),
             "boxes": [{"label": b.label, "xyxy": [int(v) for v in b.xyxy]} for b in s.boxes],
         }
+        if s.meta.get("distractors"):
+            rec["meta"] = {"distractors": s.meta["distractors"]}
+        return rec
 
 
 def _scene_rng(seed: int, *key: int) -> np.random.Generator:
@@ -304,32 +469,41 @@ def _scene_rng(seed: int, *key: int) -> np.random.Generator:
 
 
 def _make_scene(rng: np.random.Generator, scene_id: str, subj: str, obj: str, relation: str,
-                subset: str, size: int, group: str = "") -> Scene:
+                subset: str, size: int, group: str = "", style: SceneStyle = PLAIN) -> Scene:
     """Lay out, render and describe one scene."""
     s_spec, o_spec = _BY_NAME[subj], _BY_NAME[obj]
     background = tuple(int(c) for c in np.asarray(_BACKGROUND) + rng.integers(-_BG_JITTER, _BG_JITTER + 1, 3))
     placed = _layout(rng, s_spec, o_spec, relation, subset, size)
-    image = _render(placed, size, background)
+    meta = {"subset": subset, "source": "vislens.synth", "size": size}
+    if style.plain:
+        image = _render(placed, size, background)
+    else:  # style randomness is drawn after the layout: plain scenes stay unchanged
+        extra = _place_distractors(rng, placed, style, size)
+        base = _background(rng, background, placed, style, size)
+        image = _render(placed + extra, size, background, base)
+        meta["distractors"] = [{"label": p.spec.name, "xyxy": list(p.xyxy)} for p in extra]
     box_of = {p.spec.name: Box(p.spec.name, tuple(float(v) for v in p.xyxy)) for p in placed}
     sample = Sample(
         id=scene_id, image_path=f"images/{scene_id}.png", question=question_for(subj, obj, subset),
         options=list(OPTIONS[subset]), answer=relation.capitalize(), relation=relation, group=group,
-        objects=[subj, obj], boxes=[box_of[subj], box_of[obj]],
-        meta={"subset": subset, "source": "vislens.synth", "size": size},
+        objects=[subj, obj], boxes=[box_of[subj], box_of[obj]], meta=meta,
     )
     return Scene(image, sample)
 
 
 def generate_groups(n_groups: int, subset: str, seed: int, size: int = 48,
-                    objects: Sequence[str] | None = None) -> list[Scene]:
+                    objects: Sequence[str] | None = None,
+                    style: SceneStyle = PLAIN) -> list[Scene]:
     """Balanced evaluation scenes: ``n_groups`` groups of one ordered pair in every relation.
 
     Each group holds 4 scenes of the same ``(subject, reference)`` pair, one per relation of
     ``subset`` (the WhatsUp pair/set-accuracy unit). Pairs are taken from a seeded shuffle of
     all ordered pairs of ``objects`` (default: the whole catalogue), reshuffled when used up;
     the group key is ``"subj|obj"``, with ``#2``, ``#3``... appended when a pair repeats.
+    ``style`` adds distractors, occlusion, texture and clutter (:class:`SceneStyle`).
     """
     _check_positive("n_groups", n_groups)
+    _check_style(style)
     subset, names = _check_subset(subset), _check_objects(objects)
     _check_seed(seed)
     _check_size(size)
@@ -348,20 +522,23 @@ def generate_groups(n_groups: int, subset: str, seed: int, size: int = 48,
         for r, relation in enumerate(RELATIONS[subset]):
             rng = _scene_rng(seed, _MODE_GROUPS, code, 1, g, r)
             scenes.append(_make_scene(rng, f"{subset}_g{g:05d}_{relation}", subj, obj,
-                                      relation, subset, size, group))
+                                      relation, subset, size, group, style))
     return scenes
 
 
 def generate_scenes(n: int, subset: str, seed: int,
                     relation_weights: Mapping[str, float] | None = None, size: int = 48,
-                    objects: Sequence[str] | None = None) -> list[Scene]:
+                    objects: Sequence[str] | None = None,
+                    style: SceneStyle = PLAIN) -> list[Scene]:
     """I.i.d. scenes whose relation is drawn with ``relation_weights`` (default: uniform).
 
     Used for training with a familiarity bias, e.g. ``{"left": 4, "right": 4, "on": 1,
     "under": 1}``; relations missing from the mapping get weight 0. The subject/reference
-    pair is a uniform ordered pair of distinct ``objects``. ``group`` is empty.
+    pair is a uniform ordered pair of distinct ``objects``. ``group`` is empty. ``style`` as
+    in :func:`generate_groups`.
     """
     _check_positive("n", n)
+    _check_style(style)
     subset, names = _check_subset(subset), _check_objects(objects)
     _check_seed(seed)
     _check_size(size)
@@ -373,7 +550,8 @@ def generate_scenes(n: int, subset: str, seed: int,
     for i, k in enumerate(drawn):
         rng = _scene_rng(seed, _MODE_IID, code, 1, i)
         a, b = rng.choice(len(names), size=2, replace=False)
-        scenes.append(_make_scene(rng, f"{subset}_s{i:06d}", names[a], names[b], rels[k], subset, size))
+        scenes.append(_make_scene(rng, f"{subset}_s{i:06d}", names[a], names[b], rels[k], subset,
+                                  size, style=style))
     return scenes
 
 
@@ -413,14 +591,16 @@ def write_scenes(items: Iterable[Scene], out_dir: str | os.PathLike, name: str =
 
 
 def synthesize(out_dir: str | os.PathLike, n: int, seed: int,
-               subsets: Sequence[str] = ("a", "b"), size: int = 48) -> Path:
+               subsets: Sequence[str] = ("a", "b"), size: int = 48,
+               style: SceneStyle = PLAIN) -> Path:
     """Write balanced Controlled-style sets: ``out_dir/controlled_{subset}.jsonl`` + images.
 
     ``n`` is the number of scenes per subset, rounded up to whole groups of 4. Backs
     ``vislens synth --out DIR --n N --seed S``; the same arguments give byte-identical files.
-    Returns ``out_dir``.
+    ``style``: distractors, occlusion, texture, clutter (``--style``). Returns ``out_dir``.
     """
     _check_positive("n", n)
+    _check_style(style)
     if isinstance(subsets, str) or not subsets:
         raise VislensError(f"subsets must be a non-empty sequence of 'a'/'b', got {subsets!r}")
     subsets = list(dict.fromkeys(_check_subset(s) for s in subsets))
@@ -428,16 +608,12 @@ def synthesize(out_dir: str | os.PathLike, n: int, seed: int,
     _check_size(size)
     out = Path(out_dir)
     for subset in subsets:
-        scenes = generate_groups(math.ceil(n / 4), subset, seed, size=size)
+        scenes = generate_groups(math.ceil(n / 4), subset, seed, size=size, style=style)
         write_scenes(scenes, out, name=f"controlled_{subset}.jsonl")
     return out
 
 
 # --------------------------------------------------------------------------- validation
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
 
 def _check_positive(arg: str, value: object) -> None:
     if not _is_int(value) or value <= 0:
@@ -452,6 +628,11 @@ def _check_seed(seed: object) -> None:
 def _check_size(size: object) -> None:
     if not _is_int(size) or size < MIN_SIZE:
         raise VislensError(f"size must be an integer >= {MIN_SIZE} (image side in pixels), got {size!r}")
+
+
+def _check_style(style: object) -> None:
+    if not isinstance(style, SceneStyle):
+        raise VislensError(f"style must be a vislens.synth.SceneStyle, got {style!r}")
 
 
 def _check_subset(subset: object) -> str:

@@ -22,8 +22,10 @@ the objects and a CPU budget of minutes suffices. The committed weights live in
 reproduces them.
 
 One module per stage: :mod:`.config` (architecture, data bias, defaults), :mod:`.build`
-(model and wired init), :mod:`.training`, :mod:`.evaluation`, :mod:`.card` (the model card,
-templated from ``model_card.md``) and :mod:`.cli` (``vislens organism train|eval``).
+(model and wired init), :mod:`.training`, :mod:`.evaluation`, :mod:`.scorecard` (the
+findings scorecard on held-out scenes, and on the untrained init as a control), :mod:`.card`
+(the model card, templated from ``model_card.md``) and :mod:`.cli` (``vislens organism
+train|eval``).
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ from .card import write_model_card
 from .cli import add_arguments, main, run
 from .config import DEFAULT_PATH, EVAL_SEED, ORGANISM, RELATION_WEIGHTS, SMALL
 from .evaluation import evaluate_organism
+from .scorecard import SCORECARD_CONDITIONS, run_scorecard
 from .training import train_organism
 
 __all__ = ["DEFAULT_PATH", "EVAL_SEED", "RELATION_WEIGHTS", "ORGANISM", "SMALL", "build_organism",
            "count_parameters", "train_organism", "evaluate_organism", "write_model_card",
+           "SCORECARD_CONDITIONS", "run_scorecard",
            "add_arguments", "run", "main"]

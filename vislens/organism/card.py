@@ -3,14 +3,15 @@ the package) and ``organism.json`` with the same numbers for the tests."""
 from __future__ import annotations
 
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from string import Template
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .config import CARD_FILE, DEFAULT_BATCH, DEFAULT_LR, EVAL_SEED
 
-__all__ = ["write_model_card", "card_values"]
+__all__ = ["write_model_card", "card_values", "scorecard_table"]
 
 TEMPLATE = "model_card.md"
 
@@ -26,6 +27,8 @@ def _md_table(df) -> str:
 
 def _command(stats: Mapping[str, Any], out: str = "data/organism") -> str:
     cmd = f"vislens organism train --out {out} --seed {stats['seed']} --steps {stats['steps_planned']}"
+    if stats.get("style", "plain") != "plain":
+        cmd += f" --style {stats['style']}"
     if stats.get("batch_size", DEFAULT_BATCH) != DEFAULT_BATCH:
         cmd += f" --batch-size {stats['batch_size']}"
     if stats.get("lr", DEFAULT_LR) != DEFAULT_LR:
@@ -46,8 +49,51 @@ def _familiarity_summary(eval_df) -> str:
             f"{mean(~fam, 'accuracy'):.3f}, confidence {mean(~fam, 'confidence'):.3f}.")
 
 
+def _fmt(x: Any) -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
+
+def scorecard_table(findings: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of a findings scorecard (``findings.json`` rows)."""
+    lines = ["| id | verdict | value | 95% interval | n | claim |", "|---|---|---|---|---|---|"]
+    for f in findings:
+        ci = "—" if f.get("ci_low") is None else f"[{_fmt(f['ci_low'])}, {_fmt(f['ci_high'])}]"
+        lines.append(f"| {f['id']} | {f['verdict']} | {_fmt(f.get('value'))} | {ci} | {f['n']} | "
+                     f"{f['claim']} |")
+    return "\n".join(lines)
+
+
+def _scorecard_section(sc: Mapping[str, Any] | None) -> str:
+    """The card's scorecard section from ``organism.json``'s ``scorecard`` entry."""
+    if not sc:
+        return ("Not measured for this checkpoint (run `vislens organism eval --scorecard DIR "
+                "--write-card`).")
+    found = sc["findings"]
+    n_rep = sum(f["verdict"] == "reproduced" for f in found)
+    out = [f"`vislens findings` on fresh balanced groups (`vislens synth`, {sc['n_groups']} groups "
+           f"of 4 per subset = {4 * sc['n_groups']} scenes per subset, seed {sc['seed']}, style "
+           f"`{sc['style']}`; this seed is used by no training or tuning run), conditions "
+           f"{', '.join('`' + c + '`' for c in sc['conditions'])}; AdaptVis/ScalingVis parameters "
+           f"are chosen on the validation split by the scorecard. **{n_rep} of {len(found)} "
+           f"findings reproduced.**", "", scorecard_table(found), "",
+           "Details (the scorecard's own words):", ""]
+    out += [f"- **{f['id']}** ({f['verdict']}): {f['why']}" for f in found]
+    control = sc.get("control")
+    if control:
+        n_c = sum(f["verdict"] == "reproduced" for f in control)
+        out += ["", "### Control: the same architecture with the init prior, untrained", "",
+                f"The same scenes and conditions on `build_organism(seed={sc.get('control_seed', 0)})` "
+                f"(the wired init of the section above, no training step): **{n_c} of "
+                f"{len(control)} reproduced**. Findings reproduced here too are not evidence of "
+                "training.", "", scorecard_table(control)]
+    if sc.get("notes"):
+        out += ["", sc["notes"]]
+    return "\n".join(out)
+
+
 def card_values(path: Path, stats: Mapping[str, Any], eval_df,
-                info: Mapping[str, Any]) -> dict[str, str]:
+                info: Mapping[str, Any], scorecard: Mapping[str, Any] | None = None
+                ) -> dict[str, str]:
     """Every ``${name}`` of the template, formatted."""
     arch, params = stats["architecture"], stats["parameters"]
     weights = stats["relation_weights"]
@@ -80,23 +126,31 @@ def card_values(path: Path, stats: Mapping[str, Any], eval_df,
         "command": _command(stats),
         "n_groups": info.get("n_groups", "?"), "eval_seed": info.get("seed", EVAL_SEED),
         "eval_table": _md_table(eval_df), "familiarity": _familiarity_summary(eval_df),
-        "layer_rows": rows,
+        "layer_rows": rows, "style": stats.get("style", "plain"),
+        "scorecard": _scorecard_section(scorecard),
     }
 
 
 def write_model_card(path: str | Path, stats: Mapping[str, Any], eval_df,
-                     eval_info: Mapping[str, Any] | None = None) -> Path:
+                     eval_info: Mapping[str, Any] | None = None,
+                     scorecard: Mapping[str, Any] | None = None) -> Path:
     """Write ``path/README.md`` (architecture, data, command, held-out results) and
-    ``path/organism.json`` (the same numbers, machine-readable; read by the tests)."""
+    ``path/organism.json`` (the same numbers, machine-readable; read by the tests).
+
+    ``scorecard``: the held-out findings scorecard (``n_groups``, ``seed``, ``style``,
+    ``conditions``, ``findings`` as in ``findings.json``, optional ``control``: the untrained
+    prior's findings, and ``notes``), stored under ``organism.json["scorecard"]``."""
     path = Path(path)
     info = dict(eval_info or {})
     template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
     card = path / CARD_FILE
-    values = {k: str(v) for k, v in card_values(path, stats, eval_df, info).items()}
+    values = {k: str(v) for k, v in card_values(path, stats, eval_df, info, scorecard).items()}
     card.write_text(Template(template).substitute(values), encoding="utf-8")
     meta = {k: v for k, v in stats.items() if k != "losses"}
     meta["eval"] = {**info, "table": json.loads(eval_df.to_json(orient="records")),
                     "box_attention_by_layer": eval_df.attrs.get("box_attention_by_layer", []),
                     "box_ratio_by_layer": eval_df.attrs.get("box_ratio_by_layer", [])}
+    if scorecard:
+        meta["scorecard"] = dict(scorecard)
     (path / "organism.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return card

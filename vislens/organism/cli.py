@@ -10,7 +10,8 @@ from typing import Sequence
 
 from ..errors import VislensError
 from .card import write_model_card
-from .config import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, EVAL_SEED, TRAIN_FILE
+from .config import (DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
+                     EVAL_SEED, SCORECARD_GROUPS, SCORECARD_SEED, TRAIN_FILE)
 from .evaluation import evaluate_organism
 from .training import train_organism
 
@@ -29,13 +30,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, default=None, help="stop training after this long")
     t.add_argument("--n-groups", type=int, default=100, help="held-out groups per subset")
     t.add_argument("--small", action="store_true", help="the tiny test variant")
+    t.add_argument("--style", default=DEFAULT_STYLE,
+                   help="training scenes: distractors=LO-HI,occlusion=P,texture=N,clutter=N")
     e = sub.add_parser("eval", help="held-out accuracy/confidence per relation")
     e.add_argument("--path", default=str(DEFAULT_PATH))
     e.add_argument("--n-groups", type=int, default=100)
     e.add_argument("--seed", type=int, default=EVAL_SEED)
     e.add_argument("--write-card", action="store_true",
                    help="rewrite the model card from training.json and this evaluation")
+    e.add_argument("--scorecard", metavar="DIR", default=None,
+                   help="also capture held-out scenes and write the findings scorecard to DIR")
+    e.add_argument("--scorecard-groups", type=int, default=SCORECARD_GROUPS,
+                   help="groups of 4 scenes per subset for the scorecard")
+    e.add_argument("--scorecard-seed", type=int, default=SCORECARD_SEED)
+    e.add_argument("--style", default=None,
+                   help="scorecard scene style (default: the training scenes' style)")
+    e.add_argument("--control", action="store_true",
+                   help="with --scorecard: also score the untrained init (same architecture "
+                        "and prior) on the same scenes")
     return parser
+
+
+def _scorecard(args: argparse.Namespace) -> dict:
+    """Run the held-out scorecard (and the untrained control) for ``eval --scorecard``."""
+    from dataclasses import asdict
+
+    from ..io import prepare_output_dir
+    from .build import build_organism
+    from .scorecard import SCORECARD_CONDITIONS, run_scorecard
+
+    stats_file = Path(args.path, TRAIN_FILE)
+    stats = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.exists() else {}
+    style = args.style if args.style is not None else stats.get("style", "plain")
+    out = prepare_output_dir(args.scorecard)
+
+    def rows(found) -> list[dict]:
+        return [{k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(f).items()}
+                for f in found]
+
+    kw = dict(n_groups=args.scorecard_groups, seed=args.scorecard_seed, style=style)
+    result = {"n_groups": args.scorecard_groups, "seed": args.scorecard_seed, "style": style,
+              "conditions": list(SCORECARD_CONDITIONS),
+              "findings": rows(run_scorecard(args.path, out / "trained", **kw))}
+    if args.control:
+        seed = int(stats.get("seed", 0))
+        build_organism(out / "control-model", seed=seed, small=bool(stats.get("small", False)))
+        result["control"] = rows(run_scorecard(out / "control-model", out / "control", **kw))
+        result["control_seed"] = seed
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         if args.organism_command == "train":
             stats = train_organism(args.out, seed=args.seed, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
-                                   small=args.small)
+                                   small=args.small, style=args.style)
             t = time.perf_counter()
             df = evaluate_organism(args.out, n_groups=args.n_groups, seed=EVAL_SEED)
             print(df.to_string(index=False))
@@ -59,14 +101,25 @@ def run(args: argparse.Namespace) -> int:
         else:
             if not Path(args.path, "config.json").exists():
                 raise VislensError(f"{args.path}: no model organism there (no config.json)")
+            if args.control and not args.scorecard:
+                raise VislensError("--control needs --scorecard DIR")
             df = evaluate_organism(args.path, n_groups=args.n_groups, seed=args.seed)
             print(df.to_string(index=False))
             print("image attention in the boxes per layer:", df.attrs["box_attention_by_layer"],
                   "ratio:", df.attrs["box_ratio_by_layer"])
+            scorecard = _scorecard(args) if args.scorecard else None
             if args.write_card:
                 stats = json.loads(Path(args.path, TRAIN_FILE).read_text(encoding="utf-8"))
+                meta_file = Path(args.path, "organism.json")
+                old = (json.loads(meta_file.read_text(encoding="utf-8")).get("scorecard")
+                       if meta_file.exists() else None)
+                if scorecard is None:  # keep the card's scorecard when not re-measured
+                    scorecard = old
+                elif old and old.get("notes") and all(
+                        old.get(k) == scorecard[k] for k in ("n_groups", "seed", "style", "conditions")):
+                    scorecard["notes"] = old["notes"]  # the card's notes on the same measurement
                 card = write_model_card(args.path, stats, df,
-                                        {"n_groups": args.n_groups, "seed": args.seed})
+                                        {"n_groups": args.n_groups, "seed": args.seed}, scorecard)
                 print(f"model card: {card}")
     return 0
 

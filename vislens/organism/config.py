@@ -10,10 +10,15 @@ from ..paths import organism_path
 DEFAULT_PATH: Path = organism_path()
 
 #: LLaVA-like familiarity bias: left/right 4x as frequent as each rare relation.
+#: (the paper's Fig. 15: left/right phrases far outnumber on/under and front/behind in
+#: LLaVA's instruction data; the 4:1 ratio is a choice, not a measured count)
 RELATION_WEIGHTS: dict[str, dict[str, float]] = {
     "a": {"left": 4.0, "right": 4.0, "on": 1.0, "under": 1.0},
     "b": {"left": 4.0, "right": 4.0, "front": 1.0, "behind": 1.0},
 }
+
+#: the training scenes' style (``vislens.synth.SceneStyle`` syntax); "plain": two objects only
+DEFAULT_STYLE = "plain"
 
 #: architecture of the real organism and of the fast variant the tests train.
 ORGANISM: dict[str, Any] = dict(hidden=128, layers=4, heads=4, kv_heads=4, vision_hidden=64,
@@ -28,6 +33,9 @@ DEFAULT_STEPS = 400
 DEFAULT_BATCH = 16
 DEFAULT_LR = 1e-3
 EVAL_SEED = 10_000  # held-out scenes: groups (not i.i.d. scenes) with a seed never trained on
+TUNE_SEED = 20_000  # scenes for developing the recipe (never in the card's scorecard)
+SCORECARD_SEED = 31_337  # the card's held-out scorecard: used by no training or tuning run
+SCORECARD_GROUPS = 100  # groups of 4 per subset: 400 held-out scenes per subset
 TRAIN_FILE = "training.json"
 CARD_FILE = "README.md"
 

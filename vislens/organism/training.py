@@ -9,19 +9,22 @@ from typing import Any, Mapping
 
 from ..errors import VislensError
 from .build import build_organism, count_parameters, save
-from .config import (DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, ORGANISM, RELATION_WEIGHTS, SMALL,
-                     TRAIN_FILE, Log, prompt)
+from .config import (DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, DEFAULT_STYLE, ORGANISM,
+                     RELATION_WEIGHTS, SMALL, TRAIN_FILE, Log, prompt)
 
 __all__ = ["train_organism"]
 
 
-def _training_scenes(n: int, seed: int, weights: Mapping[str, Mapping[str, float]], size: int):
-    """``n`` training scenes, half per subset (i.i.d., relation drawn with ``weights``)."""
-    from ..synth import generate_scenes
+def _training_scenes(n: int, seed: int, weights: Mapping[str, Mapping[str, float]], size: int,
+                     style=None):
+    """``n`` training scenes, half per subset (i.i.d., relation drawn with ``weights``,
+    distractors/clutter per ``style``, a :class:`vislens.synth.SceneStyle`)."""
+    from ..synth import PLAIN, generate_scenes
 
+    style = style or PLAIN
     n_a = (n + 1) // 2
-    scenes = generate_scenes(n_a, "a", seed, dict(weights["a"]), size=size)
-    scenes += generate_scenes(n - n_a, "b", seed, dict(weights["b"]), size=size)
+    scenes = generate_scenes(n_a, "a", seed, dict(weights["a"]), size=size, style=style)
+    scenes += generate_scenes(n - n_a, "b", seed, dict(weights["b"]), size=size, style=style)
     return scenes
 
 
@@ -53,7 +56,8 @@ def train_organism(out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_S
                    relation_weights: Mapping[str, Mapping[str, float]] | None = None,
                    minutes: float | None = None, log: Log | None = print, small: bool = False,
                    projector_lr_mult: float = 1.0, weight_decay: float = 0.05,
-                   threads: int = 2, log_every: int = 25) -> dict[str, Any]:
+                   threads: int = 2, log_every: int = 25, style: str = DEFAULT_STYLE
+                   ) -> dict[str, Any]:
     """Train the organism from scratch and save it to ``out_dir``; return training stats.
 
     The model starts from :func:`build_organism` (seeded, with the wired init). Every step
@@ -62,11 +66,16 @@ def train_organism(out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_S
     seed and thread count (``threads``, restored afterwards). The loss
     is the cross-entropy of the answer word and ``</s>`` after ``ASSISTANT:``; AdamW with
     warm-up, a constant phase and a cosine decay over the last 25%. ``minutes`` stops early
-    (the schedule is still sized for ``steps``). Stats: config, per-step losses, final loss,
-    time; also written to ``out_dir/training.json``.
+    (the schedule is still sized for ``steps``). ``style`` is the training scenes'
+    :class:`vislens.synth.SceneStyle` in its ``--style`` syntax (distractors, occlusion,
+    texture, clutter). Stats: config, per-step losses, final loss, time; also written to
+    ``out_dir/training.json``.
     """
     import torch
 
+    from ..synth import SceneStyle
+
+    scene_style = SceneStyle.parse(style)
     if steps < 1 or batch_size < 1:
         raise VislensError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     weights = {k: dict(v) for k, v in (relation_weights or RELATION_WEIGHTS).items()}
@@ -79,13 +88,14 @@ def train_organism(out_dir: str | Path, *, seed: int = 0, steps: int = DEFAULT_S
         return _train(out_dir, seed=seed, steps=steps, batch_size=batch_size, lr=lr,
                       weights=weights, minutes=minutes, say=say, small=small,
                       projector_lr_mult=projector_lr_mult, weight_decay=weight_decay,
-                      threads=threads, log_every=log_every)
+                      threads=threads, log_every=log_every, style=style, scene_style=scene_style)
     finally:
         torch.set_num_threads(previous)
 
 
 def _train(out_dir, *, seed, steps, batch_size, lr, weights, minutes, say, small,
-           projector_lr_mult, weight_decay, threads, log_every) -> dict[str, Any]:
+           projector_lr_mult, weight_decay, threads, log_every, style, scene_style
+           ) -> dict[str, Any]:
     """The training loop of :func:`train_organism` (arguments already checked)."""
     import torch
 
@@ -97,7 +107,7 @@ def _train(out_dir, *, seed, steps, batch_size, lr, weights, minutes, say, small
     model.train()
     n_scenes = steps * batch_size
     t0 = time.perf_counter()
-    scenes = _training_scenes(n_scenes, seed, weights, arch["image_size"])
+    scenes = _training_scenes(n_scenes, seed, weights, arch["image_size"], scene_style)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_scenes, generator=gen).tolist()
     say(f"organism: {count_parameters(model)['total']:,} parameters, {n_scenes} scenes "
@@ -151,7 +161,7 @@ def _train(out_dir, *, seed, steps, batch_size, lr, weights, minutes, say, small
     stats: dict[str, Any] = {
         "seed": seed, "steps": len(losses), "steps_planned": steps, "batch_size": batch_size,
         "lr": lr, "projector_lr_mult": projector_lr_mult, "weight_decay": weight_decay,
-        "threads": threads, "relation_weights": weights, "n_scenes": len(losses) * batch_size,
+        "threads": threads, "relation_weights": weights, "style": style, "n_scenes": len(losses) * batch_size,
         "image_size": arch["image_size"], "objects": object_names(), "small": small,
         "architecture": dict(arch), "vocab_size": len(processor.tokenizer),
         "parameters": count_parameters(model), "train_seconds": round(train_s, 1),
