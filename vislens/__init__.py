@@ -8,7 +8,7 @@ Data flow, one module per stage::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__", "load_model", "open_capture", "view"]
 
