@@ -53,9 +53,45 @@ def test_ramp_view_equals_the_processors_integer_arithmetic():
 @pytest.mark.parametrize("size", [(640, 480), (333, 500), (101, 77), (48, 48), (300, 97)])
 def test_ramp_view_matches_hand_arithmetic_on_other_sizes(size):
     slow, fast = _processors()
-    want = clip_view(*size, slow)
-    for proc in (slow, fast):  # within 2e-3 of the image (0.05 of a 24-grid cell)
-        np.testing.assert_allclose(ramp_view(proc, size), want, atol=2e-3)
+    want = np.array(clip_view(*size, slow))
+    pixel = np.tile((want[2:] - want[:2]) / S, 2)  # one resized pixel, per axis, normalised
+    for proc in (slow, fast):  # within a quarter of a resized pixel (8-bit ramps, resampling)
+        assert (np.abs(np.array(ramp_view(proc, size)) - want) <= 0.25 * pixel).all()
+
+
+class CeilCrop:
+    """A processor that claims CLIP's settings but centre-crops at ceil((R - C) / 2)."""
+
+    size, crop_size = {"shortest_edge": S}, {"height": S, "width": S}
+    do_center_crop = do_resize = True
+
+    def __init__(self):
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        self.inner = CLIPImageProcessorPil(size=self.size, do_center_crop=False)
+
+    def __call__(self, images, return_tensors):
+        out = []
+        for im in images:
+            pix = self.inner(images=[im], return_tensors="np")["pixel_values"][0]
+            top, left = (-((S - n) // 2) for n in pix.shape[1:])  # ceil of (n - S) / 2
+            out.append(pix[:, top:top + S, left:left + S])
+        return {"pixel_values": np.stack(out)}
+
+
+def test_processor_view_uses_arithmetic_only_where_ramps_confirm_it():
+    from vislens.models.llava import processor_view
+
+    slow, fast = _processors()
+    for proc in (slow, fast):  # transformers' processors follow the int()/floor arithmetic
+        view_of = processor_view(proc)
+        for size in [(W, H), (640, 480), (333, 500)]:
+            assert view_of(size) == clip_view(*size, proc)
+    odd = CeilCrop()
+    view_of = processor_view(odd)
+    # 56 x 40: 67 resized columns, this processor crops at 10 (not 9): measured, not assumed
+    assert view_of((W, H)) == pytest.approx((10 / 67, 0.0, 58 / 67, 1.0), rel=1e-9)
+    assert clip_view(W, H, odd) == pytest.approx(VIEW)
 
 
 def test_ramp_view_refuses_a_processor_it_cannot_read():

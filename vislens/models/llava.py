@@ -1,7 +1,7 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): one square grid of patch tokens."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -45,42 +45,86 @@ def clip_view(width: int, height: int, image_processor: Any) -> tuple[float, flo
     return (max(left, 0) / rw, max(top, 0) / rh, min(left + cw, rw) / rw, min(top + ch, rh) / rh)
 
 
-_DITHER = np.array([1, 3, 5]) / 6  # per-channel offsets: the channels' mean rounds to 1/3 level
+_GOLDEN = (np.sqrt(5) - 1) / 2
+
+
+def _dither(n: int) -> np.ndarray:
+    """``n`` well-spread offsets in [0, 1) (golden-ratio sequence), mean about 1/2."""
+    return ((np.arange(n) + 0.5) * _GOLDEN) % 1.0
 
 
 def ramp_view(image_processor: Any, size: tuple[int, int]) -> tuple[float, float, float, float]:
     """The rectangle of a ``size = (W, H)`` image that ``image_processor``'s output shows.
 
-    Measured, not assumed: a black and a white image calibrate the processor's rescale and
-    normalisation, then two coordinate ramps (pixel value = 255 x normalised x, resp. y,
-    dithered across the channels) pass through it. A line fitted to the interior kept
-    columns (rows) gives the resized length and crop offset, snapped to whole pixels when
-    they are (they always are for transformers' processors). Works for slow (PIL) and fast
-    (torchvision) processors alike, whatever their rounding.
+    Measured, not assumed: a black and a white image calibrate the processor's rescale
+    and normalisation, and one coordinate ramp passes through it (red = 255 x normalised x,
+    green = 255 x normalised y; each dithered along the other axis, so averaging across the
+    output removes the 8-bit steps). A line fitted to the interior kept columns (rows) gives
+    the resized length and crop offset, snapped to whole pixels when they are (they always
+    are for transformers' processors). Works for slow (PIL) and fast (torchvision)
+    processors alike, whatever their rounding.
     """
     from PIL import Image
 
     w, h = (int(v) for v in size)
-    u = np.floor(255 * (np.arange(w)[:, None] + 0.5) / w + _DITHER)  # [W, 3]
-    v = np.floor(255 * (np.arange(h)[:, None] + 0.5) / h + _DITHER)  # [H, 3]
-    planes = [np.zeros((h, w, 3)), np.full((h, w, 3), 255.0),
-              np.broadcast_to(u[None], (h, w, 3)), np.broadcast_to(v[:, None], (h, w, 3))]
-    images = [Image.fromarray(np.clip(p, 0, 255).astype(np.uint8)) for p in planes]
+    u = 255 * (np.arange(w) + 0.5) / w
+    v = 255 * (np.arange(h) + 0.5) / h
+    ramp = np.zeros((h, w, 3))
+    ramp[..., 0] = np.floor(u[None, :] + _dither(h)[:, None])
+    ramp[..., 1] = np.floor(v[:, None] + _dither(w)[None, :])
+    # black and white at the same size: uint8 resampling has a scale-dependent gain
+    images = [Image.fromarray(np.full((h, w, 3), level, np.uint8)) for level in (0, 255)]
+    images.append(Image.fromarray(np.clip(ramp, 0, 255).astype(np.uint8)))
     try:
         pix = image_processor(images=images, return_tensors="np")["pixel_values"]
     except (ValueError, TypeError) as exc:
         raise VislensError(f"cannot measure the image processor's view: "
                            f"{str(exc).splitlines()[0]}") from None
     pix = np.asarray(pix, dtype=np.float64)
-    if pix.ndim != 4 or pix.shape[:2] != (4, 3):
+    if pix.ndim != 4 or pix.shape[:2] != (3, 3):
         raise VislensError(f"cannot measure the image processor's view: pixel_values has shape "
-                           f"{pix.shape}, expected [4, 3, H, W]")
+                           f"{pix.shape}, expected [3, 3, H, W]")
     lo, hi = pix[0].mean(axis=(1, 2)), pix[1].mean(axis=(1, 2))  # per channel
-    scale = np.where(np.abs(hi - lo) > 1e-12, hi - lo, np.nan)[:, None, None]
-    coord = ((pix[2:] - lo[:, None, None]) / scale).mean(axis=1)  # [2, H', W'] in [0, 1]
+    scale = np.where(np.abs(hi - lo) > 1e-12, hi - lo, np.nan)
+    coord = (pix[2, :2] - lo[:2, None, None]) / scale[:2, None, None]  # [2, H', W'] in [0, 1]
     x0, x1 = _fit_axis(coord[0].mean(axis=0))
     y0, y1 = _fit_axis(coord[1].mean(axis=1))
     return (x0, y0, x1, y1)
+
+
+def processor_view(image_processor: Any) -> Callable[[tuple[int, int]], tuple[float, float, float, float]]:
+    """The view function of ``image_processor``: ``size -> (x0, y0, x1, y1)``.
+
+    :func:`ramp_view` costs a few processor calls per image size, so it is run on probe
+    sizes chosen to expose rounding (odd crop margins, fractional resized lengths, both
+    orientations). When it confirms :func:`clip_view`'s arithmetic on all of them (within
+    half a resized pixel: rounding variants differ by a whole one, the ramp measures to
+    about 0.2), that arithmetic serves every size; otherwise every size is
+    measured with :func:`ramp_view`.
+    """
+    crop = getattr(image_processor, "crop_size", None)
+    c = int(_get(crop, "width") or 0) if crop is not None else 0
+    c = c if c >= 8 else 48
+    for size in _probe_sizes(c):
+        want, got = clip_view(*size, image_processor), ramp_view(image_processor, size)
+        for axis in (0, 1):
+            span = want[axis + 2] - want[axis]
+            tol = span / (2 * c) if span > 0 else 1e-6  # half a resized pixel
+            if abs(got[axis] - want[axis]) > tol or abs(got[axis + 2] - want[axis + 2]) > tol:
+                return lambda size: ramp_view(image_processor, size)
+    return lambda size: clip_view(int(size[0]), int(size[1]), image_processor)
+
+
+def _probe_sizes(c: int) -> list[tuple[int, int]]:
+    """Image sizes whose shortest-edge resize to ``c`` has a fractional long side above .5
+    (``int`` vs ``round``) and an odd crop margin (floor vs round), in both orientations,
+    slightly down- and upscaled (where the ramp is most precise)."""
+    out = []
+    for short in (c + 1, c // 2 + 1):
+        long = next(w for w in range(short + 1, short * 3) if
+                    (c * w / short) % 1 > 0.5 and (int(c * w / short) - c) % 2 == 1)
+        out += [(long, short), (short, long)]
+    return out
 
 
 def _fit_axis(profile: np.ndarray) -> tuple[float, float]:
@@ -123,11 +167,14 @@ class LlavaAdapter(VLMAdapter):
         return int(vc.image_size // vc.patch_size)
 
     def image_view(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """The centre crop the processor keeps, measured with :func:`ramp_view` (per size)."""
+        """The centre crop the processor keeps (:func:`processor_view`: measured by ramp
+        images through the processor in use), cached per size."""
         size = (int(size[0]), int(size[1]))
         cache = self.__dict__.setdefault("_views", {})
         if size not in cache:
-            cache[size] = ramp_view(self.processor.image_processor, size)
+            if "_view_of" not in self.__dict__:
+                self._view_of = processor_view(self.processor.image_processor)
+            cache[size] = tuple(float(v) for v in self._view_of(size))
         return cache[size]
 
     def layouts(self, input_ids, image_keys, vision, sizes):
