@@ -87,6 +87,8 @@ def test_processor_view_uses_arithmetic_only_where_ramps_confirm_it():
         view_of = processor_view(proc)
         for size in [(W, H), (640, 480), (333, 500)]:
             assert view_of(size) == clip_view(*size, proc)
+    other = type(slow)(size={"shortest_edge": 64}, crop_size={"height": S, "width": S})
+    assert processor_view(other)((W, H)) == clip_view(W, H, other)  # resize 64, crop 48
     odd = CeilCrop()
     view_of = processor_view(odd)
     # 56 x 40: 67 resized columns, this processor crops at 10 (not 9): measured, not assumed

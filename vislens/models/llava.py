@@ -105,7 +105,8 @@ def processor_view(image_processor: Any) -> Callable[[tuple[int, int]], tuple[fl
     crop = getattr(image_processor, "crop_size", None)
     c = int(_get(crop, "width") or 0) if crop is not None else 0
     c = c if c >= 8 else 48
-    for size in _probe_sizes(c):
+    short = _get(getattr(image_processor, "size", None), "shortest_edge")
+    for size in _probe_sizes(int(short) if short and int(short) >= 8 else c, c):
         want, got = clip_view(*size, image_processor), ramp_view(image_processor, size)
         for axis in (0, 1):
             span = want[axis + 2] - want[axis]
@@ -115,14 +116,15 @@ def processor_view(image_processor: Any) -> Callable[[tuple[int, int]], tuple[fl
     return lambda size: clip_view(int(size[0]), int(size[1]), image_processor)
 
 
-def _probe_sizes(c: int) -> list[tuple[int, int]]:
-    """Image sizes whose shortest-edge resize to ``c`` has a fractional long side above .5
-    (``int`` vs ``round``) and an odd crop margin (floor vs round), in both orientations,
-    slightly down- and upscaled (where the ramp is most precise)."""
+def _probe_sizes(s: int, c: int) -> list[tuple[int, int]]:
+    """Image sizes whose shortest-edge resize to ``s`` has a fractional long side above .5
+    (``int`` vs ``round``) and an odd margin around the ``c``-pixel crop (floor vs round),
+    in both orientations, slightly down- and upscaled (where the ramp is most precise)."""
     out = []
-    for short in (c + 1, c // 2 + 1):
-        long = next(w for w in range(short + 1, short * 3) if
-                    (c * w / short) % 1 > 0.5 and (int(c * w / short) - c) % 2 == 1)
+    for short in (s + 1, s // 2 + 1):
+        long = next((w for w in range(short + 1, short * 3) if
+                     (s * w / short) % 1 > 0.5 and (int(s * w / short) - c) % 2 == 1),
+                    short * 2 + 1)
         out += [(long, short), (short, long)]
     return out
 
