@@ -535,6 +535,9 @@ def table1_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = ()) 
     return "\n".join(lines) + "\n" + to_markdown(shown, floatfmt=".1f")
 
 
+_CURVE_MARKERS = ("s", "^", "D", "v", "P", "X", "h")
+
+
 def _wilson_band(n_correct: Any, n: Any) -> tuple[np.ndarray, np.ndarray]:
     """95% Wilson interval (percent) of each validation accuracy."""
     from .metrics import wilson_interval
@@ -563,7 +566,9 @@ def curves_figure(choice: Choice, title: str = "") -> "Figure":
     legends sit outside the axes. With the ``label-mean`` beta rule every pair has one beta,
     so the AdaptVis panel shows validation accuracy per (alpha1, alpha2) pair at that beta.
     """
-    from .plots import _series_colors, _style_key, vislens_style
+    import matplotlib as mpl
+
+    from .plots import CMAP, vislens_style
 
     with vislens_style():
         from matplotlib.figure import Figure  # no pyplot: no global backend state (Agg)
@@ -574,7 +579,7 @@ def curves_figure(choice: Choice, title: str = "") -> "Figure":
         star = dict(marker="*", markersize=15, color="crimson", markeredgecolor="white",
                     linestyle="none", zorder=5)
         s = choice.scaling
-        color_s = _series_colors(1)[0]
+        color_s = mpl.colormaps[CMAP](0.25)
         lo, hi = _wilson_band(s["n_correct"], s["n"])
         ax_s.fill_between(s["alpha"], lo, hi, color=color_s, alpha=0.18, linewidth=0,
                           label="95% Wilson interval")
@@ -589,7 +594,7 @@ def curves_figure(choice: Choice, title: str = "") -> "Figure":
         pairs = list(choice.adaptvis.groupby(["alpha1", "alpha2"], sort=True))
         chosen_pair = (best_a["alpha1"], best_a["alpha2"])
         pairs.sort(key=lambda kv: kv[0] == chosen_pair)  # the chosen curve last, on top
-        colors = _series_colors(len(pairs))
+        colors = mpl.colormaps[CMAP](np.linspace(0.0, 0.85, max(len(pairs), 2)))
         single = choice.beta_rule == "label-mean"
         for i, ((a1, a2), part) in enumerate(pairs):
             is_best = (a1, a2) == chosen_pair
@@ -604,9 +609,10 @@ def curves_figure(choice: Choice, title: str = "") -> "Figure":
                 if is_best:  # one band: the others' would hide the curves
                     ax_a.fill_between(x, lo, hi, color=colors[i], alpha=0.2, linewidth=0,
                                       label="95% Wilson interval (chosen)")
-                style = {**_style_key(i), "linestyle": "-"} if is_best else _style_key(i)
                 ax_a.plot(x, part["acc"], color=colors[i], label=label,
-                          linewidth=3.0 if is_best else 1.2, zorder=4 if is_best else 2, **style)
+                          marker="o" if is_best else _CURVE_MARKERS[i % len(_CURVE_MARKERS)],
+                          linestyle="-" if is_best or i % 2 == 0 else "--",
+                          linewidth=3.0 if is_best else 1.2, zorder=4 if is_best else 2)
         bx = float(len(pairs) - 1) if single else best_a["beta"]
         ax_a.plot([bx], [best_a["acc"]], **star, label=f"chosen β = {best_a['beta']:.3g}")
         if single:
