@@ -78,11 +78,16 @@ def assert_same_capture(path, ref):
         for col in ("id", "condition", "prediction", "correct"):
             assert list(ta[col]) == list(tb[col]), col
         assert list(a.samples["options"]) == list(b.samples["options"])
+        np.testing.assert_array_equal(a.views(), b.views())  # what the model sees, per sample
+        if b.box_mask() is not None:
+            np.testing.assert_array_equal(a.box_mask(), b.box_mask())
         for c in b.conditions:
             np.testing.assert_allclose(a.attention(c), b.attention(c), rtol=F16_STEP,
                                        atol=2.0 ** -24)
             for x, y in zip(a.masses(c), b.masses(c)):
                 np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+            for x, y in zip(a.image_logits(c), b.image_logits(c)):
+                np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
         with h5py.File(path, "r", locking=False) as fa, h5py.File(ref, "r", locking=False) as fb:
             for c in b.conditions:
                 np.testing.assert_allclose(fa[f"conditions/{c}/option_probs"][()],

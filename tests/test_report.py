@@ -273,3 +273,20 @@ def test_figures_layer_defaults_and_validation_choice(capture, tmp_path):
     assert figures.main([str(path), "--out", str(tmp_path / "c"), "--layer", "best", "--only", "6"]) == 0
     with pytest.raises(SystemExit):  # argparse: usage and exit status 2
         figures.main([str(path), "--out", str(tmp_path / "c"), "--layer", "top"])
+
+
+def test_report_names_the_dataset_readably(capture, tmp_path):
+    import shutil
+
+    import h5py
+
+    from vislens.report import write_report
+
+    path = tmp_path / "c.h5"
+    shutil.copy(capture[0], path)
+    spec = "jsonl:/tmp/xyz/controlled_a.jsonl"
+    with h5py.File(path, "r+") as f:
+        f.attrs["dataset"] = spec
+    md = write_report(path, tmp_path / "r").read_text()
+    assert f"dataset: Controlled_A (`{spec}`)" in md  # readable name, raw spec kept beside it
+    assert md.count(spec) == 1

@@ -117,6 +117,47 @@ def brute_force(pairs, betas, conf=CONF, correct=CORRECT):
     return scores, min(scores, key=key)
 
 
+#: yes/no validation table: gold yes at conf 0.9, 0.7, 0.3 (mean 0.6333...), gold no at
+#: 0.6, 0.4, 0.5, 0.2 (mean 0.425) -> the paper's VSR beta = (0.63333 + 0.425) / 2 = 0.529166...
+YN_CONF = [0.9, 0.7, 0.3, 0.6, 0.4, 0.5, 0.2]
+YN_GOLD = ["Yes", "Yes", "yes", "No", "No", "no", "No"]
+
+
+def yes_no_table() -> ValResults:
+    t = hand_table(conf=YN_CONF, correct=CORRECT[:len(YN_CONF)])
+    t.samples["answer"] = YN_GOLD
+    return t
+
+
+def test_vsr_beta_rule_is_the_mean_of_the_two_labels_average_confidences():
+    val = yes_no_table()
+    beta = ((0.9 + 0.7 + 0.3) / 3 + (0.6 + 0.4 + 0.5 + 0.2) / 4) / 2  # by hand: 0.5291666...
+    assert sweep.label_mean_beta(val) == pytest.approx(beta, rel=1e-12)
+    assert sweep.resolve_beta_rule(val) == "label-mean"
+    assert sweep.resolve_beta_rule(hand_table()) == "grid"  # four-option data keeps the grid
+    grid = sweep.make_grid("0.5,2.0", "0.5,0.8", "1.2,2.0", "0.2,0.4")
+    choice = sweep.choose(val, grid)
+    assert choice.beta_rule == "label-mean" and choice.beta == pytest.approx(beta, rel=1e-12)
+    assert set(choice.adaptvis["beta"]) == {choice.beta} and len(choice.adaptvis) == len(grid.pairs)
+    # each pair's accuracy by hand: conf < beta (0.3, 0.4, 0.5, 0.2) takes alpha1's answer
+    correct = CORRECT[:len(YN_CONF)]
+    for r in choice.adaptvis.itertuples():
+        used = [r.alpha1 if c < beta else r.alpha2 for c in YN_CONF]
+        assert r.n_correct == sum(correct[i][ALPHAS.index(a)] for i, a in enumerate(used))
+    # the grid rule searches --betas as for four-option data
+    gridded = sweep.choose(val, grid, "grid")
+    assert gridded.beta_rule == "grid" and set(gridded.adaptvis["beta"]) == {0.2, 0.4}
+    with pytest.raises(VislensError, match="gold answer 'no'"):
+        sweep.label_mean_beta(ValResults(
+            pd.DataFrame({"id": ["a", "b"], "relation": "", "group": "", "answer": ["yes", "Yes"],
+                          "confidence": [0.5, 0.6]}), ALPHAS, np.full((2, 5), "yes", object),
+            np.ones((2, 5), bool)))
+    with pytest.raises(VislensError, match="yes/no"):
+        sweep.choose(hand_table(), grid, "label-mean")
+    with pytest.raises(VislensError, match="--beta-rule"):
+        sweep.choose(val, grid, "median")
+
+
 def test_offline_adaptvis_matches_brute_force_including_ties_and_the_boundary():
     val = hand_table()
     pairs = [(0.5, 1.2), (0.5, 2.0), (0.8, 1.2), (0.8, 2.0), (1.0, 2.0)]
@@ -197,13 +238,20 @@ def test_table1_frame_for_yes_no_data():
     vsr = pd.DataFrame({"condition": ["baseline", "adaptvis"], "f1": [0.5, 0.8],
                         "f1_paper": [0.4, 0.7]})
     t = sweep.table1_frame(acc, vsr, {"greedy": "baseline", "adaptvis": "adaptvis"})
-    assert list(t.columns) == ["condition", "n", "acc", "acc_delta", "f1", "f1_delta",
-                               "f1_paper", "f1_paper_delta"]
+    assert list(t.columns) == ["condition", "n", "acc", "acc_low", "acc_high", "acc_delta",
+                               "f1", "f1_delta", "f1_paper", "f1_paper_delta"]
     assert t.loc["adaptvis", "acc_delta"] == 25.0
+    for cond, k in (("greedy", 2), ("adaptvis", 3)):  # Wilson 95% by its formula, n = 4
+        z, n = 1.959963984540054, 4
+        p = k / n
+        centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        want = (100 * (centre - half) / (1 + z * z / n), 100 * (centre + half) / (1 + z * z / n))
+        assert (t.loc[cond, "acc_low"], t.loc[cond, "acc_high"]) == pytest.approx(want, rel=1e-9)
     assert t.loc["adaptvis", "f1"] == pytest.approx(80.0)
     assert t.loc["adaptvis", "f1_paper_delta"] == pytest.approx(30.0)
     md = sweep.table1_markdown(t, "T")
     assert "| adaptvis |" in md and "+25.0" in md
+    assert f"75.0 [{t.loc['adaptvis', 'acc_low']:.1f}, {t.loc['adaptvis', 'acc_high']:.1f}]" in md
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -328,3 +376,29 @@ def test_run_sweep_end_to_end(answering_adapter, scenes, tmp_path):
     conf = res.val.confidence
     assert (conf < 0.2).any() and (conf > 0.3).any()
     assert any(m.startswith("[sweep 2/3] chosen") for m in logged)
+
+
+@pytest.mark.parametrize("rule", ["grid", "label-mean"])
+def test_val_curves_figure_is_readable(rule, tmp_path):
+    from vislens.metrics import wilson_interval
+
+    val = yes_no_table()
+    choice = sweep.choose(val, sweep.make_grid("0.5,2.0", "0.5,0.8", "1.2,2.0", "0.2,0.4,0.6"),
+                          rule)
+    fig = sweep.curves_figure(choice, "Controlled_A: validation split")
+    ax_s, ax_a = fig.axes[:2]
+    assert fig._suptitle.get_text() == "Controlled_A: validation split"
+    for ax in (ax_s, ax_a):  # legends outside the axes, to the right
+        assert ax.get_legend()._loc == 2 and ax.get_legend().get_bbox_to_anchor().x0 > \
+            ax.get_window_extent().x1 - 1
+    # the ScalingVis band is the Wilson interval of each validation accuracy
+    band = ax_s.collections[0].get_paths()[0].vertices[:, 1]
+    lo, hi = wilson_interval(choice.scaling["n_correct"].to_numpy(), choice.scaling["n"].to_numpy())
+    assert np.isclose(band.min(), 100 * np.min(lo)) and np.isclose(band.max(), 100 * np.max(hi))
+    curves = [l for l in ax_a.get_lines() if l.get_label().startswith("α1=")]
+    if rule == "grid":  # the chosen curve is drawn last and thicker
+        assert curves[-1].get_label().endswith("(chosen)")
+        assert curves[-1].get_linewidth() > max(l.get_linewidth() for l in curves[:-1])
+    else:
+        assert "yes/no rule" in ax_a.get_title()
+    assert sweep.plot_curves(choice, tmp_path / "c.png").stat().st_size > 1000

@@ -54,13 +54,15 @@ def _as_boxes(boxes_xyxy: Any) -> np.ndarray:
 
 
 def _normalised_boxes(boxes: np.ndarray, w: float, h: float, grid: int,
-                      edges: np.ndarray) -> np.ndarray:
-    """Pixel boxes -> [0, 1] boxes clipped to the image, edges snapped onto cell edges.
+                      edges: np.ndarray, view: np.ndarray) -> np.ndarray:
+    """Pixel boxes -> [0, 1] boxes clipped to ``view`` (the image, or the part the model
+    sees), edges snapped onto cell edges.
 
     Snapping removes float slivers (a box ending at pixel 20 of a 240-px image vs the cell
     edge 2/24), so cells a box does not touch are exactly 0. Empty/NaN boxes are dropped.
     """
-    b = np.clip(boxes / np.array([w, h, w, h]), 0.0, 1.0)
+    b = boxes / np.array([w, h, w, h])
+    b = np.clip(b, np.r_[view[:2], view[:2]], np.r_[view[2:], view[2:]])
     k = np.rint(b * grid)
     snap = np.abs(b * grid - k) < _SNAP
     b = np.where(snap, edges[np.nan_to_num(k, nan=0).astype(int)], b)
@@ -85,28 +87,44 @@ def _axis_pieces(lo: np.ndarray, hi: np.ndarray, edges: np.ndarray,
     return inside, share
 
 
+def _check_view(view: Any) -> np.ndarray:
+    """A normalised ``(x0, y0, x1, y1)`` rectangle inside [0, 1]^2 (None: the whole image)."""
+    if view is None:
+        return np.array([0.0, 0.0, 1.0, 1.0])
+    v = np.asarray(view, dtype=np.float64).reshape(-1)
+    if v.shape != (4,) or not np.isfinite(v).all() or (v[:2] < 0).any() or (v[2:] > 1).any() \
+            or v[2] < v[0] or v[3] < v[1]:
+        raise VislensError(f"view must be a normalised (x0, y0, x1, y1) rectangle in [0, 1], "
+                           f"got {view!r}")
+    return v
+
+
 def box_mask(boxes_xyxy: np.ndarray, image_size: tuple[int, int], grid: int = 24, *,
-             visible: np.ndarray | None = None) -> np.ndarray:
+             visible: np.ndarray | None = None, view: Any = None) -> np.ndarray:
     """[G, G] float32: the fraction of each analysis-grid cell covered by the union of boxes.
 
     ``boxes_xyxy`` [M, 4] are pixels of the original ``image_size = (W, H)`` image; boxes are
     clipped to the image and overlaps count once. The area is exact (coordinate compression
-    over box and cell edges, no sampling). ``visible`` (e.g. ``layout.visible(grid)``) scales
-    each cell by the fraction the model actually saw, so the mask lines up with the model's
-    view (a center crop hides the sides of a wide image). Rows are y, columns x.
+    over box and cell edges, no sampling). ``view`` (e.g. ``layout.view`` or a capture's
+    ``samples/view`` row: the normalised rectangle the model sees) clips the boxes first, so
+    each cell counts only the object area the model saw (a centre crop hides the sides of a
+    wide image); in a cell the box fills, that is the cell's visible fraction. ``visible``
+    (e.g. ``layout.visible(grid)``) instead scales each cell by its visible fraction, exact
+    only where a box fills its cells. Rows are y, columns x.
     """
     if int(grid) != grid or grid < 1:
         raise VislensError(f"grid must be a positive integer, got {grid!r}")
     grid = int(grid)
     w, h = _check_size(image_size)
     boxes = _as_boxes(boxes_xyxy)
+    v = _check_view(view)
     if visible is not None:
         visible = np.asarray(visible, dtype=np.float64)
         if visible.shape != (grid, grid):
             raise VislensError(f"visible must have shape {(grid, grid)}, got {visible.shape}")
     mask = np.zeros((grid, grid))
     edges = np.linspace(0.0, 1.0, grid + 1)
-    b = _normalised_boxes(boxes, w, h, grid, edges)
+    b = _normalised_boxes(boxes, w, h, grid, edges, v)
     if len(b):
         in_x, share_x = _axis_pieces(b[:, 0], b[:, 2], edges)  # [M, Px], [Px, G]
         in_y, share_y = _axis_pieces(b[:, 1], b[:, 3], edges)  # [M, Py], [Py, G]
@@ -119,15 +137,19 @@ def box_mask(boxes_xyxy: np.ndarray, image_size: tuple[int, int], grid: int = 24
 
 def box_masks(samples_boxes: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
               grid: int = 24, *,
-              visible: Sequence[np.ndarray | None] | np.ndarray | None = None) -> np.ndarray:
-    """[N, G, G]: :func:`box_mask` of each sample's boxes (``visible`` optional, per sample)."""
+              visible: Sequence[np.ndarray | None] | np.ndarray | None = None,
+              views: Sequence[Any] | np.ndarray | None = None) -> np.ndarray:
+    """[N, G, G]: :func:`box_mask` of each sample's boxes (``visible``/``views`` optional,
+    per sample)."""
     if len(samples_boxes) != len(sizes):
         raise VislensError(f"got boxes for {len(samples_boxes)} samples but {len(sizes)} sizes")
-    if visible is not None and len(visible) != len(sizes):
-        raise VislensError(f"got {len(visible)} visible masks for {len(sizes)} samples")
+    for name, per in (("visible masks", visible), ("views", views)):
+        if per is not None and len(per) != len(sizes):
+            raise VislensError(f"got {len(per)} {name} for {len(sizes)} samples")
     out = np.zeros((len(sizes), grid, grid), dtype=np.float32)
     for i, (boxes, size) in enumerate(zip(samples_boxes, sizes)):
-        out[i] = box_mask(boxes, size, grid, visible=None if visible is None else visible[i])
+        out[i] = box_mask(boxes, size, grid, visible=None if visible is None else visible[i],
+                          view=None if views is None else views[i])
     return out
 
 
@@ -780,6 +802,7 @@ def attach_boxes(path: str | Path, detector: str = "annotations", *, weights: st
         grid = int(np.asarray(cap.attrs["grid"]).ravel()[0])
         samples = capture_samples(cap)
         sizes = list(zip(cap.samples["width"], cap.samples["height"]))
+        views = cap.views()  # what the model saw (the whole image in files without it)
     lock = lock_output(path)  # before detection: a second writer or read-only folder fails now
     try:
         if detector == "yolo":
@@ -791,7 +814,7 @@ def attach_boxes(path: str | Path, detector: str = "annotations", *, weights: st
         for i, res in enumerate(results):
             size = res.image_size or (int(sizes[i][0]), int(sizes[i][1]))
             if res.detections and size[0] > 0:
-                masks[i] = box_mask(res.xyxy, size, grid)
+                masks[i] = box_mask(res.xyxy, size, grid, view=views[i])
         replace_boxes(path, masks, [r.detections for r in results], detector,
                       unmatched=[r.unmatched for r in results], lock=lock)
     finally:

@@ -127,8 +127,13 @@ def _image_size(sample: Sample) -> tuple[int, int] | None:
         return None
 
 
-def annotation_masks(samples: Sequence[Sample], grid: int):
-    """Box masks from the dataset's own boxes (synthetic scenes, JSONL), or None."""
+def annotation_masks(samples: Sequence[Sample], grid: int,
+                     views: np.ndarray | None = None):
+    """Box masks from the dataset's own boxes (synthetic scenes, JSONL), or None.
+
+    ``views`` [N, 4] (normalised rectangles the model sees, :func:`sample_views`) restrict
+    each mask to what the model saw; without them the whole image counts.
+    """
     if not any(s.boxes for s in samples):
         return None, None, None
     from .boxes import box_mask
@@ -139,8 +144,28 @@ def annotation_masks(samples: Sequence[Sample], grid: int):
         sizes.append(size)
         if s.boxes and size[0] > 0:
             wanted = [b for b in s.boxes if not s.objects or b.label in s.objects] or s.boxes
-            masks[k] = box_mask(np.array([b.xyxy for b in wanted], dtype=np.float64), size, grid)
+            masks[k] = box_mask(np.array([b.xyxy for b in wanted], dtype=np.float64), size, grid,
+                                view=None if views is None else views[k])
     return masks, [list(s.boxes) for s in samples], sizes
+
+
+def sample_views(adapter: Any, samples: Sequence[Sample]) -> np.ndarray:
+    """[N, 4] float32: the rectangle of each sample's image the model sees
+    (``adapter.image_view``), normalised; the whole image where the image cannot be read."""
+    views = np.tile(np.array([0, 0, 1, 1], dtype=np.float32), (len(samples), 1))
+    sizes = [_image_size(s) for s in samples]
+    distinct = sorted({z for z in sizes if z is not None})
+    if not distinct:
+        return views
+    if hasattr(adapter, "image_views"):  # a Ray worker pool: one remote call for all sizes
+        found = adapter.image_views(distinct)
+    else:
+        found = [adapter.image_view(z) for z in distinct]
+    of = dict(zip(distinct, found))
+    for k, z in enumerate(sizes):
+        if z is not None:
+            views[k] = of[z]
+    return views
 
 
 @dataclass
@@ -406,10 +431,14 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                               split_seed=split_seed, limit=limit, max_new_tokens=max_new_tokens,
                               matcher=matcher, shard=shard, prompt_style=prompt_style,
                               command=command)
+        views = sample_views(adapter, plan.samples)
+        if plan.boxes is not None:  # count only the part of each box the model sees
+            plan.box_masks = annotation_masks(plan.samples, grid, views)[0]
         job = CaptureJob(samples=plan.samples, conditions=plan.conditions, grid=grid,
                          num_layers=adapter.num_layers, num_heads=adapter.num_heads,
                          num_options=plan.num_options, attrs=attrs, sample_index=plan.index,
-                         sizes=plan.sizes, box_masks=plan.box_masks, boxes=plan.boxes)
+                         sizes=plan.sizes, box_masks=plan.box_masks, boxes=plan.boxes,
+                         views=views)
         writer = CaptureWriter.open(plan.out, job, lock=lock)
     except BaseException:
         lock.release()

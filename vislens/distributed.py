@@ -265,6 +265,10 @@ class Replica:
                        num_heads=self.adapter.num_heads, name=getattr(self.adapter, "name", ""))
         return out
 
+    def image_views(self, sizes: list[tuple[int, int]]) -> list[tuple[float, float, float, float]]:
+        """The part of each image size the model sees (``adapter.image_view``), normalised."""
+        return [tuple(float(v) for v in self.adapter.image_view(tuple(size))) for size in sizes]
+
     def run(self, job: BatchJob) -> BatchOutput:
         """Decode the images and run the engine on the batch."""
         import torch
@@ -388,6 +392,16 @@ class ReplicaPool:
     @property
     def name(self) -> str:
         return str(self.info.get("name") or self.model)
+
+    def image_views(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        """``[len(sizes), 4]``: what the model sees of each image size, asked of one ready
+        worker in one call (the processor is the same on every replica)."""
+        import numpy as np
+        import ray
+
+        slot = next(s for s in self.slots if s.ready and s.actor is not None)
+        views = ray.get(slot.actor.image_views.remote([tuple(map(int, z)) for z in sizes]))
+        return np.asarray(views, dtype=np.float32).reshape(len(sizes), 4)
 
     def describe(self) -> dict[str, Any]:
         """The model's description as a worker reports it, plus Ray provenance."""

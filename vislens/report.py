@@ -163,7 +163,9 @@ def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[
         acc = None
 
     lines = [f"# vislens report: `{Path(path).name}`", "",
-             f"- model: `{attrs.get('model', '?')}`; dataset: `{attrs.get('dataset', '?')}`; "
+             f"- model: `{attrs.get('model', '?')}`; dataset: "
+             f"{plots.dataset_label(attrs.get('dataset', ''), path)} "
+             f"(`{attrs.get('dataset', '') or '?'}`); "
              f"{n_note}; {attrs.get('num_layers')} layers x {attrs.get('num_heads')} heads; "
              f"grid {np.asarray(attrs.get('grid', [0])).ravel()[0]}x{np.asarray(attrs.get('grid', [0])).ravel()[0]}",
              f"- conditions: {', '.join(st.condition for st in stats)}", ""]

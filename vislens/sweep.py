@@ -12,7 +12,8 @@ Three stages, each writing into one output folder:
    in the same batch, with ``alpha_i`` from Eq. 3 (:func:`~vislens.conditions.adaptvis_alpha`)
    on the *baseline* confidence. So every beta costs a table look-up, not a model run.
    Ties go to the setting closest to no intervention (see :func:`pick_scaling`,
-   :func:`pick_adaptvis`).
+   :func:`pick_adaptvis`). On yes/no data (VSR) beta follows the paper's rule instead of
+   the grid: the mean of the two labels' average confidences (:func:`label_mean_beta`).
 3. **Test capture** (:func:`~vislens.capture.run_capture` into ``test.h5``) with greedy,
    the chosen ScalingVis and AdaptVis and the requested baselines, evaluated into a
    Table-1-style comparison (``table1.md``/``table1.csv``).
@@ -27,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,11 +36,16 @@ import pandas as pd
 from .conditions import adaptvis_alpha, parse_condition
 from .errors import VislensError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_ALPHA1", "DEFAULT_ALPHA2", "DEFAULT_BETAS", "BASELINES",
            "SweepGrid", "ValResults", "Choice", "SweepResult", "parse_values", "parse_betas",
            "parse_baselines", "make_grid", "validation_pass", "scaling_scores",
            "adaptvis_scores", "pick_scaling", "pick_adaptvis", "choose", "conditions_for_test",
-           "table1_frame", "table1_markdown", "plot_curves", "read_val_results", "run_sweep",
+           "BETA_RULES", "is_yes_no", "label_mean_beta", "resolve_beta_rule",
+           "table1_frame", "table1_markdown", "plot_curves", "curves_figure", "read_val_results",
+           "run_sweep",
            "add_arguments", "run_args", "main"]
 
 DEFAULT_ALPHAS = "0.5,0.8,1.2,1.5,2.0"
@@ -56,6 +62,9 @@ TIE_BREAK = ("most correct validation answers; ties -> closest to no interventio
              "mean |ln alpha| applied over the validation samples, then smallest "
              "|ln alpha1| + |ln alpha2| (AdaptVis), then the smaller beta / alpha")
 _DECIMALS = 12  # tie keys are rounded so float noise cannot break a mathematical tie
+#: how AdaptVis's beta is chosen: ``auto`` = ``label-mean`` on yes/no data, else ``grid``
+BETA_RULES = ("auto", "grid", "label-mean")
+_YES_NO = ("yes", "no")
 
 Log = Callable[[str], None]
 
@@ -369,9 +378,47 @@ def pick_adaptvis(scores: pd.DataFrame) -> pd.Series:
     return scores.iloc[min(range(len(keys)), key=keys.__getitem__)]
 
 
+def is_yes_no(answers: Iterable[str]) -> bool:
+    """True when every gold answer is yes or no (any case): VSR-style data."""
+    labels = {str(a).strip().lower() for a in answers}
+    return bool(labels) and labels <= set(_YES_NO)
+
+
+def label_mean_beta(val: ValResults) -> float:
+    """VSR's beta (the paper's rule for yes/no data): the mean of the two labels' average
+    baseline confidences, i.e. ``(mean conf | gold yes + mean conf | gold no) / 2`` on the
+    validation split. Both labels must occur there."""
+    labels = val.samples["answer"].astype(str).str.strip().str.lower().to_numpy()
+    if not is_yes_no(labels):
+        raise VislensError("--beta-rule label-mean needs yes/no data (every gold answer yes "
+                           "or no)")
+    conf = val.confidence
+    means = []
+    for label in _YES_NO:
+        sel = labels == label
+        if not sel.any():
+            raise VislensError(f"--beta-rule label-mean: no validation sample has the gold "
+                               f"answer {label!r}; use --beta-rule grid or more samples")
+        means.append(float(conf[sel].mean()))
+    return float(np.mean(means))
+
+
+def resolve_beta_rule(val: ValResults, rule: str = "auto") -> str:
+    """``grid`` or ``label-mean``: ``auto`` picks ``label-mean`` on yes/no data."""
+    if rule not in BETA_RULES:
+        raise VislensError(f"--beta-rule {rule!r}: choose {', '.join(BETA_RULES)}")
+    if rule == "auto":
+        return "label-mean" if is_yes_no(val.samples["answer"]) else "grid"
+    return rule
+
+
 @dataclass
 class Choice:
-    """The selected hyper-parameters with every candidate's validation accuracy."""
+    """The selected hyper-parameters with every candidate's validation accuracy.
+
+    ``beta_rule`` says how beta was found: ``grid`` (searched with the alphas) or
+    ``label-mean`` (VSR's rule, :func:`label_mean_beta`; one beta for every pair).
+    """
 
     scaling: pd.DataFrame
     adaptvis: pd.DataFrame
@@ -379,6 +426,7 @@ class Choice:
     alpha1: float
     alpha2: float
     beta: float
+    beta_rule: str = "grid"
 
     def row(self, which: str) -> pd.Series:
         if which == "scalingvis":
@@ -392,17 +440,22 @@ class Choice:
         return self.scaling[self.scaling["alpha"] == 1.0].iloc[0]
 
 
-def choose(val: ValResults, grid: SweepGrid) -> Choice:
-    """Score every candidate on the validation table and pick the best of each method."""
+def choose(val: ValResults, grid: SweepGrid, beta_rule: str = "auto") -> Choice:
+    """Score every candidate on the validation table and pick the best of each method.
+
+    AdaptVis's beta comes from ``grid.betas`` or, with the ``label-mean`` rule (``auto`` on
+    yes/no data), is :func:`label_mean_beta` for every (alpha1, alpha2) pair."""
+    rule = resolve_beta_rule(val, beta_rule)
+    betas = (label_mean_beta(val),) if rule == "label-mean" else grid.betas
     scaling = scaling_scores(val, grid.scaling_alphas)
-    adaptive = adaptvis_scores(val, grid.pairs, grid.betas)
+    adaptive = adaptvis_scores(val, grid.pairs, betas)
     best_s, best_a = pick_scaling(scaling), pick_adaptvis(adaptive)
     scaling["chosen"] = scaling["alpha"] == best_s["alpha"]
     adaptive["chosen"] = ((adaptive["alpha1"] == best_a["alpha1"])
                           & (adaptive["alpha2"] == best_a["alpha2"])
                           & (adaptive["beta"] == best_a["beta"]))
     return Choice(scaling, adaptive, float(best_s["alpha"]), float(best_a["alpha1"]),
-                  float(best_a["alpha2"]), float(best_a["beta"]))
+                  float(best_a["alpha2"]), float(best_a["beta"]), rule)
 
 
 def conditions_for_test(choice: Choice, baselines: Sequence[str] = ()) -> list[str]:
@@ -429,9 +482,13 @@ def table1_frame(accuracy: pd.DataFrame, vsr: pd.DataFrame | None,
     matcher (index = condition); ``vsr``: its VSR table for that matcher, or None.
     ``methods`` maps row name -> condition name, greedy first. Metrics: ``acc`` always;
     ``pair_acc``/``set_acc`` when present (Controlled-style groups); ``f1`` and ``f1_paper``
-    (x 100) for yes/no data.
+    (x 100) for yes/no data. Each accuracy is followed by ``X_low``, ``X_high``: its Wilson
+    95% interval in percent (taken from ``accuracy`` when there, else from ``acc`` and ``n``).
     """
-    metrics = ["acc"] + [m for m in ("pair_acc", "set_acc") if m in accuracy.columns]
+    from .metrics import wilson_interval
+
+    accs = ["acc"] + [m for m in ("pair_acc", "set_acc") if m in accuracy.columns]
+    metrics = list(accs)
     vsr_by = None
     if vsr is not None and not vsr.empty:
         vsr_by = vsr.set_index("condition")
@@ -440,18 +497,27 @@ def table1_frame(accuracy: pd.DataFrame, vsr: pd.DataFrame | None,
     for method, cond in methods.items():
         if cond not in accuracy.index:
             raise VislensError(f"condition {cond!r} missing from the evaluation")
+        n = int(accuracy.loc[cond, "n"])
         row: dict[str, Any] = {"method": method, "condition": (specs or {}).get(method, cond),
-                               "n": int(accuracy.loc[cond, "n"])}
+                               "n": n}
         for m in metrics:
             row[m] = float(accuracy.loc[cond, m]) if m in accuracy.columns \
                 else 100.0 * float(vsr_by.loc[cond, m])
+        for m in accs:
+            if f"{m}_low" in accuracy.columns:
+                lo, hi = (float(accuracy.loc[cond, f"{m}_{e}"]) for e in ("low", "high"))
+            elif m == "acc" and n and not math.isnan(row[m]):
+                lo, hi = (100.0 * v for v in wilson_interval(round(row[m] * n / 100), n))
+            else:
+                lo = hi = math.nan
+            row[f"{m}_low"], row[f"{m}_high"] = lo, hi
         rows.append(row)
     df = pd.DataFrame(rows).set_index("method")
     greedy = df.iloc[0]
     cols = ["condition", "n"]
     for m in metrics:
         df[f"{m}_delta"] = df[m] - greedy[m]
-        cols += [m, f"{m}_delta"]
+        cols += [m] + ([f"{m}_low", f"{m}_high"] if m in accs else []) + [f"{m}_delta"]
     return df[cols]
 
 
@@ -470,38 +536,99 @@ def table1_markdown(table: pd.DataFrame, title: str, notes: Sequence[str] = ()) 
     return "\n".join(lines) + "\n" + to_markdown(shown, floatfmt=".1f")
 
 
-def plot_curves(choice: Choice, path: str | Path, title: str = "") -> Path:
-    """``val_curves.png``: ScalingVis accuracy vs alpha; AdaptVis accuracy vs beta per pair."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state (Agg canvas)
+_CURVE_MARKERS = ("s", "^", "D", "v", "P", "X", "h")
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_s, ax_a = fig.subplots(1, 2)
-    greedy = float(choice.greedy["acc"])
-    s = choice.scaling
-    ax_s.plot(s["alpha"], s["acc"], marker="o")
-    ax_s.set_xscale("log")
-    ax_s.set_xticks(s["alpha"].tolist(), [f"{a:g}" for a in s["alpha"]])
-    ax_s.minorticks_off()
-    best = choice.row("scalingvis")
-    ax_s.plot([best["alpha"]], [best["acc"]], marker="*", markersize=14, color="crimson",
-              linestyle="none", label=f"chosen alpha={best['alpha']:g}")
-    ax_s.set(xlabel="alpha (log scale)", ylabel="validation accuracy (%)", title="ScalingVis")
-    for ax in (ax_s, ax_a):
-        ax.axhline(greedy, color="gray", linestyle="--", linewidth=1, label="greedy")
-    for (a1, a2), part in choice.adaptvis.groupby(["alpha1", "alpha2"], sort=True):
-        ax_a.plot(part["beta"], part["acc"], marker=".", label=f"α1={a1:g}, α2={a2:g}")
-    best = choice.row("adaptvis")
-    ax_a.plot([best["beta"]], [best["acc"]], marker="*", markersize=14, color="crimson",
-              linestyle="none", label=f"chosen β={best['beta']:g}")
-    ax_a.set(xlabel="beta (confidence threshold)", ylabel="validation accuracy (%)",
-             title="AdaptVis")
-    ax_s.legend(fontsize=8)
-    ax_a.legend(fontsize=7, ncol=2)
-    if title:
-        fig.suptitle(title, fontsize=10)
+
+def _wilson_band(n_correct: Any, n: Any) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson interval (percent) of each validation accuracy."""
+    from .metrics import wilson_interval
+
+    lo, hi = wilson_interval(np.asarray(n_correct, dtype=np.int64), np.asarray(n, dtype=np.int64))
+    return 100.0 * np.asarray(lo), 100.0 * np.asarray(hi)
+
+
+def plot_curves(choice: Choice, path: str | Path, title: str = "") -> Path:
+    """``val_curves.png``: :func:`curves_figure` saved to ``path``."""
+    from .plots import vislens_style
+
+    fig = curves_figure(choice, title)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with vislens_style():
+        fig.savefig(path, dpi=120)
     return path
+
+
+def curves_figure(choice: Choice, title: str = "") -> "Figure":
+    """ScalingVis accuracy vs alpha; AdaptVis accuracy vs beta per (alpha1, alpha2) pair.
+
+    vislens's plot style; shaded bands are 95% Wilson intervals of each validation
+    accuracy (on AdaptVis, of the chosen pair's curve); the chosen setting is starred and its
+    AdaptVis curve drawn last and thicker;
+    legends sit outside the axes. With the ``label-mean`` beta rule every pair has one beta,
+    so the AdaptVis panel shows validation accuracy per (alpha1, alpha2) pair at that beta.
+    """
+    import matplotlib as mpl
+
+    from .plots import CMAP, vislens_style
+
+    with vislens_style():
+        from matplotlib.figure import Figure  # no pyplot: no global backend state (Agg)
+
+        fig = Figure(figsize=(12, 4.4), layout="constrained")
+        ax_s, ax_a = fig.subplots(1, 2)
+        greedy = float(choice.greedy["acc"])
+        star = dict(marker="*", markersize=15, color="crimson", markeredgecolor="white",
+                    linestyle="none", zorder=5)
+        s = choice.scaling
+        color_s = mpl.colormaps[CMAP](0.25)
+        lo, hi = _wilson_band(s["n_correct"], s["n"])
+        ax_s.fill_between(s["alpha"], lo, hi, color=color_s, alpha=0.18, linewidth=0,
+                          label="95% Wilson interval")
+        ax_s.plot(s["alpha"], s["acc"], marker="o", color=color_s, label="ScalingVis")
+        ax_s.set_xscale("log")
+        ax_s.set_xticks(s["alpha"].tolist(), [f"{a:g}" for a in s["alpha"]])
+        ax_s.minorticks_off()
+        best = choice.row("scalingvis")
+        ax_s.plot([best["alpha"]], [best["acc"]], **star, label=f"chosen α = {best['alpha']:g}")
+        ax_s.set(xlabel="alpha (log scale)", ylabel="validation accuracy (%)", title="ScalingVis")
+        best_a = choice.row("adaptvis")
+        pairs = list(choice.adaptvis.groupby(["alpha1", "alpha2"], sort=True))
+        chosen_pair = (best_a["alpha1"], best_a["alpha2"])
+        pairs.sort(key=lambda kv: kv[0] == chosen_pair)  # the chosen curve last, on top
+        colors = mpl.colormaps[CMAP](np.linspace(0.0, 0.85, max(len(pairs), 2)))
+        single = choice.beta_rule == "label-mean"
+        for i, ((a1, a2), part) in enumerate(pairs):
+            is_best = (a1, a2) == chosen_pair
+            label = f"α1={a1:g}, α2={a2:g}" + (" (chosen)" if is_best else "")
+            x = np.full(len(part), float(i)) if single else part["beta"].to_numpy()
+            lo, hi = _wilson_band(part["n_correct"], part["n"])
+            if single:
+                ax_a.errorbar(x, part["acc"], yerr=[part["acc"] - lo, hi - part["acc"]],
+                              color=colors[i], marker="o", capsize=3,
+                              linewidth=2.2 if is_best else 1.2, label=label)
+            else:
+                if is_best:  # one band: the others' would hide the curves
+                    ax_a.fill_between(x, lo, hi, color=colors[i], alpha=0.2, linewidth=0,
+                                      label="95% Wilson interval (chosen)")
+                ax_a.plot(x, part["acc"], color=colors[i], label=label,
+                          marker="o" if is_best else _CURVE_MARKERS[i % len(_CURVE_MARKERS)],
+                          linestyle="-" if is_best or i % 2 == 0 else "--",
+                          linewidth=3.0 if is_best else 1.2, zorder=4 if is_best else 2)
+        bx = float(len(pairs) - 1) if single else best_a["beta"]
+        ax_a.plot([bx], [best_a["acc"]], **star, label=f"chosen β = {best_a['beta']:.3g}")
+        if single:
+            ax_a.set_xticks(range(len(pairs)), [f"{a1:g}/{a2:g}" for (a1, a2), _ in pairs])
+            ax_a.set(xlabel="α1 / α2 (β = mean of the two labels' average confidences)",
+                     title="AdaptVis (β by the paper's yes/no rule)")
+        else:
+            ax_a.set(xlabel="beta (confidence threshold)", title="AdaptVis")
+        ax_a.set(ylabel="validation accuracy (%)")
+        for ax in (ax_s, ax_a):
+            ax.axhline(greedy, color="0.45", linestyle="--", linewidth=1, label="greedy")
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7.5)
+        if title:
+            fig.suptitle(title)
+    return fig
 
 
 # ----------------------------------------------------------------------------- the job
@@ -553,7 +680,8 @@ def _chosen_record(choice: Choice, grid: SweepGrid, conds: list[str], **meta: An
         "greedy": {"condition": conds[0], **acc(choice.greedy)},
         "scalingvis": {"alpha": choice.alpha, "condition": conds[1], **acc(choice.row("scalingvis"))},
         "adaptvis": {"alpha1": choice.alpha1, "alpha2": choice.alpha2, "beta": choice.beta,
-                     "condition": conds[2], **acc(choice.row("adaptvis"))},
+                     "beta_rule": choice.beta_rule, "condition": conds[2],
+                     **acc(choice.row("adaptvis"))},
         "baselines": {_spec_and_name(c)[1]: _spec_and_name(c)[0] for c in conds[3:]},
         "grid": {"scaling_alphas": list(grid.scaling_alphas), "alpha1": list(grid.alpha1),
                  "alpha2": list(grid.alpha2), "betas": list(grid.betas),
@@ -571,15 +699,18 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
               max_new_tokens: int = 8, matcher: str = "paper", split_seed: int = 0,
               limit: int | None = None, dtype: str = "auto", device: str = "auto",
               grid: int = 24, progress: bool = True, command: str | None = None,
-              force: bool = False, log: Log = print, ray: str | None = None,
-              workers: int | None = None, gpus_per_worker: float | None = None) -> SweepResult:
+              force: bool = False, beta_rule: str = "auto", log: Log = print,
+              ray: str | None = None, workers: int | None = None,
+              gpus_per_worker: float | None = None) -> SweepResult:
     """Tune ScalingVis/AdaptVis on the validation split, then compare methods on test.
 
     ``model`` is a name/path for :func:`~vislens.models.load_model`, a loaded adapter or a
     :class:`vislens.distributed.ReplicaPool`. With ``ray`` both passes run on ``workers``
     Ray actors that load the model once (``docs/scale.md``).
     Every flag is validated before the model is loaded. ``out`` must be new, empty or a
-    sweep's own folder (``force`` writes into any other). Writes into ``out``:
+    sweep's own folder (``force`` writes into any other). ``beta_rule`` (:data:`BETA_RULES`)
+    picks AdaptVis's beta by grid search or, on yes/no data, by the paper's label-mean rule
+    (:func:`choose`). Writes into ``out``:
     ``val_results.csv``, ``val_scaling.csv``, ``val_adaptvis.csv``, ``val_curves.png``,
     ``chosen.json``, ``test.h5`` (resumed if compatible), ``table1.csv``, ``table1.md``.
     """
@@ -588,6 +719,8 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
     from .jobs import check_job
 
     space = make_grid(alphas, alpha1, alpha2, betas, baselines, log=log)
+    if beta_rule not in BETA_RULES:
+        raise VislensError(f"--beta-rule {beta_rule!r}: choose {', '.join(BETA_RULES)}")
     check_job(batch_size=batch_size, max_new_tokens=max_new_tokens, grid=grid, matcher=matcher)
     check_ray_options(ray, workers, gpus_per_worker)
     val_samples, test_samples = _load_splits(dataset, data_root, split_seed, limit)
@@ -595,7 +728,7 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
     job = dict(space=space, val_samples=val_samples, test_samples=test_samples, out=out,
                model=model, dataset=dataset, data_root=data_root, batch_size=batch_size,
                max_new_tokens=max_new_tokens, matcher=matcher, split_seed=split_seed,
-               limit=limit, grid=grid, progress=progress,
+               limit=limit, grid=grid, progress=progress, beta_rule=beta_rule,
                command=command if command is not None else shlex.join(sys.argv), log=log)
     if ray is not None:
         with open_session(ray, model, workers=workers, gpus_per_worker=gpus_per_worker,
@@ -611,10 +744,12 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
 def _sweep_stages(adapter: Any, *, space: SweepGrid, val_samples: list, test_samples: list,
                   out: Path, model: Any, dataset: str, data_root: str | None, batch_size: int,
                   max_new_tokens: int, matcher: str, split_seed: int, limit: int | None,
-                  grid: int, progress: bool, command: str, log: Log) -> SweepResult:
+                  grid: int, progress: bool, beta_rule: str, command: str,
+                  log: Log) -> SweepResult:
     """Stages 1-3 of :func:`run_sweep` with a loaded adapter or a Ray worker pool."""
     from .capture import run_capture
     from .evaluate import evaluate_capture
+    from .plots import dataset_label
 
     paths = {k: out / f for k, f in (("val_results", "val_results.csv"),
                                      ("val_scaling", "val_scaling.csv"),
@@ -629,14 +764,15 @@ def _sweep_stages(adapter: Any, *, space: SweepGrid, val_samples: list, test_sam
     t0 = time.perf_counter()
     val = validation_pass(adapter, val_samples, space.run_alphas, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, matcher=matcher, progress=progress)
-    choice = choose(val, space)
+    choice = choose(val, space, beta_rule)
     seconds["validation"] = time.perf_counter() - t0
     val.to_frame().to_csv(paths["val_results"], index=False)
     choice.scaling.to_csv(paths["val_scaling"], index=False)
     choice.adaptvis.to_csv(paths["val_adaptvis"], index=False)
     name = getattr(adapter, "name", str(model))
+    label = dataset_label(dataset)
     plot_curves(choice, paths["val_curves"],
-                title=f"{dataset} validation split ({len(val)} questions, {matcher} matcher)")
+                title=f"{label}: validation split ({len(val)} questions, {matcher} matcher)")
     conds = conditions_for_test(choice, space.baselines)
     meta = {"model": str(name), "dataset": dataset, "matcher": matcher, "split_seed": split_seed,
             "max_new_tokens": max_new_tokens, "limit": limit, "n_val": len(val_samples),
@@ -682,12 +818,16 @@ def _sweep_stages(adapter: Any, *, space: SweepGrid, val_samples: list, test_sam
     notes = [f"model: `{name}`; matcher: {matcher}; test split: {len(test_samples)} questions "
              f"(split seed {split_seed})",
              f"chosen on {len(val_samples)} validation questions: ScalingVis alpha={s['alpha']:g}; "
-             f"AdaptVis alpha1={a['alpha1']:g}, alpha2={a['alpha2']:g}, beta={a['beta']:g}",
-             "metrics in percent; Δ = change against greedy decoding (percentage points)"]
-    paths["table1_md"].write_text(table1_markdown(table, f"Table 1: {dataset}", notes))
+             f"AdaptVis alpha1={a['alpha1']:g}, alpha2={a['alpha2']:g}, beta={a['beta']:.4g}"
+             + (" (the mean of the two labels' average confidences, the paper's yes/no rule)"
+                if choice.beta_rule == "label-mean" else ""),
+             f"dataset: `{dataset}`",
+             "metrics in percent, accuracies with their 95% Wilson interval [low, high]; "
+             "Δ = change against greedy decoding (percentage points)"]
+    paths["table1_md"].write_text(table1_markdown(table, f"Table 1: {label}", notes))
     chosen["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     paths["chosen"].write_text(json.dumps(chosen, indent=2) + "\n")
-    log(table1_markdown(table, f"Table 1: {dataset} (test)"))
+    log(table1_markdown(table, f"Table 1: {label} (test)"))
     return SweepResult(out, space, choice, val, table, chosen, paths, seconds)
 
 
@@ -710,6 +850,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--betas", default=DEFAULT_BETAS,
                    help=f"AdaptVis thresholds: start:stop:step (stop included) or a comma list "
                         f"(default {DEFAULT_BETAS})")
+    p.add_argument("--beta-rule", default="auto", choices=BETA_RULES,
+                   help="AdaptVis beta: grid search over --betas, or label-mean (the paper's "
+                        "VSR rule: the mean of the yes and no samples' average confidences); "
+                        "auto = label-mean on yes/no data, grid otherwise (default auto)")
     p.add_argument("--baselines", default="",
                    help=f"extra test-split baselines, comma list of {', '.join(BASELINES)}")
     p.set_defaults(func=run_args)
@@ -725,6 +869,7 @@ def run_args(args: argparse.Namespace) -> int:
               split_seed=args.split_seed, limit=args.limit, dtype=args.dtype,
               device=args.device, grid=args.grid, progress=not args.quiet, force=args.force,
               ray=args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+              beta_rule=args.beta_rule,
               command="vislens sweep " + shlex.join(getattr(args, "_argv", sys.argv[2:])))
     print(f"outputs in {args.out}/ (table1.md, table1.csv, chosen.json, val_curves.png)")
     return 0

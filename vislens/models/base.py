@@ -187,6 +187,16 @@ class VLMAdapter:
                 vision: dict[str, Any], sizes: list[tuple[int, int]]) -> list[ImageLayout]:
         raise NotImplementedError
 
+    def image_view(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The rectangle of an original ``size = (W, H)`` image the model sees, normalised
+        ``(x0, y0, x1, y1)`` (the bounding box of :meth:`layouts`' token rectangles).
+
+        The whole image here, as for every family that resizes without cropping (NeXT's base
+        grid, Qwen2-VL); LLaVA-1.5 overrides it with its processor's centre crop. The capture
+        stores it per sample (``samples/view``) so box masks count only what the model saw.
+        """
+        return (0.0, 0.0, 1.0, 1.0)
+
     @staticmethod
     def _positions(image_keys: torch.Tensor, i: int) -> np.ndarray:
         return torch.nonzero(image_keys[i]).flatten().cpu().numpy()

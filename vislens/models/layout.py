@@ -68,6 +68,16 @@ class ImageLayout:
         out = values @ self.projection(grid)
         return out.reshape(*values.shape[:-1], grid, grid)
 
+    @property
+    def view(self) -> tuple[float, float, float, float]:
+        """The rectangle of the original image that some token sees, normalised ``(x0, y0,
+        x1, y1)``: the bounding box of the spatial tokens (a centre crop's kept square)."""
+        r = self.rects[self.spatial]
+        if not len(r):
+            return (0.0, 0.0, 0.0, 0.0)
+        lo, hi = np.clip(r[:, :2].min(axis=0), 0, 1), np.clip(r[:, 2:].max(axis=0), 0, 1)
+        return (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
+
     def visible(self, grid: int = 24) -> np.ndarray:
         """[G, G]: the fraction of each cell that some token sees (center crops hide edges)."""
         cover = area_projection(self.rects, grid, normalise=False).sum(axis=0)

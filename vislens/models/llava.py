@@ -1,7 +1,7 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): one square grid of patch tokens."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -20,31 +20,141 @@ def _get(size: Any, key: str):
 def clip_view(width: int, height: int, image_processor: Any) -> tuple[float, float, float, float]:
     """The part of the original image a CLIP-style processor keeps, normalised to [0, 1].
 
-    Shortest-edge resize followed by a center crop keeps a central square of a non-square
-    image; a fixed (height, width) resize keeps everything (stretched).
+    Follows the slow processor's own integer arithmetic: a shortest-edge resize makes the
+    long side ``int(size * long / short)`` pixels (truncated), then a centre crop starts at
+    ``(resized - crop) // 2``; a fixed (height, width) resize keeps everything (stretched).
+    :func:`ramp_view` measures the same rectangle on the processor in use (fast ones may
+    round differently); this function is its hand-computed reference.
     """
     size = getattr(image_processor, "size", None)
     crop = getattr(image_processor, "crop_size", None)
     if not getattr(image_processor, "do_center_crop", False) or crop is None:
         return (0.0, 0.0, 1.0, 1.0)
-    cw, ch = _get(crop, "width"), _get(crop, "height")
+    cw, ch = int(_get(crop, "width")), int(_get(crop, "height"))
     short = _get(size, "shortest_edge") if getattr(image_processor, "do_resize", True) else None
     if short:
-        scale = short / min(width, height)
-    elif _get(size, "height"):
-        return (0.0, 0.0, 1.0, 1.0) if (_get(size, "height"), _get(size, "width")) == (ch, cw) \
-            else _crop_box(width, height, _get(size, "width") / width, cw, ch, _get(size, "height") / height)
+        if width <= height:
+            rw, rh = int(short), int(short * height / width)
+        else:
+            rw, rh = int(short * width / height), int(short)
+    elif _get(size, "height") and getattr(image_processor, "do_resize", True):
+        rw, rh = int(_get(size, "width")), int(_get(size, "height"))
     else:
-        scale = 1.0
-    return _crop_box(width, height, scale, cw, ch, scale)
+        rw, rh = int(width), int(height)
+    left, top = (rw - cw) // 2, (rh - ch) // 2
+    return (max(left, 0) / rw, max(top, 0) / rh, min(left + cw, rw) / rw, min(top + ch, rh) / rh)
 
 
-def _crop_box(width, height, sx, cw, ch, sy):
-    rw, rh = width * sx, height * sy
-    left, top = max((rw - cw) / 2, 0.0), max((rh - ch) / 2, 0.0)
-    x0, y0 = left / sx / width, top / sy / height
-    x1, y1 = min((left + cw) / sx / width, 1.0), min((top + ch) / sy / height, 1.0)
+_GOLDEN = (np.sqrt(5) - 1) / 2
+
+
+def _dither(n: int) -> np.ndarray:
+    """``n`` well-spread offsets in [0, 1) (golden-ratio sequence), mean about 1/2."""
+    return ((np.arange(n) + 0.5) * _GOLDEN) % 1.0
+
+
+def ramp_view(image_processor: Any, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The rectangle of a ``size = (W, H)`` image that ``image_processor``'s output shows.
+
+    Measured, not assumed: a black and a white image calibrate the processor's rescale
+    and normalisation, and one coordinate ramp passes through it (red = 255 x normalised x,
+    green = 255 x normalised y; each dithered along the other axis, so averaging across the
+    output removes the 8-bit steps). A line fitted to the interior kept columns (rows) gives
+    the resized length and crop offset, snapped to whole pixels when they are (they always
+    are for transformers' processors). Works for slow (PIL) and fast (torchvision)
+    processors alike, whatever their rounding.
+    """
+    from PIL import Image
+
+    w, h = (int(v) for v in size)
+    u = 255 * (np.arange(w) + 0.5) / w
+    v = 255 * (np.arange(h) + 0.5) / h
+    ramp = np.zeros((h, w, 3))
+    ramp[..., 0] = np.floor(u[None, :] + _dither(h)[:, None])
+    ramp[..., 1] = np.floor(v[:, None] + _dither(w)[None, :])
+    # black and white at the same size: uint8 resampling has a scale-dependent gain
+    images = [Image.fromarray(np.full((h, w, 3), level, np.uint8)) for level in (0, 255)]
+    images.append(Image.fromarray(np.clip(ramp, 0, 255).astype(np.uint8)))
+    try:
+        pix = image_processor(images=images, return_tensors="np")["pixel_values"]
+    except (ValueError, TypeError) as exc:
+        raise VislensError(f"cannot measure the image processor's view: "
+                           f"{str(exc).splitlines()[0]}") from None
+    pix = np.asarray(pix, dtype=np.float64)
+    if pix.ndim != 4 or pix.shape[:2] != (3, 3):
+        raise VislensError(f"cannot measure the image processor's view: pixel_values has shape "
+                           f"{pix.shape}, expected [3, 3, H, W]")
+    lo, hi = pix[0].mean(axis=(1, 2)), pix[1].mean(axis=(1, 2))  # per channel
+    scale = np.where(np.abs(hi - lo) > 1e-12, hi - lo, np.nan)
+    coord = (pix[2, :2] - lo[:2, None, None]) / scale[:2, None, None]  # [2, H', W'] in [0, 1]
+    x0, x1 = _fit_axis(coord[0].mean(axis=0))
+    y0, y1 = _fit_axis(coord[1].mean(axis=1))
     return (x0, y0, x1, y1)
+
+
+def processor_view(image_processor: Any) -> Callable[[tuple[int, int]], tuple[float, float, float, float]]:
+    """The view function of ``image_processor``: ``size -> (x0, y0, x1, y1)``.
+
+    :func:`ramp_view` costs a few processor calls per image size, so it is run on probe
+    sizes chosen to expose rounding (odd crop margins, fractional resized lengths, both
+    orientations). When it confirms :func:`clip_view`'s arithmetic on all of them (within
+    half a resized pixel: rounding variants differ by a whole one, the ramp measures to
+    about 0.2), that arithmetic serves every size; otherwise every size is
+    measured with :func:`ramp_view`.
+    """
+    crop = getattr(image_processor, "crop_size", None)
+    c = int(_get(crop, "width") or 0) if crop is not None else 0
+    c = c if c >= 8 else 48
+    short = _get(getattr(image_processor, "size", None), "shortest_edge")
+    for size in _probe_sizes(int(short) if short and int(short) >= 8 else c, c):
+        want, got = clip_view(*size, image_processor), ramp_view(image_processor, size)
+        for axis in (0, 1):
+            span = want[axis + 2] - want[axis]
+            tol = span / (2 * c) if span > 0 else 1e-6  # half a resized pixel
+            if abs(got[axis] - want[axis]) > tol or abs(got[axis + 2] - want[axis + 2]) > tol:
+                return lambda size: ramp_view(image_processor, size)
+    return lambda size: clip_view(int(size[0]), int(size[1]), image_processor)
+
+
+def _probe_sizes(s: int, c: int) -> list[tuple[int, int]]:
+    """Image sizes whose shortest-edge resize to ``s`` has a fractional long side above .5
+    (``int`` vs ``round``) and an odd margin around the ``c``-pixel crop (floor vs round),
+    in both orientations, slightly down- and upscaled (where the ramp is most precise)."""
+    out = []
+    for short in (s + 1, s // 2 + 1):
+        long = next((w for w in range(short + 1, short * 3) if
+                     (s * w / short) % 1 > 0.5 and (int(s * w / short) - c) % 2 == 1),
+                    short * 2 + 1)
+        out += [(long, short), (short, long)]
+    return out
+
+
+def _fit_axis(profile: np.ndarray) -> tuple[float, float]:
+    """``[lo, hi]`` of the original axis that the ``C`` output pixels of ``profile`` cover.
+
+    Output pixel ``k`` shows the centre of resized pixel ``o + k``, at normalised coordinate
+    ``(o + k + 0.5) / R``; the line through the interior pixels (edges are clamped by the
+    resampling filter) gives ``R`` and ``o``.
+    """
+    c = len(profile)
+    m = max(2, c // 8)
+    k = np.arange(c)
+    sel = slice(m, c - m) if c - 2 * m >= 2 else slice(None)
+    if not np.isfinite(profile[sel]).all() or len(k[sel]) < 2:
+        raise VislensError("cannot measure the image processor's view: its output does not "
+                           "follow the input image's coordinates")
+    b, a = np.polyfit(k[sel], profile[sel], 1)
+    if b <= 0:
+        raise VislensError("cannot measure the image processor's view: its output does not "
+                           "follow the input image's coordinates")
+    lo, hi = a - b / 2, a + b * (c - 0.5)
+    r_int = round(1 / b)
+    if abs(1 / b - r_int) < 0.25 * max(1.0, r_int / c):  # whole resized pixels: refit the offset
+        offset = float(np.mean(profile[sel] * r_int - k[sel])) - 0.5
+        o_int = round(offset)
+        if abs(offset - o_int) < 0.25:
+            lo, hi = o_int / r_int, (o_int + c) / r_int
+    return float(np.clip(lo, 0.0, 1.0)), float(np.clip(hi, 0.0, 1.0))
 
 
 @register_adapter("llava", "LlavaForConditionalGeneration")
@@ -58,6 +168,17 @@ class LlavaAdapter(VLMAdapter):
         vc = self.config.vision_config
         return int(vc.image_size // vc.patch_size)
 
+    def image_view(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The centre crop the processor keeps (:func:`processor_view`: measured by ramp
+        images through the processor in use), cached per size."""
+        size = (int(size[0]), int(size[1]))
+        cache = self.__dict__.setdefault("_views", {})
+        if size not in cache:
+            if "_view_of" not in self.__dict__:
+                self._view_of = processor_view(self.processor.image_processor)
+            cache[size] = tuple(float(v) for v in self._view_of(size))
+        return cache[size]
+
     def layouts(self, input_ids, image_keys, vision, sizes):
         g = self.patch_grid
         out = []
@@ -65,6 +186,6 @@ class LlavaAdapter(VLMAdapter):
             pos = self._positions(image_keys, i)
             if len(pos) != g * g:
                 raise VislensError(f"sample {i} has {len(pos)} image tokens; LLaVA expects {g * g}")
-            rects = grid_rects(g, g, clip_view(w, h, self.processor.image_processor))
+            rects = grid_rects(g, g, self.image_view((w, h)))
             out.append(ImageLayout(pos, rects, (w, h), np.full(g * g, "patch")))
         return out

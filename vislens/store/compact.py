@@ -15,8 +15,8 @@ import numpy as np
 
 from ..errors import VislensError
 from ..io import IO_ERRORS, human_bytes, is_disk_full, os_reason
-from .format import (GZIP_LEVEL, LOGIT_FIELDS, SAMPLE_TEXT_FIELDS, TIME_FIELD, free_bytes,
-                     plain_value, read_text, row_runs, set_attrs)
+from .format import (GZIP_LEVEL, LOGIT_FIELDS, SAMPLE_TEXT_FIELDS, TIME_FIELD, WHOLE_VIEW,
+                     free_bytes, plain_value, read_text, row_runs, set_attrs)
 
 
 
@@ -42,13 +42,18 @@ def is_final_attention(ds: h5py.Dataset) -> bool:
 
 def _gather(sources: Sequence[h5py.File], name: str, src_of: np.ndarray,
             row_of: np.ndarray) -> np.ndarray:
-    """Output rows of dataset ``name``: row ``r`` = ``sources[src_of[r]][name][row_of[r]]``."""
-    first = sources[0][name]
+    """Output rows of dataset ``name``: row ``r`` = ``sources[src_of[r]][name][row_of[r]]``.
+
+    ``samples/view`` may be missing from some sources (older files): the whole image."""
+    first = next(src[name] for src in sources if name in src)
     is_text = h5py.check_string_dtype(first.dtype) is not None
     out = np.empty((src_of.size,) + first.shape[1:], dtype=object if is_text else first.dtype)
     for s, src in enumerate(sources):
         sel = src_of == s
         if sel.any():
+            if name not in src and name == "samples/view":
+                out[sel] = WHOLE_VIEW
+                continue
             data = read_text(src[name]) if is_text else src[name][()]
             out[sel] = data[row_of[sel]]
     return out
@@ -81,6 +86,8 @@ def build_final(dst: Path, sources: Sequence[h5py.File], src_of: np.ndarray,
                  "n_image_tokens", "n_text_tokens"]
         if all("samples/fingerprint" in src for src in sources):
             names.append("fingerprint")
+        if any("samples/view" in src for src in sources):
+            names.append("view")
         for name in names:
             _final_dataset(gs, name, _gather(sources, f"samples/{name}", src_of, row_of))
         ge = out.create_group("errors")

@@ -335,6 +335,10 @@ def trim_options(options: list[str]) -> list[str]:
     return options
 
 
+#: ``samples/view`` of a file without it (older captures): the model saw the whole image
+WHOLE_VIEW = np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32)
+
+
 def write_boxes(f: h5py.File, masks: np.ndarray | None, boxes: Sequence[Sequence["Box"]] | None,
                  source: str, *, fixed: bool) -> None:
     """Write ``/boxes`` (at creation: preallocated, fixed-length labels)."""

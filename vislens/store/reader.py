@@ -18,7 +18,7 @@ from .compact import is_final_attention
 from .format import (LOGIT_FIELDS, SAMPLE_TEXT_FIELDS, TIME_FIELD, ClosingContext,
                      check_format, format_version, corrupt_error, done_matrix,
                      failed_flags, open_h5, plain_value, read_attrs, row_runs, read_text,
-                     trim_options, read_values)
+                     trim_options, read_values, WHOLE_VIEW)
 
 try:  # ISA-L inflates deflate streams ~1.6x faster than zlib; reading is decode-bound
     from isal.isal_zlib import decompress as _inflate
@@ -323,6 +323,13 @@ class Capture(ClosingContext):
         v = read_values(self._newer(condition, TIME_FIELD, "compute time")).astype(np.float32)
         v[~self.done(condition)] = np.nan
         return v
+
+    def views(self) -> np.ndarray:
+        """``[N, 4]`` float32: the normalised rectangle ``(x0, y0, x1, y1)`` of each sample's
+        image the model saw (``samples/view``); the whole image in files without it."""
+        if "samples/view" not in self._f:
+            return np.tile(WHOLE_VIEW, (self._n, 1))
+        return read_values(self._f["samples/view"]).astype(np.float32)
 
     def box_mask(self) -> np.ndarray | None:
         """``[N, G, G]`` float32 object coverage of each grid cell, or None if not stored."""

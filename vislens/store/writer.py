@@ -63,7 +63,8 @@ class CaptureJob:
     to ``""``, ``""`` and this process's command line. ``sample_index`` is each sample's
     position in the full dataset (default 0..N-1; merge orders by it); ``sizes`` the
     original image sizes; ``box_masks`` ``[N, G, G]`` object coverage and ``boxes`` the
-    boxes per sample, from ``box_source``.
+    boxes per sample, from ``box_source``; ``views`` ``[N, 4]`` the normalised rectangle of
+    each image the model sees (``samples/view``; optional).
     """
 
     samples: Sequence["Sample"]
@@ -78,6 +79,7 @@ class CaptureJob:
     box_masks: np.ndarray | None = None
     boxes: Sequence[Sequence["Box"]] | None = None
     box_source: str = "annotations"
+    views: np.ndarray | None = None
 
 
 class CaptureWriter(ClosingContext):
@@ -514,6 +516,13 @@ class _JobSpec:
             raise VislensError(f"{path}: boxes has {len(boxes)} entries for {n} samples")
         s.boxes = boxes
         s.box_source = str(box_source)
+        s.views = None
+        if job.views is not None:
+            v = np.asarray(job.views, dtype=np.float32)
+            if v.shape != (n, 4) or not np.isfinite(v).all() or (v < 0).any() or (v > 1).any():
+                raise VislensError(f"{path}: views must be [{n}, 4] rectangles in [0, 1], got "
+                                   f"shape {v.shape}")
+            s.views = v
 
         owned = {"format": FORMAT, "format_version": FORMAT_VERSION, "grid": [s.grid, s.grid],
                  "num_layers": s.L, "num_heads": s.H, "num_options": s.K, "complete": False}
@@ -634,6 +643,8 @@ class _JobSpec:
                 alloc_dataset(gs, "index", np.int64, (n,))[...] = self.index
                 alloc_dataset(gs, "width", np.int32, (n,))[...] = self.sizes[:, 0]
                 alloc_dataset(gs, "height", np.int32, (n,))[...] = self.sizes[:, 1]
+                if self.views is not None:
+                    alloc_dataset(gs, "view", np.float32, (n, 4))[...] = self.views
                 for name in ("n_image_tokens", "n_text_tokens"):
                     alloc_dataset(gs, name, np.int32, (n,))[...] = np.zeros(n, dtype=np.int32)
                 alloc_dataset(gs, "fingerprint", h5py.string_dtype("utf-8", FINGERPRINT_CHARS), (n,))[...] = \
