@@ -57,7 +57,8 @@ def build(family: str, shape: dict[str, Any], device: str, dtype):
 
     from vislens.models.llava import LlavaAdapter
     from vislens.models.qwen2_vl import Qwen2VLAdapter
-    from vislens.models.tiny import BASE_WORDS, LLAVA_TEMPLATE, QWEN_TEMPLATE, word_tokenizer
+    from vislens.models.tiny import (BASE_WORDS, LLAVA_TEMPLATE, QWEN_TEMPLATE, llava_tokenizer,
+                                     qwen_tokenizer)
     from vislens.steering import register_attention
     from vislens.synth import object_names
 
@@ -67,9 +68,7 @@ def build(family: str, shape: dict[str, Any], device: str, dtype):
         from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
                                   LlavaForConditionalGeneration, LlavaProcessor)
 
-        tok = word_tokenizer(words, ["<s>", "</s>", "<pad>", "<image>", "USER", "ASSISTANT"],
-                             bos="<s>", eos="</s>", pad="<pad>",
-                             extra_special={"image_token": "<image>"})
+        tok = llava_tokenizer(words)
         ids = tok.convert_tokens_to_ids
         text = LlamaConfig(vocab_size=max(s["vocab"], len(tok)), hidden_size=s["hidden"],
                            intermediate_size=s["inter"], num_hidden_layers=s["layers"],
@@ -97,14 +96,7 @@ def build(family: str, shape: dict[str, Any], device: str, dtype):
         from vislens.models.tiny import mrope_section, qwen_processor
         from transformers import Qwen2VLProcessor
 
-        special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-        tok = word_tokenizer(words + ["user", "assistant", "system"], special, bos=None,
-                             eos="<|im_end|>", pad="<|endoftext|>",
-                             extra_special={"image_token": "<|image_pad|>",
-                                            "video_token": "<|video_pad|>",
-                                            "vision_bos_token": "<|vision_start|>",
-                                            "vision_eos_token": "<|vision_end|>"})
+        tok = qwen_tokenizer(words)
         ids = tok.convert_tokens_to_ids
         mrope = mrope_section(s["hidden"] // s["heads"])
         text = dict(vocab_size=max(s["vocab"], len(tok)), hidden_size=s["hidden"],

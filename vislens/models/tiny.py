@@ -118,10 +118,27 @@ def build_tiny(arch: str, out_dir: str | Path, *, words: Iterable[str] = (), hid
     return out
 
 
+def llava_tokenizer(words: Iterable[str]):
+    """A word-level LLaVA tokenizer (``<image>`` token, USER/ASSISTANT roles, left padding)."""
+    return word_tokenizer(list(words), ["<s>", "</s>", "<pad>", "<image>", "USER", "ASSISTANT"],
+                          bos="<s>", eos="</s>", pad="<pad>",
+                          extra_special={"image_token": "<image>"})
+
+
+def qwen_tokenizer(words: Iterable[str]):
+    """A word-level Qwen2-VL tokenizer (vision start/end, image and video pad tokens)."""
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+               "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    return word_tokenizer(list(words) + ["user", "assistant", "system"], special, bos=None,
+                          eos="<|im_end|>", pad="<|endoftext|>",
+                          extra_special={"image_token": "<|image_pad|>",
+                                         "video_token": "<|video_pad|>",
+                                         "vision_bos_token": "<|vision_start|>",
+                                         "vision_eos_token": "<|vision_end|>"})
+
+
 def _llava_parts(words, *, hidden, layers, heads, kv_heads, init, image_size, patch):
-    tok = word_tokenizer(words, ["<s>", "</s>", "<pad>", "<image>", "USER", "ASSISTANT"],
-                         bos="<s>", eos="</s>", pad="<pad>",
-                         extra_special={"image_token": "<image>"})
+    tok = llava_tokenizer(words)
     ids = tok.convert_tokens_to_ids
     text = llama_text_config(len(tok), ids("<pad>"), ids("<s>"), ids("</s>"), hidden=hidden,
                        layers=layers, heads=heads, kv_heads=kv_heads, init=init)
@@ -168,14 +185,7 @@ def _build_llava_next(arch, words, **kw):
 def _build_qwen(arch, words, *, hidden, layers, heads, kv_heads, init, image_size, patch):
     from transformers import Qwen2VLImageProcessor
 
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-               "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = word_tokenizer(words + ["user", "assistant", "system"], special, bos=None,
-                         eos="<|im_end|>", pad="<|endoftext|>",
-                         extra_special={"image_token": "<|image_pad|>",
-                                        "video_token": "<|video_pad|>",
-                                        "vision_bos_token": "<|vision_start|>",
-                                        "vision_eos_token": "<|vision_end|>"})
+    tok = qwen_tokenizer(words)
     ids = tok.convert_tokens_to_ids
     head_dim = hidden // heads
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
