@@ -202,7 +202,7 @@ def test_vislens_has_no_import_cycle():
 
 
 #: private cross-imports being removed on other branches (issue 12.5); tolerated, not required
-_BEING_REMOVED = {("vislens.sweep", ".capture._open_image")}
+_BEING_REMOVED: set[tuple[str, str]] = set()  # private imports on their way out (none now)
 
 
 @pytest.mark.parametrize("name", sorted(module_names()))

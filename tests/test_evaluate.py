@@ -237,3 +237,18 @@ def test_gold_frequency_is_table7() -> None:
     assert t["percent"].sum() == pytest.approx(100.0)
     with pytest.raises(VislensError, match="answer"):
         evaluate.gold_frequency(df.drop(columns="answer"))
+
+
+def test_yes_no_detection_is_one_rule_for_capture_evaluate_and_sweep():
+    """One definition of VSR-style data: every value yes or no, any case (issue 12 item 6)."""
+    from vislens import capture, sweep
+    from vislens.data.base import Sample
+    from vislens.evaluate import is_yes_no
+
+    assert is_yes_no(["Yes", "no", " YES "]) and not is_yes_no([]) and not is_yes_no(["Yes", "Left"])
+    assert sweep.is_yes_no is is_yes_no
+    vsr = Sample(id="v", image_path="", question="Is the cat left of the dog?", options=["No", "Yes"],
+                 answer="Yes")
+    # the paper's VSR rule is case-sensitive "Yes" anywhere; the substring rule would say the same
+    # for "yes", so a lower-case answer tells the two apart
+    assert capture.is_correct("Yes, it is.", vsr) and not capture.is_correct("yes", vsr)

@@ -45,11 +45,11 @@ class CaptureSummary:
 
 def is_correct(prediction: str, sample: Sample, matcher: str = "paper") -> bool:
     """Answer matching: the paper's substring rule (VSR: its case-sensitive Yes/No) or strict first word."""
-    from .evaluate import match_first_word, match_paper, match_vsr_paper
+    from .evaluate import is_yes_no, match_first_word, match_paper, match_vsr_paper
 
     if matcher == "first-word":
         return match_first_word(prediction, sample.answer)
-    if [o.lower() for o in sample.options] == ["yes", "no"]:
+    if is_yes_no(sample.options):
         return match_vsr_paper(prediction, int(sample.answer.lower() == "yes"))
     return match_paper(prediction, sample.answer)
 

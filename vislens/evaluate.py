@@ -52,6 +52,13 @@ _SUBSET_PAIRS: dict[str, tuple[tuple[str, str], tuple[str, str]]] = {
 # --------------------------------------------------------------------------- matchers
 
 
+def is_yes_no(values: "Sequence[str] | pd.Series") -> bool:
+    """True when every value (gold answers, or a sample's options) is yes or no, any case:
+    VSR-style data, matched by the paper's Yes/No rule and scored with F1."""
+    labels = {str(a).strip().lower() for a in values}
+    return bool(labels) and labels <= {"yes", "no"}
+
+
 def match_paper(generation: str, gold: str) -> bool:
     """The paper's What'sUp rule: case-insensitive substring, except "front" never means On.
 
@@ -477,7 +484,7 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
     rows = []
     for matcher, fn in (("paper", match_paper), ("first-word", match_first_word)):
         t = tab.copy()
-        yesno = t["answer"].str.lower().isin(["yes", "no"]).all()
+        yesno = is_yes_no(t["answer"])
         if yesno and matcher == "paper":
             t["correct"] = [match_vsr_paper(p, int(a.lower() == "yes"))
                             for p, a in zip(t["prediction"], t["answer"])]

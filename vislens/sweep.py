@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .conditions import adaptvis_alpha, parse_condition
+from .evaluate import is_yes_no
 from .errors import VislensError
 
 if TYPE_CHECKING:
@@ -64,7 +65,6 @@ TIE_BREAK = ("most correct validation answers; ties -> closest to no interventio
 _DECIMALS = 12  # tie keys are rounded so float noise cannot break a mathematical tie
 #: how AdaptVis's beta is chosen: ``auto`` = ``label-mean`` on yes/no data, else ``grid``
 BETA_RULES = ("auto", "grid", "label-mean")
-_YES_NO = ("yes", "no")
 
 Log = Callable[[str], None]
 
@@ -378,12 +378,6 @@ def pick_adaptvis(scores: pd.DataFrame) -> pd.Series:
     return scores.iloc[min(range(len(keys)), key=keys.__getitem__)]
 
 
-def is_yes_no(answers: Iterable[str]) -> bool:
-    """True when every gold answer is yes or no (any case): VSR-style data."""
-    labels = {str(a).strip().lower() for a in answers}
-    return bool(labels) and labels <= set(_YES_NO)
-
-
 def label_mean_beta(val: ValResults) -> float:
     """VSR's beta (the paper's rule for yes/no data): the mean of the two labels' average
     baseline confidences, i.e. ``(mean conf | gold yes + mean conf | gold no) / 2`` on the
@@ -394,7 +388,7 @@ def label_mean_beta(val: ValResults) -> float:
                            "or no)")
     conf = val.confidence
     means = []
-    for label in _YES_NO:
+    for label in ("yes", "no"):
         sel = labels == label
         if not sel.any():
             raise VislensError(f"--beta-rule label-mean: no validation sample has the gold "
