@@ -30,6 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bench_steering import forward_pair  # same directory: the shared forward pair
+
 #: published shapes (llava-hf/llava-1.5-7b-hf, Qwen/Qwen2-VL-7B-Instruct) and tiny stand-ins
 SHAPES: dict[str, dict[str, dict[str, Any]]] = {
     "7b": {
@@ -160,7 +162,6 @@ def measure(family: str, args, tmp: Path) -> dict[str, float]:
     from vislens import store
     from vislens.capture import run_capture
     from vislens.decoding import DecodingEngine, parse_condition
-    from vislens.steering import Steerer
     from vislens.synth import generate_groups, write_scenes
 
     cuda = args.device.startswith("cuda")
@@ -187,17 +188,7 @@ def measure(family: str, args, tmp: Path) -> dict[str, float]:
     batch = adapter.prepare(imgs, [QUESTION] * len(imgs))
     n_tok = int(batch.input_ids.shape[1])
     n_img = int(batch.image_keys[0].sum())
-    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-              position_ids=batch.position_ids, logits_to_keep=1, **batch.vision)
-
-    def plain():
-        with torch.inference_mode():
-            adapter.model(**kw)
-
-    def recorded():
-        with torch.inference_mode(), Steerer(batch.image_keys, record=True):
-            adapter.model(**kw)
-
+    plain, recorded = forward_pair(adapter, batch)
     t_plain = timed(plain, sync, args.repeats)
     t_rec = timed(recorded, sync, args.repeats)
     engine = DecodingEngine(adapter, max_new_tokens=args.max_new_tokens)

@@ -42,7 +42,8 @@ def _medians(times):
     return tuple(float(np.median(t)) for t in times)
 
 
-def forward_ratio(adapter, batch, repeats: int) -> tuple[float, float]:
+def forward_pair(adapter, batch):
+    """Two prefill forwards of ``batch``: plain SDPA, and with the answer row recorded."""
     from vislens.steering import Steerer
 
     kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -56,7 +57,11 @@ def forward_ratio(adapter, batch, repeats: int) -> tuple[float, float]:
         with torch.inference_mode(), Steerer(batch.image_keys, record=True):
             adapter.model(**kw)
 
-    return _medians(paired(plain, recorded, repeats))
+    return plain, recorded
+
+
+def forward_ratio(adapter, batch, repeats: int) -> tuple[float, float]:
+    return _medians(paired(*forward_pair(adapter, batch), repeats))
 
 
 def decode_ratio(adapter, imgs, repeats: int, max_new_tokens: int) -> tuple[float, float]:

@@ -16,6 +16,7 @@ from typing import Sequence
 from . import __version__
 from .conditions import condition_help
 from .errors import VislensError
+from .io import add_force_argument
 from .jobs import Terminated, add_job_arguments, clear_stop, request_stop
 
 
@@ -171,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="accuracy tables of a capture file")
     e.add_argument("file")
     e.add_argument("--out", help="folder for the CSV files (default: FILE-eval/)")
-    e.add_argument("--force", action="store_true",
-                   help="write into an existing folder vislens did not create")
+    add_force_argument(e)
     e.set_defaults(func=_cmd_evaluate)
 
     m = sub.add_parser("merge", help="combine shard files into one capture",
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and probabilities agree to about one float16 step (batches differ).")
     m.add_argument("out", help="the merged capture file (must not exist, unless --force)")
     m.add_argument("shards", nargs="+", help="the shard files, e.g. run.shard*-of-4.h5")
-    m.add_argument("--force", action="store_true", help="replace an existing OUT")
+    add_force_argument(m, "replace an existing OUT")
     m.set_defaults(func=_cmd_merge)
 
     b = sub.add_parser("boxes", help="object boxes (YOLO or dataset annotations) -> patch masks in a capture")
@@ -201,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default: FILE-report/)")
     r.add_argument("--conditions", help="comma-separated subset of the capture's conditions")
     r.add_argument("--chunk", type=int, default=32, help="samples read per chunk (memory)")
-    r.add_argument("--force", action="store_true",
-                   help="write into an existing folder vislens did not create")
+    add_force_argument(r)
     r.set_defaults(func=_cmd_report)
 
     fi = sub.add_parser("findings", help="test the paper's claims F1-F10 on capture files "
@@ -212,8 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     fi.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     fi.add_argument("--chunk", type=int, default=32, help="samples read per chunk (memory)")
-    fi.add_argument("--force", action="store_true",
-                    help="write into an existing folder vislens did not create")
+    add_force_argument(fi)
     fi.set_defaults(func=_cmd_findings)
 
     ph = sub.add_parser("phrase-stats", help="relation-phrase counts in a LLaVA-format "
@@ -222,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--speaker", default="all", choices=["all", "human", "gpt"],
                     help="count the turns of this speaker only (default: all)")
     ph.add_argument("--out", help="also write the table as CSV")
-    ph.add_argument("--force", action="store_true", help="replace an existing --out file")
+    add_force_argument(ph, "replace an existing --out file")
     ph.set_defaults(func=_cmd_phrase_stats)
 
     from . import figures as _figures
@@ -245,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--style", default="plain",
                    help="busy scenes: distractors=LO-HI,occlusion=P,texture=N,clutter=N "
                         "(extra objects, partial occlusion, background noise, specks)")
-    s.add_argument("--force", action="store_true",
-                    help="write into an existing folder vislens did not create")
+    add_force_argument(s)
     s.set_defaults(func=_cmd_synth)
 
     from . import organism as _organism
@@ -270,8 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--groups", type=int, default=12, help="held-out scene groups per subset")
     d.add_argument("--model", default="organism")
     d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--force", action="store_true",
-                    help="write into an existing folder vislens did not create")
+    add_force_argument(d)
     d.set_defaults(func=_cmd_demo)
     return p
 

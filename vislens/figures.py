@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import VislensError
+from .io import add_force_argument
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -349,8 +350,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(18 too for Fig. 6) and 14 for Fig. 26 of 32, at the same relative "
                              "depth for other models); 'best': chosen on the validation split, "
                              "Fig. 6 on the test split")
-    parser.add_argument("--force", action="store_true",
-                        help="write into an existing folder vislens did not create")
+    add_force_argument(parser)
     parser.add_argument("--format", default="png", choices=FORMATS, help="file format (default: png)")
     parser.add_argument("--only", type=_figure_list, default=None, metavar="N,N,...",
                         help=f"only these paper figures (of {','.join(map(str, _numbers()))})")

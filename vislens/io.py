@@ -18,7 +18,7 @@ from .errors import VislensError
 
 __all__ = ["MARKER", "human_bytes", "os_reason", "real_path", "check_folder", "check_output",
            "prepare_output_dir", "check_free_space", "error_code", "is_disk_full",
-           "IO_ERRORS"]
+           "IO_ERRORS", "add_force_argument"]
 
 #: what a failed read or write of an HDF5 file raises (h5py maps some HDF5 I/O failures,
 #: e.g. a flush on a full disk, to RuntimeError)
@@ -156,3 +156,9 @@ def check_free_space(path: str | Path, need: int, what: str) -> None:
 
 def is_disk_full(exc: BaseException) -> bool:
     return error_code(exc) in (errno.ENOSPC, errno.EDQUOT)
+
+
+def add_force_argument(parser, help: str = "write into an existing folder vislens did not create"
+                       ) -> None:
+    """``--force`` on a command that writes a file or folder (the rule above, in one place)."""
+    parser.add_argument("--force", action="store_true", help=help)

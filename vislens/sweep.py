@@ -36,6 +36,7 @@ import pandas as pd
 from .conditions import adaptvis_alpha, parse_condition
 from .evaluate import is_yes_no
 from .errors import VislensError
+from .io import add_force_argument
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -833,8 +834,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     add_job_arguments(p, max_new_tokens=8, splits="each split")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--force", action="store_true",
-                   help="write into an existing folder vislens did not create")
+    add_force_argument(p)
     p.add_argument("--alphas", default=DEFAULT_ALPHAS,
                    help=f"ScalingVis candidates, comma list; 1 is always added (default {DEFAULT_ALPHAS})")
     p.add_argument("--alpha1", default=DEFAULT_ALPHA1,
