@@ -59,7 +59,7 @@ def build(family: str, shape: dict[str, Any], device: str, dtype):
 
     from vislens.models.llava import LlavaAdapter
     from vislens.models.qwen2_vl import Qwen2VLAdapter
-    from vislens.models.tiny import (BASE_WORDS, LLAVA_TEMPLATE, QWEN_TEMPLATE, llava_tokenizer,
+    from vislens.models.tiny import (BASE_WORDS, LLAVA_TEMPLATE, llava_tokenizer,
                                      qwen_tokenizer)
     from vislens.steering import register_attention
     from vislens.synth import object_names

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
 from . import __version__
 from .errors import VislensError
 
@@ -396,7 +398,6 @@ class ReplicaPool:
     def image_views(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """``[len(sizes), 4]``: what the model sees of each image size, asked of one ready
         worker in one call (the processor is the same on every replica)."""
-        import numpy as np
         import ray
 
         slot = next(s for s in self.slots if s.ready and s.actor is not None)

@@ -436,7 +436,7 @@ def f6_familiar_confidence(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
 
 
 def f7_confidence_auroc(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
-    conf, corr, parts = [], [], []
+    conf, corr = [], []
     for ev in evs:
         if ev.baseline is None:
             continue

@@ -47,12 +47,6 @@ def layer_table(stats: Sequence[LayerStats]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def best_layers(auroc: pd.DataFrame, condition: str, k: int = 2) -> list[int]:
-    """The ``k`` layers with the highest defined AUROC for ``condition``."""
-    sub = auroc[(auroc["condition"] == condition) & auroc["auroc"].notna()]
-    return [int(l) for l in sub.sort_values("auroc", ascending=False)["layer"].head(k)]
-
-
 def _mask_coverage(cap, stats: Sequence[LayerStats]) -> tuple[int, int, list[str]]:
     """``(samples with a non-empty box mask, samples analysed, why some have none)``.
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from ..errors import VislensError
 from .base import VLMAdapter, register_adapter

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..errors import VislensError
 from .base import VLMAdapter, register_adapter
