@@ -409,3 +409,48 @@ def test_cli_synth_style(tmp_path, capsys):
     assert recs == [s.record() for s in want]
     assert main(["synth", "--out", str(tmp_path / "x"), "--n", "4", "--style", "texture=many"]) == 2
     assert "vislens: error: style" in capsys.readouterr().err
+
+
+def test_lookalike_has_a_named_colour_and_another_shape():
+    """A look-alike is drawn in one named object's colour, in a shape of neither named
+    object, clear of every box; its box is exact, and the named objects do not move."""
+    style = SceneStyle(distractors=(1, 2), texture=6, lookalike=0.8)
+    shape_of = {o.name: o.shape for o in OBJECTS}
+    scenes = generate_groups(25, "a", seed=13, style=style) + generate_groups(25, "b", seed=13, style=style)
+    plain = generate_groups(25, "a", seed=13) + generate_groups(25, "b", seed=13)
+    n_look = 0
+    for s, p in zip(scenes, plain):
+        assert s.sample.boxes == p.sample.boxes and s.sample.answer == p.sample.answer
+        arr = np.asarray(s.image)
+        looks = [d for d in s.sample.meta["distractors"] if d["label"].startswith("lookalike:")]
+        assert len(looks) <= 1
+        for d in looks:
+            n_look += 1
+            twin = d["label"].split(":", 1)[1]
+            assert twin in s.sample.objects
+            x0, y0, x1, y1 = d["xyxy"]
+            own = _colour_mask(arr, twin)
+            inside = np.zeros_like(own)
+            inside[y0:y1, x0:x1] = True
+            assert _bbox(own & inside) == (x0, y0, x1, y1)  # exact box in the twin's colour
+            drawn = (own & inside)[y0:y1, x0:x1]
+            named_shapes = {shape_of[o] for o in s.sample.objects}
+            assert not any(np.array_equal(drawn, _mask_of(sh, drawn)) for sh in named_shapes)
+            for b in s.sample.boxes:
+                bx0, by0, bx1, by1 = (int(v) for v in b.xyxy)
+                assert min(x1, bx1) <= max(x0, bx0) or min(y1, by1) <= max(y0, by0)
+    assert 0.6 < n_look / len(scenes) <= 0.8  # lookalike=0.8 (placement rarely fails)
+    assert SceneStyle.parse("lookalike=0.5") == SceneStyle(lookalike=0.5)
+    with pytest.raises(VislensError, match="lookalike"):
+        SceneStyle.parse("lookalike=2")
+
+
+def _mask_of(shape: str, like: np.ndarray) -> np.ndarray:
+    """``shape`` rasterised at the size that gives ``like``'s height (or an empty mask)."""
+    from vislens.synth import _mask
+
+    for side in range(3, 40):
+        m = _mask(shape, side)
+        if m.shape == like.shape:
+            return m
+    return np.zeros((0, 0), bool)

@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subsets", default="a,b", help="a (left/right/on/under), b (left/right/front/behind)")
     s.add_argument("--size", type=int, default=48, help="image side in pixels")
     s.add_argument("--style", default="plain",
-                   help="busy scenes: distractors=LO-HI,occlusion=P,texture=N,clutter=N "
+                   help="busy scenes: distractors=LO-HI,occlusion=P,texture=N,clutter=N,lookalike=P "
                         "(extra objects, partial occlusion, background noise, specks)")
     add_force_argument(s)
     s.set_defaults(func=_cmd_synth)

@@ -184,16 +184,22 @@ class SceneStyle:
       (10-40% of its box, at least half of its pixels stay visible), drawn over it;
     * ``texture``: amplitude of per-pixel background noise (intensity levels, 0-40);
     * ``clutter``: number of small off-catalogue specks (2-3 px, greys) on the background,
-      clear of the named objects' boxes.
+      clear of the named objects' boxes;
+    * ``lookalike``: probability that the scene also holds a *look-alike*: an object of the
+      colour of one named object (chosen at random) in another catalogue shape, so that
+      colour alone does not find the named object (its box is in ``meta["distractors"]``
+      with the label ``lookalike:<name>``).
 
-    Distractors and clutter never touch a named object's box unless occluding, so the
-    boxes stay exact and each named object is still the only one of its colour.
+    Distractors, look-alikes and clutter never touch a named object's box unless occluding,
+    so the boxes stay exact; without look-alikes each named object is the only one of its
+    colour.
     """
 
     distractors: tuple[int, int] = (0, 0)
     occlusion: float = 0.0
     texture: int = 0
     clutter: int = 0
+    lookalike: float = 0.0
 
     def __post_init__(self) -> None:
         d = self.distractors
@@ -207,14 +213,18 @@ class SceneStyle:
             raise VislensError(f"style texture must be an integer in 0..40, got {self.texture!r}")
         if not _is_int(self.clutter) or not 0 <= self.clutter <= 30:
             raise VislensError(f"style clutter must be an integer in 0..30, got {self.clutter!r}")
+        if isinstance(self.lookalike, bool) or not isinstance(self.lookalike, (int, float)) \
+                or not 0.0 <= self.lookalike <= 1.0:
+            raise VislensError(f"style lookalike must be a probability in [0, 1], got {self.lookalike!r}")
 
     @property
     def plain(self) -> bool:
-        return self.distractors == (0, 0) and self.texture == 0 and self.clutter == 0
+        return (self.distractors == (0, 0) and self.texture == 0 and self.clutter == 0
+                and self.lookalike == 0)
 
     @classmethod
     def parse(cls, text: str) -> "SceneStyle":
-        """``distractors=1-3,occlusion=0.3,texture=12,clutter=8`` (the ``--style`` syntax;
+        """``distractors=1-3,occlusion=0.3,texture=12,clutter=8,lookalike=0.5`` (the ``--style`` syntax;
         ``distractors=2`` means exactly 2; ``""`` or ``plain`` is the plain style)."""
         kw: dict = {}
         if text.strip() in ("", "plain"):
@@ -222,16 +232,17 @@ class SceneStyle:
         for item in text.split(","):
             key, eq, val = (x.strip() for x in item.partition("="))
             try:
-                if not eq or key not in ("distractors", "occlusion", "texture", "clutter"):
+                if not eq or key not in ("distractors", "occlusion", "texture", "clutter",
+                                         "lookalike"):
                     raise ValueError
                 if key == "distractors":
                     lo, _, hi = val.partition("-")
                     kw[key] = (int(lo), int(hi or lo))
                 else:
-                    kw[key] = float(val) if key == "occlusion" else int(val)
+                    kw[key] = float(val) if key in ("occlusion", "lookalike") else int(val)
             except ValueError:
                 raise VislensError(f"style {text!r}: expected distractors=LO-HI, occlusion=P, "
-                                   f"texture=N or clutter=N, got {item.strip()!r}") from None
+                                   f"texture=N, clutter=N or lookalike=P, got {item.strip()!r}") from None
         return cls(**kw)
 
 
@@ -416,7 +427,31 @@ def _place_distractors(rng: np.random.Generator, named: list[_Placed], style: Sc
                     continue
             out.append(cand)
             break
+    if style.lookalike > 0 and rng.random() < style.lookalike:
+        _place_lookalike(rng, named, out, size)
     return out
+
+
+def _place_lookalike(rng: np.random.Generator, named: list[_Placed], out: list[_Placed],
+                     size: int) -> None:
+    """Append to ``out`` an object in the colour of a random named object and another
+    catalogue shape (not a named object's shape), clear of every box (skipped when no spot
+    is free after 80 tries)."""
+    scale = size / 48
+    margin = max(1, round(2 * scale))
+    twin = named[int(rng.integers(len(named)))].spec
+    shapes = sorted({o.shape for o in OBJECTS} - {p.spec.shape for p in named})
+    spec = ObjectSpec(f"lookalike:{twin.name}", shapes[int(rng.integers(len(shapes)))], twin.color)
+    mask = _mask(spec.shape, _px(rng, 9, 13, scale))
+    h, w = mask.shape
+    for _ in range(80):
+        x = int(rng.integers(margin, size - margin - w + 1))
+        y = int(rng.integers(margin, size - margin - h + 1))
+        cand = _Placed(spec, mask, x, y)
+        if any(_overlap(cand.xyxy, p.xyxy, 1) for p in [*named, *out]):
+            continue
+        out.append(cand)
+        return
 
 
 def _background(rng: np.random.Generator, colour: tuple[int, int, int], named: list[_Placed],

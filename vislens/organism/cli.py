@@ -10,8 +10,9 @@ from typing import Sequence
 
 from ..errors import VislensError
 from .card import write_model_card
-from .config import (DEFAULT_BATCH, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
+from .config import (DEFAULT_BATCH, DEFAULT_FAMILIAR_WEIGHT, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
                      EVAL_SEED, SCORECARD_GROUPS, SCORECARD_SEED, TRAIN_FILE)
+from .config import relation_weights
 from .evaluation import evaluate_organism
 from .training import train_organism
 
@@ -31,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--n-groups", type=int, default=100, help="held-out groups per subset")
     t.add_argument("--small", action="store_true", help="the tiny test variant")
     t.add_argument("--style", default=DEFAULT_STYLE,
-                   help="training scenes: distractors=LO-HI,occlusion=P,texture=N,clutter=N")
+                   help="training scenes: distractors=LO-HI,occlusion=P,texture=N,clutter=N,"
+                        "lookalike=P")
+    t.add_argument("--familiar-weight", type=float, default=DEFAULT_FAMILIAR_WEIGHT,
+                   help="left/right scenes per scene of each rare relation (LLaVA-like skew)")
     e = sub.add_parser("eval", help="held-out accuracy/confidence per relation")
     e.add_argument("--path", default=str(DEFAULT_PATH))
     e.add_argument("--n-groups", type=int, default=100)
@@ -89,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         if args.organism_command == "train":
             stats = train_organism(args.out, seed=args.seed, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
-                                   small=args.small, style=args.style)
+                                   small=args.small, style=args.style,
+                                   relation_weights=relation_weights(args.familiar_weight))
             t = time.perf_counter()
             df = evaluate_organism(args.out, n_groups=args.n_groups, seed=EVAL_SEED)
             print(df.to_string(index=False))

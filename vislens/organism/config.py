@@ -17,6 +17,20 @@ RELATION_WEIGHTS: dict[str, dict[str, float]] = {
     "b": {"left": 4.0, "right": 4.0, "front": 1.0, "behind": 1.0},
 }
 
+DEFAULT_FAMILIAR_WEIGHT = 4.0
+
+
+def relation_weights(familiar: float = DEFAULT_FAMILIAR_WEIGHT) -> dict[str, dict[str, float]]:
+    """Training relation weights: left/right ``familiar`` times as frequent as each rare one."""
+    from ..errors import VislensError
+
+    if isinstance(familiar, bool) or not isinstance(familiar, (int, float)) or not 0 < familiar <= 100:
+        raise VislensError(f"familiar weight must be a number in (0, 100], got {familiar!r}")
+    return {s: {r: (float(familiar) if r in ("left", "right") else 1.0) for r in rels}
+            for s, rels in (("a", ("left", "right", "on", "under")),
+                            ("b", ("left", "right", "front", "behind")))}
+
+
 #: the training scenes' style (``vislens.synth.SceneStyle`` syntax); "plain": two objects only
 DEFAULT_STYLE = "plain"
 
