@@ -181,11 +181,13 @@ class DecodingEngine:
                     generate: bool = False, record: bool | None = None) -> dict[SettingKey, _Step]:
         """Greedy rule for several settings in one pass per token.
 
-        The batch and its prefix cache are repeated once per setting (row ``i*K + k`` is
-        sample ``i`` under setting ``k``), each setting's intervention acts on its own rows,
-        and one forward per generated token serves all K settings. On a GPU a decode step
-        re-reads every weight, so this turns K x N weight passes into N. The cache is back to
-        the prefix of the original rows afterwards.
+        The batch is repeated once per setting (row ``i*K + k`` is sample ``i`` under setting
+        ``k``), each setting's intervention acts on its own rows, and one forward per
+        generated token serves all K settings. On a GPU a decode step re-reads every weight,
+        so this turns K x N weight passes into N. The prefix cache is not repeated: the K
+        rows of a sample attend to its one copy (:mod:`vislens.shared_prefix`; caches of
+        other layer types are repeated instead). The cache is back to the prefix of the
+        original rows afterwards.
         """
         keys = [SettingKey(*k) for k in keys]
         n_set, b = len(keys), batch.size
@@ -201,13 +203,20 @@ class DecodingEngine:
             rows[:, k] = True
             ivs += interventions_for(key.kind, values.flatten(), layers=key.layers,
                                      heads=key.heads, rows=rows.flatten())
+        from . import shared_prefix  # imports transformers
+
         big = _repeat_rows(batch, n_set)
-        cache.batch_repeat_interleave(n_set)
-        try:
-            st = self._greedy(big, cache, ivs, generate, record, keep_rows=False)
-        finally:  # back to the original rows (the repeated copies are identical)
-            # CPU indices index tensors on any device (the layers may sit on several GPUs)
-            cache.batch_select_indices(torch.arange(0, b * n_set, n_set))
+        if shared_prefix.eligible(cache):  # K rows per sample over one copy of the prefix
+            fork = shared_prefix.fork(cache, n_set)
+            with shared_prefix.armed(fork):
+                st = self._greedy(big, fork, ivs, generate, record, keep_rows=False)
+        else:
+            cache.batch_repeat_interleave(n_set)
+            try:
+                st = self._greedy(big, cache, ivs, generate, record, keep_rows=False)
+            finally:  # back to the original rows (the repeated copies are identical)
+                # CPU indices index tensors on any device (the layers may sit on several GPUs)
+                cache.batch_select_indices(torch.arange(0, b * n_set, n_set))
 
         def pick(x: Any, k: int) -> Any:
             return None if x is None else x[k::n_set]
