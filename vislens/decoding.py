@@ -194,15 +194,20 @@ class DecodingEngine:
         record = self.record if record is None else record
         if n_set == 1:
             return {keys[0]: self.step(batch, cache, keys[0], generate, record=record)}
-        ivs = []
+        # one intervention per (kind, layers, heads), with each setting's values on its rows
+        # (a sweep's alphas are one per-row "scale": one edit per layer, not one per setting)
+        groups: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for k, key in enumerate(keys):
-            values = torch.zeros(b, n_set)
+            values, rows = groups.setdefault((key.kind, key.layers, key.heads),
+                                             (torch.zeros(b, n_set),
+                                              torch.zeros(b, n_set, dtype=torch.bool)))
             values[:, k] = torch.as_tensor(key.value if isinstance(key.value, tuple)
                                            else [key.value] * b, dtype=torch.float32)
-            rows = torch.zeros(b, n_set, dtype=torch.bool)
             rows[:, k] = True
-            ivs += interventions_for(key.kind, values.flatten(), layers=key.layers,
-                                     heads=key.heads, rows=rows.flatten())
+        ivs = []
+        for (kind, layers, heads), (values, rows) in groups.items():
+            ivs += interventions_for(kind, values.flatten(), layers=layers, heads=heads,
+                                     rows=rows.flatten())
         from . import shared_prefix  # imports transformers
 
         big = _repeat_rows(batch, n_set)

@@ -49,39 +49,58 @@ class SharedPrefixLayer(DynamicLayer):
         return self.prefix_keys.shape[-2] + super().get_seq_length()
 
     # -- the attention over [prefix, suffix] for one query per row ----------------------
-    def logits(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Pre-softmax fp32 logits of the last query over prefix then suffix keys.
-
-        ``query`` [R, H, Q, D] (R = B*group), ``key`` the suffix [R, Hkv, s, D] -> [R, H, n+s].
-        """
+    # Internally rows are grouped per sample: [B, Hkv, group, rep, keys], so that the group's
+    # queries are extra rows of one matmul against the sample's un-repeated prefix.
+    def _grouped_logits(self, query: torch.Tensor, key: torch.Tensor, scaling: float
+                        ) -> torch.Tensor:
         self.unserved -= 1
         pk = self.prefix_keys
         b, hkv, n, d = pk.shape
         r, h = query.shape[:2]
         if r != b * self.group:
             raise RuntimeError(f"shared prefix of {b} rows x {self.group} settings got {r} rows")
-        rep, g = h // hkv, self.group
-        q = query[:, :, -1, :].float()  # [R, H, D]
-        # prefix: the group's queries as extra rows of one matmul per sample and kv head
-        qg = q.reshape(b, g, hkv, rep, d).permute(0, 2, 1, 3, 4).reshape(b, hkv, g * rep, d)
-        lp = torch.matmul(qg, pk.float().transpose(-1, -2))  # [B, Hkv, g*rep, n]
-        lp = lp.reshape(b, hkv, g, rep, n).permute(0, 2, 1, 3, 4).reshape(r, h, n)
-        ls = torch.matmul(q.reshape(r, hkv, rep, d), key.float().transpose(-1, -2))
-        return torch.cat([lp, ls.reshape(r, h, -1)], dim=-1) * scaling
+        g, rep, s = self.group, h // hkv, key.shape[-2]
+        q = query[:, :, -1, :].float().reshape(b, g, hkv, rep, d).transpose(1, 2)  # [B,Hkv,g,rep,D]
+        lp = torch.matmul(q.reshape(b, hkv, g * rep, d), pk.float().transpose(-1, -2))
+        ks = key.float().reshape(b, g, hkv, s, d).transpose(1, 2)  # [B, Hkv, g, s, D]
+        ls = torch.matmul(q, ks.transpose(-1, -2))  # [B, Hkv, g, rep, s]
+        return torch.cat([lp.reshape(b, hkv, g, rep, n), ls], dim=-1) * scaling
+
+    def _grouped_output(self, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        pv = self.prefix_values
+        b, hkv, n, d = pv.shape
+        g, rep, s = probs.shape[2], probs.shape[3], value.shape[-2]
+        op = torch.matmul(probs[..., :n].reshape(b, hkv, g * rep, n), pv.float())
+        vs = value.float().reshape(b, g, hkv, s, d).transpose(1, 2)  # [B, Hkv, g, s, D]
+        out = op.reshape(b, hkv, g, rep, d) + torch.matmul(probs[..., n:], vs)
+        return out.transpose(1, 2).reshape(b * g, 1, hkv * rep, d).to(value.dtype)
+
+    def logits(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Pre-softmax fp32 logits of the last query over prefix then suffix keys.
+
+        ``query`` [R, H, Q, D] (R = B*group), ``key`` the suffix [R, Hkv, s, D] -> [R, H, n+s].
+        """
+        lg = self._grouped_logits(query, key, scaling)
+        return lg.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
 
     def output(self, probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``probs`` [R, H, n+s] fp32 (prefix then suffix), ``value`` the suffix
         [R, Hkv, s, D] -> attention output [R, 1, H, D] in the value dtype."""
-        pv = self.prefix_values
-        b, hkv, n, d = pv.shape
-        r, h, _ = probs.shape
-        rep, g = h // hkv, self.group
-        pp = probs[..., :n].reshape(b, g, hkv, rep, n).permute(0, 2, 1, 3, 4).reshape(b, hkv, g * rep, n)
-        op = torch.matmul(pp, pv.float())  # [B, Hkv, g*rep, D]
-        op = op.reshape(b, hkv, g, rep, d).permute(0, 2, 1, 3, 4).reshape(r, h, d)
-        ps = probs[..., n:].reshape(r, hkv, rep, -1)
-        os_ = torch.matmul(ps, value.float()).reshape(r, h, d)
-        return (op + os_).to(value.dtype)[:, None]
+        b, hkv = self.prefix_values.shape[:2]
+        r, h, k = probs.shape
+        grouped = probs.reshape(b, self.group, hkv, h // hkv, k).transpose(1, 2)
+        return self._grouped_output(grouped, value)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Unsteered attention of one query per row (``mask`` [R, n+s] bool or additive):
+        :meth:`logits`, mask, softmax and :meth:`output`, without leaving the grouped layout."""
+        lg = self._grouped_logits(query, key, scaling)  # [B, Hkv, g, rep, n+s]
+        if mask is not None:
+            b, _, g = lg.shape[:3]
+            m = mask.to(lg.device).reshape(b, 1, g, 1, -1)
+            lg = lg.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else lg + m.float()
+        return self._grouped_output(torch.softmax(lg, dim=-1), value)
 
 
 class SharedPrefixCache(DynamicCache):

@@ -359,12 +359,15 @@ def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                       scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    edits = active and steerer.edits(layer)
     q_len = query.shape[2]
+    if shared is not None and q_len != 1:
+        raise RuntimeError(f"a shared-prefix cache takes one query per row, got {q_len}")
+    if not active:  # shared prefix, nothing to steer or record
+        return shared.attend(query, key, value, _mask_row(attention_mask, query.shape[0]),
+                             scaling), None
+    edits = steerer.edits(layer)
     out = None
     if shared is not None:
-        if q_len != 1:
-            raise RuntimeError(f"a shared-prefix cache takes one query per row, got {q_len}")
         logits = shared.logits(query, key, scaling)
     else:
         if q_len > 1 or not edits:
@@ -373,16 +376,14 @@ def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         logits = last_row_logits(query, key, scaling)
     if edits:
         logits = steerer.steer_logits(layer, logits)
-    if active:
-        steerer.see_logits(layer, logits)
+    steerer.see_logits(layer, logits)
     mask = _mask_row(attention_mask, logits.shape[0])
     if mask is not None:
         mask = mask.to(logits.device)
         logits = logits.masked_fill(~mask[:, None, :], float("-inf")) if mask.dtype == torch.bool \
             else logits + mask[:, None, :].float()
     probs = torch.softmax(logits, dim=-1)
-    if active:
-        steerer.see_pattern(layer, probs)
+    steerer.see_pattern(layer, probs)
     if shared is not None:
         return shared.output(probs, value), None
     if not edits:
