@@ -109,12 +109,16 @@ class DecodingEngine:
     ``max_fused_rows`` bounds samples x settings run as one batch over the repeated prefix
     cache (its memory grows with it; 1 runs each setting as its own pass). ``clock``
     (default ``time.perf_counter``, read after synchronising the model's GPUs) times the
-    runs each condition's ``compute_seconds`` is made of (see :meth:`run`).
+    runs each condition's ``compute_seconds`` is made of (see :meth:`run`). ``share_prefix``
+    lets the fused rows of a sample attend to one copy of its prefix cache
+    (:mod:`vislens.shared_prefix`) instead of K repeated copies; False is the reference
+    (the same arithmetic, with K copies to write and read).
     """
 
     def __init__(self, adapter: VLMAdapter, *, max_new_tokens: int = 16, grid: int = 24,
                  record: bool = True, attention_dtype: torch.dtype = torch.float32,
-                 max_fused_rows: int = 32, clock: Callable[[], float] | None = None) -> None:
+                 max_fused_rows: int = 32, clock: Callable[[], float] | None = None,
+                 share_prefix: bool = True) -> None:
         if max_new_tokens < 1:
             raise VislensError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.adapter = adapter
@@ -124,6 +128,7 @@ class DecodingEngine:
         self.record = record
         self.attention_dtype = attention_dtype  # float16 halves the device->host copy for stores
         self.max_fused_rows = max_fused_rows  # samples x settings in one pass (1: no fusing)
+        self.share_prefix = share_prefix
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
@@ -211,7 +216,7 @@ class DecodingEngine:
         from . import shared_prefix  # imports transformers
 
         big = _repeat_rows(batch, n_set)
-        if shared_prefix.eligible(cache):  # K rows per sample over one copy of the prefix
+        if self.share_prefix and shared_prefix.eligible(cache):  # K rows per sample over one copy of the prefix
             fork = shared_prefix.fork(cache, n_set)
             with shared_prefix.armed(fork):
                 st = self._greedy(big, fork, ivs, generate, record, keep_rows=False)

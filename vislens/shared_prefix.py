@@ -37,12 +37,14 @@ class SharedPrefixLayer(DynamicLayer):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, group: int) -> None:
         super().__init__()
-        self.prefix_keys, self.prefix_values, self.group = keys, values, group
-        self.unserved = 0  # updates whose suffix was handed out but not attended to here
+        # fp32 once per pass (no copy for fp32 models): a bf16 prefix costs 2x its size
+        # here, not a conversion at every step (K repeated copies cost K x)
+        self.prefix_keys, self.prefix_values, self.group = keys.float(), values.float(), group
+        self.pending = False  # a suffix was handed out and not yet attended to here
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.unserved += 1
+        self.pending = True
         return super().update(key_states, value_states, *args, **kwargs)
 
     def get_seq_length(self) -> int:
@@ -53,7 +55,7 @@ class SharedPrefixLayer(DynamicLayer):
     # queries are extra rows of one matmul against the sample's un-repeated prefix.
     def _grouped_logits(self, query: torch.Tensor, key: torch.Tensor, scaling: float
                         ) -> torch.Tensor:
-        self.unserved -= 1
+        self.pending = False
         pk = self.prefix_keys
         b, hkv, n, d = pk.shape
         r, h = query.shape[:2]
@@ -61,7 +63,7 @@ class SharedPrefixLayer(DynamicLayer):
             raise RuntimeError(f"shared prefix of {b} rows x {self.group} settings got {r} rows")
         g, rep, s = self.group, h // hkv, key.shape[-2]
         q = query[:, :, -1, :].float().reshape(b, g, hkv, rep, d).transpose(1, 2)  # [B,Hkv,g,rep,D]
-        lp = torch.matmul(q.reshape(b, hkv, g * rep, d), pk.float().transpose(-1, -2))
+        lp = torch.matmul(q.reshape(b, hkv, g * rep, d), pk.transpose(-1, -2))
         ks = key.float().reshape(b, g, hkv, s, d).transpose(1, 2)  # [B, Hkv, g, s, D]
         ls = torch.matmul(q, ks.transpose(-1, -2))  # [B, Hkv, g, rep, s]
         return torch.cat([lp.reshape(b, hkv, g, rep, n), ls], dim=-1) * scaling
@@ -70,7 +72,7 @@ class SharedPrefixLayer(DynamicLayer):
         pv = self.prefix_values
         b, hkv, n, d = pv.shape
         g, rep, s = probs.shape[2], probs.shape[3], value.shape[-2]
-        op = torch.matmul(probs[..., :n].reshape(b, hkv, g * rep, n), pv.float())
+        op = torch.matmul(probs[..., :n].reshape(b, hkv, g * rep, n), pv)
         vs = value.float().reshape(b, g, hkv, s, d).transpose(1, 2)  # [B, Hkv, g, s, D]
         out = op.reshape(b, hkv, g, rep, d) + torch.matmul(probs[..., n:], vs)
         return out.transpose(1, 2).reshape(b * g, 1, hkv * rep, d).to(value.dtype)
@@ -116,7 +118,7 @@ class SharedPrefixCache(DynamicCache):
 
     def check(self) -> None:
         """Raise unless every suffix handed out was attended through the shared path."""
-        bad = [i for i, layer in enumerate(self.layers) if layer.unserved]
+        bad = [i for i, layer in enumerate(self.layers) if layer.pending]
         if bad:
             raise RuntimeError(f"layers {bad} attended to a shared-prefix cache without the "
                                "'vislens' attention; the language model must use it")
