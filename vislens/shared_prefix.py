@@ -37,9 +37,10 @@ class SharedPrefixLayer(DynamicLayer):
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, group: int) -> None:
         super().__init__()
-        # fp32 once per pass (no copy for fp32 models): a bf16 prefix costs 2x its size
-        # here, not a conversion at every step (K repeated copies cost K x)
-        self.prefix_keys, self.prefix_values, self.group = keys.float(), values.float(), group
+        # fp32 once per pass, keys transposed for the q.k matmul: one copy of the prefix (2x
+        # its size in bf16) instead of a conversion at every step (K repeats cost K x)
+        self.prefix_keys_t = keys.float().transpose(-1, -2).contiguous()  # [B, Hkv, D, n]
+        self.prefix_values, self.group = values.float(), group
         self.pending = False  # a suffix was handed out and not yet attended to here
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -48,7 +49,7 @@ class SharedPrefixLayer(DynamicLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
     def get_seq_length(self) -> int:
-        return self.prefix_keys.shape[-2] + super().get_seq_length()
+        return self.prefix_values.shape[-2] + super().get_seq_length()
 
     # -- the attention over [prefix, suffix] for one query per row ----------------------
     # Internally rows are grouped per sample: [B, Hkv, group, rep, keys], so that the group's
@@ -56,14 +57,13 @@ class SharedPrefixLayer(DynamicLayer):
     def _grouped_logits(self, query: torch.Tensor, key: torch.Tensor, scaling: float
                         ) -> torch.Tensor:
         self.pending = False
-        pk = self.prefix_keys
-        b, hkv, n, d = pk.shape
+        b, hkv, d, n = self.prefix_keys_t.shape
         r, h = query.shape[:2]
         if r != b * self.group:
             raise RuntimeError(f"shared prefix of {b} rows x {self.group} settings got {r} rows")
         g, rep, s = self.group, h // hkv, key.shape[-2]
         q = query[:, :, -1, :].float().reshape(b, g, hkv, rep, d).transpose(1, 2)  # [B,Hkv,g,rep,D]
-        lp = torch.matmul(q.reshape(b, hkv, g * rep, d), pk.transpose(-1, -2))
+        lp = torch.matmul(q.reshape(b, hkv, g * rep, d), self.prefix_keys_t)
         ks = key.float().reshape(b, g, hkv, s, d).transpose(1, 2)  # [B, Hkv, g, s, D]
         ls = torch.matmul(q, ks.transpose(-1, -2))  # [B, Hkv, g, rep, s]
         return torch.cat([lp.reshape(b, hkv, g, rep, n), ls], dim=-1) * scaling
