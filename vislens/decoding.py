@@ -106,8 +106,8 @@ class DecodingEngine:
 
     ``record`` stores the answer position's attention (grid, image and text mass) per
     condition; ``max_new_tokens`` bounds the continuation (1 = first token only).
-    ``max_fused_rows`` bounds samples x settings run as one batch over the repeated prefix
-    cache (its memory grows with it; 1 runs each setting as its own pass). ``clock``
+    ``max_fused_rows`` bounds samples x settings run as one batch over the prefix cache
+    (activations and suffixes grow with it; 1 runs each setting as its own pass). ``clock``
     (default ``time.perf_counter``, read after synchronising the model's GPUs) times the
     runs each condition's ``compute_seconds`` is made of (see :meth:`run`). ``share_prefix``
     lets the fused rows of a sample attend to one copy of its prefix cache
