@@ -106,15 +106,19 @@ class DecodingEngine:
 
     ``record`` stores the answer position's attention (grid, image and text mass) per
     condition; ``max_new_tokens`` bounds the continuation (1 = first token only).
-    ``max_fused_rows`` bounds samples x settings run as one batch over the repeated prefix
-    cache (its memory grows with it; 1 runs each setting as its own pass). ``clock``
+    ``max_fused_rows`` bounds samples x settings run as one batch over the prefix cache
+    (activations and suffixes grow with it; 1 runs each setting as its own pass). ``clock``
     (default ``time.perf_counter``, read after synchronising the model's GPUs) times the
-    runs each condition's ``compute_seconds`` is made of (see :meth:`run`).
+    runs each condition's ``compute_seconds`` is made of (see :meth:`run`). ``share_prefix``
+    lets the fused rows of a sample attend to one copy of its prefix cache
+    (:mod:`vislens.shared_prefix`) instead of K repeated copies; False is the reference
+    (the same arithmetic, with K copies to write and read).
     """
 
     def __init__(self, adapter: VLMAdapter, *, max_new_tokens: int = 16, grid: int = 24,
                  record: bool = True, attention_dtype: torch.dtype = torch.float32,
-                 max_fused_rows: int = 32, clock: Callable[[], float] | None = None) -> None:
+                 max_fused_rows: int = 32, clock: Callable[[], float] | None = None,
+                 share_prefix: bool = True) -> None:
         if max_new_tokens < 1:
             raise VislensError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.adapter = adapter
@@ -124,6 +128,7 @@ class DecodingEngine:
         self.record = record
         self.attention_dtype = attention_dtype  # float16 halves the device->host copy for stores
         self.max_fused_rows = max_fused_rows  # samples x settings in one pass (1: no fusing)
+        self.share_prefix = share_prefix
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
@@ -181,33 +186,47 @@ class DecodingEngine:
                     generate: bool = False, record: bool | None = None) -> dict[SettingKey, _Step]:
         """Greedy rule for several settings in one pass per token.
 
-        The batch and its prefix cache are repeated once per setting (row ``i*K + k`` is
-        sample ``i`` under setting ``k``), each setting's intervention acts on its own rows,
-        and one forward per generated token serves all K settings. On a GPU a decode step
-        re-reads every weight, so this turns K x N weight passes into N. The cache is back to
-        the prefix of the original rows afterwards.
+        The batch is repeated once per setting (row ``i*K + k`` is sample ``i`` under setting
+        ``k``), each setting's intervention acts on its own rows, and one forward per
+        generated token serves all K settings. On a GPU a decode step re-reads every weight,
+        so this turns K x N weight passes into N. The prefix cache is not repeated: the K
+        rows of a sample attend to its one copy (:mod:`vislens.shared_prefix`; caches of
+        other layer types are repeated instead). The cache is back to the prefix of the
+        original rows afterwards.
         """
         keys = [SettingKey(*k) for k in keys]
         n_set, b = len(keys), batch.size
         record = self.record if record is None else record
         if n_set == 1:
             return {keys[0]: self.step(batch, cache, keys[0], generate, record=record)}
-        ivs = []
+        # one intervention per (kind, layers, heads), with each setting's values on its rows
+        # (a sweep's alphas are one per-row "scale": one edit per layer, not one per setting)
+        groups: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for k, key in enumerate(keys):
-            values = torch.zeros(b, n_set)
+            values, rows = groups.setdefault((key.kind, key.layers, key.heads),
+                                             (torch.zeros(b, n_set),
+                                              torch.zeros(b, n_set, dtype=torch.bool)))
             values[:, k] = torch.as_tensor(key.value if isinstance(key.value, tuple)
                                            else [key.value] * b, dtype=torch.float32)
-            rows = torch.zeros(b, n_set, dtype=torch.bool)
             rows[:, k] = True
-            ivs += interventions_for(key.kind, values.flatten(), layers=key.layers,
-                                     heads=key.heads, rows=rows.flatten())
+        ivs = []
+        for (kind, layers, heads), (values, rows) in groups.items():
+            ivs += interventions_for(kind, values.flatten(), layers=layers, heads=heads,
+                                     rows=rows.flatten())
+        from . import shared_prefix  # imports transformers
+
         big = _repeat_rows(batch, n_set)
-        cache.batch_repeat_interleave(n_set)
-        try:
-            st = self._greedy(big, cache, ivs, generate, record, keep_rows=False)
-        finally:  # back to the original rows (the repeated copies are identical)
-            # CPU indices index tensors on any device (the layers may sit on several GPUs)
-            cache.batch_select_indices(torch.arange(0, b * n_set, n_set))
+        if self.share_prefix and shared_prefix.eligible(cache):  # K rows per sample over one copy of the prefix
+            fork = shared_prefix.fork(cache, n_set)
+            with shared_prefix.armed(fork):
+                st = self._greedy(big, fork, ivs, generate, record, keep_rows=False)
+        else:
+            cache.batch_repeat_interleave(n_set)
+            try:
+                st = self._greedy(big, cache, ivs, generate, record, keep_rows=False)
+            finally:  # back to the original rows (the repeated copies are identical)
+                # CPU indices index tensors on any device (the layers may sit on several GPUs)
+                cache.batch_select_indices(torch.arange(0, b * n_set, n_set))
 
         def pick(x: Any, k: int) -> Any:
             return None if x is None else x[k::n_set]

@@ -341,24 +341,39 @@ def _mask_row(attention_mask: torch.Tensor | None, batch: int) -> torch.Tensor |
 def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None,
                       scaling: float | None = None, dropout: float = 0.0, **kwargs):
-    """The registered attention function: SDPA, plus steering of the last query's row."""
+    """The registered attention function: SDPA, plus steering of the last query's row.
+
+    Under an armed shared-prefix cache (:mod:`vislens.shared_prefix`, the engine's fused
+    settings) ``key``/``value`` are each row's suffix and the single query attends over the
+    shared prefix and its suffix in one fp32 softmax (steered like the last row)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .shared_prefix import shared_layer
 
     steerer = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
     active = steerer is not None and layer is not None and steerer.wants(layer)
-    if not active:
+    shared = shared_layer(layer)
+    if not active and shared is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    edits = steerer.edits(layer)
     q_len = query.shape[2]
+    if shared is not None and q_len != 1:
+        raise RuntimeError(f"a shared-prefix cache takes one query per row, got {q_len}")
+    if not active:  # shared prefix, nothing to steer or record
+        return shared.attend(query, key, value, _mask_row(attention_mask, query.shape[0]),
+                             scaling), None
+    edits = steerer.edits(layer)
     out = None
-    if q_len > 1 or not edits:
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                        scaling=scaling, dropout=dropout, **kwargs)
-    logits = last_row_logits(query, key, scaling)
+    if shared is not None:
+        logits = shared.logits(query, key, scaling)
+    else:
+        if q_len > 1 or not edits:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                            scaling=scaling, dropout=dropout, **kwargs)
+        logits = last_row_logits(query, key, scaling)
     if edits:
         logits = steerer.steer_logits(layer, logits)
     steerer.see_logits(layer, logits)
@@ -369,6 +384,8 @@ def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             else logits + mask[:, None, :].float()
     probs = torch.softmax(logits, dim=-1)
     steerer.see_pattern(layer, probs)
+    if shared is not None:
+        return shared.output(probs, value), None
     if not edits:
         return out, None
     b, h, k = probs.shape
