@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from vislens.organism import DEFAULT_PATH
+from vislens.organism import DEFAULT_PATH, RELATION_WEIGHTS
 
 SMALL_STEPS = 20
 SMALL_BATCH = 4
@@ -288,8 +288,9 @@ def _card_scorecard() -> dict | None:
 @pytest.mark.skipif(_card_scorecard() is None, reason="the committed card has no scorecard")
 def test_committed_organism_scorecard_matches_card(tmp_path):
     """The first groups of the card's held-out scorecard set, baseline only: F1 (image share
-    of attention) and F6 (familiar minus rare confidence) agree with the card within
-    sampling error (the card's interval widened for the smaller sample)."""
+    of attention), F6 (familiar minus rare confidence) and F7 (confidence AUROC for a right
+    answer) agree with the card within sampling error (the card's interval widened for the
+    smaller sample)."""
     pytest.importorskip("vislens.findings")
     from vislens.organism.scorecard import run_scorecard
 
@@ -300,7 +301,7 @@ def test_committed_organism_scorecard_matches_card(tmp_path):
                                             conditions=("baseline",), n_boot=200, log=None)}
     card = {f["id"]: f for f in sc["findings"]}
     widen = (sc["n_groups"] / n_groups) ** 0.5
-    for fid in ("F1", "F6"):
+    for fid in ("F1", "F6", "F7"):
         ref = card[fid]
         half = (ref["ci_high"] - ref["ci_low"]) / 2
         assert found[fid].n == 8 * n_groups or fid == "F6"
@@ -332,3 +333,22 @@ def test_eval_scorecard_cli_writes_card_with_control(small_run, tmp_path, monkey
     assert "### Control: the same architecture with the init prior, untrained" in card
     assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--control"]) == 2
     assert "--control needs --scorecard" in capsys.readouterr().err
+
+
+def test_familiar_weight_sets_the_skew_and_the_card_command():
+    """``--familiar-weight W``: left/right W times as frequent as each rare relation in both
+    subsets; the default is the documented 4:1, and the card's command repeats a non-default W."""
+    from vislens.errors import VislensError
+    from vislens.organism.card import _command
+    from vislens.organism.config import relation_weights
+
+    assert relation_weights() == RELATION_WEIGHTS
+    w = relation_weights(1.5)
+    assert w["a"] == {"left": 1.5, "right": 1.5, "on": 1.0, "under": 1.0}
+    assert w["b"] == {"left": 1.5, "right": 1.5, "front": 1.0, "behind": 1.0}
+    stats = {"seed": 0, "steps_planned": 10, "style": "lookalike=1", "relation_weights": w}
+    assert _command(stats).endswith("--style lookalike=1 --familiar-weight 1.5")
+    assert "--familiar-weight" not in _command({**stats, "relation_weights": RELATION_WEIGHTS})
+    for bad in (0, -1, True, "2"):
+        with pytest.raises(VislensError, match="familiar weight"):
+            relation_weights(bad)

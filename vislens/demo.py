@@ -38,15 +38,18 @@ def run_demo(out_dir: str | Path = "vislens-demo", groups: int = 12, model: str 
     from .capture import run_capture
     from .evaluate import evaluate_capture, to_markdown
     from .models import load_model
-    from .synth import synthesize
+    from .organism.evaluation import training_style
+    from .synth import SceneStyle, synthesize
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    scenes = synthesize(out / "scenes", 4 * groups, DEMO_SEED)
-    log(f"[1/5] rendered {4 * groups} held-out scenes per subset into {scenes}")
-    adapter = load_model(demo_model(model, out, log), dtype="float32", device="auto")
+    model_path = demo_model(model, out, log)
+    style = training_style(model_path)  # the scenes the organism was trained on (plain otherwise)
+    scenes = synthesize(out / "scenes", 4 * groups, DEMO_SEED, style=SceneStyle.parse(style))
+    log(f"[1/5] rendered {4 * groups} held-out scenes per subset (style {style}) into {scenes}")
+    adapter = load_model(model_path, dtype="float32", device="auto")
     log(f"[2/5] capturing {len(DEMO_CONDITIONS)} conditions with {adapter.name} "
         f"({adapter.num_layers} layers x {adapter.num_heads} heads)")
     for subset in ("a", "b"):

@@ -12,9 +12,10 @@ laptop CPU with *meaningful* attention. It has LLaVA-1.5's architecture, only sm
   (``USER: <image>\\n{question} ASSISTANT:``).
 
 It is trained (answer tokens only, teacher forcing) on :mod:`vislens.synth` scenes of both
-What'sUp-style subsets with a familiarity bias: left/right are 4x more frequent than
-on/under and front/behind, so, like LLaVA in the paper, it is confident on the familiar
-relations and less so on the rare ones. Training starts from a seeded init that wires a
+What'sUp-style subsets with a familiarity bias: left/right are more frequent than
+on/under and front/behind (``--familiar-weight``; 1.5:1 for the committed checkpoint, whose
+scenes also hold look-alikes of the named objects), so, like LLaVA in the paper, it is
+confident on the familiar relations and less so on the rare ones. Training starts from a seeded init that wires a
 rough "find the two named objects" circuit (:func:`.build._wire_init`; a stand-in for the aligned,
 pretrained parts a real LLaVA starts from), so the answer position's image attention is on
 the objects and a CPU budget of minutes suffices. The committed weights live in

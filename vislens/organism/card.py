@@ -9,7 +9,7 @@ from pathlib import Path
 from string import Template
 from typing import Any, Mapping, Sequence
 
-from .config import CARD_FILE, DEFAULT_BATCH, DEFAULT_LR, EVAL_SEED
+from .config import CARD_FILE, DEFAULT_BATCH, DEFAULT_LR, EVAL_SEED, relation_weights
 
 __all__ = ["write_model_card", "card_values", "scorecard_table"]
 
@@ -29,6 +29,9 @@ def _command(stats: Mapping[str, Any], out: str = "data/organism") -> str:
     cmd = f"vislens organism train --out {out} --seed {stats['seed']} --steps {stats['steps_planned']}"
     if stats.get("style", "plain") != "plain":
         cmd += f" --style {stats['style']}"
+    weights = stats.get("relation_weights")
+    if weights and weights != relation_weights():
+        cmd += f" --familiar-weight {weights['a']['left'] / weights['a']['on']:g}"
     if stats.get("batch_size", DEFAULT_BATCH) != DEFAULT_BATCH:
         cmd += f" --batch-size {stats['batch_size']}"
     if stats.get("lr", DEFAULT_LR) != DEFAULT_LR:
