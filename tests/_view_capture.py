@@ -1,7 +1,7 @@
 """A small capture of the model organism for the viewer tests, built once per session.
 
-12 synthetic scenes (subset b: left/right/front/behind, with exact boxes), baseline and
-ScalingVis alpha=2: a few seconds on a CPU. Shared by test_view.py and test_view_browser.py.
+12 synthetic scenes (subset b: left/right/front/behind, with exact boxes, in the scene
+style the organism was trained on), baseline and ScalingVis alpha=2: a few seconds on a CPU. Shared by test_view.py and test_view_browser.py.
 """
 from __future__ import annotations
 
@@ -17,10 +17,14 @@ def organism_capture(tmp_path_factory) -> Path:
     """Path of the (final) organism capture; built on the first call of the session."""
     if "capture" not in _BUILT:
         from vislens.capture import run_capture
-        from vislens.synth import generate_groups, write_scenes
+        from vislens.organism.evaluation import training_style
+        from vislens.paths import organism_path
+        from vislens.synth import SceneStyle, generate_groups, write_scenes
 
         root = tmp_path_factory.mktemp("view-capture")
-        data = write_scenes(generate_groups(3, "b", seed=2026), root / "scenes", name="b.jsonl")
+        style = SceneStyle.parse(training_style(organism_path()))
+        data = write_scenes(generate_groups(3, "b", seed=2026, style=style), root / "scenes",
+                            name="b.jsonl")
         summary = run_capture(model="organism", dataset=f"jsonl:{data}", out=root / "organism.h5",
                               conditions=["baseline", "scaling:alpha=2"], max_new_tokens=2,
                               matcher="first-word", device="cpu", batch_size=12, progress=False,

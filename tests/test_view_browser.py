@@ -118,7 +118,11 @@ def check_heatmaps(page, cap, row, layer, head=None, a=A, b=B, range_="robust"):
 def test_explore_a_sample(page, capture, tmp_path):
     with open_capture(capture) as cap:
         tab = cap.table()
-        row = 6  # the organism answers "Under" at baseline and "Right" with ScalingVis alpha=2
+        preds = tab.pivot(index="row", columns="condition", values="prediction").apply(
+            lambda col: col.str.strip())
+        changed = [int(r) for r in preds.index[preds[A] != preds[B]] if r + 1 < len(preds)]
+        assert changed, "the fixture has no sample whose answer ScalingVis alpha=2 changes"
+        row = changed[0]  # an answer that ScalingVis alpha=2 changes (and a next sample)
         base, scaled = (tab[(tab["row"] == row) & (tab["condition"] == c)].iloc[0] for c in (A, B))
         assert base["prediction"].strip() != scaled["prediction"].strip()
 
