@@ -23,12 +23,13 @@ DEFAULT_FAMILIAR_WEIGHT = 4.0
 def relation_weights(familiar: float = DEFAULT_FAMILIAR_WEIGHT) -> dict[str, dict[str, float]]:
     """Training relation weights: left/right ``familiar`` times as frequent as each rare one."""
     from ..errors import VislensError
+    from ..synth import RELATIONS
 
     if isinstance(familiar, bool) or not isinstance(familiar, (int, float)) or not 0 < familiar <= 100:
-        raise VislensError(f"familiar weight must be a number in (0, 100], got {familiar!r}")
+        raise VislensError(f"familiar weight (--familiar-weight) must be a number in (0, 100], "
+                           f"got {familiar!r}")
     return {s: {r: (float(familiar) if r in ("left", "right") else 1.0) for r in rels}
-            for s, rels in (("a", ("left", "right", "on", "under")),
-                            ("b", ("left", "right", "front", "behind")))}
+            for s, rels in RELATIONS.items()}
 
 
 #: the training scenes' style (``vislens.synth.SceneStyle`` syntax); "plain": two objects only

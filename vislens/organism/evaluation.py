@@ -8,13 +8,6 @@ from .config import DEFAULT_PATH, EVAL_SEED
 __all__ = ["evaluate_organism", "density_ratio", "training_style"]
 
 
-class _Box:
-    """A pixel box (``xyxy``) from a scene's ``meta.distractors`` entry."""
-
-    def __init__(self, xyxy) -> None:
-        self.xyxy = tuple(float(v) for v in xyxy)
-
-
 def _box_mask(boxes, grid: int, size: tuple[int, int]) -> "np.ndarray":
     """Grid cells whose centre lies inside any of ``boxes`` (pixel xyxy), ``[grid, grid]``."""
     import numpy as np
@@ -52,6 +45,7 @@ def evaluate_organism(path: str | Path = DEFAULT_PATH, *, n_groups: int = 100,
     import numpy as np
     import pandas as pd
 
+    from ..data.base import Box
     from ..decoding import run_conditions
     from ..evaluate import match_first_word
     from ..models import load_model
@@ -76,7 +70,8 @@ def evaluate_organism(path: str | Path = DEFAULT_PATH, *, n_groups: int = 100,
                     per_layer.sum(axis=(1, 2)), 1e-12)
                 att = per_layer.mean(0)
                 share = float(att[inside].sum() / max(att.sum(), 1e-12))
-                looks = [_Box(d["xyxy"]) for d in s.sample.meta.get("distractors", [])
+                looks = [Box(d["label"], tuple(float(v) for v in d["xyxy"]))
+                         for d in s.sample.meta.get("distractors", [])
                          if d["label"].startswith("lookalike:")]
                 look = (float(att[_box_mask(looks, att.shape[-1], s.image.size)].sum()
                               / max(att.sum(), 1e-12)) if looks else float("nan"))
