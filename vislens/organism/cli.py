@@ -13,7 +13,7 @@ from .card import write_model_card
 from .config import (DEFAULT_BATCH, DEFAULT_FAMILIAR_WEIGHT, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
                      EVAL_SEED, SCORECARD_GROUPS, SCORECARD_SEED, TRAIN_FILE)
 from .config import relation_weights
-from .evaluation import evaluate_organism
+from .evaluation import evaluate_organism, training_style
 from .training import train_organism
 
 __all__ = ["add_arguments", "run", "main"]
@@ -94,7 +94,7 @@ def _diagnosis(args: argparse.Namespace) -> dict:
 
     from .diagnosis import diagnosis_conditions, run_diagnosis
 
-    style = args.style if args.style is not None else _training_style(args.path)
+    style = args.style if args.style is not None else training_style(args.path)
     table = run_diagnosis(args.path, args.diagnose, n_groups=args.scorecard_groups,
                           seed=args.scorecard_seed, style=style)
     rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
@@ -102,12 +102,6 @@ def _diagnosis(args: argparse.Namespace) -> dict:
     conds = sorted(set(table["condition"]), key=list(table["condition"]).index)
     return {"n_groups": args.scorecard_groups, "seed": args.scorecard_seed, "style": style,
             "conditions": ["baseline", *conds], "rows": rows}
-
-
-def _training_style(path: str) -> str:
-    stats_file = Path(path, TRAIN_FILE)
-    stats = json.loads(stats_file.read_text(encoding="utf-8")) if stats_file.exists() else {}
-    return stats.get("style", "plain")
 
 
 def run(args: argparse.Namespace) -> int:
