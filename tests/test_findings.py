@@ -261,3 +261,55 @@ def test_cli_writes_md_csv_json(scorecards, tmp_path, capsys):
     assert "F10" in capsys.readouterr().out
     assert main(["findings", str(tmp_path / "missing.h5"), "--out", str(out)]) == 2
     assert "missing.h5" in capsys.readouterr().err
+
+
+def test_confidence_half_gains_against_pandas(scorecards, tmp_path):
+    from vislens.findings import confidence_half_gains, halves_markdown
+
+    one = scorecards["holds"][1]
+    two = load_evidence(build(tmp_path / "two.h5", World(seed=5)))
+    table = confidence_half_gains([one, two], n_boot=200)
+    names = [c for c in one.order if c != one.baseline]
+    assert list(table["condition"].unique()) == names
+    expect = []
+    for ev in (one, two):  # by hand: median split of each file's baseline confidence
+        t = ev.table
+        base = t[t.condition == ev.baseline].set_index("row")
+        for c in names:
+            x = t[t.condition == c].set_index("row")
+            rows = base.index.intersection(x.index)
+            low = base.confidence.loc[rows] < base.confidence.loc[rows].median()
+            for half, sel in (("low", low), ("high", ~low)):
+                expect.append(pd.DataFrame({"condition": c, "half": half,
+                                            "b": base.correct.loc[rows][sel].astype(float),
+                                            "a": x.correct.loc[rows][sel].astype(float)}))
+    ref = pd.concat(expect)
+    ref["d"] = ref.a - ref.b
+    g = ref.groupby(["condition", "half"])
+    for _, r in table.iterrows():
+        sub = g.get_group((r.condition, r.half))
+        assert r.n == len(sub)
+        assert r.gain_pp == pytest.approx(100 * sub.d.mean())
+        assert r.accuracy == pytest.approx(sub.a.mean())
+        assert r.baseline_accuracy == pytest.approx(sub.b.mean())
+        assert (r.fixed, r.broken) == ((sub.d > 0).sum(), (sub.d < 0).sum())
+        assert r.ci_low <= r.gain_pp <= r.ci_high
+    # the "holds" world is built so that F8 holds: its two cells are positive
+    f8 = {f.id: f for f in run_findings([one], n_boot=200)}["F8"]
+    own = confidence_half_gains([one], n_boot=200).set_index(["condition", "half"])
+    gains = (own.loc[("scaling-0.5", "low"), "gain_pp"], own.loc[("scaling-2", "high"), "gain_pp"])
+    assert f8.value == pytest.approx(min(gains))
+    md = halves_markdown(table)
+    assert md.count("\n") == 1 + len(names) and "`scaling-2`" in md
+    with pytest.raises(Exception, match="nope"):
+        confidence_half_gains([one], conditions=["nope"])
+
+
+def test_cli_writes_confidence_halves(scorecards, tmp_path):
+    from vislens.cli import main
+
+    path = scorecards["holds"][1].path
+    assert main(["findings", str(path), "--out", str(tmp_path / "f"), "--n-boot", "50"]) == 0
+    halves = pd.read_csv(tmp_path / "f" / "confidence_halves.csv")
+    assert set(halves["half"]) == {"low", "high"} and "scaling-0.5" in set(halves["condition"])
+    assert "## Accuracy gain by confidence half" in (tmp_path / "f" / "findings.md").read_text()

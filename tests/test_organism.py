@@ -203,7 +203,7 @@ def test_model_card_template_reproduces_the_committed_card(tmp_path):
     df.attrs["box_attention_by_layer"] = ev["box_attention_by_layer"]
     df.attrs["box_ratio_by_layer"] = ev["box_ratio_by_layer"]
     info = {k: v for k, v in ev.items() if k not in ("table", "box_attention_by_layer", "box_ratio_by_layer")}
-    card = write_model_card(tmp_path, stats, df, info, meta.get("scorecard"))
+    card = write_model_card(tmp_path, stats, df, info, meta.get("scorecard"), meta.get("diagnosis"))
     assert card.read_text(encoding="utf-8") == (DEFAULT_PATH / "README.md").read_text(encoding="utf-8")
     assert json.loads((tmp_path / "organism.json").read_text(encoding="utf-8")) == meta
 
@@ -352,3 +352,72 @@ def test_familiar_weight_sets_the_skew_and_the_card_command():
     for bad in (0, -1, True, "2"):
         with pytest.raises(VislensError, match="familiar weight"):
             relation_weights(bad)
+
+
+def test_diagnosis_conditions_cover_every_layer_at_the_scorecards_extremes():
+    """One condition per (alpha, layer) and per wired head group, at the scorecard's
+    strongest smoothing and sharpening (the alphas F8 reads)."""
+    from vislens.decoding import check_conditions, parse_condition
+    from vislens.organism.diagnosis import WIRED_HEADS, diagnosis_conditions
+    from vislens.organism.scorecard import SCORECARD_CONDITIONS
+
+    conds = [parse_condition(c) for c in diagnosis_conditions(4)]
+    check_conditions(conds)
+    sc_alphas = [dict(c.params)["alpha"] for c in map(parse_condition, SCORECARD_CONDITIONS)
+                 if c.method == "scaling"]
+    scaling = [c for c in conds if c.method == "scaling"]
+    assert {dict(c.params)["alpha"] for c in scaling} == {min(sc_alphas), max(sc_alphas)}
+    for a in (min(sc_alphas), max(sc_alphas)):
+        mine = [c for c in scaling if dict(c.params)["alpha"] == a]
+        assert sorted(c.layers for c in mine if c.heads is None and c.layers) == [(k,) for k in range(4)]
+        assert any(c.layers is None and c.heads is None for c in mine)
+        assert {(c.layers, c.heads) for c in mine if c.heads} == {
+            ((layer,), heads) for layer, (heads, _) in WIRED_HEADS.items()}
+    shared = {c.name for c in conds} & {parse_condition(c).name for c in SCORECARD_CONDITIONS}
+    # the all-layer alphas are F8's own conditions; the restricted ones only live here
+    assert shared == {"baseline"} | {c.name for c in scaling if c.layers is None}
+
+
+def test_eval_diagnose_cli_writes_halves_and_card(small_run, tmp_path, capsys):
+    """``organism eval --diagnose DIR --write-card``: per-half gains of every layer-restricted
+    alpha, equal to a plain pandas computation on the captures; kept by a later --write-card."""
+    pytest.importorskip("vislens.findings")
+    import shutil
+
+    import pandas as pd
+
+    from vislens.cli import main
+    from vislens.store import open_capture
+
+    path, _ = small_run
+    dest = tmp_path / "org"
+    shutil.copytree(path, dest)
+    dg = tmp_path / "dg"
+    assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--diagnose", str(dg),
+                 "--scorecard-groups", "3", "--scorecard-seed", "8", "--write-card"]) == 0
+    halves = pd.read_csv(dg / "halves.csv")
+    assert set(halves["condition"]) == {"scaling-0.5", "scaling-2", "scaling-0.5-L0", "scaling-0.5-L1",
+                                        "scaling-2-L0", "scaling-2-L1", "scaling-0.5-L0-names",
+                                        "scaling-0.5-L1-objects", "scaling-2-L0-names",
+                                        "scaling-2-L1-objects"}
+    parts = []
+    for sub in "ab":
+        with open_capture(dg / f"capture_{sub}.h5") as cap:
+            t = cap.table()
+        base = t[t.condition == "baseline"].set_index("row")
+        x = t[t.condition == "scaling-2-L0"].set_index("row")
+        low = base.confidence < base.confidence.median()
+        parts.append(pd.DataFrame({"low": low, "d": x.correct.astype(float) - base.correct.astype(float)}))
+    ref = pd.concat(parts)
+    for half, sel in (("low", ref.low), ("high", ~ref.low)):
+        row = halves[(halves.condition == "scaling-2-L0") & (halves.half == half)].iloc[0]
+        assert row.n == sel.sum() and row.gain_pp == pytest.approx(100 * ref.d[sel].mean())
+    meta = json.loads((dest / "organism.json").read_text())
+    assert meta["diagnosis"]["seed"] == 8 and len(meta["diagnosis"]["rows"]) == len(halves)
+    card = (dest / "README.md").read_text()
+    assert "## Where ScalingVis acts (diagnosis)" in card and "`scaling-2-L1-objects`" in card
+    assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--write-card"]) == 0
+    assert json.loads((dest / "organism.json").read_text())["diagnosis"] == meta["diagnosis"]
+    assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--diagnose", str(dg),
+                 "--scorecard", str(dg)]) == 2
+    assert "name the same folder" in capsys.readouterr().err

@@ -33,7 +33,8 @@ import pandas as pd
 from . import metrics
 from .errors import VislensError
 
-__all__ = ["Finding", "FINDINGS", "Evidence", "load_evidence", "run_findings", "write_findings"]
+__all__ = ["Finding", "FINDINGS", "Evidence", "load_evidence", "run_findings", "write_findings",
+           "confidence_half_gains", "halves_markdown"]
 
 VERDICTS = ("reproduced", "not reproduced", "not testable")
 #: fewer samples than this and a finding is not testable
@@ -465,6 +466,18 @@ def _extreme_scaling(ev: Evidence, smooth: bool) -> str | None:
     return (min(whole) if smooth else max(whole))[1]
 
 
+def _halves(ev: Evidence, conditions: Sequence[str]) -> tuple[pd.Index, np.ndarray, pd.Series]:
+    """Rows done under the baseline and every one of ``conditions``, which of them are in the
+    low-confidence half (baseline confidence below its median in this capture), and the
+    baseline's ``correct`` on those rows (F8's split, shared by :func:`confidence_half_gains`)."""
+    t = ev.table[ev.table["condition"] == ev.baseline].set_index("row")
+    common = t.index
+    for c in conditions:
+        common = common.intersection(ev.correct(c).index)
+    conf = t["confidence"].astype(float).loc[common]
+    return common, (conf < conf.median()).to_numpy(), t["correct"].astype(float).loc[common]
+
+
 def f8_confidence_halves(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
     rows, used = [], []
     for k, ev in enumerate(evs):
@@ -473,13 +486,9 @@ def f8_confidence_halves(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
         sm, sh = _extreme_scaling(ev, True), _extreme_scaling(ev, False)
         if sm is None or sh is None:
             continue
-        t = ev.table[ev.table["condition"] == ev.baseline].set_index("row")
-        base = t["correct"].astype(float)
-        conf = t["confidence"].astype(float)
-        common = base.index.intersection(ev.correct(sm).index).intersection(ev.correct(sh).index)
-        low = (conf.loc[common] < conf.loc[common].median()).to_numpy()
-        d_sm = ev.correct(sm).loc[common].to_numpy(float) - base.loc[common].to_numpy()
-        d_sh = ev.correct(sh).loc[common].to_numpy(float) - base.loc[common].to_numpy()
+        common, low, base = _halves(ev, (sm, sh))
+        d_sm = ev.correct(sm).loc[common].to_numpy(float) - base.to_numpy()
+        d_sh = ev.correct(sh).loc[common].to_numpy(float) - base.to_numpy()
         rows.append(np.stack([np.where(low, d_sm, np.nan), np.where(~low, d_sh, np.nan)], axis=1))
         used.append(f"{ev.path.name}: {sm} / {sh}")
     if not rows:
@@ -622,6 +631,73 @@ def run_findings(evidence: Sequence[Evidence], *, n_boot: int = metrics.N_BOOT, 
     return out
 
 
+#: columns of :func:`confidence_half_gains`
+HALF_COLUMNS = ("condition", "half", "n", "baseline_accuracy", "accuracy", "gain_pp", "ci_low",
+                "ci_high", "fixed", "broken")
+
+
+def confidence_half_gains(evidence: Sequence[Evidence], *, conditions: Sequence[str] | None = None,
+                          n_boot: int = metrics.N_BOOT, seed: int = 0, level: float = 0.95
+                          ) -> pd.DataFrame:
+    """Accuracy of every condition against the baseline on each confidence half (Fig. 8).
+
+    The halves are F8's: per capture, samples whose baseline confidence is below its median
+    are ``low``, the rest ``high``. One row per (condition, half), pooled over the captures
+    that hold the condition: ``n`` samples done under both, the two accuracies, the paired
+    gain in pp with its bootstrap interval (stratified by capture), and how many wrong
+    baseline answers the condition fixed and how many right ones it broke. ``conditions``
+    defaults to every non-baseline condition in file order (of the first capture holding
+    each). F8 reads only two cells of this table (the extreme ScalingVis alphas); the table
+    shows where, e.g. in which layers, a steering helps or hurts each half.
+    """
+    ctx = _Ctx(n_boot, seed, level)
+    if conditions is None:
+        conditions = list(dict.fromkeys(c for ev in evidence if ev.baseline is not None
+                                        for c in ev.order if c != ev.baseline))
+    out = []
+    for cond in conditions:
+        parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"low": [], "high": []}
+        for ev in evidence:
+            if ev.baseline is None or cond not in ev.attrs or cond == ev.baseline:
+                continue
+            common, low, base = _halves(ev, (cond,))
+            new = ev.correct(cond).loc[common].to_numpy(float)
+            for half, sel in (("low", low), ("high", ~low)):
+                parts[half].append((base.to_numpy()[sel], new[sel]))
+        if not parts["low"] and not parts["high"]:
+            raise VislensError(f"condition {cond!r}: in no capture with a done baseline")
+        for half in ("low", "high"):
+            b = np.concatenate([p[0] for p in parts[half]]) if parts[half] else np.zeros(0)
+            a = np.concatenate([p[1] for p in parts[half]]) if parts[half] else np.zeros(0)
+            d = a - b
+            lo = hi = math.nan
+            if d.size >= MIN_SAMPLES:
+                lo, hi = ctx.interval(lambda idx: 100 * d[idx].mean(axis=1), d.size,
+                                      _strata([p[0] for p in parts[half]]))
+            out.append(dict(condition=cond, half=half, n=int(d.size),
+                            baseline_accuracy=float(b.mean()) if b.size else math.nan,
+                            accuracy=float(a.mean()) if a.size else math.nan,
+                            gain_pp=100 * float(d.mean()) if d.size else math.nan,
+                            ci_low=float(lo), ci_high=float(hi),
+                            fixed=int((d > 0).sum()), broken=int((d < 0).sum())))
+    return pd.DataFrame(out, columns=list(HALF_COLUMNS))
+
+
+def halves_markdown(table: pd.DataFrame) -> str:
+    """:func:`confidence_half_gains` as a markdown table: one row per condition, both halves."""
+    lines = ["| condition | low half: gain (pp) | 95% interval | fixed / broken | high half: gain (pp) "
+             "| 95% interval | fixed / broken |", "|:---|---:|:---|---:|---:|:---|---:|"]
+    for cond, g in table.groupby("condition", sort=False):
+        cells = []
+        for half in ("low", "high"):
+            r = g[g["half"] == half].iloc[0]
+            ci = f"[{r.ci_low:+.1f}, {r.ci_high:+.1f}]" if np.isfinite(r.ci_low) else "—"
+            cells += [f"{r.gain_pp:+.1f}" if np.isfinite(r.gain_pp) else "—", ci,
+                      f"{r.fixed} / {r.broken}"]
+        lines.append(f"| `{cond}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _num(x: float, fmt: str = ".3f") -> str:
     return "—" if not np.isfinite(x) else format(x, fmt)
 
@@ -655,6 +731,13 @@ def write_findings(paths: Sequence[str | Path], out_dir: str | Path, *,
     md += ["", "## Details", ""]
     for f in found:
         md += [f"- **{f.id}** ({f.verdict}): {f.statistic}. {f.why[:1].upper()}{f.why[1:]}."]
+    if any(ev.baseline is not None and len(ev.order) > 1 for ev in evidence):
+        halves = confidence_half_gains(evidence, n_boot=n_boot, seed=seed)
+        halves.to_csv(out / "confidence_halves.csv", index=False)
+        md += ["", "## Accuracy gain by confidence half (Fig. 8)", "",
+               "Every condition against the baseline on F8's halves (baseline confidence below / "
+               "at or above its median in each capture), paired, pooled over the captures "
+               "(`confidence_halves.csv`).", "", halves_markdown(halves)]
     md.append("")
     path = out / "findings.md"
     path.write_text("\n".join(md))

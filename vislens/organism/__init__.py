@@ -24,7 +24,8 @@ reproduces them.
 
 One module per stage: :mod:`.config` (architecture, data bias, defaults), :mod:`.build`
 (model and wired init), :mod:`.training`, :mod:`.evaluation`, :mod:`.scorecard` (the
-findings scorecard on held-out scenes, and on the untrained init as a control), :mod:`.card`
+findings scorecard on held-out scenes, and on the untrained init as a control),
+:mod:`.diagnosis` (ScalingVis restricted to single layers, by confidence half), :mod:`.card`
 (the model card, templated from ``model_card.md``) and :mod:`.cli` (``vislens organism
 train|eval``).
 """
@@ -34,11 +35,12 @@ from .build import build_organism, count_parameters
 from .card import write_model_card
 from .cli import add_arguments, main, run
 from .config import DEFAULT_PATH, EVAL_SEED, ORGANISM, RELATION_WEIGHTS, SMALL
+from .diagnosis import diagnosis_conditions, run_diagnosis
 from .evaluation import evaluate_organism
 from .scorecard import SCORECARD_CONDITIONS, run_scorecard
 from .training import train_organism
 
 __all__ = ["DEFAULT_PATH", "EVAL_SEED", "RELATION_WEIGHTS", "ORGANISM", "SMALL", "build_organism",
            "count_parameters", "train_organism", "evaluate_organism", "write_model_card",
-           "SCORECARD_CONDITIONS", "run_scorecard",
+           "SCORECARD_CONDITIONS", "run_scorecard", "diagnosis_conditions", "run_diagnosis",
            "add_arguments", "run", "main"]

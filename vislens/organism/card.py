@@ -94,9 +94,30 @@ def _scorecard_section(sc: Mapping[str, Any] | None) -> str:
     return "\n".join(out)
 
 
+def _diagnosis_section(dg: Mapping[str, Any] | None) -> str:
+    """The card's "where ScalingVis acts" section from ``organism.json``'s ``diagnosis``."""
+    if not dg:
+        return ("Not measured for this checkpoint (run `vislens organism eval --diagnose DIR "
+                "--write-card`).")
+    import pandas as pd
+
+    from ..findings import halves_markdown
+
+    table = pd.DataFrame(dg["rows"]).astype({"ci_low": float, "ci_high": float, "gain_pp": float})
+    return "\n".join([
+        f"The scorecard's scenes (seed {dg['seed']}, {dg['n_groups']} groups per subset, style "
+        f"`{dg['style']}`) under ScalingVis at the scorecard's strongest smoothing and sharpening, "
+        "in all layers (what F8 reads), in one layer at a time, and in the heads the init wires "
+        "(layer 0's name heads, layer 1's object heads). Gains are paired against the baseline "
+        "on F8's halves (baseline confidence below / at or above its median per subset), in pp, "
+        "with bootstrap intervals; fixed / broken count the answers each condition turns right / "
+        "wrong. Re-run: `vislens organism eval --diagnose DIR`.", "",
+        halves_markdown(table)])
+
+
 def card_values(path: Path, stats: Mapping[str, Any], eval_df,
-                info: Mapping[str, Any], scorecard: Mapping[str, Any] | None = None
-                ) -> dict[str, str]:
+                info: Mapping[str, Any], scorecard: Mapping[str, Any] | None = None,
+                diagnosis: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Every ``${name}`` of the template, formatted."""
     arch, params = stats["architecture"], stats["parameters"]
     weights = stats["relation_weights"]
@@ -131,23 +152,28 @@ def card_values(path: Path, stats: Mapping[str, Any], eval_df,
         "eval_table": _md_table(eval_df), "familiarity": _familiarity_summary(eval_df),
         "layer_rows": rows, "style": stats.get("style", "plain"),
         "scorecard": _scorecard_section(scorecard),
+        "diagnosis": _diagnosis_section(diagnosis),
     }
 
 
 def write_model_card(path: str | Path, stats: Mapping[str, Any], eval_df,
                      eval_info: Mapping[str, Any] | None = None,
-                     scorecard: Mapping[str, Any] | None = None) -> Path:
+                     scorecard: Mapping[str, Any] | None = None,
+                     diagnosis: Mapping[str, Any] | None = None) -> Path:
     """Write ``path/README.md`` (architecture, data, command, held-out results) and
     ``path/organism.json`` (the same numbers, machine-readable; read by the tests).
 
     ``scorecard``: the held-out findings scorecard (``n_groups``, ``seed``, ``style``,
     ``conditions``, ``findings`` as in ``findings.json``, optional ``control``: the untrained
-    prior's findings, and ``notes``), stored under ``organism.json["scorecard"]``."""
+    prior's findings, and ``notes``), stored under ``organism.json["scorecard"]``;
+    ``diagnosis``: ScalingVis by layer and confidence half (``eval --diagnose``), stored under
+    ``organism.json["diagnosis"]``."""
     path = Path(path)
     info = dict(eval_info or {})
     template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
     card = path / CARD_FILE
-    values = {k: str(v) for k, v in card_values(path, stats, eval_df, info, scorecard).items()}
+    values = {k: str(v) for k, v in card_values(path, stats, eval_df, info, scorecard,
+                                                      diagnosis).items()}
     card.write_text(Template(template).substitute(values), encoding="utf-8")
     meta = {k: v for k, v in stats.items() if k != "losses"}
     meta["eval"] = {**info, "table": json.loads(eval_df.to_json(orient="records")),
@@ -155,5 +181,7 @@ def write_model_card(path: str | Path, stats: Mapping[str, Any], eval_df,
                     "box_ratio_by_layer": eval_df.attrs.get("box_ratio_by_layer", [])}
     if scorecard:
         meta["scorecard"] = dict(scorecard)
+    if diagnosis:
+        meta["diagnosis"] = dict(diagnosis)
     (path / "organism.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return card

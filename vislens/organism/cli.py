@@ -13,7 +13,7 @@ from .card import write_model_card
 from .config import (DEFAULT_BATCH, DEFAULT_FAMILIAR_WEIGHT, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
                      EVAL_SEED, SCORECARD_GROUPS, SCORECARD_SEED, TRAIN_FILE)
 from .config import relation_weights
-from .evaluation import evaluate_organism
+from .evaluation import evaluate_organism, training_style
 from .training import train_organism
 
 __all__ = ["add_arguments", "run", "main"]
@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     e.add_argument("--scorecard-seed", type=int, default=SCORECARD_SEED)
     e.add_argument("--style", default=None,
                    help="scorecard scene style (default: the training scenes' style)")
+    e.add_argument("--diagnose", metavar="DIR", default=None,
+                   help="also capture the scorecard's scenes under ScalingVis restricted to "
+                        "each layer (and the wired heads) and write the gains per confidence "
+                        "half to DIR (halves.md/.csv)")
     e.add_argument("--control", action="store_true",
                    help="with --scorecard: also score the untrained init (same architecture "
                         "and prior) on the same scenes")
@@ -84,6 +88,22 @@ def _scorecard(args: argparse.Namespace) -> dict:
     return result
 
 
+def _diagnosis(args: argparse.Namespace) -> dict:
+    """Run ``eval --diagnose``: ScalingVis per layer on the scorecard's scenes, by half."""
+    import math
+
+    from .diagnosis import diagnosis_conditions, run_diagnosis
+
+    style = args.style if args.style is not None else training_style(args.path)
+    table = run_diagnosis(args.path, args.diagnose, n_groups=args.scorecard_groups,
+                          seed=args.scorecard_seed, style=style)
+    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+            for r in json.loads(table.to_json(orient="records"))]
+    conds = sorted(set(table["condition"]), key=list(table["condition"]).index)
+    return {"n_groups": args.scorecard_groups, "seed": args.scorecard_seed, "style": style,
+            "conditions": ["baseline", *conds], "rows": rows}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run parsed :func:`add_arguments` arguments; returns the exit status."""
     import pandas as pd
@@ -108,23 +128,31 @@ def run(args: argparse.Namespace) -> int:
                 raise VislensError(f"{args.path}: no model organism there (no config.json)")
             if args.control and not args.scorecard:
                 raise VislensError("--control needs --scorecard DIR")
+            if args.diagnose and args.scorecard and \
+                    Path(args.diagnose).resolve() == Path(args.scorecard).resolve():
+                raise VislensError(f"--diagnose and --scorecard name the same folder "
+                                   f"{args.diagnose}: give each its own")
             df = evaluate_organism(args.path, n_groups=args.n_groups, seed=args.seed)
             print(df.to_string(index=False))
             print("image attention in the boxes per layer:", df.attrs["box_attention_by_layer"],
                   "ratio:", df.attrs["box_ratio_by_layer"])
             scorecard = _scorecard(args) if args.scorecard else None
+            diagnosis = _diagnosis(args) if args.diagnose else None
             if args.write_card:
                 stats = json.loads(Path(args.path, TRAIN_FILE).read_text(encoding="utf-8"))
                 meta_file = Path(args.path, "organism.json")
-                old = (json.loads(meta_file.read_text(encoding="utf-8")).get("scorecard")
-                       if meta_file.exists() else None)
+                meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+                old = meta.get("scorecard")
+                if diagnosis is None:  # keep the card's diagnosis when not re-measured
+                    diagnosis = meta.get("diagnosis")
                 if scorecard is None:  # keep the card's scorecard when not re-measured
                     scorecard = old
                 elif old and old.get("notes") and all(
                         old.get(k) == scorecard[k] for k in ("n_groups", "seed", "style", "conditions")):
                     scorecard["notes"] = old["notes"]  # the card's notes on the same measurement
                 card = write_model_card(args.path, stats, df,
-                                        {"n_groups": args.n_groups, "seed": args.seed}, scorecard)
+                                        {"n_groups": args.n_groups, "seed": args.seed}, scorecard,
+                                        diagnosis)
                 print(f"model card: {card}")
     return 0
 

@@ -9,12 +9,12 @@ balanced groups (:func:`vislens.synth.synthesize`) of a seed no training run use
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import VislensError
 from .config import SCORECARD_GROUPS, SCORECARD_SEED, Log
 
-__all__ = ["SCORECARD_CONDITIONS", "run_scorecard"]
+__all__ = ["SCORECARD_CONDITIONS", "capture_heldout", "run_scorecard"]
 
 #: the captured conditions (never tuned to an organism)
 SCORECARD_CONDITIONS: tuple[str, ...] = (
@@ -27,31 +27,21 @@ SCORECARD_CONDITIONS: tuple[str, ...] = (
 )
 
 
-def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = SCORECARD_GROUPS,
-                  seed: int = SCORECARD_SEED, style: str = "plain",
-                  conditions: tuple[str, ...] | None = None,
-                  batch_size: int = 16, n_boot: int = 1000, log: Log | None = print,
-                  adapter: Any = None, force: bool = False) -> list[Any]:
-    """Capture ``conditions`` (default :data:`SCORECARD_CONDITIONS`) on ``4 * n_groups`` held-out scenes per subset (both splits)
-    with the organism at ``path`` and write the findings scorecard to ``out_dir/findings``.
-    ``style``: the scenes' :class:`vislens.synth.SceneStyle` (``--style`` syntax).
+def capture_heldout(path: str | Path, out_dir: str | Path, conditions: Sequence[str], *,
+                    n_groups: int = SCORECARD_GROUPS, seed: int = SCORECARD_SEED,
+                    style: str = "plain", batch_size: int = 16, log: Log | None = print,
+                    adapter: Any = None, force: bool = False, command: str = "vislens organism eval"
+                    ) -> list[Path]:
+    """Render ``4 * n_groups`` balanced held-out scenes per subset (``seed``, ``style``) into
+    ``out_dir/scenes`` and capture ``conditions`` on both subsets (both splits) with the
+    organism at ``path`` (or ``adapter``); returns ``[capture_a.h5, capture_b.h5]``.
     ``out_dir`` follows vislens's output rule (a folder vislens did not create is refused
-    unless ``force``); the captures in it are replaced.
-
-    Returns the findings (:class:`vislens.findings.Finding` list). The captures stay in
-    ``out_dir`` (``capture_a.h5``, ``capture_b.h5``) for ``vislens report``/``figures``.
-    """
-    try:
-        from ..findings import write_findings
-    except ImportError as exc:  # pragma: no cover - only before the findings module is merged
-        raise VislensError("the organism scorecard needs vislens.findings "
-                           "(the `vislens findings` command)") from exc
+    unless ``force``); the captures in it are replaced."""
     from ..capture import run_capture
     from ..io import prepare_output_dir
     from ..models import load_model
     from ..synth import SceneStyle, synthesize
 
-    conditions = SCORECARD_CONDITIONS if conditions is None else tuple(conditions)
     say = log or (lambda msg: None)
     out = prepare_output_dir(out_dir, force=force)
     scenes = synthesize(out / "scenes", 4 * n_groups, seed, style=SceneStyle.parse(style))
@@ -65,12 +55,35 @@ def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = SCOR
         for stale in (cap, cap.with_name(cap.name + ".lock")):
             stale.unlink(missing_ok=True)
         summary = run_capture(model=adapter, dataset=f"jsonl:{scenes / f'controlled_{subset}.jsonl'}",
-                              out=cap, conditions=conditions, batch_size=batch_size,
+                              out=cap, conditions=tuple(conditions), batch_size=batch_size,
                               max_new_tokens=3, matcher="first-word", split="all",
                               progress=False, log=say,
-                              command=f"vislens organism eval --scorecard-groups {n_groups} "
+                              command=f"{command} --scorecard-groups {n_groups} "
                                       f"--scorecard-seed {seed} --style {style}")
-        captures.append(summary.path)
-    found, card = write_findings(captures, out / "findings", n_boot=n_boot)
+        captures.append(Path(summary.path))
+    return captures
+
+
+def run_scorecard(path: str | Path, out_dir: str | Path, *, n_groups: int = SCORECARD_GROUPS,
+                  seed: int = SCORECARD_SEED, style: str = "plain",
+                  conditions: tuple[str, ...] | None = None,
+                  batch_size: int = 16, n_boot: int = 1000, log: Log | None = print,
+                  adapter: Any = None, force: bool = False) -> list[Any]:
+    """Capture ``conditions`` (default :data:`SCORECARD_CONDITIONS`) on ``4 * n_groups``
+    held-out scenes per subset (:func:`capture_heldout`) with the organism at ``path`` and
+    write the findings scorecard to ``out_dir/findings``. ``style``: the scenes'
+    :class:`vislens.synth.SceneStyle` (``--style`` syntax).
+
+    Returns the findings (:class:`vislens.findings.Finding` list). The captures stay in
+    ``out_dir`` (``capture_a.h5``, ``capture_b.h5``) for ``vislens report``/``figures``.
+    """
+    from ..findings import write_findings
+
+    conditions = SCORECARD_CONDITIONS if conditions is None else tuple(conditions)
+    say = log or (lambda msg: None)
+    captures = capture_heldout(path, out_dir, conditions, n_groups=n_groups, seed=seed,
+                               style=style, batch_size=batch_size, log=log, adapter=adapter,
+                               force=force)
+    found, card = write_findings(captures, Path(out_dir) / "findings", n_boot=n_boot)
     say(f"findings scorecard: {card}")
     return found

@@ -1,0 +1,68 @@
+"""Where ScalingVis acts in the organism: alphas restricted to single layers (and to the
+wired heads), scored on F8's confidence halves.
+
+F8 reads two numbers: the gain of the strongest smoothing on the low-confidence half and of
+the strongest sharpening on the high half, with the alpha applied in every layer. When F8
+fails, the question is which layer's attention the alpha moves and whom that helps. This
+captures the same held-out scenes as the scorecard under ScalingVis restricted to each
+layer (and to the heads the init wires: layer 0's name heads, layer 1's object heads) and
+tabulates every condition's paired gain per half (:func:`vislens.findings.confidence_half_gains`).
+The conditions are fixed here, the same for every checkpoint; they are captured apart from
+the scorecard, so its choices among conditions (F9, F10) never see the restricted ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import SCORECARD_GROUPS, SCORECARD_SEED, Log
+
+__all__ = ["DIAGNOSIS_ALPHAS", "WIRED_HEADS", "diagnosis_conditions", "run_diagnosis"]
+
+#: the scorecard's strongest smoothing and sharpening (the two alphas F8 reads)
+DIAGNOSIS_ALPHAS: tuple[float, ...] = (0.5, 2.0)
+#: heads the init wires (vislens.organism.build._wire_init): layer -> (heads, role)
+WIRED_HEADS: dict[int, tuple[tuple[int, ...], str]] = {0: ((0, 1), "names"), 1: ((0, 1), "objects")}
+
+
+def diagnosis_conditions(num_layers: int) -> tuple[str, ...]:
+    """Baseline, then per alpha: all layers, each layer alone, each wired head group."""
+    conds = ["baseline"]
+    for a in DIAGNOSIS_ALPHAS:
+        conds.append(f"scaling:alpha={a:g},name=scaling-{a:g}")
+        conds += [f"scaling:alpha={a:g},layers={layer},name=scaling-{a:g}-L{layer}"
+                  for layer in range(num_layers)]
+        conds += [f"scaling:alpha={a:g},layers={layer},heads={'+'.join(map(str, heads))},"
+                  f"name=scaling-{a:g}-L{layer}-{role}"
+                  for layer, (heads, role) in WIRED_HEADS.items() if layer < num_layers]
+    return tuple(conds)
+
+
+def run_diagnosis(path: str | Path, out_dir: str | Path, *, n_groups: int = SCORECARD_GROUPS,
+                  seed: int = SCORECARD_SEED, style: str = "plain", batch_size: int = 16,
+                  n_boot: int = 1000, log: Log | None = print, adapter: Any = None,
+                  force: bool = False) -> "pd.DataFrame":
+    """Capture :func:`diagnosis_conditions` on the scorecard's held-out scenes (same ``seed``,
+    ``n_groups`` and ``style`` give the same scenes and baseline) into ``out_dir`` and write
+    the per-half gains to ``out_dir/halves.csv`` and ``halves.md``; returns that table."""
+    from ..findings import confidence_half_gains, halves_markdown, load_evidence
+    from ..models import load_model
+    from .scorecard import capture_heldout
+
+    if adapter is None:
+        from ..errors import VislensError
+
+        if not Path(path, "config.json").exists():
+            raise VislensError(f"{path}: no model organism there (no config.json)")
+        adapter = load_model(str(path), dtype="float32", device="auto")
+    captures = capture_heldout(path, out_dir, diagnosis_conditions(adapter.num_layers),
+                               n_groups=n_groups, seed=seed, style=style, batch_size=batch_size,
+                               log=log, adapter=adapter, force=force,
+                               command="vislens organism eval --diagnose")
+    table = confidence_half_gains([load_evidence(p) for p in captures], n_boot=n_boot)
+    out = Path(out_dir)
+    table.to_csv(out / "halves.csv", index=False)
+    (out / "halves.md").write_text(halves_markdown(table) + "\n", encoding="utf-8")
+    if log:
+        log(f"ScalingVis by layer and confidence half: {out / 'halves.md'}")
+    return table
