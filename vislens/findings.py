@@ -665,7 +665,9 @@ def confidence_half_gains(evidence: Sequence[Evidence], *, conditions: Sequence[
             for half, sel in (("low", low), ("high", ~low)):
                 parts[half].append((base.to_numpy()[sel], new[sel]))
         if not parts["low"] and not parts["high"]:
-            raise VislensError(f"condition {cond!r}: in no capture with a done baseline")
+            known = sorted({c for ev in evidence if ev.baseline is not None for c in ev.order})
+            raise VislensError(f"condition {cond!r} is in no capture with a done baseline "
+                               f"(conditions there: {', '.join(known) or 'none'})")
         for half in ("low", "high"):
             b = np.concatenate([p[0] for p in parts[half]]) if parts[half] else np.zeros(0)
             a = np.concatenate([p[1] for p in parts[half]]) if parts[half] else np.zeros(0)
