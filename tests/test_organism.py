@@ -421,3 +421,11 @@ def test_eval_diagnose_cli_writes_halves_and_card(small_run, tmp_path, capsys):
     assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--diagnose", str(dg),
                  "--scorecard", str(dg)]) == 2
     assert "name the same folder" in capsys.readouterr().err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--diagnose",
+                 str(foreign), "--scorecard-groups", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(foreign) in err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]

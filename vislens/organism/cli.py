@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import VislensError
+from ..io import check_output
 from .card import write_model_card
 from .config import (DEFAULT_BATCH, DEFAULT_FAMILIAR_WEIGHT, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
                      EVAL_SEED, SCORECARD_GROUPS, SCORECARD_SEED, TRAIN_FILE)
@@ -90,18 +91,14 @@ def _scorecard(args: argparse.Namespace) -> dict:
 
 def _diagnosis(args: argparse.Namespace) -> dict:
     """Run ``eval --diagnose``: ScalingVis per layer on the scorecard's scenes, by half."""
-    import math
-
-    from .diagnosis import diagnosis_conditions, run_diagnosis
+    from .diagnosis import run_diagnosis
 
     style = args.style if args.style is not None else training_style(args.path)
     table = run_diagnosis(args.path, args.diagnose, n_groups=args.scorecard_groups,
                           seed=args.scorecard_seed, style=style)
-    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-            for r in json.loads(table.to_json(orient="records"))]
-    conds = sorted(set(table["condition"]), key=list(table["condition"]).index)
     return {"n_groups": args.scorecard_groups, "seed": args.scorecard_seed, "style": style,
-            "conditions": ["baseline", *conds], "rows": rows}
+            "conditions": ["baseline", *table["condition"].unique()],
+            "rows": json.loads(table.to_json(orient="records"))}  # NaN -> null
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
                     Path(args.diagnose).resolve() == Path(args.scorecard).resolve():
                 raise VislensError(f"--diagnose and --scorecard name the same folder "
                                    f"{args.diagnose}: give each its own")
+            for folder in (args.scorecard, args.diagnose):  # refused before any work
+                if folder:
+                    check_output(folder, kind="folder")
             df = evaluate_organism(args.path, n_groups=args.n_groups, seed=args.seed)
             print(df.to_string(index=False))
             print("image attention in the boxes per layer:", df.attrs["box_attention_by_layer"],

@@ -46,15 +46,11 @@ def run_diagnosis(path: str | Path, out_dir: str | Path, *, n_groups: int = SCOR
     ``n_groups`` and ``style`` give the same scenes and baseline) into ``out_dir`` and write
     the per-half gains to ``out_dir/halves.csv`` and ``halves.md``; returns that table."""
     from ..findings import confidence_half_gains, halves_markdown, load_evidence
-    from ..models import load_model
-    from .scorecard import capture_heldout
+    from ..io import prepare_output_dir
+    from .scorecard import capture_heldout, load_organism
 
-    if adapter is None:
-        from ..errors import VislensError
-
-        if not Path(path, "config.json").exists():
-            raise VislensError(f"{path}: no model organism there (no config.json)")
-        adapter = load_model(str(path), dtype="float32", device="auto")
+    prepare_output_dir(out_dir, force=force)  # a foreign folder is refused before loading
+    adapter = adapter if adapter is not None else load_organism(path)
     captures = capture_heldout(path, out_dir, diagnosis_conditions(adapter.num_layers),
                                n_groups=n_groups, seed=seed, style=style, batch_size=batch_size,
                                log=log, adapter=adapter, force=force,

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from ..errors import VislensError
 from .config import SCORECARD_GROUPS, SCORECARD_SEED, Log
 
-__all__ = ["SCORECARD_CONDITIONS", "capture_heldout", "run_scorecard"]
+__all__ = ["SCORECARD_CONDITIONS", "capture_heldout", "load_organism", "run_scorecard"]
 
 #: the captured conditions (never tuned to an organism)
 SCORECARD_CONDITIONS: tuple[str, ...] = (
@@ -25,6 +25,16 @@ SCORECARD_CONDITIONS: tuple[str, ...] = (
     "add:delta=1",
     "vcd", "dola",
 )
+
+
+def load_organism(path: str | Path) -> Any:
+    """The organism at ``path`` as a vislens adapter (float32, best device); a folder without
+    ``config.json`` is refused in one line."""
+    from ..models import load_model
+
+    if not Path(path, "config.json").exists():
+        raise VislensError(f"{path}: no model organism there (no config.json)")
+    return load_model(str(path), dtype="float32", device="auto")
 
 
 def capture_heldout(path: str | Path, out_dir: str | Path, conditions: Sequence[str], *,
@@ -39,16 +49,12 @@ def capture_heldout(path: str | Path, out_dir: str | Path, conditions: Sequence[
     unless ``force``); the captures in it are replaced."""
     from ..capture import run_capture
     from ..io import prepare_output_dir
-    from ..models import load_model
     from ..synth import SceneStyle, synthesize
 
     say = log or (lambda msg: None)
     out = prepare_output_dir(out_dir, force=force)
     scenes = synthesize(out / "scenes", 4 * n_groups, seed, style=SceneStyle.parse(style))
-    if adapter is None:
-        if not Path(path, "config.json").exists():
-            raise VislensError(f"{path}: no model organism there (no config.json)")
-        adapter = load_model(str(path), dtype="float32", device="auto")
+    adapter = adapter if adapter is not None else load_organism(path)
     captures = []
     for subset in ("a", "b"):
         cap = out / f"capture_{subset}.h5"
