@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from vislens.data.base import Box, Sample
 from vislens.decoding import ConditionResult, parse_condition
+from vislens.errors import VislensError
 from vislens.findings import FINDINGS, load_evidence, run_findings
 from vislens.store import CaptureWriter
 
@@ -313,3 +314,47 @@ def test_cli_writes_confidence_halves(scorecards, tmp_path):
     halves = pd.read_csv(tmp_path / "f" / "confidence_halves.csv")
     assert set(halves["half"]) == {"low", "high"} and "scaling-0.5" in set(halves["condition"])
     assert "## Accuracy gain by confidence half" in (tmp_path / "f" / "findings.md").read_text()
+    head = pd.read_csv(tmp_path / "f" / "scaling_headroom.csv")
+    assert list(head["half"]) == ["low", "high"] and (head["conditions"] == 2).all()
+    assert "## Headroom of ScalingVis by confidence half" in (tmp_path / "f" / "findings.md").read_text()
+
+
+def test_scaling_headroom_against_pandas(scorecards, tmp_path):
+    """Errors some alpha fixes, per half: a plain pandas computation on the same tables."""
+    from vislens.findings import headroom_markdown, scaling_headroom
+
+    one = scorecards["holds"][1]
+    two = load_evidence(build(tmp_path / "two.h5", World(seed=5)))
+    table = scaling_headroom([one, two])
+    parts = []
+    for ev in (one, two):
+        t = ev.table
+        base = t[t.condition == ev.baseline].set_index("row")
+        wide = {c: t[t.condition == c].set_index("row").correct.astype(bool)
+                for c in ("scaling-0.5", "scaling-2")}
+        rows = base.index.intersection(wide["scaling-0.5"].index).intersection(wide["scaling-2"].index)
+        conf = base.confidence.loc[rows]
+        parts.append(pd.DataFrame({"low": conf < conf.median(), "b": base.correct.loc[rows].astype(bool),
+                                   "sm": wide["scaling-0.5"].loc[rows], "sh": wide["scaling-2"].loc[rows]}))
+    ref = pd.concat(parts)
+    assert list(table["half"]) == ["low", "high"]
+    for r in table.itertuples():
+        x = ref[ref.low] if r.half == "low" else ref[~ref.low]
+        wrong = ~x.b
+        assert r.n == len(x) and r.baseline_errors == wrong.sum() > 0
+        assert r.fixed_by_smoothing == (wrong & x.sm).sum()
+        assert r.fixed_by_sharpening == (wrong & x.sh).sum()
+        assert r.fixed_by_any == (wrong & (x.sm | x.sh)).sum()
+        assert r.oracle_accuracy == pytest.approx((x.b | x.sm | x.sh).mean())
+        assert r.conditions == 2
+    # the "holds" world: smoothing fixes low-half errors only, sharpening high-half ones
+    assert table.set_index("half").loc["low", "fixed_by_smoothing"] > 0
+    assert table.set_index("half").loc["high", "fixed_by_sharpening"] > 0
+    only = scaling_headroom([one], conditions=["scaling-2"]).set_index("half")
+    assert (only["fixed_by_smoothing"] == 0).all()
+    md = headroom_markdown(table)
+    assert md.count("\n") == 3 and "| low |" in md
+    with pytest.raises(VislensError, match="'add\\+1' in .* is not a ScalingVis"):
+        scaling_headroom([one], conditions=["add+1"])
+    with pytest.raises(VislensError, match="'nope'"):
+        scaling_headroom([one], conditions=["nope"])

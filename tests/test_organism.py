@@ -412,10 +412,16 @@ def test_eval_diagnose_cli_writes_halves_and_card(small_run, tmp_path, capsys):
     for half, sel in (("low", ref.low), ("high", ~ref.low)):
         row = halves[(halves.condition == "scaling-2-L0") & (halves.half == half)].iloc[0]
         assert row.n == sel.sum() and row.gain_pp == pytest.approx(100 * ref.d[sel].mean())
+    head = pd.read_csv(dg / "headroom.csv").set_index("half")
+    assert head["conditions"].eq(10).all() and head["n"].sum() == len(ref)
+    assert (head["fixed_by_any"] <= head["baseline_errors"]).all()
+    assert "fixed by some alpha > 1" in (dg / "halves.md").read_text()
     meta = json.loads((dest / "organism.json").read_text())
     assert meta["diagnosis"]["seed"] == 8 and len(meta["diagnosis"]["rows"]) == len(halves)
     card = (dest / "README.md").read_text()
     assert "## Where ScalingVis acts (diagnosis)" in card and "`scaling-2-L1-objects`" in card
+    assert meta["diagnosis"]["headroom"] == json.loads(head.reset_index().to_json(orient="records"))
+    assert "oracle accuracy" in card
     assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--write-card"]) == 0
     assert json.loads((dest / "organism.json").read_text())["diagnosis"] == meta["diagnosis"]
     assert main(["organism", "eval", "--path", str(dest), "--n-groups", "1", "--diagnose", str(dg),

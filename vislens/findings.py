@@ -34,7 +34,7 @@ from . import metrics
 from .errors import VislensError
 
 __all__ = ["Finding", "FINDINGS", "Evidence", "load_evidence", "run_findings", "write_findings",
-           "confidence_half_gains", "halves_markdown"]
+           "confidence_half_gains", "halves_markdown", "scaling_headroom", "headroom_markdown"]
 
 VERDICTS = ("reproduced", "not reproduced", "not testable")
 #: fewer samples than this and a finding is not testable
@@ -700,6 +700,86 @@ def halves_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+#: columns of :func:`scaling_headroom`
+HEADROOM_COLUMNS = ("half", "n", "baseline_errors", "fixed_by_smoothing", "fixed_by_sharpening",
+                    "fixed_by_any", "baseline_accuracy", "oracle_accuracy", "conditions")
+
+
+def _alpha(ev: Evidence, cond: str) -> float:
+    return float(ev.attrs[cond]["alpha"])
+
+
+def scaling_headroom(evidence: Sequence[Evidence], *, conditions: Sequence[str] | None = None
+                     ) -> pd.DataFrame:
+    """How many of each confidence half's baseline errors *some* ScalingVis alpha fixes.
+
+    An upper bound for any rule that picks alpha per sample among the captured ones (as
+    AdaptVis picks between two by confidence): if few of a half's errors are fixed by any
+    alpha, no choice of alpha can help that half, whatever its gain table says. Halves are
+    F8's (per capture, baseline confidence below its median: ``low``). Per half, pooled over
+    the captures: ``n`` samples done under the baseline and every ScalingVis condition of
+    their capture, the baseline's wrong answers, how many of them at least one condition with
+    alpha < 1 (``fixed_by_smoothing``), with alpha > 1 (``fixed_by_sharpening``) or either
+    (``fixed_by_any``) answers right, and the oracle accuracy (right under the baseline or
+    under any of the conditions). ``conditions`` defaults to every ScalingVis condition with
+    alpha != 1; ``conditions`` (the count of distinct ones used) is the last column.
+    """
+    used: list[str] = []
+    parts: dict[str, list[np.ndarray]] = {"low": [], "high": []}
+    for ev in evidence:
+        if ev.baseline is None:
+            continue
+        scaling = [c for c in ev.methods("scaling") if _alpha(ev, c) != 1]
+        if conditions is not None:
+            for c in conditions:
+                if c in ev.attrs and c not in scaling:
+                    raise VislensError(f"condition {c!r} in {ev.path.name} is not a ScalingVis "
+                                       "condition with alpha != 1")
+            scaling = [c for c in scaling if c in conditions]
+        if not scaling:
+            continue
+        common, low, base = _halves(ev, scaling)
+        right = np.stack([ev.correct(c).loc[common].to_numpy(bool) for c in scaling], axis=1)
+        alphas = np.array([_alpha(ev, c) for c in scaling])
+        cols = np.stack([base.to_numpy() > 0, right[:, alphas < 1].any(axis=1),
+                         right[:, alphas > 1].any(axis=1)], axis=1)
+        for half, sel in (("low", low), ("high", ~low)):
+            parts[half].append(cols[sel])
+        used += [c for c in scaling if c not in used]
+    if conditions is not None:
+        missing = [c for c in conditions if c not in used]
+        if missing:
+            raise VislensError(f"condition {missing[0]!r} is in no capture with a done baseline")
+    if not used:
+        raise VislensError("no capture with a done baseline and a ScalingVis condition "
+                           "(alpha != 1)")
+    out = []
+    for half in ("low", "high"):
+        x = np.concatenate(parts[half]) if parts[half] else np.zeros((0, 3), bool)
+        base, smooth, sharp = x[:, 0], x[:, 1], x[:, 2]
+        wrong = ~base
+        out.append(dict(half=half, n=int(len(x)), baseline_errors=int(wrong.sum()),
+                        fixed_by_smoothing=int((wrong & smooth).sum()),
+                        fixed_by_sharpening=int((wrong & sharp).sum()),
+                        fixed_by_any=int((wrong & (smooth | sharp)).sum()),
+                        baseline_accuracy=float(base.mean()) if len(x) else math.nan,
+                        oracle_accuracy=float((base | smooth | sharp).mean()) if len(x) else math.nan,
+                        conditions=len(used)))
+    return pd.DataFrame(out, columns=list(HEADROOM_COLUMNS))
+
+
+def headroom_markdown(table: pd.DataFrame) -> str:
+    """:func:`scaling_headroom` as a markdown table, one row per half."""
+    lines = ["| half | n | baseline errors | fixed by some alpha < 1 | fixed by some alpha > 1 | "
+             "fixed by any | baseline accuracy | oracle accuracy |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.half} | {r.n} | {r.baseline_errors} | {r.fixed_by_smoothing} | "
+                     f"{r.fixed_by_sharpening} | {r.fixed_by_any} | {_num(r.baseline_accuracy)} | "
+                     f"{_num(r.oracle_accuracy)} |")
+    return "\n".join(lines)
+
+
 def _num(x: float, fmt: str = ".3f") -> str:
     return "—" if not np.isfinite(x) else format(x, fmt)
 
@@ -740,6 +820,15 @@ def write_findings(paths: Sequence[str | Path], out_dir: str | Path, *,
                "Every condition against the baseline on F8's halves (baseline confidence below / "
                "at or above its median in each capture), paired, pooled over the captures "
                "(`confidence_halves.csv`).", "", halves_markdown(halves)]
+    if any(ev.baseline is not None and any(_alpha(ev, c) != 1 for c in ev.methods("scaling"))
+           for ev in evidence):
+        head = scaling_headroom(evidence)
+        head.to_csv(out / "scaling_headroom.csv", index=False)
+        md += ["", "## Headroom of ScalingVis by confidence half", "",
+               f"How many baseline errors of each half at least one of the "
+               f"{int(head['conditions'].iloc[0])} ScalingVis conditions fixes: a ceiling for any "
+               "per-sample choice of alpha among them (AdaptVis with two of these alphas is one) "
+               "(`scaling_headroom.csv`).", "", headroom_markdown(head)]
     md.append("")
     path = out / "findings.md"
     path.write_text("\n".join(md))

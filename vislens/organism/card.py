@@ -112,7 +112,21 @@ def _diagnosis_section(dg: Mapping[str, Any] | None) -> str:
         "on F8's halves (baseline confidence below / at or above its median per subset), in pp, "
         "with bootstrap intervals; fixed / broken count the answers each condition turns right / "
         "wrong. Re-run: `vislens organism eval --diagnose DIR`.", "",
-        halves_markdown(table)])
+        halves_markdown(table), *_headroom_lines(dg.get("headroom"))])
+
+
+def _headroom_lines(rows: Any) -> list[str]:
+    """The diagnosis's headroom table (absent in cards written before it existed)."""
+    if not rows:
+        return []
+    import pandas as pd
+
+    from ..findings import headroom_markdown
+
+    return ["", "How many of each half's baseline errors at least one of these alphas fixes "
+            "(a ceiling for any per-sample choice among them, such as AdaptVis with two of "
+            "these alphas; "
+            "`vislens.findings.scaling_headroom`):", "", headroom_markdown(pd.DataFrame(rows))]
 
 
 def card_values(path: Path, stats: Mapping[str, Any], eval_df,

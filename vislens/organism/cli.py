@@ -98,7 +98,8 @@ def _diagnosis(args: argparse.Namespace) -> dict:
                           seed=args.scorecard_seed, style=style)
     return {"n_groups": args.scorecard_groups, "seed": args.scorecard_seed, "style": style,
             "conditions": ["baseline", *table["condition"].unique()],
-            "rows": json.loads(table.to_json(orient="records"))}  # NaN -> null
+            "rows": json.loads(table.to_json(orient="records")),  # NaN -> null
+            "headroom": table.attrs["headroom"]}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,12 +6,14 @@ the strongest sharpening on the high half, with the alpha applied in every layer
 fails, the question is which layer's attention the alpha moves and whom that helps. This
 captures the same held-out scenes as the scorecard under ScalingVis restricted to each
 layer (and to the heads the init wires: layer 0's name heads, layer 1's object heads) and
-tabulates every condition's paired gain per half (:func:`vislens.findings.confidence_half_gains`).
+tabulates every condition's paired gain per half (:func:`vislens.findings.confidence_half_gains`)
+and how many of each half's errors some of these alphas fixes (:func:`vislens.findings.scaling_headroom`).
 The conditions are fixed here, the same for every checkpoint; they are captured apart from
 the scorecard, so its choices among conditions (F9, F10) never see the restricted ones.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +46,11 @@ def run_diagnosis(path: str | Path, out_dir: str | Path, *, n_groups: int = SCOR
                   force: bool = False) -> "pd.DataFrame":
     """Capture :func:`diagnosis_conditions` on the scorecard's held-out scenes (same ``seed``,
     ``n_groups`` and ``style`` give the same scenes and baseline) into ``out_dir`` and write
-    the per-half gains to ``out_dir/halves.csv`` and ``halves.md``; returns that table."""
-    from ..findings import confidence_half_gains, halves_markdown, load_evidence
+    the per-half gains to ``out_dir/halves.csv`` and ``halves.md``; returns that table, with
+    the headroom per half (errors some alpha fixes, ``out_dir/headroom.csv``, also in
+    ``halves.md``) as records in ``table.attrs["headroom"]``."""
+    from ..findings import (confidence_half_gains, halves_markdown, headroom_markdown,
+                            load_evidence, scaling_headroom)
     from ..io import prepare_output_dir
     from .scorecard import capture_heldout, load_organism
 
@@ -55,10 +60,17 @@ def run_diagnosis(path: str | Path, out_dir: str | Path, *, n_groups: int = SCOR
                                n_groups=n_groups, seed=seed, style=style, batch_size=batch_size,
                                log=log, adapter=adapter, force=force,
                                command="vislens organism eval --diagnose")
-    table = confidence_half_gains([load_evidence(p) for p in captures], n_boot=n_boot)
+    evidence = [load_evidence(p) for p in captures]
+    table = confidence_half_gains(evidence, n_boot=n_boot)
+    head = scaling_headroom(evidence)
     out = Path(out_dir)
     table.to_csv(out / "halves.csv", index=False)
-    (out / "halves.md").write_text(halves_markdown(table) + "\n", encoding="utf-8")
+    head.to_csv(out / "headroom.csv", index=False)
+    (out / "halves.md").write_text(halves_markdown(table) + "\n\nErrors of each half that some "
+                                   "of these alphas fixes (a ceiling for any per-sample choice "
+                                   "of alpha):\n\n" + headroom_markdown(head) + "\n",
+                                   encoding="utf-8")
+    table.attrs["headroom"] = json.loads(head.to_json(orient="records"))
     if log:
         log(f"ScalingVis by layer and confidence half: {out / 'halves.md'}")
     return table
