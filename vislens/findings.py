@@ -709,6 +709,11 @@ def _alpha(ev: Evidence, cond: str) -> float:
     return float(ev.attrs[cond]["alpha"])
 
 
+def _scaling_alphas(ev: Evidence) -> list[str]:
+    """The capture's ScalingVis conditions that change anything (alpha != 1), in file order."""
+    return [c for c in ev.methods("scaling") if _alpha(ev, c) != 1]
+
+
 def scaling_headroom(evidence: Sequence[Evidence], *, conditions: Sequence[str] | None = None
                      ) -> pd.DataFrame:
     """How many of each confidence half's baseline errors *some* ScalingVis alpha fixes.
@@ -729,7 +734,7 @@ def scaling_headroom(evidence: Sequence[Evidence], *, conditions: Sequence[str] 
     for ev in evidence:
         if ev.baseline is None:
             continue
-        scaling = [c for c in ev.methods("scaling") if _alpha(ev, c) != 1]
+        scaling = _scaling_alphas(ev)
         if conditions is not None:
             for c in conditions:
                 if c in ev.attrs and c not in scaling:
@@ -820,8 +825,7 @@ def write_findings(paths: Sequence[str | Path], out_dir: str | Path, *,
                "Every condition against the baseline on F8's halves (baseline confidence below / "
                "at or above its median in each capture), paired, pooled over the captures "
                "(`confidence_halves.csv`).", "", halves_markdown(halves)]
-    if any(ev.baseline is not None and any(_alpha(ev, c) != 1 for c in ev.methods("scaling"))
-           for ev in evidence):
+    if any(ev.baseline is not None and _scaling_alphas(ev) for ev in evidence):
         head = scaling_headroom(evidence)
         head.to_csv(out / "scaling_headroom.csv", index=False)
         md += ["", "## Headroom of ScalingVis by confidence half", "",
