@@ -98,6 +98,18 @@ def test_bad_specs_are_one_line_errors(spec, msg):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("spec, part", [("scaling:alpha=2,layers=5-2+7", "'5-2'"),
+                                        ("knockout:heads=0+3-1", "'3-1'"),
+                                        ("dola:layers=4-2+1", "'4-2'")])
+def test_a_reversed_range_inside_a_list_is_refused_not_dropped(spec, part):
+    """``layers=5-2+7`` is not layer 7 alone: a reversed part selects nothing and is an error
+    like ``layers=5-2`` on its own, wherever it stands in the list."""
+    with pytest.raises(VislensError) as e:
+        parse_condition(spec)
+    assert f"{part} selects nothing" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def test_directly_built_conditions_are_validated_too():
     with pytest.raises(VislensError, match="missing alpha"):
         check_conditions([Condition("s", "scaling")])

@@ -276,6 +276,35 @@ def test_logit_hook_edits_one_layer_like_a_restricted_intervention(tiny_adapter)
     assert (expect - base).abs().max() > 1e-2 * base.abs().max()
 
 
+def test_a_hook_with_an_optional_third_parameter_is_called_as_tensor_hook(tiny_adapter):
+    """``fn(logits, hook, factor=2.0)`` is the (tensor, hook) form with an option, not the
+    three-argument (layer, tensor, steerer) form: only required parameters decide."""
+    adapter = tiny_adapter("llava")
+    batch = adapter.prepare([random_image(16)], [QUESTION])
+    kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              position_ids=batch.position_ids, **batch.vision)
+    keys = batch.image_keys
+    rows: list[tuple[int, torch.Tensor]] = []
+
+    def with_option(logits, hook, factor=2.0):
+        return torch.where(keys[:, None, :], logits * factor, logits)
+
+    def recorder(probs, hook, into=rows):
+        into.append((hook.layer, probs))
+
+    with torch.no_grad():
+        with Steerer(keys, [Intervention("scale", torch.tensor([2.0]), layers=frozenset({1}))]) as ref:
+            expect = adapter.model(**kw).logits[:, -1]
+        with Steerer(keys) as s:
+            s.add_hook("blocks.1.attn.logits", with_option)
+            s.add_hook("attn.pattern", recorder)
+            got = adapter.model(**kw).logits[:, -1]
+    assert_close(got, expect)
+    assert sorted(layer for layer, _ in rows) == sorted(ref.records)
+    for layer, probs in rows:
+        assert_close(probs, ref.records[layer])
+
+
 def test_bad_hook_names_and_layers_outside_the_model_are_refused(tiny_adapter):
     adapter = tiny_adapter("llava")
     batch = adapter.prepare([random_image(17)], [QUESTION])

@@ -211,13 +211,15 @@ _MAX_RANGE = 1 << 16  # far beyond any model's layers or heads; bounds what a ra
 
 
 def _parse_ints(text: str, where: str) -> tuple[int, ...]:
-    """``"8-15+20"`` -> (8, ..., 15, 20); an empty result is an error."""
+    """``"8-15+20"`` -> (8, ..., 15, 20); an empty result or a reversed part is an error."""
     out: set[int] = set()
     for part in text.replace("+", " ").replace(";", " ").split():
         m = _INT_RANGE.fullmatch(part)
         if m is None:
             raise VislensError(f"{where}: expected integers like 0-15 or 3+7, got {text!r}")
         lo, hi = int(m[1]), int(m[2] or m[1])
+        if hi < lo:  # a reversed part is refused, also beside others (5-2+7 is not just 7)
+            raise VislensError(f"{where}: {part!r} selects nothing (write ranges low-high, e.g. 2-5)")
         if hi - lo >= _MAX_RANGE:
             raise VislensError(f"{where}: {part} spans more than {_MAX_RANGE} indices")
         out.update(range(lo, hi + 1))

@@ -180,12 +180,16 @@ def _matcher(names) -> tuple[Callable[[str, int, str], bool], set[int]]:
 
 
 def _as_hook(fn: Hook | LegacyHook) -> Hook:
-    """Wrap the documented three-argument form ``fn(layer, tensor, steerer)``."""
+    """Wrap the documented three-argument form ``fn(layer, tensor, steerer)``.
+
+    Only required positional parameters count: ``fn(t, hook, factor=2.0)`` is the
+    ``(tensor, hook)`` form with an option."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return fn
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                  and p.default is p.empty]
     if len(positional) == 3 and not any(p.kind == p.VAR_POSITIONAL for p in params):
         return lambda t, hook: fn(hook.layer, t, hook.steerer)
     return fn
