@@ -125,3 +125,36 @@ def test_boxes_in_a_read_only_folder_is_one_line(capture_file, tmp_path, small_d
         pytest.skip("this user can write any folder")
     err = _boxes_cli(target, capfd)
     assert len(err) == 1 and "not writable" in err[0], err
+
+
+def test_capture_time_mask_uses_the_same_box_choice_as_vislens_boxes(tmp_path):
+    """A question's mask at capture time covers the question's objects only, matched by the
+    rule ``vislens boxes --detector annotations`` uses (case, synonyms), never a distractor."""
+    from PIL import Image
+
+    from vislens.boxes import annotation_boxes
+    from vislens.capture import annotation_masks
+    from vislens.data.base import Box, Sample
+
+    img = tmp_path / "scene.png"
+    Image.new("RGB", (240, 240)).save(img)
+    cup, plate, table = (0, 0, 40, 40), (200, 200, 240, 240), (0, 120, 240, 160)
+    samples = [
+        # label differs from the object name only in case: the plate is a distractor
+        Sample("s0", str(img), "Where is the cup?", ["Left", "Right"], "Left",
+               objects=["cup"], boxes=[Box("Cup", cup), Box("plate", plate)]),
+        # "table" is annotated as COCO's "dining table"
+        Sample("s1", str(img), "Where is the cup?", ["Left", "Right"], "Left",
+               objects=["cup", "table"],
+               boxes=[Box("cup", cup), Box("plate", plate), Box("dining table", table)]),
+    ]
+    masks, _, sizes = annotation_masks(samples, 24)
+    for k, (s, res) in enumerate(zip(samples, annotation_boxes(samples))):
+        # hand reference: the question's boxes on the 24-grid (10 px cells)
+        want = np.zeros((24, 24), np.float32)
+        for b in s.boxes:
+            if b.label.lower() != "plate":
+                x0, y0, x1, y1 = (int(v) // 10 for v in b.xyxy)
+                want[y0:y1, x0:x1] = 1
+        np.testing.assert_array_equal(masks[k], want)
+        np.testing.assert_array_equal(masks[k], box_mask(res.xyxy, sizes[k], 24))

@@ -252,3 +252,32 @@ def test_yes_no_detection_is_one_rule_for_capture_evaluate_and_sweep():
     # the paper's VSR rule is case-sensitive "Yes" anywhere; the substring rule would say the same
     # for "yes", so a lower-case answer tells the two apart
     assert capture.is_correct("Yes, it is.", vsr) and not capture.is_correct("yes", vsr)
+
+
+def test_vsr_table_counts_an_answer_that_is_neither_yes_nor_no_as_wrong(tmp_path):
+    """VSR scores of a capture use the same correctness as its accuracy table: an answer that
+    is neither yes nor no is a miss for a true caption (FN) and a false alarm for a false one
+    (FP), as the paper's code counts it (label 0 is TN only when 'No' is in the answer)."""
+    import h5py
+    from test_plots import make_capture
+
+    path = make_capture(tmp_path / "vsr.h5", n=8, conditions=("baseline",), with_boxes=False)
+    answers = ["Yes"] * 4 + ["No"] * 4
+    preds = ["Yes", "No", "Maybe", "Yes.", "No", "Maybe", "Yes", "None"]
+    with h5py.File(path, "r+") as f:
+        f["samples/answer"][...] = answers
+        f["samples/options"][...] = [["Yes", "No", "Yes", "No"]] * 8
+        f["conditions/baseline/prediction"][...] = preds
+    tables = evaluate.evaluate_capture(path, log=None)
+    y = np.array([a == "Yes" for a in answers])
+    # hand-read decisions: which answers say "yes" under each rule (non-answers as wrong)
+    said_yes = {"paper": [1, 0, 0, 1, 0, 1, 1, 0], "first-word": [1, 0, 0, 1, 0, 1, 1, 1]}
+    acc = tables["accuracy"]
+    for matcher, pred in said_yes.items():
+        row = tables["vsr"].set_index("matcher").loc[matcher]
+        pred = np.array(pred, bool)
+        assert (row.tp, row.fn, row.tn, row.fp) == (
+            (pred & y).sum(), (~pred & y).sum(), (~pred & ~y).sum(), (pred & ~y).sum())
+        assert row.f1 == pytest.approx(f1_score(y, pred))
+        assert row.precision == pytest.approx(precision_score(y, pred))
+        assert 100 * row.accuracy == pytest.approx(acc[acc["matcher"] == matcher]["acc"].iloc[0])

@@ -358,3 +358,31 @@ def test_scaling_headroom_against_pandas(scorecards, tmp_path):
         scaling_headroom([one], conditions=["add+1"])
     with pytest.raises(VislensError, match="'nope'"):
         scaling_headroom([one], conditions=["nope"])
+
+
+def test_f10_pairs_each_baseline_with_its_own_test_samples():
+    """VCD and DoLa done on different test samples (e.g. one condition added to a capture
+    later): each difference is paired on the samples done under both of its conditions."""
+    import pandas as pd
+
+    from vislens.findings import Evidence, _Ctx, f10_beats_contrastive
+
+    n = 40
+    split = np.where(np.arange(n) < 10, "val", "test")
+    rng = np.random.default_rng(3)
+    ok = {"scaling-2": rng.random(n) < 0.7, "vcd": rng.random(n) < 0.5, "dola": rng.random(n) < 0.4}
+    done = {"scaling-2": np.ones(n, bool), "vcd": np.ones(n, bool), "dola": np.arange(n) < 30}
+    table = pd.concat([pd.DataFrame({"row": np.flatnonzero(done[c]), "condition": c,
+                                     "split": split[done[c]], "correct": ok[c][done[c]]})
+                       for c in ok], ignore_index=True)
+    attrs = {"scaling-2": {"method": "scaling", "alpha": 2.0}, "vcd": {"method": "vcd"},
+             "dola": {"method": "dola"}}
+    ev = Evidence(Path("c.h5"), table, attrs, list(ok), None, 4, pd.DataFrame({"split": split}),
+                  None, None)
+    value, lo, hi, size, why, verdict = f10_beats_contrastive([ev], _Ctx(200, 0, 0.95))
+    test = split == "test"
+    # plain reference: per baseline, mean over its own paired test samples
+    gain = [100 * np.mean(ok["scaling-2"][test & done[b]].astype(float)
+                          - ok[b][test & done[b]].astype(float)) for b in ("vcd", "dola")]
+    assert value == pytest.approx(min(gain), rel=1e-12)
+    assert size == int(test.sum()) and np.isfinite(lo) and lo <= value <= hi

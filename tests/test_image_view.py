@@ -233,3 +233,34 @@ def test_files_without_a_view_mean_the_whole_image(tiny_dir, tmp_path):
                     read_attrs(new_f))
     with open_capture(tmp_path / "mix.h5") as c:
         np.testing.assert_allclose(c.views(), [[0, 0, 1, 1], VIEW], rtol=1e-6)
+
+
+def test_a_processor_that_pads_to_a_square_shows_padding_not_a_stretched_image(tiny_dir):
+    """LlavaImageProcessor(do_pad=True) (the original LLaVA-1.5's "pad" aspect ratio) pastes a
+    56 x 40 image at y = (56 - 40) // 2 = 8 on a 56 x 56 square: token row r of the 24 x 24
+    grid shows y in [(-8 + r * 56 / 24) / 40, (-8 + (r + 1) * 56 / 24) / 40], and the rows
+    over the padding see nothing of the image."""
+    from transformers.models.llava.image_processing_llava import LlavaImageProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from tests.conftest import random_image
+    from vislens.models import load_model
+
+    kw = dict(do_pad=True, size={"shortest_edge": S}, crop_size={"height": S, "width": S})
+    want = (0.0, -8 / 40, 1.0, 48 / 40)
+    for proc in (LlavaImageProcessor(**kw), LlavaImageProcessorPil(**kw)):
+        assert clip_view(W, H, proc) == pytest.approx(want, rel=1e-12)
+        pixel = np.tile((np.array(want[2:]) - want[:2]) / S, 2)  # one output pixel, normalised
+        assert (np.abs(np.array(ramp_view(proc, (W, H))) - want) <= 0.25 * pixel).all()
+
+    adapter = load_model(tiny_dir("llava"), dtype="float32", device="cpu")
+    adapter.processor.image_processor = LlavaImageProcessor(**kw)
+    assert adapter.image_view((W, H)) == (0.0, 0.0, 1.0, 1.0)  # the whole image is seen
+    lay = adapter.prepare([random_image(3, (W, H))], ["Where is the cat?"]).layouts[0]
+    g = 24
+    r, c = np.divmod(np.arange(g * g), g)
+    y0, y1 = (-8 + r * 56 / g) / 40, (-8 + (r + 1) * 56 / g) / 40
+    ref = np.stack([c / g, np.clip(y0, 0, 1), (c + 1) / g, np.clip(y1, 0, 1)], axis=1)
+    ref[(y1 <= 0) | (y0 >= 1)] = np.nan
+    np.testing.assert_allclose(lay.rects, ref, rtol=1e-9, atol=1e-12)
+    assert np.isnan(lay.rects[:, 0]).sum() == 2 * 3 * g  # 8 px of padding = 3.4 rows each side

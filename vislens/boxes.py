@@ -25,6 +25,7 @@ from .errors import VislensError
 __all__ = [
     "COCO_SYNONYMS", "Detection", "Unmatched", "DetectionResult", "box_mask", "box_masks",
     "coco_class_for", "coco_names", "match_detections", "detect_boxes", "annotation_boxes",
+    "annotation_objects",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -393,23 +394,27 @@ def annotation_boxes(samples: Sequence[Sample]) -> list[DetectionResult]:
     singulars, synonyms, trailing words). ``image_size`` is read from the image header when
     the file exists.
     """
-    results = []
-    for s in samples:
-        labels = [b.label for b in s.boxes]
-        used = np.zeros(len(labels), dtype=bool)
-        objects: list[Detection | Unmatched] = []
-        for name in s.objects:
-            i = _label_match(name, labels, used)
-            if i is None:
-                reason = (f"no annotated box labelled {name!r} (labels: {', '.join(labels)})"
-                          if labels else "sample has no annotated boxes")
-                objects.append(Unmatched(name, reason))
-                continue
-            used[i] = True
-            box = s.boxes[i]
-            objects.append(Detection(name, box.label, tuple(float(v) for v in box.xyxy), 1.0))
-        results.append(DetectionResult(s.id, s.image_path, _header_size(s.image_path), objects))
-    return results
+    return [DetectionResult(s.id, s.image_path, _header_size(s.image_path), annotation_objects(s))
+            for s in samples]
+
+
+def annotation_objects(s: Sample) -> list[Detection | Unmatched]:
+    """One record per question object of ``s``: its annotated box (rule of
+    :func:`annotation_boxes`) or why it has none. Capture-time masks use the same choice."""
+    labels = [b.label for b in s.boxes]
+    used = np.zeros(len(labels), dtype=bool)
+    objects: list[Detection | Unmatched] = []
+    for name in s.objects:
+        i = _label_match(name, labels, used)
+        if i is None:
+            reason = (f"no annotated box labelled {name!r} (labels: {', '.join(labels)})"
+                      if labels else "sample has no annotated boxes")
+            objects.append(Unmatched(name, reason))
+            continue
+        used[i] = True
+        box = s.boxes[i]
+        objects.append(Detection(name, box.label, tuple(float(v) for v in box.xyxy), 1.0))
+    return objects
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,20 +131,27 @@ def annotation_masks(samples: Sequence[Sample], grid: int,
                      views: np.ndarray | None = None):
     """Box masks from the dataset's own boxes (synthetic scenes, JSONL), or None.
 
+    Each mask covers the question objects' boxes, chosen by the rule of
+    :func:`vislens.boxes.annotation_boxes` (label equal to the object name in any case, else a
+    synonym), so it never includes a distractor and equals what ``vislens boxes`` attaches.
+
     ``views`` [N, 4] (normalised rectangles the model sees, :func:`sample_views`) restrict
     each mask to what the model saw; without them the whole image counts.
     """
     if not any(s.boxes for s in samples):
         return None, None, None
-    from .boxes import box_mask
+    from .boxes import Detection, annotation_objects, box_mask
 
     sizes, masks = [], np.zeros((len(samples), grid, grid), dtype=np.float32)
     for k, s in enumerate(samples):
         size = _image_size(s) or (0, 0)
         sizes.append(size)
         if s.boxes and size[0] > 0:
-            wanted = [b for b in s.boxes if not s.objects or b.label in s.objects] or s.boxes
-            masks[k] = box_mask(np.array([b.xyxy for b in wanted], dtype=np.float64), size, grid,
+            # the question objects' boxes, chosen as `vislens boxes --detector annotations`
+            # does (never a distractor); a sample that names no objects counts every box
+            wanted = ([o.xyxy for o in annotation_objects(s) if isinstance(o, Detection)]
+                      if s.objects else [b.xyxy for b in s.boxes])
+            masks[k] = box_mask(np.array(wanted, dtype=np.float64).reshape(-1, 4), size, grid,
                                 view=None if views is None else views[k])
     return masks, [list(s.boxes) for s in samples], sizes
 

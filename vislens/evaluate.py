@@ -456,7 +456,8 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
 
     Per condition and per gold relation, each with its Wilson 95% interval; pair and set
     accuracy when the samples form complete Controlled-style groups; VSR-style yes/no data
-    adds standard F1 and the paper's variant; ``gold_frequency`` is Table 7 (how often each
+    adds standard F1 and the paper's variant (an answer the matcher accepts as neither yes nor
+    no is wrong: FN for a true caption, FP for a false one); ``gold_frequency`` is Table 7 (how often each
     gold answer occurs per relation); ``inference_time`` is Table 9 (seconds per sample and
     ratio to greedy per condition; a version-1 capture has no times and ``log`` gets one
     line saying so). Writes ``accuracy.csv``, ``gold_frequency.csv`` (and ``vsr.csv``,
@@ -496,9 +497,12 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
         if yesno:
             vs = []
             for cond, g in t.groupby("condition", sort=False):
-                pred_yes = np.array([p.strip().lower().startswith("yes") if matcher != "paper"
-                                     else ("Yes" in p) for p in g["prediction"]])
-                label = (g["answer"].str.lower() == "yes").astype(int).to_numpy()
+                # the decision each answer counts as, from the matcher's correctness: an
+                # answer that is neither yes nor no is wrong either way (FN for a true
+                # caption, FP for a false one, as the paper's code counts it), so the VSR
+                # accuracy equals the accuracy table's
+                label = (g["answer"].str.lower() == "yes").to_numpy()
+                pred_yes = g["correct"].to_numpy(bool) == label
                 vs.append({"matcher": matcher, "condition": cond, **vsr_scores(pred_yes, label)})
             tables.setdefault("vsr", pd.DataFrame())
             tables["vsr"] = pd.concat([tables["vsr"], pd.DataFrame(vs)], ignore_index=True)

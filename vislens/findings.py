@@ -213,10 +213,15 @@ def _best_on_val(ev: Evidence, conds: Sequence[str]) -> tuple[str, float]:
 
 def _paired_test(ev: Evidence, a: str, b: str) -> np.ndarray:
     """Per test sample done in both: correct[a] - correct[b] (in {-1, 0, 1})."""
+    return _paired_test_rows(ev, a, b).to_numpy()
+
+
+def _paired_test_rows(ev: Evidence, a: str, b: str) -> pd.Series:
+    """:func:`_paired_test` indexed by capture row."""
     test_rows = set(ev.table.loc[ev.table["split"] == "test", "row"])
     ca, cb = ev.correct(a), ev.correct(b)
     rows = sorted(set(ca.index) & set(cb.index) & test_rows)
-    return ca.loc[rows].to_numpy(float) - cb.loc[rows].to_numpy(float)
+    return ca.loc[rows].astype(float) - cb.loc[rows].astype(float)
 
 
 def _need_split(ev: Evidence) -> None:
@@ -543,19 +548,19 @@ def f10_beats_contrastive(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
                     "a scaling or adaptvis condition" if not ours else "a vcd or dola condition"))
             _need_split(ev)
             o, _ = _best_on_val(ev, ours)
-            cols = []
+            cols = {}
             for m in ("vcd", "dola"):
                 if m in others:
                     b, _ = _best_on_val(ev, others[m])
-                    cols.append(_paired_test(ev, o, b))
+                    cols[m] = _paired_test_rows(ev, o, b)
                     used.append(f"{ev.path.name}: {o} vs {b}")
-                else:
-                    cols.append(None)
         except _Untestable as exc:
             problems.append(str(exc))
             continue
-        n = max(len(c) for c in cols if c is not None)
-        rows.append(np.stack([c if c is not None else np.full(n, np.nan) for c in cols], axis=1))
+        # one row per test sample, each difference on the samples done under its pair (NaN
+        # where a pair is not done; column means leave NaN out)
+        joined = pd.concat(cols, axis=1).reindex(columns=["vcd", "dola"])
+        rows.append(joined.to_numpy(float))
     if not rows:
         raise _Untestable("; ".join(problems))
     D = np.concatenate(rows)

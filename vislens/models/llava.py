@@ -1,6 +1,7 @@
 """LLaVA-1.5 (``LlavaForConditionalGeneration``): one square grid of patch tokens."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -17,14 +18,30 @@ def _get(size: Any, key: str):
 
 
 def clip_view(width: int, height: int, image_processor: Any) -> tuple[float, float, float, float]:
-    """The part of the original image a CLIP-style processor keeps, normalised to [0, 1].
+    """The rectangle a CLIP-style processor's output shows, in the original image's
+    normalised coordinates: inside [0, 1] for a centre crop, beyond it where padding shows.
 
     Follows the slow processor's own integer arithmetic: a shortest-edge resize makes the
     long side ``int(size * long / short)`` pixels (truncated), then a centre crop starts at
     ``(resized - crop) // 2``; a fixed (height, width) resize keeps everything (stretched).
+    With ``do_pad`` (``LlavaImageProcessor``, the original LLaVA-1.5's "pad" aspect ratio)
+    the image is first pasted at ``((M - W) // 2, (M - H) // 2)`` on an ``M = max(W, H)``
+    square, so the output shows the whole image plus bands of padding: e.g. a 640 x 427
+    image gives y in [-106/427, 534/427].
     :func:`ramp_view` measures the same rectangle on the processor in use (fast ones may
     round differently); this function is its hand-computed reference.
     """
+    if getattr(image_processor, "do_pad", False) is True and width != height:
+        m = max(int(width), int(height))
+        px, py = (m - int(width)) // 2, (m - int(height)) // 2
+        u0, v0, u1, v1 = _crop_view(m, m, image_processor)
+        return ((u0 * m - px) / width, (v0 * m - py) / height,
+                (u1 * m - px) / width, (v1 * m - py) / height)
+    return _crop_view(width, height, image_processor)
+
+
+def _crop_view(width: int, height: int, image_processor: Any) -> tuple[float, float, float, float]:
+    """:func:`clip_view` of an image the processor does not pad."""
     size = getattr(image_processor, "size", None)
     crop = getattr(image_processor, "crop_size", None)
     if not getattr(image_processor, "do_center_crop", False) or crop is None:
@@ -83,11 +100,19 @@ def ramp_view(image_processor: Any, size: tuple[int, int]) -> tuple[float, float
     if pix.ndim != 4 or pix.shape[:2] != (3, 3):
         raise VislensError(f"cannot measure the image processor's view: pixel_values has shape "
                            f"{pix.shape}, expected [3, 3, H, W]")
-    lo, hi = pix[0].mean(axis=(1, 2)), pix[1].mean(axis=(1, 2))  # per channel
+    # output pixels that show the image change between black and white; padding does not
+    gain = np.abs(pix[1] - pix[0]).mean(axis=0)  # [H', W']
+    content = gain > 0.5 * gain.max() if gain.max() > 1e-12 else np.ones_like(gain, bool)
+    cols, rows = content.any(axis=0), content.any(axis=1)
+    inner = content & cols[None, :] & rows[:, None]
+    lo, hi = (np.array([p[c][inner].mean() for c in range(3)]) for p in pix[:2])  # per channel
     scale = np.where(np.abs(hi - lo) > 1e-12, hi - lo, np.nan)
     coord = (pix[2, :2] - lo[:2, None, None]) / scale[:2, None, None]  # [2, H', W'] in [0, 1]
-    x0, x1 = _fit_axis(coord[0].mean(axis=0))
-    y0, y1 = _fit_axis(coord[1].mean(axis=1))
+    coord = np.where(content[None], coord, np.nan)
+    with warnings.catch_warnings():  # rows/columns of padding only: NaN, left out of the fit
+        warnings.simplefilter("ignore", RuntimeWarning)
+        x0, x1 = _fit_axis(np.nanmean(coord[0], axis=0))
+        y0, y1 = _fit_axis(np.nanmean(coord[1], axis=1))
     return (x0, y0, x1, y1)
 
 
@@ -133,12 +158,16 @@ def _fit_axis(profile: np.ndarray) -> tuple[float, float]:
 
     Output pixel ``k`` shows the centre of resized pixel ``o + k``, at normalised coordinate
     ``(o + k + 0.5) / R``; the line through the interior pixels (edges are clamped by the
-    resampling filter) gives ``R`` and ``o``.
+    resampling filter) gives ``R`` and ``o``. NaN entries (padding) are left out of the fit
+    and the line is extended over them, so padding shows as a view beyond [0, 1].
     """
     c = len(profile)
-    m = max(2, c // 8)
     k = np.arange(c)
-    sel = slice(m, c - m) if c - 2 * m >= 2 else slice(None)
+    shown = np.flatnonzero(np.isfinite(profile))
+    first, last = (shown[0], shown[-1] + 1) if shown.size else (0, c)
+    n = last - first
+    m = max(2, n // 8)
+    sel = slice(first + m, last - m) if n - 2 * m >= 2 else slice(first, last)
     if not np.isfinite(profile[sel]).all() or len(k[sel]) < 2:
         raise VislensError("cannot measure the image processor's view: its output does not "
                            "follow the input image's coordinates")
@@ -153,7 +182,9 @@ def _fit_axis(profile: np.ndarray) -> tuple[float, float]:
         o_int = round(offset)
         if abs(offset - o_int) < 0.25:
             lo, hi = o_int / r_int, (o_int + c) / r_int
-    return float(np.clip(lo, 0.0, 1.0)), float(np.clip(hi, 0.0, 1.0))
+    if shown.size == c:  # no padding: the output lies within the image
+        return float(np.clip(lo, 0.0, 1.0)), float(np.clip(hi, 0.0, 1.0))
+    return float(lo), float(hi)
 
 
 @register_adapter("llava", "LlavaForConditionalGeneration")
@@ -167,9 +198,10 @@ class LlavaAdapter(VLMAdapter):
         vc = self.config.vision_config
         return int(vc.image_size // vc.patch_size)
 
-    def image_view(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
-        """The centre crop the processor keeps (:func:`processor_view`: measured by ramp
-        images through the processor in use), cached per size."""
+    def processor_rect(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The rectangle the processor's output shows (:func:`processor_view`: measured by
+        ramp images through the processor in use), beyond [0, 1] where it pads; cached per
+        size."""
         size = (int(size[0]), int(size[1]))
         cache = self.__dict__.setdefault("_views", {})
         if size not in cache:
@@ -178,6 +210,12 @@ class LlavaAdapter(VLMAdapter):
             cache[size] = tuple(float(v) for v in self._view_of(size))
         return cache[size]
 
+    def image_view(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The part of the image the model sees: the processor's centre crop (the whole
+        image when it pads to a square)."""
+        x0, y0, x1, y1 = self.processor_rect(size)
+        return (max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0))
+
     def layouts(self, input_ids, image_keys, vision, sizes):
         g = self.patch_grid
         out = []
@@ -185,6 +223,11 @@ class LlavaAdapter(VLMAdapter):
             pos = self._positions(image_keys, i)
             if len(pos) != g * g:
                 raise VislensError(f"sample {i} has {len(pos)} image tokens; LLaVA expects {g * g}")
-            rects = grid_rects(g, g, self.image_view((w, h)))
-            out.append(ImageLayout(pos, rects, (w, h), np.full(g * g, "patch")))
+            # tokens over padding see no image (NaN, like NeXT's); edge tokens keep their
+            # image part
+            rects = grid_rects(g, g, self.processor_rect((w, h)))
+            clipped = np.clip(rects, 0.0, 1.0)
+            empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
+            clipped[empty] = np.nan
+            out.append(ImageLayout(pos, clipped, (w, h), np.full(g * g, "patch")))
         return out
