@@ -411,9 +411,13 @@ class DecodingEngine:
         check_conditions(conditions, self.adapter.num_layers, self.adapter.num_heads)
         t0 = self._now()
         batch = self.adapter.prepare(images, questions)
+        if len(options) != batch.size:
+            raise VislensError(f"{batch.size} samples but {len(options)} option lists")
+        # before decoding: an option the tokenizer cannot score is refused at no cost
+        opt_ids = [self.adapter.option_token_ids(o, p) for o, p in zip(options, batch.prompts)]
         keys = list(sample_keys) if sample_keys is not None else list(questions)
         plans, steps, costs = self._plan_and_execute(batch, conditions, keys, t0)
-        return self._collect(batch, options, conditions, plans, steps, costs)
+        return self._collect(batch, opt_ids, conditions, plans, steps, costs)
 
     def _plan_and_execute(self, batch: PreparedBatch, conditions: Sequence[Condition],
                           sample_keys: Sequence[str], t0: float
@@ -478,14 +482,13 @@ class DecodingEngine:
             costs[c.name] = shared + sum(runs[r] for r in used)
         return plans, steps, costs
 
-    def _collect(self, batch: PreparedBatch, options: Sequence[Sequence[str]],
+    def _collect(self, batch: PreparedBatch, opt_ids: Sequence[Sequence[Sequence[int]]],
                  conditions: Sequence[Condition], plans: dict[str, Plan],
                  steps: dict[SettingKey, _Step], costs: dict[str, float]
                  ) -> list[dict[str, ConditionResult]]:
         """Each sample's result under each condition, from the step its plan names."""
         n_img = batch.image_keys.sum(-1).tolist()
         n_all = batch.attention_mask.sum(-1).tolist()
-        opt_ids = [self.adapter.option_token_ids(o) for o in options]
         results: list[dict[str, ConditionResult]] = [{} for _ in range(batch.size)]
         for c in conditions:
             plan = plans[c.name]

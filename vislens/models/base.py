@@ -55,6 +55,8 @@ class VLMAdapter:
         self.config = model.config
         self.text_config = getattr(model.config, "text_config", model.config)
         self.image_token_id = int(model.config.image_token_id)
+        self._prompt_ending: str | None = None
+        self._option_ids: dict[tuple[str, tuple[str, ...]], list[list[int]]] = {}
 
     # -- facts --------------------------------------------------------------------------
     @property
@@ -112,25 +114,69 @@ class VLMAdapter:
         """Text between the prompt's end and the answer (a space for 'ASSISTANT: Left')."""
         return " "
 
-    def option_token_ids(self, options: Sequence[str]) -> list[list[int]]:
-        """For each option, the distinct first tokens that start it as an answer.
+    def prompt_ending(self) -> str:
+        """The text the model's prompt ends with after the question (``" ASSISTANT:"`` for
+        LLaVA-1.5, ``"<|im_end|>\\n<|im_start|>assistant\\n"`` for Qwen2-VL): the answer follows it."""
+        if self._prompt_ending is None:
+            marker = "VislensQuestionMarker"
+            prompt = self.format_prompt(marker)
+            if marker not in prompt:
+                raise VislensError(f"{self.name}: the chat template drops the question; "
+                                   "cannot tell where the answer starts")
+            self._prompt_ending = prompt.rsplit(marker, 1)[1]
+        return self._prompt_ending
 
-        Case variants ("Left", "left") are both counted: a model may answer in either.
+    def option_token_ids(self, options: Sequence[str], prompt: str | None = None) -> list[list[int]]:
+        """For each option, the distinct first tokens the model generates to start it as an answer.
+
+        That token is the first one where the tokenisation of the prompt's end +
+        :meth:`answer_prefix` + option departs from the tokenisation of the prompt's end
+        alone: the token right after the prompt's last one. Tokenising the option alone is
+        not enough: a legacy sentencepiece Llama tokenizer encodes ``" Left"`` as
+        ``['▁', '▁Left']`` and ``" "`` as ``['▁▁']``, while after ``"ASSISTANT:"`` the model
+        generates ``'▁Left'``. ``prompt`` (a full prompt) decides the prompt's end when it
+        does not end with the model's template (:meth:`prompt_ending`); its text after the
+        last image token is used then. Case variants ("Left", "left") are both counted: a
+        model may answer in either. Results are cached per (prompt end, options).
         """
+        ending = self._ending_of(prompt)
+        key = (ending, tuple(options))
+        if key not in self._option_ids:
+            if len(self._option_ids) >= 4096:
+                self._option_ids.clear()
+            self._option_ids[key] = self._first_tokens(ending, options)
+        return [list(ids) for ids in self._option_ids[key]]
+
+    def _ending_of(self, prompt: str | None) -> str:
+        ending = self.prompt_ending()
+        if prompt is None or prompt.endswith(ending):
+            return ending
+        image_token = getattr(self.processor, "image_token", None) or "<image>"
+        return prompt.rsplit(image_token, 1)[-1]
+
+    def _first_tokens(self, ending: str, options: Sequence[str]) -> list[list[int]]:
+        def encode(text: str) -> list[int]:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        base = encode(ending)
         out = []
         for opt in options:
-            ids = []
+            if not opt.strip():
+                raise VislensError(f"{self.name}: an answer option is empty ({opt!r})")
+            ids: list[int] = []
             for form in dict.fromkeys([opt, opt.lower(), opt.capitalize()]):
-                toks = self.tokenizer(self.answer_prefix() + form, add_special_tokens=False)["input_ids"]
-                toks = [t for t in toks if t not in self._space_ids()]
-                if toks and toks[0] not in ids:
-                    ids.append(int(toks[0]))
+                toks = encode(ending + self.answer_prefix() + form)
+                k = next((j for j, (a, b) in enumerate(zip(base, toks)) if a != b),
+                         min(len(base), len(toks)))
+                if k < len(base):
+                    raise VislensError(f"{self.name}: option {form!r} cannot be scored: the "
+                                       f"tokenizer merges it into the prompt's end {ending[-20:]!r}")
+                if k < len(toks) and int(toks[k]) not in ids:
+                    ids.append(int(toks[k]))
+            if not ids:
+                raise VislensError(f"{self.name}: option {opt!r} adds no token after the prompt")
             out.append(ids)
         return out
-
-    def _space_ids(self) -> set[int]:
-        toks = self.tokenizer(self.answer_prefix(), add_special_tokens=False)["input_ids"]
-        return set(toks)
 
     # -- batches ------------------------------------------------------------------------
     def prepare(self, images: Sequence[Any], questions: Sequence[str], *,
