@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -472,6 +473,38 @@ def test_resume_refuses_an_edited_dataset(tiny_dir, scenes, tmp_path):
                                            rf"'{recs[1]['id']}'\)"):
         cap(tiny_dir, data, out, conditions=["baseline"], limit=3)
     assert out.read_bytes() == before
+
+
+def test_shards_of_samples_with_different_option_counts_merge(tiny_dir, scenes, tmp_path):
+    """The option count (num_options, columns of option_probs) is the selection's, not the
+    shard's: shards whose own samples have fewer options still merge, and the merged file
+    holds what the one-process run holds."""
+    from vislens.store import merge
+
+    recs = [json.loads(line) for line in Path(scenes).read_text().splitlines()]
+    for i, r in enumerate(recs):
+        r["image"] = str(Path(scenes).parent / r["image"])
+        if i % 2 == 0:  # shard 0/2 gets only two-option samples
+            r["options"] = [r["answer"], next(o for o in r["options"] if o != r["answer"])]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    widest = max(len(r["options"]) for r in recs)
+    assert widest > 2
+    kw = dict(conditions=["baseline"], batch_size=1, limit=4)
+    full = cap(tiny_dir, data, tmp_path / "full.h5", **kw)
+    parts = [cap(tiny_dir, data, tmp_path / "run.h5", shard=f"{i}/2", **kw).path for i in range(2)]
+    for p in parts:
+        with h5py.File(p, "r") as f:
+            assert f.attrs["num_options"] == widest
+            assert f["conditions/baseline/option_probs"].shape[1] == widest
+    merged = merge(tmp_path / "merged.h5", parts)
+    with open_capture(full.path) as a, open_capture(merged) as b:
+        assert list(b.samples["id"]) == [r["id"] for r in recs[:4]]
+        assert list(b.samples["options"]) == [r["options"] for r in recs[:4]]
+        pa = a.table(["baseline"], done_only=False)
+        pb = b.table(["baseline"], done_only=False)
+        assert list(pa["prediction"]) == list(pb["prediction"])
+        np.testing.assert_array_equal(a.attention("baseline"), b.attention("baseline"))
 
 
 def test_merge_cli_refuses_existing_output(tiny_dir, scenes, tmp_path, capsys):

@@ -246,3 +246,39 @@ def test_cli_no_cluster_at_the_address_is_one_line_and_writes_nothing(scenes, tm
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith(f"vislens: error: --ray 127.0.0.1:{port}: no Ray cluster at")
     assert not out.exists() and not list(tmp_path.glob("x.h5*"))
+
+
+def test_workers_that_loaded_other_weights_or_dtype_are_refused(monkeypatch):
+    """Every replica must be the same model: a worker whose node resolved another revision
+    of the weights (its own hub cache) or another dtype would mix two models' rows in one
+    file whose attrs name only the first; it is refused in one line naming the field."""
+    from vislens.distributed import PoolSummary, WorkerStats, _Slot
+
+    def info(host, **changes):
+        describe = {"model": "m", "family": "llava", "model_revision": "aaa", "num_layers": 2,
+                    "num_heads": 4, "dtype": "bfloat16", "device": "cuda:0", **changes}
+        return {"host": host, "pid": 1, "error": "", "vislens_version": __import__(
+            "vislens").__version__, "describe": describe, "num_layers": 2, "num_heads": 4,
+            "name": "m"}
+
+    def started(*infos):
+        pool = ReplicaPool.__new__(ReplicaPool)  # no cluster: only the start-up check
+        pool.model, pool.info, pool.log = "m", {}, lambda m: None
+        pool.slots = [_Slot(i) for i in range(len(infos))]
+        pool.summary = PoolSummary({i: WorkerStats() for i in range(len(infos))})
+        refs = {f"ref{i}": x for i, x in enumerate(infos)}
+        pool._starting = {f"ref{i}": s for i, s in enumerate(pool.slots)}
+        monkeypatch.setattr(ray, "get", refs.__getitem__)
+        for ref in list(refs):
+            pool._on_started(ref)
+        return pool
+
+    # another device name is fine (each worker resolves --device on its own GPU)
+    ok = started(info("a"), info("b", device="cuda:1"))
+    assert all(s.ready for s in ok.slots)
+    for key, value in (("model_revision", "bbb"), ("dtype", "float32")):
+        with pytest.raises(VislensError) as err:
+            started(info("a"), info("b", **{key: value}))
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("worker 1 on b ")
+        assert key in msg and repr(value) in msg and repr(info("a")["describe"][key]) in msg

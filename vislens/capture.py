@@ -216,6 +216,9 @@ def plan_capture(*, model: str | Any, dataset: str, out: str | Path,
     samples, index = select_samples(dataset, data_root, split=split, limit=limit,
                                     split_seed=split_seed)
     n_selected = len(samples)
+    # the selection's option count, not the shard's: every shard of a job (and the
+    # one-process run) gets the same num_options, so the shards merge
+    num_options = max(len(s.options) for s in samples)
     keep = shard_rows(n_selected, shard_t)
     index = [index[k] for k in keep]
     samples = [samples[k] for k in keep]
@@ -242,7 +245,7 @@ def plan_capture(*, model: str | Any, dataset: str, out: str | Path,
         open_capture(out_path).close()
     masks, boxes, sizes = annotation_masks(samples, grid)
     plan = CapturePlan(conds, samples, index, n_selected, out_path, dims,
-                       max(len(s.options) for s in samples), masks, boxes, sizes)
+                       num_options, masks, boxes, sizes)
     if dims is not None:
         check_resources(plan, grid=grid, batch_size=batch_size)
     return plan

@@ -447,6 +447,15 @@ class ReplicaPool:
             raise VislensError(f"worker {slot.index} on {slot.host} loaded a model with "
                                f"{info['num_layers']} layers x {info['num_heads']} heads, "
                                f"others {self.num_layers} x {self.num_heads}")
+        if self.info:  # one file, one model: the same weights (revision) and dtype everywhere
+            mine, first = info["describe"], self.info["describe"]
+            for key in sorted((set(mine) | set(first)) - {"device"}):
+                if mine.get(key) != first.get(key):
+                    raise VislensError(
+                        f"worker {slot.index} on {slot.host} loaded {self.model!r} with {key} "
+                        f"{mine.get(key)!r}, the other workers {first.get(key)!r}: every "
+                        "worker must load the same weights in the same dtype (the same model "
+                        "revision on every node)")
         self.info = self.info or info
         slot.ready = True
         st = self.summary.stats[slot.index]
