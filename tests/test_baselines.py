@@ -171,6 +171,13 @@ def test_dola_candidates():
     assert dola_candidates("high", 32) == list(range(16, 32, 2))
     assert dola_candidates("high", 60) == list(range(40, 60, 2))
     assert dola_candidates("3+5", 32) == [3, 5]
+    # tied LM head and embeddings (Qwen2-VL-2B, 28 layers): "low" skips the embeddings' exit
+    # and starts at layer 2, as transformers 4.x does; "high" and lists are unchanged
+    assert dola_candidates("low", 28, tied_embeddings=True) == [2, 4, 6, 8, 10, 12]
+    assert dola_candidates("low", 60, tied_embeddings=True) == list(range(2, 20, 2))
+    assert dola_candidates("low", 2, tied_embeddings=True) == [1]
+    assert dola_candidates("high", 28, tied_embeddings=True) == dola_candidates("high", 28)
+    assert dola_candidates("0+2", 28, tied_embeddings=True) == [0, 2]
     from vislens.errors import VislensError
 
     with pytest.raises(VislensError, match="layers"):
@@ -185,3 +192,15 @@ def test_bad_baseline_options(spec, msg):
 
     with pytest.raises(VislensError, match=msg):
         parse_condition(spec)
+
+
+def test_tied_embeddings_read_from_the_weights(tiny_dir):
+    from vislens.models import load_model
+
+    adapter = load_model(tiny_dir("llava"), dtype="float32", device="cpu")
+    head, emb = adapter.model.get_output_embeddings(), adapter.model.get_input_embeddings()
+    assert adapter.tied_embeddings == (head.weight is emb.weight)
+    head.weight = emb.weight  # tie them, as a tied checkpoint loads
+    assert adapter.tied_embeddings
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    assert not adapter.tied_embeddings

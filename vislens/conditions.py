@@ -447,20 +447,24 @@ class VCD(Method):
         return self._same(SettingKey("scale", 1.0, rule="vcd", rule_args=cond.params), n)
 
 
-def dola_candidates(spec: str, num_layers: int) -> list[int]:
+def dola_candidates(spec: str, num_layers: int, tied_embeddings: bool = False) -> list[int]:
     """Premature-layer candidates (hidden-state indices; 0 = embeddings) for DoLa.
 
     ``"low"``/``"high"``: every second layer of the lower/upper half (for models over 40
     layers, the first/last 20), as the DoLa paper and transformers 4.x did; or an explicit
-    list such as ``"0+2+4"``. The final layer is never a candidate.
+    list such as ``"0+2+4"``. The final layer is never a candidate. With
+    ``tied_embeddings`` (the LM head is the input embedding, e.g. Qwen2-VL-2B), ``"low"``
+    starts at layer 2 (layer 1 for a 2-layer model) as transformers does: read through the
+    tied head, the embeddings' own exit is close to the identity and contrasts with nothing.
     """
     where = f"dola premature_layers={spec!r}"
     if spec in ("low", "high"):
+        start = 0 if not tied_embeddings else (2 if num_layers > 2 else num_layers - 1)
         if num_layers <= 40:
-            lo, hi = (0, num_layers // 2) if spec == "low" else (num_layers // 2, num_layers)
+            lo, hi = (start, num_layers // 2) if spec == "low" else (num_layers // 2, num_layers)
         else:
-            lo, hi = (0, 20) if spec == "low" else (num_layers - 20, num_layers)
-        layers = list(range(lo, hi, 2))
+            lo, hi = (start, 20) if spec == "low" else (num_layers - 20, num_layers)
+        layers = list(range(lo, hi, 2)) or [lo]
     else:
         layers = list(_parse_ints(spec, where))
     bad = [v for v in layers if not 0 <= v < num_layers]

@@ -331,7 +331,8 @@ class DecodingEngine:
                   record: bool | None = None, **_: Any) -> _Step:
         """DoLa rule: contrast the final layer with the most divergent premature layer."""
         args = dict(key.rule_args)
-        cands = dola_candidates(args["premature_layers"], self.adapter.num_layers)
+        cands = dola_candidates(args["premature_layers"], self.adapter.num_layers,
+                                self.adapter.tied_embeddings)
         head, norm = self.model.get_output_embeddings(), self.adapter.final_norm()
 
         def scores(steerer: Steerer | None, **kw) -> torch.Tensor:

@@ -64,6 +64,15 @@ class VLMAdapter:
         return int(self.text_config.num_hidden_layers)
 
     @property
+    def tied_embeddings(self) -> bool:
+        """Whether the LM head shares its weight with the input embedding (read from the
+        loaded weights, not the config, whose flag a wrapper config may not mirror)."""
+        out, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if out is None or emb is None:
+            return False
+        return out.weight.data_ptr() == emb.weight.data_ptr()
+
+    @property
     def num_heads(self) -> int:
         return int(self.text_config.num_attention_heads)
 
