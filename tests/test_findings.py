@@ -244,6 +244,25 @@ def test_several_captures_are_pooled(scorecards, tmp_path):
     assert all(found[k].verdict == "reproduced" for k in FINDINGS)
 
 
+def test_f3_interval_resamples_within_each_file(tmp_path):
+    from vislens.metrics import bootstrap_indices, percentile_interval
+
+    evs = [load_evidence(build(tmp_path / f"c{k}.h5", World(overlap="confound", seed=10 + k)))
+           for k in range(2)]
+    found = {f.id: f for f in run_findings(evs, n_boot=N_BOOT)}
+    sts = [ev.stats for ev in evs]
+    t = np.concatenate([st.split for st in sts]) == "test"
+    layer = int(found["F3"].why.split("layer ")[1].split()[0])
+    s = np.concatenate([st.overlap[:, layer] for st in sts])[t]
+    y = np.concatenate([np.asarray(st.correct, bool) for st in sts])[t]
+    files = np.concatenate([np.full(len(st.split), k) for k, st in enumerate(sts)])[t]
+    assert found["F3"].value == pytest.approx(roc_auc_score(y, s))
+    assert 0.55 < found["F3"].value < 0.99  # an interval with width, so resampling matters
+    reps = np.array([roc_auc_score(y[i], s[i]) if 0 < y[i].sum() < i.size else np.nan
+                     for i in bootstrap_indices(int(t.sum()), N_BOOT, 0, files)])
+    assert (found["F3"].ci_low, found["F3"].ci_high) == pytest.approx(percentile_interval(reps), rel=1e-9)
+
+
 def test_cli_writes_md_csv_json(scorecards, tmp_path, capsys):
     from vislens.cli import main
 

@@ -155,13 +155,15 @@ class LayerChoice(NamedTuple):
     n_test: int
 
 
-def choose_layer(st: LayerStats, *, n_boot: int = metrics.N_BOOT, seed: int = 0
-                 ) -> LayerChoice | None:
+def choose_layer(st: LayerStats, *, n_boot: int = metrics.N_BOOT, seed: int = 0,
+                 strata: np.ndarray | None = None) -> LayerChoice | None:
     """The layer whose overlap AUROC is highest on the validation samples, scored on test.
 
     Ties go to the lower layer. The test AUROC's interval is a bootstrap over the test
-    samples with the layer held fixed. None when the stats have no overlap, no split, or
-    either split lacks a class (then no honest choice exists).
+    samples with the layer held fixed; ``strata`` (one label per sample of ``st``, e.g. the
+    capture file of pooled stats) keeps each stratum's test count in every resample. None
+    when the stats have no overlap, no split, or either split lacks a class (then no honest
+    choice exists).
     """
     if st.overlap is None or st.split is None:
         return None
@@ -176,7 +178,8 @@ def choose_layer(st: LayerStats, *, n_boot: int = metrics.N_BOOT, seed: int = 0
     t = metrics.auroc(st.overlap[test, layer], st.correct[test])
     if not np.isfinite(t.auroc):
         return None
-    lo, hi = metrics.auroc_interval(st.overlap[test, layer], st.correct[test], n_boot=n_boot, seed=seed)
+    lo, hi = metrics.auroc_interval(st.overlap[test, layer], st.correct[test], n_boot=n_boot, seed=seed,
+                                    strata=None if strata is None else np.asarray(strata)[test])
     return LayerChoice(layer, float(best["auroc"]), t.auroc, lo, hi, int(val.sum()), int(test.sum()))
 
 

@@ -341,7 +341,9 @@ def f3_overlap_auroc(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
     if not val.any() or not test.any():
         raise _Untestable("no " + ("validation" if not val.any() else "test") + " samples (the "
                           "layer is chosen on the validation split; capture with --split all)")
-    choice = choose_layer(st, n_boot=ctx.n_boot, seed=ctx.seed)
+    # resampling keeps each capture file's test count, as every other finding's does
+    choice = choose_layer(st, n_boot=ctx.n_boot, seed=ctx.seed,
+                          strata=_strata(parts) if len(parts) > 1 else None)
     if choice is None:
         raise _Untestable("the overlap AUROC is undefined on the validation or test split "
                           "(one class of answers)")
