@@ -1082,3 +1082,67 @@ def test_check_output_rule(tmp_path):
         prepare_output_dir(mine)
     assert prepare_output_dir(mine, force=True) == mine and (mine / "thesis.tex").exists()
     assert prepare_output_dir(tmp_path / "empty-dir") == tmp_path / "empty-dir"
+
+
+class _Killed(BaseException):
+    """A kill injected between two writes of the writer (not an error it could handle)."""
+
+
+def _flags(path: Path, row: int) -> tuple[list[bool], bool]:
+    """(done per condition, failed) of ``row``, read with plain h5py."""
+    with h5py.File(path, "r", locking=False) as f:
+        done = [bool(f[f"conditions/{c.name}/done"][row]) for c in CONDS]
+        return done, bool(f["errors/failed"][row])
+
+
+def test_rewriting_a_failed_row_never_leaves_it_done_and_failed(tmp_path, monkeypatch):
+    """A kill at any write of ``write_batch`` over a failed row leaves it failed (and not
+    done) or pending, never done and failed at once; a row done everywhere holds its data."""
+    import shutil
+
+    import vislens.store.writer as writer_mod
+
+    template = tmp_path / "template.h5"
+    with open_writer(template, 4) as w:
+        write_rows(w, [0, 2, 3])
+        w.write_failure(1, "cannot open image 1")
+    assert _flags(template, 1) == ([False, False], True)
+    real_write = writer_mod.write_rows
+    calls = []
+
+    def counting(ds, rows, data):
+        calls.append(ds.name)
+        real_write(ds, rows, data)
+
+    def rewrite(path: Path) -> None:
+        with open_writer(path, 4) as w:
+            w.write_batch([1], [{c.name: gen(1, ci) for ci, c in enumerate(CONDS)}],
+                          [{c.name: gold_correct(1, ci) for ci, c in enumerate(CONDS)}])
+
+    shutil.copy(template, tmp_path / "count.h5")
+    monkeypatch.setattr(writer_mod, "write_rows", counting)
+    rewrite(tmp_path / "count.h5")
+    assert _flags(tmp_path / "count.h5", 1) == ([True, True], False)
+    n_writes = len(calls)
+    assert "/errors/failed" in calls and n_writes > 10
+    for k in range(n_writes):
+        path = tmp_path / f"kill{k}.h5"
+        shutil.copy(template, path)
+        count = iter(range(n_writes))
+
+        def killing(ds, rows, data):
+            if next(count) == k:
+                raise _Killed(ds.name)
+            real_write(ds, rows, data)
+
+        monkeypatch.setattr(writer_mod, "write_rows", killing)
+        with pytest.raises(_Killed):
+            rewrite(path)  # the with block closes the file, as the OS would after a kill
+        done, failed = _flags(path, 1)
+        assert not (failed and any(done)), (k, calls[k], done, failed)
+        with h5py.File(path, "r", locking=False) as f:
+            for ci, c in enumerate(CONDS):
+                if done[ci]:
+                    np.testing.assert_array_equal(
+                        f[f"conditions/{c.name}/image_attention"][1].astype(np.float32),
+                        gen(1, ci).image_attention)
