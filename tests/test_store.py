@@ -1146,3 +1146,54 @@ def test_rewriting_a_failed_row_never_leaves_it_done_and_failed(tmp_path, monkey
                     np.testing.assert_array_equal(
                         f[f"conditions/{c.name}/image_attention"][1].astype(np.float32),
                         gen(1, ci).image_attention)
+
+
+def test_durable_uncommit_is_fsynced_before_the_rewrite(tmp_path, monkeypatch):
+    """With ``durable=True`` the cleared done/failed flags reach the disk (fsync) before any
+    data of a rewrite or a failure's ``failed`` flag: a power loss cannot leave ``done``
+    over partly written rows. Without ``durable`` nothing is fsynced per batch."""
+    path = tmp_path / "run.h5"
+    with open_writer(path, 4) as w:
+        write_rows(w, [0, 1, 2])
+        w.write_failure(3, "cannot open image 3")
+    events: list[str] = []
+    real_set, real_fsync = h5py.Dataset.__setitem__, os.fsync
+
+    def set_spy(ds, sel, value):
+        events.append(ds.name)
+        real_set(ds, sel, value)
+
+    def fsync_spy(fd):
+        events.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", set_spy)
+    monkeypatch.setattr(os, "fsync", fsync_spy)
+
+    def batch(w: CaptureWriter, rows) -> None:
+        w.write_batch(rows, [{c.name: gen(r, ci) for ci, c in enumerate(CONDS)} for r in rows],
+                      [{c.name: gold_correct(r, ci) for ci, c in enumerate(CONDS)} for r in rows])
+
+    flags = {f"/conditions/{c.name}/done" for c in CONDS} | {"/errors/failed"}
+    for durable in (True, False):
+        with open_writer(path, 4, durable=durable) as w:
+            for rewrite, before, after in (
+                    (lambda: batch(w, [0]), flags, "/conditions/baseline/image_attention"),
+                    (lambda: batch(w, [3]), flags, "/conditions/baseline/image_attention"),
+                    (lambda: w.write_failure(1, "gone"), flags - {"/errors/failed"}
+                     | {"/errors/reason"}, "/errors/failed")):
+                events.clear()
+                rewrite()
+                if not durable:
+                    assert "fsync" not in events
+                    continue
+                first_fsync = events.index("fsync")
+                # before the first fsync only the flags are cleared (and a failure's reason
+                # written); the data (or the failed flag) come after it
+                assert events[:first_fsync] and set(events[:first_fsync]) <= before, events
+                assert after in events[first_fsync:], events
+    with h5py.File(path, "r", locking=False) as f:
+        done = np.stack([f[f"conditions/{c.name}/done"][()] for c in CONDS])
+        failed = f["errors/failed"][()]
+    np.testing.assert_array_equal(done.all(axis=0), [True, False, True, True])
+    np.testing.assert_array_equal(failed, [False, True, False, False])

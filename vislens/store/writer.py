@@ -114,7 +114,9 @@ class CaptureWriter(ClosingContext):
         :func:`lock_output`, taken earlier) and removes a leftover ``path.tmp``. A
         symlinked ``path`` is resolved: the lock, the writes and the final replace act on
         the real file, and the link stays a link. ``durable`` fsyncs each batch's rows
-        before its done flags (survives power loss, not only ``kill -9``). Resuming checks
+        before its done flags, the cleared flags of rewritten rows before their rewrite and
+        a failure's reason before its ``failed`` flag (survives power loss, not only
+        ``kill -9``). Resuming checks
         the job's spec and every sample's content fingerprint (question, options, answer,
         image bytes) against the file's.
         """
@@ -288,7 +290,7 @@ class CaptureWriter(ClosingContext):
                     write_rows(ds["errors/failed"], was_failed,
                                np.zeros(was_failed.size, dtype=bool))
                     self._fail[was_failed] = False
-                self._f.flush()
+                self._commit_flush()  # (durable: fsynced) before the rows are overwritten
             for c, arrays in data.items():
                 for field, values in arrays.items():
                     write_rows(ds[f"conditions/{c}/{field}"], rows, values)
@@ -371,7 +373,7 @@ class CaptureWriter(ClosingContext):
             width = ds["errors/reason"].dtype.itemsize
             ds["errors/reason"][r:r + 1] = fixed_strings([" ".join(str(reason).split())], width,
                                                   REASON_BYTES)
-            self._f.flush()
+            self._commit_flush()  # cleared done flags and the reason before ``failed``
             ds["errors/failed"][r] = True
             self._f.flush()
         self._fail[r] = True
