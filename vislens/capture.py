@@ -391,6 +391,41 @@ def batches_of(adapter: Any, samples: Sequence[Sample], rows: Sequence[int],
     return run_batches(DecodingEngine(adapter, **local), samples, rows, conditions, **kw)
 
 
+def check_loaded_model(model: Any, *, dtype: Any = "auto", device: str | None = "auto") -> None:
+    """Refuse ``dtype`` / ``device`` that an already loaded model (adapter or Ray pool) does
+    not have, in one line: it runs as it was loaded, so they could only be ignored.
+
+    ``"auto"`` (or None) accepts what it has; ``"cuda"`` matches any GPU index; ``"balanced"``
+    a model spread over devices (loaded with ``device="balanced"``)."""
+    import torch
+
+    from .models import resolve_dtype
+
+    desc = model.describe()
+    have_dtype, have_device = str(desc.get("dtype", "")), str(desc.get("device", ""))
+    if dtype not in (None, "auto"):
+        want = str(resolve_dtype(dtype, have_device)).replace("torch.", "")
+        if want != have_dtype:
+            raise VislensError(f"dtype {dtype!r}: the model given is already loaded in "
+                               f"{have_dtype or 'an unknown dtype'}; pass dtype='auto' or "
+                               f"load it in {want}")
+    if device in (None, "auto"):
+        return
+    if device == "balanced":
+        same = getattr(model, "device", None) == "balanced" or \
+            bool(getattr(getattr(model, "model", None), "hf_device_map", None))
+    else:
+        try:
+            w, h = torch.device(device), torch.device(have_device)
+            same = w.type == h.type and (w.index is None or w.index == h.index)
+        except (RuntimeError, TypeError, ValueError):
+            same = False
+    if not same:
+        raise VislensError(f"device {device!r}: the model given is already loaded on "
+                           f"{have_device or 'an unknown device'}; pass device='auto' or "
+                           f"load it on {device}")
+
+
 def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                 conditions: Sequence[str | Condition], data_root: str | None = None,
                 split: str = "all", limit: int | None = None, batch_size: int = 8,
@@ -404,7 +439,9 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     """Capture attention and answers for every (sample, condition); resumable.
 
     ``model`` is a name/path for :func:`vislens.models.load_model`, an already loaded
-    adapter or a :class:`vislens.distributed.ReplicaPool`. With ``ray`` (``"local"``,
+    adapter or a :class:`vislens.distributed.ReplicaPool`; a loaded one runs as it was
+    loaded, so ``dtype`` and ``device`` must then be ``"auto"`` or what it has
+    (:func:`check_loaded_model`). With ``ray`` (``"local"``,
     ``"auto"`` or ``"HOST:PORT"``) the batches run on ``workers`` Ray actors, one model
     replica each, and this process writes the file (``docs/scale.md``). Stages:
     :func:`plan_capture` (every check), the output's lock, the model (or the Ray workers),
@@ -432,6 +469,7 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
 
             adapter = load_model(model, dtype=dtype, device=device)
         else:
+            check_loaded_model(model, dtype=dtype, device=device)
             adapter = model
         if plan.dims is None:  # a hub model whose config was not cached: check before the file
             plan.dims = (adapter.num_layers, adapter.num_heads)
