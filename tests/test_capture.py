@@ -600,3 +600,45 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, name)
+
+
+def test_ray_session_is_closed_when_closing_the_file_fails(tiny_dir, tiny_adapter, scenes,
+                                                            tmp_path, monkeypatch):
+    """A failing ``writer.close()`` still closes the Ray session (no leaked workers) and is
+    the error raised; an error of the job itself stays the error raised (the close failure
+    is logged)."""
+    import vislens.distributed as dist
+
+    closed: list[str] = []
+
+    class Session:  # stands for the cluster + pool (the tiny adapter plays the pool)
+        pool = tiny_adapter("llava")
+
+        def close(self) -> None:
+            closed.append("session")
+
+    monkeypatch.setattr(dist, "open_session", lambda *a, **kw: Session())
+    real_close = CaptureWriter.close
+
+    def failing_close(self) -> None:
+        real_close(self)
+        closed.append("writer")
+        raise VislensError(f"{self.path}: closing the capture failed (disk gone)")
+
+    monkeypatch.setattr(CaptureWriter, "close", failing_close)
+    logs: list[str] = []
+    kw = dict(conditions=["baseline"], limit=2, ray="local", log=logs.append)
+    with pytest.raises(VislensError, match="closing the capture failed"):
+        cap(tiny_dir, scenes, tmp_path / "a.h5", **kw)
+    assert closed == ["writer", "session"]
+
+    closed.clear()
+
+    def boom(self, *a, **k):
+        raise VislensError("write_batch failed (boom)")
+
+    monkeypatch.setattr(CaptureWriter, "write_batch", boom)
+    with pytest.raises(VislensError, match=r"write_batch failed \(boom\)"):
+        cap(tiny_dir, scenes, tmp_path / "b.h5", **kw)
+    assert closed == ["writer", "session"]
+    assert any("closing the capture failed" in m for m in logs), logs

@@ -526,18 +526,36 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
             # every host that returned rows, in this run or (as recorded) before it
             extra["hosts"] = sorted(set(writer.attrs.get("hosts", [])) | set(pool.summary.hosts))
         final = writer.finalize(attrs=extra) if complete else plan.out
-    except KeyboardInterrupt:
-        log(f"interrupted: {written} sample(s) written to {plan.out}; run the same command "
-            "again to resume")
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            log(f"interrupted: {written} sample(s) written to {plan.out}; run the same "
+                "command again to resume")
+        try:  # the job's error stays the one raised; a failing close is logged
+            _close_all(writer, session, log)
+        except Exception as close_exc:
+            log(f"also: {close_exc}")
         raise
-    finally:
-        writer.close()
-        if session is not None:
-            session.close()
+    _close_all(writer, session, log)  # a failing close is the error (after the session closed)
     acc = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in correct_counts.items()}
     return CaptureSummary(Path(final), len(plan.samples), written, failed,
                           time.perf_counter() - t0, acc, complete,
                           pool.summary if pool is not None else None)
+
+
+def _close_all(writer: Any, session: Any, log: Callable[[str], None]) -> None:
+    """Close the writer, then the Ray session (if any) even when the writer's close raised;
+    the writer's error propagates (a session error after it is logged, not raised)."""
+    try:
+        writer.close()
+    except BaseException:
+        if session is not None:
+            try:
+                session.close()
+            except Exception as exc:
+                log(f"also: {exc}")
+        raise
+    if session is not None:
+        session.close()
 
 
 def _config_dims(model: str | Path) -> tuple[int, int] | None:
