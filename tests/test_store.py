@@ -1197,3 +1197,21 @@ def test_durable_uncommit_is_fsynced_before_the_rewrite(tmp_path, monkeypatch):
         failed = f["errors/failed"][()]
     np.testing.assert_array_equal(done.all(axis=0), [True, False, True, True])
     np.testing.assert_array_equal(failed, [False, True, False, False])
+
+
+@pytest.mark.parametrize("name", ["conditions/baseline/confidence", "conditions/scaling-0.5/correct",
+                                  "samples/index", "errors/failed", "samples/width",
+                                  "boxes/score"])
+def test_merge_names_the_corrupted_shard(tmp_path, name):
+    """A damaged chunk in a shard is one line naming that shard (not the output) and what
+    could not be read; no output, ``.tmp`` or lock is left."""
+    out = tmp_path / "run.h5"
+    shards = [_shard(tmp_path, out, i, 2, 8) for i in range(2)]
+    with h5py.File(shards[1], "r") as f:
+        assert f[name].compression == "gzip"  # the damage is seen when the chunk is inflated
+    _corrupt_chunk(shards[1], name, 0)
+    with pytest.raises(VislensError) as exc:
+        merge(out, shards)
+    msg = one_line(exc)
+    assert msg.startswith(f"{shards[1]}: cannot read ") and "corrupted" in msg, msg
+    assert not out.exists() and not Path(f"{out}.tmp").exists() and not Path(f"{out}.lock").exists()

@@ -15,7 +15,7 @@ from ..io import check_output, real_path
 from . import compact
 from .format import (RESUME_IGNORED_ATTRS, check_format, done_matrix, failed_flags,
                      format_version, fsync_dir, fsync_path, open_h5, plain_value, read_attrs,
-                     short_repr, read_text, tmp_of, unlink_quietly, write_boxes)
+                     short_repr, read_text, read_values, tmp_of, unlink_quietly, write_boxes)
 from .lock import OutputLock
 
 _MERGE_IGNORED = RESUME_IGNORED_ATTRS | {"shard", "merged_from"}
@@ -139,7 +139,7 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
         owner: dict[int, int] = {}
         src_list, row_list, idx_list = [], [], []
         for s, (p, f) in enumerate(zip(paths, files)):
-            idx = f["samples/index"][()]
+            idx = read_values(f["samples/index"])
             for j, i in enumerate(idx.tolist()):
                 if i in owner:
                     other = paths[owner[i]]
