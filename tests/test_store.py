@@ -1215,3 +1215,21 @@ def test_merge_names_the_corrupted_shard(tmp_path, name):
     msg = one_line(exc)
     assert msg.startswith(f"{shards[1]}: cannot read ") and "corrupted" in msg, msg
     assert not out.exists() and not Path(f"{out}.tmp").exists() and not Path(f"{out}.lock").exists()
+
+
+def test_merge_refuses_mixed_shard_counts(tmp_path):
+    """Shards of different ``--shard I/N`` counts are not one job's shards: refused in one
+    line naming both files, even when they happen to cover every sample."""
+    out = tmp_path / "run.h5"
+    half = _shard(tmp_path, out, 0, 2, 8)  # dataset positions 0, 2, 4, 6
+    quarters = [_shard(tmp_path, out, i, 4, 8) for i in (1, 3)]  # 1, 5 and 3, 7
+    for shards in ([half, quarters[0]], [half, *quarters], [quarters[1], half]):
+        with pytest.raises(VislensError) as exc:
+            merge(out, shards)
+        msg = one_line(exc)
+        assert msg.startswith(f"{shards[1]}: merge: ") and str(shards[0]) in msg, msg
+        assert re.search(r"shard \d/4 .* \d/2|shard \d/2 .* \d/4", msg), msg
+        assert not out.exists()
+    zero4 = _shard(tmp_path, tmp_path / "other.h5", 0, 4, 8)  # 0/2 and 0/4: counts, not "twice"
+    with pytest.raises(VislensError, match="0/4 but 0/2"):
+        merge(out, [half, zero4])
