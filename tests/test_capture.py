@@ -562,3 +562,83 @@ def test_model_dims_read_the_config_only(tiny_dir, tiny_adapter, monkeypatch):
     assert "\n" not in str(exc.value)
     with pytest.raises(VislensError, match="no such model directory"):
         model_dims("/no/such/model")
+
+
+def test_loaded_model_refuses_a_dtype_or_device_it_does_not_have(tiny_adapter, scenes, tmp_path):
+    """A loaded adapter runs as loaded: another dtype/device is refused in one line before
+    anything is written; "auto" or its own dtype/device run."""
+    adapter = tiny_adapter("llava")
+    weight = adapter.model.get_input_embeddings().weight
+    assert (weight.dtype, weight.device.type) == (torch_dtype("float32"), "cpu")
+    out = tmp_path / "o.h5"
+    for kw, msg in (({"dtype": "bfloat16"}, "dtype 'bfloat16': .* loaded in float32"),
+                    ({"dtype": "float16", "device": "auto"}, "loaded in float32"),
+                    ({"device": "cuda"}, "device 'cuda': .* loaded on cpu"),
+                    ({"device": "cuda:1"}, "loaded on cpu"),
+                    ({"device": "balanced"}, "loaded on cpu"),
+                    ({"device": "gpu"}, "loaded on cpu")):
+        args = dict(model=adapter, dataset=f"jsonl:{scenes}", out=out, conditions=["baseline"],
+                    limit=2, max_new_tokens=2, progress=False, log=lambda m: None)
+        with pytest.raises(VislensError, match=msg) as exc:
+            run_capture(**{**args, "device": "auto", **kw})
+        assert "\n" not in str(exc.value)
+        assert not out.exists() and not Path(f"{out}.lock").exists()
+    for kw in ({"dtype": "auto", "device": "auto"}, {"dtype": "float32", "device": "cpu"},
+               {"dtype": "fp32", "device": "cpu"}):
+        s = run_capture(**{**args, "out": tmp_path / f"{kw['dtype']}.h5", **kw})
+        assert s.complete and s.n_written == 2
+    assert weight.dtype == torch_dtype("float32")  # nothing converted the loaded model
+    from vislens.sweep import run_sweep
+
+    with pytest.raises(VislensError, match="dtype 'bfloat16': .* loaded in float32"):
+        run_sweep(model=adapter, dataset=f"jsonl:{scenes}", out=tmp_path / "sw",
+                  dtype="bfloat16", progress=False, log=lambda m: None)
+    assert not (tmp_path / "sw").exists()
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def test_ray_session_is_closed_when_closing_the_file_fails(tiny_dir, tiny_adapter, scenes,
+                                                            tmp_path, monkeypatch):
+    """A failing ``writer.close()`` still closes the Ray session (no leaked workers) and is
+    the error raised; an error of the job itself stays the error raised (the close failure
+    is logged)."""
+    import vislens.distributed as dist
+
+    closed: list[str] = []
+
+    class Session:  # stands for the cluster + pool (the tiny adapter plays the pool)
+        pool = tiny_adapter("llava")
+
+        def close(self) -> None:
+            closed.append("session")
+
+    monkeypatch.setattr(dist, "open_session", lambda *a, **kw: Session())
+    real_close = CaptureWriter.close
+
+    def failing_close(self) -> None:
+        real_close(self)
+        closed.append("writer")
+        raise VislensError(f"{self.path}: closing the capture failed (disk gone)")
+
+    monkeypatch.setattr(CaptureWriter, "close", failing_close)
+    logs: list[str] = []
+    kw = dict(conditions=["baseline"], limit=2, ray="local", log=logs.append)
+    with pytest.raises(VislensError, match="closing the capture failed"):
+        cap(tiny_dir, scenes, tmp_path / "a.h5", **kw)
+    assert closed == ["writer", "session"]
+
+    closed.clear()
+
+    def boom(self, *a, **k):
+        raise VislensError("write_batch failed (boom)")
+
+    monkeypatch.setattr(CaptureWriter, "write_batch", boom)
+    with pytest.raises(VislensError, match=r"write_batch failed \(boom\)"):
+        cap(tiny_dir, scenes, tmp_path / "b.h5", **kw)
+    assert closed == ["writer", "session"]
+    assert any("closing the capture failed" in m for m in logs), logs

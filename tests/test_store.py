@@ -1082,3 +1082,154 @@ def test_check_output_rule(tmp_path):
         prepare_output_dir(mine)
     assert prepare_output_dir(mine, force=True) == mine and (mine / "thesis.tex").exists()
     assert prepare_output_dir(tmp_path / "empty-dir") == tmp_path / "empty-dir"
+
+
+class _Killed(BaseException):
+    """A kill injected between two writes of the writer (not an error it could handle)."""
+
+
+def _flags(path: Path, row: int) -> tuple[list[bool], bool]:
+    """(done per condition, failed) of ``row``, read with plain h5py."""
+    with h5py.File(path, "r", locking=False) as f:
+        done = [bool(f[f"conditions/{c.name}/done"][row]) for c in CONDS]
+        return done, bool(f["errors/failed"][row])
+
+
+def test_rewriting_a_failed_row_never_leaves_it_done_and_failed(tmp_path, monkeypatch):
+    """A kill at any write of ``write_batch`` over a failed row leaves it failed (and not
+    done) or pending, never done and failed at once; a row done everywhere holds its data."""
+    import shutil
+
+    import vislens.store.writer as writer_mod
+
+    template = tmp_path / "template.h5"
+    with open_writer(template, 4) as w:
+        write_rows(w, [0, 2, 3])
+        w.write_failure(1, "cannot open image 1")
+    assert _flags(template, 1) == ([False, False], True)
+    real_write = writer_mod.write_rows
+    calls = []
+
+    def counting(ds, rows, data):
+        calls.append(ds.name)
+        real_write(ds, rows, data)
+
+    def rewrite(path: Path) -> None:
+        with open_writer(path, 4) as w:
+            w.write_batch([1], [{c.name: gen(1, ci) for ci, c in enumerate(CONDS)}],
+                          [{c.name: gold_correct(1, ci) for ci, c in enumerate(CONDS)}])
+
+    shutil.copy(template, tmp_path / "count.h5")
+    monkeypatch.setattr(writer_mod, "write_rows", counting)
+    rewrite(tmp_path / "count.h5")
+    assert _flags(tmp_path / "count.h5", 1) == ([True, True], False)
+    n_writes = len(calls)
+    assert "/errors/failed" in calls and n_writes > 10
+    for k in range(n_writes):
+        path = tmp_path / f"kill{k}.h5"
+        shutil.copy(template, path)
+        count = iter(range(n_writes))
+
+        def killing(ds, rows, data):
+            if next(count) == k:
+                raise _Killed(ds.name)
+            real_write(ds, rows, data)
+
+        monkeypatch.setattr(writer_mod, "write_rows", killing)
+        with pytest.raises(_Killed):
+            rewrite(path)  # the with block closes the file, as the OS would after a kill
+        done, failed = _flags(path, 1)
+        assert not (failed and any(done)), (k, calls[k], done, failed)
+        with h5py.File(path, "r", locking=False) as f:
+            for ci, c in enumerate(CONDS):
+                if done[ci]:
+                    np.testing.assert_array_equal(
+                        f[f"conditions/{c.name}/image_attention"][1].astype(np.float32),
+                        gen(1, ci).image_attention)
+
+
+def test_durable_uncommit_is_fsynced_before_the_rewrite(tmp_path, monkeypatch):
+    """With ``durable=True`` the cleared done/failed flags reach the disk (fsync) before any
+    data of a rewrite or a failure's ``failed`` flag: a power loss cannot leave ``done``
+    over partly written rows. Without ``durable`` nothing is fsynced per batch."""
+    path = tmp_path / "run.h5"
+    with open_writer(path, 4) as w:
+        write_rows(w, [0, 1, 2])
+        w.write_failure(3, "cannot open image 3")
+    events: list[str] = []
+    real_set, real_fsync = h5py.Dataset.__setitem__, os.fsync
+
+    def set_spy(ds, sel, value):
+        events.append(ds.name)
+        real_set(ds, sel, value)
+
+    def fsync_spy(fd):
+        events.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", set_spy)
+    monkeypatch.setattr(os, "fsync", fsync_spy)
+
+    def batch(w: CaptureWriter, rows) -> None:
+        w.write_batch(rows, [{c.name: gen(r, ci) for ci, c in enumerate(CONDS)} for r in rows],
+                      [{c.name: gold_correct(r, ci) for ci, c in enumerate(CONDS)} for r in rows])
+
+    flags = {f"/conditions/{c.name}/done" for c in CONDS} | {"/errors/failed"}
+    for durable in (True, False):
+        with open_writer(path, 4, durable=durable) as w:
+            for rewrite, before, after in (
+                    (lambda: batch(w, [0]), flags, "/conditions/baseline/image_attention"),
+                    (lambda: batch(w, [3]), flags, "/conditions/baseline/image_attention"),
+                    (lambda: w.write_failure(1, "gone"), flags - {"/errors/failed"}
+                     | {"/errors/reason"}, "/errors/failed")):
+                events.clear()
+                rewrite()
+                if not durable:
+                    assert "fsync" not in events
+                    continue
+                first_fsync = events.index("fsync")
+                # before the first fsync only the flags are cleared (and a failure's reason
+                # written); the data (or the failed flag) come after it
+                assert events[:first_fsync] and set(events[:first_fsync]) <= before, events
+                assert after in events[first_fsync:], events
+    with h5py.File(path, "r", locking=False) as f:
+        done = np.stack([f[f"conditions/{c.name}/done"][()] for c in CONDS])
+        failed = f["errors/failed"][()]
+    np.testing.assert_array_equal(done.all(axis=0), [True, False, True, True])
+    np.testing.assert_array_equal(failed, [False, True, False, False])
+
+
+@pytest.mark.parametrize("name", ["conditions/baseline/confidence", "conditions/scaling-0.5/correct",
+                                  "samples/index", "errors/failed", "samples/width",
+                                  "boxes/score"])
+def test_merge_names_the_corrupted_shard(tmp_path, name):
+    """A damaged chunk in a shard is one line naming that shard (not the output) and what
+    could not be read; no output, ``.tmp`` or lock is left."""
+    out = tmp_path / "run.h5"
+    shards = [_shard(tmp_path, out, i, 2, 8) for i in range(2)]
+    with h5py.File(shards[1], "r") as f:
+        assert f[name].compression == "gzip"  # the damage is seen when the chunk is inflated
+    _corrupt_chunk(shards[1], name, 0)
+    with pytest.raises(VislensError) as exc:
+        merge(out, shards)
+    msg = one_line(exc)
+    assert msg.startswith(f"{shards[1]}: cannot read ") and "corrupted" in msg, msg
+    assert not out.exists() and not Path(f"{out}.tmp").exists() and not Path(f"{out}.lock").exists()
+
+
+def test_merge_refuses_mixed_shard_counts(tmp_path):
+    """Shards of different ``--shard I/N`` counts are not one job's shards: refused in one
+    line naming both files, even when they happen to cover every sample."""
+    out = tmp_path / "run.h5"
+    half = _shard(tmp_path, out, 0, 2, 8)  # dataset positions 0, 2, 4, 6
+    quarters = [_shard(tmp_path, out, i, 4, 8) for i in (1, 3)]  # 1, 5 and 3, 7
+    for shards in ([half, quarters[0]], [half, *quarters], [quarters[1], half]):
+        with pytest.raises(VislensError) as exc:
+            merge(out, shards)
+        msg = one_line(exc)
+        assert msg.startswith(f"{shards[1]}: merge: ") and str(shards[0]) in msg, msg
+        assert re.search(r"shard \d/4 .* \d/2|shard \d/2 .* \d/4", msg), msg
+        assert not out.exists()
+    zero4 = _shard(tmp_path, tmp_path / "other.h5", 0, 4, 8)  # 0/2 and 0/4: counts, not "twice"
+    with pytest.raises(VislensError, match="0/4 but 0/2"):
+        merge(out, [half, zero4])

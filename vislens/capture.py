@@ -391,6 +391,41 @@ def batches_of(adapter: Any, samples: Sequence[Sample], rows: Sequence[int],
     return run_batches(DecodingEngine(adapter, **local), samples, rows, conditions, **kw)
 
 
+def check_loaded_model(model: Any, *, dtype: Any = "auto", device: str | None = "auto") -> None:
+    """Refuse ``dtype`` / ``device`` that an already loaded model (adapter or Ray pool) does
+    not have, in one line: it runs as it was loaded, so they could only be ignored.
+
+    ``"auto"`` (or None) accepts what it has; ``"cuda"`` matches any GPU index; ``"balanced"``
+    a model spread over devices (loaded with ``device="balanced"``)."""
+    import torch
+
+    from .models import resolve_dtype
+
+    desc = model.describe()
+    have_dtype, have_device = str(desc.get("dtype", "")), str(desc.get("device", ""))
+    if dtype not in (None, "auto"):
+        want = str(resolve_dtype(dtype, have_device)).replace("torch.", "")
+        if want != have_dtype:
+            raise VislensError(f"dtype {dtype!r}: the model given is already loaded in "
+                               f"{have_dtype or 'an unknown dtype'}; pass dtype='auto' or "
+                               f"load it in {want}")
+    if device in (None, "auto"):
+        return
+    if device == "balanced":
+        same = getattr(model, "device", None) == "balanced" or \
+            bool(getattr(getattr(model, "model", None), "hf_device_map", None))
+    else:
+        try:
+            w, h = torch.device(device), torch.device(have_device)
+            same = w.type == h.type and (w.index is None or w.index == h.index)
+        except (RuntimeError, TypeError, ValueError):
+            same = False
+    if not same:
+        raise VislensError(f"device {device!r}: the model given is already loaded on "
+                           f"{have_device or 'an unknown device'}; pass device='auto' or "
+                           f"load it on {device}")
+
+
 def run_capture(*, model: str | Any, dataset: str, out: str | Path,
                 conditions: Sequence[str | Condition], data_root: str | None = None,
                 split: str = "all", limit: int | None = None, batch_size: int = 8,
@@ -404,7 +439,9 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
     """Capture attention and answers for every (sample, condition); resumable.
 
     ``model`` is a name/path for :func:`vislens.models.load_model`, an already loaded
-    adapter or a :class:`vislens.distributed.ReplicaPool`. With ``ray`` (``"local"``,
+    adapter or a :class:`vislens.distributed.ReplicaPool`; a loaded one runs as it was
+    loaded, so ``dtype`` and ``device`` must then be ``"auto"`` or what it has
+    (:func:`check_loaded_model`). With ``ray`` (``"local"``,
     ``"auto"`` or ``"HOST:PORT"``) the batches run on ``workers`` Ray actors, one model
     replica each, and this process writes the file (``docs/scale.md``). Stages:
     :func:`plan_capture` (every check), the output's lock, the model (or the Ray workers),
@@ -432,6 +469,7 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
 
             adapter = load_model(model, dtype=dtype, device=device)
         else:
+            check_loaded_model(model, dtype=dtype, device=device)
             adapter = model
         if plan.dims is None:  # a hub model whose config was not cached: check before the file
             plan.dims = (adapter.num_layers, adapter.num_heads)
@@ -488,18 +526,36 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
             # every host that returned rows, in this run or (as recorded) before it
             extra["hosts"] = sorted(set(writer.attrs.get("hosts", [])) | set(pool.summary.hosts))
         final = writer.finalize(attrs=extra) if complete else plan.out
-    except KeyboardInterrupt:
-        log(f"interrupted: {written} sample(s) written to {plan.out}; run the same command "
-            "again to resume")
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            log(f"interrupted: {written} sample(s) written to {plan.out}; run the same "
+                "command again to resume")
+        try:  # the job's error stays the one raised; a failing close is logged
+            _close_all(writer, session, log)
+        except Exception as close_exc:
+            log(f"also: {close_exc}")
         raise
-    finally:
-        writer.close()
-        if session is not None:
-            session.close()
+    _close_all(writer, session, log)  # a failing close is the error (after the session closed)
     acc = {k: (v[0] / v[1] if v[1] else float("nan")) for k, v in correct_counts.items()}
     return CaptureSummary(Path(final), len(plan.samples), written, failed,
                           time.perf_counter() - t0, acc, complete,
                           pool.summary if pool is not None else None)
+
+
+def _close_all(writer: Any, session: Any, log: Callable[[str], None]) -> None:
+    """Close the writer, then the Ray session (if any) even when the writer's close raised;
+    the writer's error propagates (a session error after it is logged, not raised)."""
+    try:
+        writer.close()
+    except BaseException:
+        if session is not None:
+            try:
+                session.close()
+            except Exception as exc:
+                log(f"also: {exc}")
+        raise
+    if session is not None:
+        session.close()
 
 
 def _config_dims(model: str | Path) -> tuple[int, int] | None:

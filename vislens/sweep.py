@@ -700,7 +700,8 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
     """Tune ScalingVis/AdaptVis on the validation split, then compare methods on test.
 
     ``model`` is a name/path for :func:`~vislens.models.load_model`, a loaded adapter or a
-    :class:`vislens.distributed.ReplicaPool`. With ``ray`` both passes run on ``workers``
+    :class:`vislens.distributed.ReplicaPool` (a loaded one refuses a ``dtype`` / ``device``
+    it does not have: :func:`vislens.capture.check_loaded_model`). With ``ray`` both passes run on ``workers``
     Ray actors that load the model once (``docs/scale.md``).
     Every flag is validated before the model is loaded. ``out`` must be new, empty or a
     sweep's own folder (``force`` writes into any other). ``beta_rule`` (:data:`BETA_RULES`)
@@ -718,6 +719,10 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
         raise VislensError(f"--beta-rule {beta_rule!r}: choose {', '.join(BETA_RULES)}")
     check_job(batch_size=batch_size, max_new_tokens=max_new_tokens, grid=grid, matcher=matcher)
     check_ray_options(ray, workers, gpus_per_worker)
+    if ray is None and not isinstance(model, (str, Path)):
+        from .capture import check_loaded_model
+
+        check_loaded_model(model, dtype=dtype, device=device)  # never silently ignored
     val_samples, test_samples = _load_splits(dataset, data_root, split_seed, limit)
     out = prepare_output_dir(out, force=force)
     job = dict(space=space, val_samples=val_samples, test_samples=test_samples, out=out,

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import VislensError
 from ..io import IO_ERRORS, human_bytes, is_disk_full, os_reason
 from .format import (GZIP_LEVEL, LOGIT_FIELDS, SAMPLE_TEXT_FIELDS, TIME_FIELD, WHOLE_VIEW,
-                     free_bytes, plain_value, read_text, row_runs, set_attrs)
+                     free_bytes, plain_value, read_text, read_values, row_runs, set_attrs)
 
 
 
@@ -54,7 +54,7 @@ def _gather(sources: Sequence[h5py.File], name: str, src_of: np.ndarray,
             if name not in src and name == "samples/view":
                 out[sel] = WHOLE_VIEW
                 continue
-            data = read_text(src[name]) if is_text else src[name][()]
+            data = read_text(src[name]) if is_text else read_values(src[name])
             out[sel] = data[row_of[sel]]
     return out
 
@@ -164,7 +164,7 @@ def _copy_attention(g: h5py.Group, sources: Sequence[h5py.File], name: str,
                 src_rows = row_of[rs_arr]
                 order = np.argsort(src_rows)
                 for start, stop, off in row_runs(src_rows[order]):
-                    block = src_ds[s][start:stop]
+                    block = read_values(src_ds[s], slice(start, stop))
                     for k in range(stop - start):
                         r = int(rs_arr[order[off + k]])
                         items[r - b0] = pool.submit(_shuffle_deflate, block[k])
@@ -213,12 +213,12 @@ def _remapped_records(sources: Sequence[h5py.File], new_row: Sequence[np.ndarray
         if f"boxes/{sample_key}" not in src:
             continue
         b = src["boxes"]
-        mapped = new_row[s][b[sample_key][()].astype(np.int64)]
+        mapped = new_row[s][read_values(b[sample_key]).astype(np.int64)]
         keep = mapped >= 0
         samples.append(mapped[keep])
         for f in fields:
             text = h5py.check_string_dtype(b[f].dtype) is not None
-            cols[f].append((read_text(b[f]) if text else b[f][()])[keep])
+            cols[f].append((read_text(b[f]) if text else read_values(b[f]))[keep])
     sample = np.concatenate(samples)
     order = np.argsort(sample, kind="stable")
     return sample[order], {f: np.concatenate(v)[order] for f, v in cols.items()}

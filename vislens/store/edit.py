@@ -15,7 +15,7 @@ from ..io import check_output, real_path
 from . import compact
 from .format import (RESUME_IGNORED_ATTRS, check_format, done_matrix, failed_flags,
                      format_version, fsync_dir, fsync_path, open_h5, plain_value, read_attrs,
-                     short_repr, read_text, tmp_of, unlink_quietly, write_boxes)
+                     short_repr, read_text, read_values, tmp_of, unlink_quietly, write_boxes)
 from .lock import OutputLock
 
 _MERGE_IGNORED = RESUME_IGNORED_ATTRS | {"shard", "merged_from"}
@@ -79,7 +79,7 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
     Every shard must have the same spec (model, grid, shapes, conditions and their attrs,
     other attrs except ``shard``/``command``/...), be complete (every sample done or
     failed), and no dataset position may occur twice. With a ``shard`` attr like
-    ``"2/4"`` every shard 0..n-1 must be given; with a ``total_samples`` attr the shards
+    ``"2/4"`` every shard 0..n-1 of one n must be given; with a ``total_samples`` attr the shards
     must hold that many samples. The result equals an unsharded run's file (see
     ``docs/capture-format.md`` for how exactly). An existing ``out`` is refused unless
     ``force``; a symlinked ``out`` stays a link (its target is written).
@@ -115,7 +115,13 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
                                        f"{short_repr(ref.get(key))} in {paths[0]}")
         shard_ids = [_shard_attr(f, p) for p, f in zip(paths, files)]
         if all(s is not None for s in shard_ids):
-            counts = {s[1] for s in shard_ids if s}
+            first = shard_ids[0]
+            assert first is not None
+            for p, s in zip(paths[1:], shard_ids[1:]):
+                assert s is not None
+                if s[1] != first[1]:  # not one job's shards: the missing-shard check needs one N
+                    raise VislensError(f"{p}: merge: shard {s[0]}/{s[1]} but {first[0]}/{first[1]} "
+                                       f"in {paths[0]}; shards of one job have the same count")
             seen: dict[int, Path] = {}
             for p, s in zip(paths, shard_ids):
                 assert s is not None
@@ -123,8 +129,8 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
                     raise VislensError(f"{p}: merge: shard {s[0]}/{s[1]} given twice "
                                        f"(also {seen[s[0]]})")
                 seen[s[0]] = p
-            n_shards = counts.pop() if len(counts) == 1 else None
-            if n_shards is not None and len(seen) != n_shards:
+            n_shards = first[1]
+            if len(seen) != n_shards:
                 base = 0  # --shard I/N is 0-based
                 missing = [i for i in range(base, base + n_shards) if i not in seen]
                 raise VislensError(f"{out}: merge: missing shard(s) "
@@ -139,7 +145,7 @@ def merge(out: str | Path, shards: Sequence[str | Path], *, force: bool = False)
         owner: dict[int, int] = {}
         src_list, row_list, idx_list = [], [], []
         for s, (p, f) in enumerate(zip(paths, files)):
-            idx = f["samples/index"][()]
+            idx = read_values(f["samples/index"])
             for j, i in enumerate(idx.tolist()):
                 if i in owner:
                     other = paths[owner[i]]

@@ -325,7 +325,7 @@ def done_matrix(f: h5py.File) -> np.ndarray:
 
 def failed_flags(f: h5py.File) -> np.ndarray:
     if "errors/failed" in f:
-        return f["errors/failed"][()].astype(bool)
+        return read_values(f["errors/failed"]).astype(bool)
     return np.zeros(f["samples/id"].shape[0], dtype=bool)
 
 

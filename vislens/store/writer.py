@@ -114,7 +114,9 @@ class CaptureWriter(ClosingContext):
         :func:`lock_output`, taken earlier) and removes a leftover ``path.tmp``. A
         symlinked ``path`` is resolved: the lock, the writes and the final replace act on
         the real file, and the link stays a link. ``durable`` fsyncs each batch's rows
-        before its done flags (survives power loss, not only ``kill -9``). Resuming checks
+        before its done flags, the cleared flags of rewritten rows before their rewrite and
+        a failure's reason before its ``failed`` flag (survives power loss, not only
+        ``kill -9``). Resuming checks
         the job's spec and every sample's content fingerprint (question, options, answer,
         image bytes) against the file's.
         """
@@ -245,8 +247,9 @@ class CaptureWriter(ClosingContext):
                     sizes: Sequence[tuple[int, int] | None] | None = None) -> None:
         """Write and commit every condition's results for ``rows`` (one dict per row).
 
-        Rows already done are first un-committed, so a kill while overwriting them can
-        never leave a done flag over partial data. A failed write (a full disk) raises a
+        Rows already done or failed are first un-committed (done and failed flags cleared
+        and flushed), so a kill while overwriting them can never leave a done flag over
+        partial data, nor a row both done and failed. A failed write (a full disk) raises a
         one-line VislensError before any done flag of the batch is set.
         """
         self._check_open("write_batch")
@@ -274,14 +277,20 @@ class CaptureWriter(ClosingContext):
         ds = self._ds
 
         with self._writing(f"rows {int(rows[0])}-{int(rows[-1])}"):
-            # un-commit rows being rewritten (or previously failed)
+            # un-commit rows being rewritten (or previously failed): done and failed flags
+            # are cleared before any data or done flag is written, so a row is never both
             redo = self._done[:, rows].any(axis=0) | self._fail[rows]
             if redo.any():
                 again = rows[redo]
                 for ci, c in enumerate(self._conds):
                     write_rows(ds[f"conditions/{c}/done"], again, np.zeros(again.size, dtype=bool))
                     self._done[ci, again] = False
-                self._f.flush()
+                if self._fail[again].any():
+                    was_failed = again[self._fail[again]]
+                    write_rows(ds["errors/failed"], was_failed,
+                               np.zeros(was_failed.size, dtype=bool))
+                    self._fail[was_failed] = False
+                self._commit_flush()  # (durable: fsynced) before the rows are overwritten
             for c, arrays in data.items():
                 for field, values in arrays.items():
                     write_rows(ds[f"conditions/{c}/{field}"], rows, values)
@@ -299,12 +308,8 @@ class CaptureWriter(ClosingContext):
             B = rows.size
             for ci, c in enumerate(self._conds):
                 write_rows(ds[f"conditions/{c}/done"], rows, np.ones(B, dtype=bool))
-            if self._fail[rows].any():
-                again = rows[self._fail[rows]]
-                write_rows(ds["errors/failed"], again, np.zeros(again.size, dtype=bool))
             self._f.flush()
         self._done[:, rows] = True
-        self._fail[rows] = False
 
     def _condition_arrays(self, c: str, rows: np.ndarray, res: Sequence[Mapping[str, Any]],
                           cor: Sequence[Mapping[str, bool]]) -> dict[str, np.ndarray]:
@@ -368,7 +373,7 @@ class CaptureWriter(ClosingContext):
             width = ds["errors/reason"].dtype.itemsize
             ds["errors/reason"][r:r + 1] = fixed_strings([" ".join(str(reason).split())], width,
                                                   REASON_BYTES)
-            self._f.flush()
+            self._commit_flush()  # cleared done flags and the reason before ``failed``
             ds["errors/failed"][r] = True
             self._f.flush()
         self._fail[r] = True
