@@ -758,3 +758,57 @@ def test_write_figures_compares_subsets(subsets, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.csv" in err[0]
     assert figures.main([str(subsets[0]), str(subsets[1]), "--out", str(out), "--only", "14"]) == 0
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def _polygon_area(xy: np.ndarray) -> float:
+    """Shoelace area of a closed polygon's vertices."""
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+def test_overlap_roc_area_equals_auroc_with_tied_scores():
+    """Tied overlaps (one correct and one incorrect answer with the same score) make a diagonal
+    ROC segment; the curve and its shading must enclose the AUROC in the legend (sklearn's,
+    which counts a tie as one half), not a staircase below it."""
+    from matplotlib.cbook import STEP_LOOKUP_MAP
+    from sklearn.metrics import roc_auc_score
+
+    from vislens.analysis import LayerStats
+
+    correct = np.array([1, 1, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0], bool)
+    n = correct.size
+    ov = np.where(correct, 0.6, 0.4)
+    ov[[0, 3, 6, 7]] = 0.5  # two correct and two incorrect answers tie
+    ov = np.stack([ov, ov[::-1]], axis=1)
+    z = np.zeros((n, 2))
+    st = LayerStats("baseline", np.arange(n), correct, np.full(n, 0.5), np.array(["left"] * n),
+                    z + 0.1, z + 0.9, z, z, z, z, overlap=ov)
+    want = roc_auc_score(correct, ov[:, 0])
+    ax = _axes(plots.overlap_roc(st, [0]))[0]
+    (curve,) = [ln for ln in ax.lines if ln.get_label().startswith("AUROC")]
+    x, y = STEP_LOOKUP_MAP[curve.get_drawstyle()](*curve.get_data())
+    assert np.trapezoid(y, x) == pytest.approx(want, rel=1e-9)
+    (shade,) = ax.collections
+    assert _polygon_area(shade.get_paths()[0].vertices) == pytest.approx(want, rel=1e-9)
+
+
+def test_figures_9_10_26_prefer_unrestricted_scaling(tmp_path):
+    """A ScalingVis condition restricted to some heads is not the paper's smoothing/sharpening:
+    with an unrestricted one present, Figures 9, 10 and 26 use the unrestricted one."""
+    p = make_capture(tmp_path / "heads.h5", n=8,
+                     conditions=("baseline", "scaling:0.5", "scaling:0.2,heads=0",
+                                 "scaling:3,heads=1", "scaling:2"))
+    with open_capture(p) as cap:
+        assert plots.scaling_condition(cap, "smooth") == "scaling-0.5"
+        assert plots.scaling_condition(cap, "sharpen") == "scaling-2"
+    titles = [a.get_title() for a in _axes(plots.before_after(p, FOCUS_LAYER, kind="smooth",
+                                                             n_examples=1))]
+    assert "ScalingVis α=0.5" in titles[1]
+    # only restricted ones: the most extreme of those (there is nothing else to show)
+    q = make_capture(tmp_path / "only_heads.h5", n=8,
+                     conditions=("baseline", "scaling:0.5,heads=0", "scaling:0.2,heads=1"))
+    with open_capture(q) as cap:
+        assert plots.scaling_condition(cap, "smooth") == "scaling-0.2"

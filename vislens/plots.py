@@ -833,10 +833,12 @@ def overlap_roc(source: Any, layers: Sequence[int] | None = None, *, condition: 
         fpr, tpr, _ = metrics.roc(st.overlap[:, layer], st.correct)
         row = curve[curve["layer"] == layer].iloc[0]
         ax.plot([0, 1], [0, 1], color="0.55", linestyle=":", linewidth=1, label="chance (0.5)")
-        ax.plot(fpr, tpr, color=pal[0], drawstyle="steps-post",
+        # straight segments between sklearn's points: a tie between a correct and an
+        # incorrect answer is a diagonal, so the area under the line is the AUROC shown
+        ax.plot(fpr, tpr, color=pal[0],
                 label=f"AUROC {row['auroc']:.3f}\n{int(row['n_pos'])} correct / "
                       f"{int(row['n_neg'])} incorrect")
-        ax.fill_between(fpr, 0, tpr, step="post", color=pal[1], alpha=0.15, linewidth=0)
+        ax.fill_between(fpr, 0, tpr, color=pal[1], alpha=0.15, linewidth=0)
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("false positive rate (incorrect scored high)")
         ax.set_xlim(0, 1)
@@ -1056,7 +1058,10 @@ def scaling_sweep(source: Source, *, max_relations: int = 8) -> "Figure":
 
 
 def scaling_condition(cap: "Capture", kind: str) -> str:
-    """The most extreme unrestricted ScalingVis condition: ``smooth`` (alpha < 1) or ``sharpen``."""
+    """The most extreme unrestricted ScalingVis condition: ``smooth`` (alpha < 1) or ``sharpen``.
+
+    Unrestricted = limited to neither some layers nor some heads; when every candidate is
+    restricted, the most extreme of them."""
     if kind not in ("smooth", "sharpen"):
         raise VislensError(f"kind must be 'smooth' or 'sharpen', got {kind!r}")
     cands = [(float(a["alpha"]), n) for n, a in _methods(cap, "scaling")
@@ -1064,7 +1069,8 @@ def scaling_condition(cap: "Capture", kind: str) -> str:
     if not cands:
         what = "alpha < 1 (smoothing)" if kind == "smooth" else "alpha > 1 (sharpening)"
         raise VislensError(f"{cap.path}: no 'scaling' condition with {what}")
-    unrestricted = [c for c in cands if cap.condition_attrs(c[1]).get("layers") is None] or cands
+    unrestricted = [c for c in cands if cap.condition_attrs(c[1]).get("layers") is None
+                    and cap.condition_attrs(c[1]).get("heads") is None] or cands
     return (min(unrestricted) if kind == "smooth" else max(unrestricted))[1]
 
 
