@@ -290,3 +290,15 @@ def test_report_names_the_dataset_readably(capture, tmp_path):
     md = write_report(path, tmp_path / "r").read_text()
     assert f"dataset: Controlled_A (`{spec}`)" in md  # readable name, raw spec kept beside it
     assert md.count(spec) == 1
+
+
+def test_report_conditions_restrict_every_section(capture, tmp_path):
+    """``--conditions`` is honoured by the accuracy table too (it listed every condition)."""
+    from vislens.report import write_report
+
+    path, truth, masks, correct = capture
+    md = write_report(path, tmp_path / "r", conditions=["scaling-2"], log=None).read_text()
+    accuracy = md.split("## Accuracy", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in accuracy.splitlines() if line.startswith("| ")]
+    assert rows == ["condition", "scaling-2"]
+    assert f"| scaling-2 | {N} |" in accuracy

@@ -153,6 +153,7 @@ def write_report(path: str | Path, out_dir: str | Path, *, conditions: Sequence[
     try:
         acc = evaluate_capture(path, log=None)["accuracy"]
         acc = acc[acc["matcher"] == attrs.get("matcher", "paper")].drop(columns="matcher")
+        acc = acc[acc.index.isin([st.condition for st in stats])]  # only the asked conditions
     except VislensError:
         acc = None
 
