@@ -757,6 +757,11 @@ def test_write_figures_compares_subsets(subsets, tmp_path, capsys):
                          "--phrase-stats", str(tmp_path / "missing.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.csv" in err[0]
+    # a phrase table nothing would read is refused, not ignored
+    assert figures.main([str(subsets[0]), str(subsets[1]), "--out", str(out), "--only", "14",
+                         "--phrase-stats", str(phr)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--phrase-stats" in err[0] and "Figure 15" in err[0]
     assert figures.main([str(subsets[0]), str(subsets[1]), "--out", str(out), "--only", "14"]) == 0
 
 

@@ -280,7 +280,10 @@ def write_figures(capture_path: str | os.PathLike | Sequence[str | os.PathLike],
         raise VislensError(f"no figure {unknown[0]} (vislens draws figures "
                            f"{', '.join(map(str, known))})")
     phrases = None
-    if phrase_stats is not None and any(FIGURE_SPECS.get(str(n)).cross_subset for n in wanted):
+    if phrase_stats is not None and 15 not in wanted:  # nothing would read it
+        raise VislensError(f"--phrase-stats {phrase_stats}: it feeds Figure 15's middle panel, "
+                           f"which --only {','.join(map(str, sorted(wanted)))} leaves out")
+    if phrase_stats is not None:
         from .plots import read_phrase_stats
 
         phrases = read_phrase_stats(phrase_stats)
