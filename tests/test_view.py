@@ -309,6 +309,27 @@ def test_missing_image_is_said_not_fatal(capture, tmp_path):
         data.close()
 
 
+def test_postscript_image_is_refused_not_handed_to_ghostscript(capture, tmp_path, monkeypatch):
+    """A capture naming an EPS file (here called .tif, which the viewer converts with Pillow)
+    gets a one-line 400; Pillow never starts Ghostscript on it."""
+    from PIL import EpsImagePlugin
+
+    from vislens.viewer import ViewerServer
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript",
+                        lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError("gs")))
+    evil = tmp_path / "scan.tif"
+    evil.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    path = with_missing_image(capture, tmp_path / "eps.h5")
+    with h5py.File(path, "r+") as f:
+        f["samples/image_path"][0] = str(evil)
+    with ViewerServer(path, port=0).start() as srv:
+        status, res = get(srv, "api/image", row=0)
+    assert status == 400 and res["error"] == f"{evil}: cannot read image (UnidentifiedImageError)"
+    assert calls == []
+
+
 def test_rows_not_done_and_no_boxes(capture, tmp_path):
     """A row not (yet) done under a condition is left out of its list and its map is
     undefined, said so; without a box mask there is no AUROC, and the page is told why."""

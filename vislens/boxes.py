@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .data.base import Sample
+from .data.base import IMAGE_FORMATS, Sample
 from .errors import VislensError
 
 __all__ = [
@@ -380,7 +380,7 @@ def _header_size(path: str) -> tuple[int, int] | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             return tuple(int(v) for v in im.size)  # type: ignore[return-value]
     except Exception:  # missing or unreadable: annotations do not need the pixels
         return None
@@ -703,7 +703,7 @@ def _read_rgb(path: str) -> Any:
     """The image as RGB PIL, orientation as stored (like every vislens adapter sees it)."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(path, formats=IMAGE_FORMATS) as im:
         return im.convert("RGB")
 
 
