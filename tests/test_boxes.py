@@ -477,6 +477,28 @@ def test_other_weight_formats_and_yaml_files_are_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_bundled_yaml_name_never_reads_a_config_from_the_working_directory(tmp_path, monkeypatch):
+    """ultralytics resolves ``yolov8n.yaml`` to ``yolov8.yaml`` and looks in the working
+    directory first: a planted ``yolov8.yaml`` (valid, with a code-running activation) must be
+    ignored, and the bundled config built instead."""
+    vb._prepare_ultralytics()
+    from ultralytics.utils import ROOT
+
+    bundled = (Path(ROOT) / "cfg" / "models" / "v8" / "yolov8.yaml").read_text()
+    for planted in ("yolov8.yaml", "yolov5n.yaml"):  # yolov5nu.yaml -> yolov5n.yaml likewise
+        (tmp_path / planted).write_text(
+            bundled + "\nactivation: __import__('os').mkdir('PWNED') or nn.ReLU()\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("yolov8n.yaml", "yolov5nu.yaml"):
+        model = vb._load_detector(vb._check_weights(name))
+        assert not (tmp_path / "PWNED").exists()
+        acts = {type(m.act).__name__ for m in model.model.modules() if hasattr(m, "act")}
+        assert acts == {"SiLU"}, acts  # the bundled config's default, not the planted ReLU
+        assert Path(model.model.yaml["yaml_file"]).is_relative_to(ROOT)
+    with pytest.raises(VislensError, match="not one of ultralytics' bundled model configs"):
+        vb._load_detector("nosuchmodel.yaml")
+
+
 def test_legitimate_checkpoint_loads_like_ultralytics(tmp_path, no_network):
     """A checkpoint saved the way ultralytics saves .pt files loads to the same weights and
     outputs as ultralytics' own (unrestricted) loader, and detect_boxes runs on it."""

@@ -542,3 +542,62 @@ def test_check_images_reports_missing_and_corrupt(tmp_path: Path) -> None:
     assert problems["gone"] == f"missing: {tmp_path / 'gone.jpg'}"
     assert problems["bad"].startswith(f"corrupt: {corrupt}") and problems["bad2"] == problems["bad"]
     assert problems["none"] == "no image path"
+
+
+_EPS = "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+
+
+@pytest.fixture
+def ghostscript_calls(monkeypatch):
+    """Records every time Pillow would start Ghostscript (an external PostScript interpreter)."""
+    from PIL import EpsImagePlugin
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        raise OSError("Ghostscript started")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", record)
+    return calls
+
+
+def test_postscript_posing_as_a_photo_never_reaches_ghostscript(tmp_path, ghostscript_calls):
+    """A dataset's ``cat.jpg`` that is really EPS: every reader refuses it in one line (or,
+    where a missing image is tolerated, treats it as unreadable); Ghostscript never starts."""
+    from vislens import boxes, capture, distributed, plots
+
+    evil = tmp_path / "cat.jpg"
+    evil.write_text(_EPS)
+    sample = Sample(id="s0", image_path=str(evil), question="?", options=["a", "b"], answer="a")
+    [(sid, reason)] = check_images([sample])
+    assert sid == "s0" and reason.startswith("corrupt:")
+    for call in (lambda: capture.open_image(sample),
+                 lambda: distributed.decode_image(evil.read_bytes(), str(evil), "s0")):
+        with pytest.raises(VislensError, match="cannot decode image") as info:
+            call()
+        assert "\n" not in str(info.value) and str(evil) in str(info.value)
+    assert capture._image_size(sample) is None and boxes._header_size(str(evil)) is None
+    assert plots._load_grey(str(evil), tmp_path) is None
+    with pytest.raises(Exception):
+        boxes._read_rgb(str(evil))
+    assert ghostscript_calls == []
+
+
+@pytest.mark.parametrize("fmt,suffix", [("JPEG", ".jpg"), ("PNG", ".png"), ("GIF", ".gif"),
+                                        ("WEBP", ".webp"), ("BMP", ".bmp"), ("TIFF", ".tif"),
+                                        ("PPM", ".ppm")])
+def test_ordinary_image_formats_still_open(tmp_path, fmt, suffix):
+    from vislens import capture
+
+    rng = random.Random(3)
+    img = Image.new("RGB", (7, 5))
+    img.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(35)])
+    path = tmp_path / f"x{suffix}"
+    img.save(path, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    sample = Sample(id="s", image_path=str(path), question="?", options=["a"], answer="a")
+    assert check_images([sample]) == []
+    got = capture.open_image(sample)
+    assert got.size == (7, 5)
+    if fmt not in ("JPEG", "GIF"):  # lossless formats give the pixels back exactly
+        assert list(got.getdata()) == list(img.getdata())

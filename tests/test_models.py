@@ -9,7 +9,7 @@ import torch
 
 from conftest import ARCHS, random_image
 from vislens.errors import VislensError
-from vislens.models import load_model
+from vislens.models import load_model, model_dims
 from vislens.models.layout import area_projection, grid_rects
 from vislens.models.llava import clip_view
 
@@ -180,6 +180,39 @@ def test_pickled_weights_with_code_are_one_line(tmp_path, tiny_dir):
     assert "\n" not in msg and msg.startswith(f"{bad}: refusing to load the weights")
     assert "GLOBAL io.open" in msg or "GLOBAL builtins.open" in msg
     assert not marker.exists()
+
+
+def test_custom_code_in_a_model_folder_never_runs_nor_prompts(tmp_path, tiny_dir, monkeypatch):
+    """A processor config naming code in the folder (``auto_map``) is refused in one line;
+    transformers' interactive "run the custom code? [y/N]" prompt is never shown."""
+    import builtins
+    import json
+    import shutil
+
+    prompts = []
+    monkeypatch.setattr(builtins, "input", lambda *a: prompts.append(a) or "y")
+    marker = tmp_path / "PWNED"
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir("llava"), bad)
+    (bad / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).mkdir()\n"
+                                 "from transformers import LlavaProcessor\n"
+                                 "class P(LlavaProcessor):\n    pass\n")
+    cfg = bad / "processor_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "processor_class": "P",
+                               "auto_map": {"AutoProcessor": "evil.P"}}))
+    with pytest.raises(VislensError) as info:
+        load_model(bad, dtype="float32", device="cpu")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{bad}: cannot load the processor") and \
+        "custom code" in msg
+    assert prompts == [] and not marker.exists()
+    conf = bad / "config.json"  # an unknown model_type whose config class is custom code
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "model_type": "evil",
+                                "auto_map": {"AutoConfig": "evil.C"}}))
+    for call in (lambda: model_dims(bad), lambda: load_model(bad, device="cpu")):
+        with pytest.raises(VislensError, match="cannot read the model config"):
+            call()
+    assert prompts == [] and not marker.exists()
 
 
 @pytest.fixture

@@ -237,6 +237,47 @@ def test_unknown_paths_and_no_file_access_outside_the_package(server):
     assert status == 200 and b"static/app.js" in page
 
 
+def _raw_get(srv, path: str, host: str | None) -> tuple[int, bytes]:
+    """GET ``path`` with exactly this ``Host`` header (None: no Host header at all)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        if host is not None:
+            conn.putheader("Host", host)
+        conn.endheaders()
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def test_foreign_host_names_are_refused_dns_rebinding(server):
+    """A page on evil.example whose name now resolves to 127.0.0.1 must read nothing."""
+    port = server.port
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}",
+                 f"evil.example@127.0.0.1:{port}", f"localhost.evil.example:{port}", "", "[::1"):
+        for path in ("/", "/static/app.js", "/api/meta", "/api/samples", "/api/image?row=0"):
+            status, body = _raw_get(server, path, host)
+            assert status == 403, (host, path, status)
+            assert "is not this machine" in json.loads(body)["error"], (host, path)
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}",
+                 "127.0.0.2:9000", None):  # forwarded ports and Host-less clients still work
+        status, body = _raw_get(server, "/api/meta", host)
+        assert status == 200 and json.loads(body)["file"] == server.data.path.name, host
+
+
+def test_host_check_follows_the_bound_address():
+    from vislens.viewer.server import host_allowed
+
+    assert not host_allowed("127.0.0.1", "evil.example:8765")
+    assert host_allowed("127.0.0.1", "localhost:8765")
+    # --host 0.0.0.0 / a LAN address: reachable under names vislens cannot know
+    assert host_allowed("0.0.0.0", "my-workstation.lan:8765")
+    assert host_allowed("192.168.1.20", "192.168.1.20:8765")
+
+
 def test_page_loads_nothing_from_the_network():
     """Every resource the page names is served by the viewer itself (no CDN)."""
     static = ROOT / "vislens" / "viewer" / "static"
@@ -266,6 +307,30 @@ def test_missing_image_is_said_not_fatal(capture, tmp_path):
             data.image_bytes(0)
     finally:
         data.close()
+
+
+def test_postscript_image_is_refused_not_handed_to_ghostscript(capture, tmp_path, monkeypatch):
+    """A capture naming an EPS file (here called .tif, which the viewer converts with Pillow)
+    gets a one-line 400; Pillow never starts Ghostscript on it."""
+    from PIL import EpsImagePlugin
+
+    from vislens.viewer import ViewerServer
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript",
+                        lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError("gs")))
+    evil = tmp_path / "scan.tif"
+    evil.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    path = with_missing_image(capture, tmp_path / "eps.h5")
+    with h5py.File(path, "r+") as f:
+        f["samples/image_path"][0] = str(evil)
+    with ViewerServer(path, port=0).start() as srv:
+        status, res = get(srv, "api/image", row=0)
+    # UnidentifiedImageError; ModuleNotFoundError once ultralytics (imported by other tests)
+    # has patched Image.open to retry with a HEIF plugin that is not installed
+    assert status == 400 and res["error"].startswith(f"{evil}: cannot read image (")
+    assert "\n" not in res["error"]
+    assert calls == []
 
 
 def test_rows_not_done_and_no_boxes(capture, tmp_path):

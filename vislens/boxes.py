@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .data.base import Sample
+from .data.base import IMAGE_FORMATS, Sample
 from .errors import VislensError
 
 __all__ = [
@@ -380,7 +380,7 @@ def _header_size(path: str) -> tuple[int, int] | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             return tuple(int(v) for v in im.size)  # type: ignore[return-value]
     except Exception:  # missing or unreadable: annotations do not need the pixels
         return None
@@ -630,6 +630,30 @@ def _checkpoint_model(path: str, ckpt: dict[str, Any]) -> Any:
     return model
 
 
+def _bundled_config(name: str) -> str:
+    """The absolute path of ultralytics' bundled model config ``name`` (e.g. ``yolov8n.yaml``).
+
+    Given a bare name, ultralytics looks in the working directory first, also under names it
+    derives (``yolov8.yaml`` for ``yolov8n.yaml``, ``yolov5n.yaml`` for ``yolov5nu.yaml``), and
+    evaluates parts of the file it finds as Python. An absolute path inside its own
+    ``cfg/models`` folders leaves it nowhere else to look; its own resolution
+    (``yaml_model_load``) decides which bundled file a name means.
+    """
+    from ultralytics.nn.tasks import yaml_model_load
+    from ultralytics.utils import ROOT
+
+    models = Path(ROOT) / "cfg" / "models"
+    for folder in [models, *sorted(p for p in models.rglob("*") if p.is_dir())]:
+        candidate = folder / name
+        try:
+            yaml_model_load(candidate)
+        except FileNotFoundError:
+            continue
+        return str(candidate)
+    raise VislensError(f"cannot build detector {name}: not one of ultralytics' bundled model "
+                       f"configs (e.g. yolov8n.yaml)")
+
+
 def _load_detector(weights: str) -> Any:
     """An ultralytics YOLO model from a local ``.pt`` file (read safely) or a bundled ``.yaml``."""
     _prepare_ultralytics()
@@ -637,7 +661,7 @@ def _load_detector(weights: str) -> Any:
 
     if Path(weights).suffix.lower() in _YAML_SUFFIXES:
         try:
-            return YOLO(weights)
+            return YOLO(_bundled_config(weights))
         except Exception as exc:  # ultralytics raises many types for unknown configs
             raise VislensError(f"cannot build detector {weights}: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
@@ -679,7 +703,7 @@ def _read_rgb(path: str) -> Any:
     """The image as RGB PIL, orientation as stored (like every vislens adapter sees it)."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(path, formats=IMAGE_FORMATS) as im:
         return im.convert("RGB")
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import __version__
-from .data import Sample, assign_splits, load_dataset, select_split
+from .data import IMAGE_FORMATS, Sample, assign_splits, load_dataset, select_split
 from .conditions import Condition, ConditionResult, check_conditions, parse_condition
 from .errors import VislensError
 from .jobs import MATCHERS, check_job, check_memory, check_stop  # noqa: F401 (MATCHERS: public here too)
@@ -105,7 +105,7 @@ def open_image(sample: Sample):
     if not path:
         raise VislensError(f"sample {sample.id}: no image path")
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             return im.convert("RGB")
     except FileNotFoundError:
         raise VislensError(f"{path}: image not found (sample {sample.id})") from None
@@ -121,7 +121,7 @@ def _image_size(sample: Sample) -> tuple[int, int] | None:
     from PIL import Image
 
     try:
-        with Image.open(sample.image_path) as im:
+        with Image.open(sample.image_path, formats=IMAGE_FORMATS) as im:
             return im.size
     except Exception:
         return None

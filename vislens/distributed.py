@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import __version__
+from .data.base import IMAGE_FORMATS
 from .errors import VislensError
 
 Log = Callable[[str], None]
@@ -234,7 +235,7 @@ def decode_image(data: bytes, path: str, sample_id: str):
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             return im.convert("RGB")
     except Exception as exc:  # PIL raises many types
         raise VislensError(f"{path}: cannot decode image (sample {sample_id}): "

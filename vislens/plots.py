@@ -47,6 +47,7 @@ import pandas as pd
 from . import metrics
 from .conditions import condition_label as _condition_label
 from .conditions import format_ranges as _ranges
+from .data.base import IMAGE_FORMATS
 from .errors import VislensError
 
 if TYPE_CHECKING:
@@ -613,7 +614,7 @@ def _load_grey(path: str, cap_dir: Path) -> np.ndarray | None:
     try:
         from PIL import Image
 
-        with Image.open(found) as im:
+        with Image.open(found, formats=IMAGE_FORMATS) as im:
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except Exception:  # unreadable image: draw the heatmap without an underlay
         return None

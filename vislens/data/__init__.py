@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 
 from ..errors import VislensError
 from ..registry import Registry
-from .base import Box, Sample
+from .base import IMAGE_FORMATS, Box, Sample
 from .jsonl import load_jsonl, write_jsonl
 from .splits import assign_splits, paper_sample_indices, select_split
 from .vsr import VSR_SPLITS, load_vsr
@@ -20,6 +20,7 @@ from .whatsup import SUBSETS, load_adaptvis_questions, load_whatsup
 __all__ = [
     "DATASETS",
     "DATASET_NAMES",
+    "IMAGE_FORMATS",
     "Box",
     "DatasetLoader",
     "Sample",
@@ -104,7 +105,7 @@ def _image_problem(path: str) -> str | None:
     if not Path(path).is_file():
         return f"missing: {path}"
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             image.verify()
     except Exception as exc:  # PIL raises many types for bad files
         return f"corrupt: {path} ({type(exc).__name__}: {exc})"

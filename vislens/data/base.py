@@ -4,6 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+#: The image formats vislens opens, as Pillow identifies them from the file's content (not
+#: its name): photographs and screenshots ("JPEG" covers multi-picture MPO files too).
+#: Pass as ``Image.open(path, formats=IMAGE_FORMATS)``. Others are refused: Pillow hands
+#: EPS/PostScript to Ghostscript, an external interpreter, whatever the file is called, and
+#: an image from someone else's dataset is untrusted data.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+
 
 @dataclass(frozen=True)
 class Box:

@@ -137,7 +137,8 @@ def model_dims(name_or_path: str | Path, *, revision: str | None = None) -> tupl
 
     name, local = _locate(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision, local_files_only=True)
+        config = AutoConfig.from_pretrained(name, revision=revision, local_files_only=True,
+                                            trust_remote_code=False)
     except (OSError, ValueError) as exc:
         if local:
             raise VislensError(f"{name}: cannot read the model config "
@@ -174,7 +175,7 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
     if not local:
         local_files_only = _check_hub_id(name, revision, local_files_only)
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision,
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=False,
                                             local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise VislensError(f"{name}: cannot read the model config ({str(exc).splitlines()[0]})") from exc
@@ -187,7 +188,8 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model_cls = getattr(transformers, class_name)
-    kwargs: dict[str, Any] = dict(dtype=torch_dtype, revision=revision, attn_implementation="sdpa")
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, revision=revision, attn_implementation="sdpa",
+                                  trust_remote_code=False)
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     if device == "balanced":
@@ -202,6 +204,10 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
         model = model.to(device)
     model.eval()
     model.set_attn_implementation({"text_config": register_attention()})
-    processor = AutoProcessor.from_pretrained(name, revision=revision,
-                                              local_files_only=local_files_only)
+    try:
+        processor = AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=False,
+                                                  local_files_only=local_files_only)
+    except (OSError, ValueError) as exc:  # custom processor code (never run), missing files, ...
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VislensError(f"{name}: cannot load the processor ({detail})") from None
     return adapter_cls(model, processor, name, revision=revision or getattr(config, "_commit_hash", None))

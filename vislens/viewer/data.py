@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .. import metrics
+from ..data.base import IMAGE_FORMATS
 from ..errors import VislensError
 from ..plots import resolve_image, baseline_condition, condition_label
 from ..store import Capture, open_capture
@@ -289,7 +290,7 @@ class ViewerData:
         from PIL import Image
 
         try:
-            with Image.open(found) as im:
+            with Image.open(found, formats=IMAGE_FORMATS) as im:
                 buf = io.BytesIO()
                 im.convert("RGB").save(buf, format="PNG")
         except Exception as exc:

@@ -21,7 +21,9 @@ Bad parameters answer ``400 {"error": "..."}`` with the same one-line messages a
 from __future__ import annotations
 
 import errno
+import ipaddress
 import json
+import re
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,6 +80,34 @@ class _Query:
         return None if v in ("", "mean") else self.int("head")
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name, no port) means this machine only."""
+    host = host.lower().rstrip(".")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(bound: str, header: str | None) -> bool:
+    """Whether a request's ``Host`` header may be answered by a server bound to ``bound``.
+
+    A server on a loopback address answers only requests addressed to a loopback name
+    (``localhost``, ``127.0.0.1``, ``[::1]``, any port: ``ssh -L`` forwarding keeps working).
+    A web page elsewhere can point its own host name at 127.0.0.1 (DNS rebinding) and then
+    read every endpoint as same-origin; its requests carry that foreign name and are refused.
+    A server bound to another address is reachable under names vislens cannot know, so it
+    answers every ``Host`` (``--host`` exposes it anyway; see docs/view.md). Requests without
+    a ``Host`` header (not sent by browsers) are answered.
+    """
+    if header is None or not _is_loopback(bound):
+        return True
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]+)?", header.strip())
+    return m is not None and _is_loopback(m.group(1).strip("[]"))
+
+
 def _routes(data: ViewerData) -> dict[str, Callable[[_Query], Any]]:
     return {
         "/api/meta": lambda q: data.meta(),
@@ -117,6 +147,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         url = urlsplit(self.path)
         path = url.path.rstrip("/") or "/"
+        host = self.headers.get("Host")
+        if not host_allowed(self.server.server_address[0], host):
+            return self._json(403, {"error": f"Host {host!r} is not this machine: vislens view "
+                                             "answers only localhost / 127.0.0.1 / [::1]"})
         try:
             if path in ("/", "/index.html"):
                 return self._send(200, _static("index.html"), _STATIC["index.html"])
