@@ -17,7 +17,7 @@ from . import __version__
 from .conditions import condition_help
 from .errors import VislensError
 from .io import add_force_argument
-from .jobs import Terminated, add_job_arguments, clear_stop, request_stop
+from .jobs import Terminated, add_job_arguments, clear_stop, refuse_repeats, request_stop
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
@@ -293,31 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_force_argument(d)
     d.set_defaults(func=_cmd_demo)
     return refuse_repeats(p)
-
-
-class _StoreOnce(argparse._StoreAction):
-    """A value option given twice with different values is refused (argparse keeps the last
-    one silently: ``--out a --out b`` would ignore ``a``)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        given = namespace.__dict__.setdefault("_given", {})
-        if self.dest in given and given[self.dest] != values:
-            raise argparse.ArgumentError(self, f"given twice ({given[self.dest]!r}, then "
-                                         f"{values!r}); give it once")
-        given[self.dest] = values
-        super().__call__(parser, namespace, values, option_string)
-
-
-def refuse_repeats(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make every value option of ``parser`` and its subcommands refuse a second, different
-    value (:class:`_StoreOnce`); returns ``parser``."""
-    for action in parser._actions:
-        if type(action) is argparse._StoreAction:
-            action.__class__ = _StoreOnce
-        elif isinstance(action, argparse._SubParsersAction):
-            for sub in set(action.choices.values()):
-                refuse_repeats(sub)
-    return parser
 
 
 def _glue_values(argv: Sequence[str]) -> list[str]:

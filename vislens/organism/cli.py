@@ -11,6 +11,7 @@ from typing import Sequence
 
 from ..errors import VislensError
 from ..io import add_force_argument, check_output
+from ..jobs import refuse_repeats
 from .card import write_model_card
 from .config import (DEFAULT_BATCH, DEFAULT_FAMILIAR_WEIGHT, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
                      EVAL_SEED, SCORECARD_GROUPS, SCORECARD_SEED, TRAIN_FILE)
@@ -190,8 +191,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``vislens organism train|eval ...`` as a function; returns the exit status."""
     parser = add_arguments(argparse.ArgumentParser(
         prog="vislens organism", description="Train or evaluate vislens's model organism."))
-    from ..cli import refuse_repeats
-
     args = refuse_repeats(parser).parse_args(list(sys.argv[1:] if argv is None else argv))
     vars(args).pop("_given", None)
     try:
