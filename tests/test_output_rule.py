@@ -12,6 +12,7 @@ from vislens.io import MARKER
     ["demo", "--groups", "1", "--out", "{out}"],
     ["findings", "missing.h5", "--out", "{out}"],
     ["figures", "missing.h5", "--out", "{out}"],
+    ["organism", "train", "--small", "--steps", "1", "--out", "{out}"],
 ])
 def test_folder_commands_refuse_a_foreign_folder(tmp_path, capsys, argv):
     out = tmp_path / "mine"

@@ -85,11 +85,18 @@ def select_samples(dataset: str, data_root: str | None, *, split: str = "all",
     shards add up to this selection)."""
     if split not in ("val", "test", "all"):
         raise VislensError(f"--split {split!r}: choose val, test or all")
+    if data_root and dataset.strip().startswith("jsonl:"):
+        raise VislensError(f"--data-root {data_root}: not used by jsonl: datasets (their image "
+                           "paths are relative to the JSONL file); leave it out")
     samples = load_dataset(dataset, data_root)
     if not samples:
         raise VislensError(f"dataset {dataset} has no samples")
     assign_splits(samples, val_fraction=val_fraction, seed=split_seed)
     chosen = select_split(samples, split)
+    if not chosen:
+        raise VislensError(f"dataset {dataset}: the {split} split of its {len(samples)} "
+                           f"sample(s) is empty (val takes {val_fraction:.0%}, whole groups); "
+                           "use more samples or --split all")
     if limit is not None:
         if limit < 1:
             raise VislensError(f"--limit {limit}: must be >= 1")

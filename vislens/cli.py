@@ -17,7 +17,7 @@ from . import __version__
 from .conditions import condition_help
 from .errors import VislensError
 from .io import add_force_argument
-from .jobs import Terminated, add_job_arguments, clear_stop, request_stop
+from .jobs import Terminated, add_job_arguments, clear_stop, refuse_repeats, request_stop
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
@@ -69,8 +69,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_boxes(args: argparse.Namespace) -> int:
     from .boxes import attach_boxes
 
-    r = attach_boxes(args.file, args.detector, weights=args.weights, conf=args.conf,
-                     batch=args.batch_size, device=args.device, on_error=args.on_error)
+    yolo_only = {"--weights": args.weights, "--conf": args.conf,
+                 "--batch-size": args.batch_size, "--device": args.device,
+                 "--on-error": args.on_error}
+    if args.detector != "yolo":
+        given = [flag for flag, v in yolo_only.items() if v is not None]
+        if given:
+            raise VislensError(f"{given[0]} applies to --detector yolo only (annotation boxes "
+                               "are read from the dataset, no detector runs)")
+    r = attach_boxes(args.file, args.detector, weights=args.weights,
+                     conf=0.25 if args.conf is None else args.conf,
+                     batch=16 if args.batch_size is None else args.batch_size,
+                     device=args.device,
+                     on_error="skip" if args.on_error is None else args.on_error)
     print(f"{args.file}: {r['boxes']} box(es) for {r['samples']} samples ({r['with_mask']} with a "
           f"mask); {r['unmatched']} question object(s) without a box")
     return 0
@@ -83,6 +94,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.file).with_suffix("")) + "-report"
     prepare_output_dir(out, force=args.force)
     conds = [c.strip() for c in args.conditions.split(",")] if args.conditions else None
+    if conds and len(set(conds)) < len(conds):
+        dup = next(c for c in conds if conds.count(c) > 1)
+        raise VislensError(f"--conditions {args.conditions}: {dup!r} is listed twice")
     path = write_report(args.file, out, conditions=conds, chunk=args.chunk)
     print(f"wrote {path} (and CSV/PNG files beside it)")
     return 0
@@ -104,16 +118,24 @@ def _cmd_phrase_stats(args: argparse.Namespace) -> int:
     from .evaluate import to_markdown
     from .phrases import phrase_stats, read_conversations
 
+    from .io import check_output, os_reason
+
+    if args.force and not args.out:
+        raise VislensError("--force needs --out FILE (without --out nothing is written)")
+    if args.out:
+        check_output(args.out, force=args.force)
+        if Path(args.out).is_dir():
+            raise VislensError(f"{args.out} is a folder; --out names the CSV file to write")
     speakers = None if args.speaker == "all" else [args.speaker]
     texts = read_conversations(args.file, speakers)
     df = phrase_stats(texts)
     print(f"{len(texts)} conversation record(s) in {args.file}\n")
     print(to_markdown(df))
     if args.out:
-        from .io import check_output
-
-        check_output(args.out, force=args.force)
-        df.to_csv(args.out)
+        try:
+            df.to_csv(args.out)
+        except OSError as exc:
+            raise VislensError(f"{args.out}: cannot write ({os_reason(exc)})") from None
         print(f"wrote {args.out}")
     return 0
 
@@ -189,11 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("file")
     b.add_argument("--detector", default="annotations", choices=["annotations", "yolo"])
     b.add_argument("--weights", help="YOLO weights file (ultralytics), e.g. yolov8x.pt")
-    b.add_argument("--conf", type=float, default=0.25, help="detection confidence threshold")
-    b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--device", default=None)
-    b.add_argument("--on-error", default="skip", choices=["stop", "skip"],
-                   help="unreadable images: record as unmatched (skip) or stop")
+    b.add_argument("--conf", type=float, default=None,
+                   help="detection confidence threshold (yolo; default 0.25)")
+    b.add_argument("--batch-size", type=int, default=None, help="images per batch (yolo; default 16)")
+    b.add_argument("--device", default=None, help="detector device (yolo)")
+    b.add_argument("--on-error", default=None, choices=["stop", "skip"],
+                   help="unreadable images (yolo): record as unmatched (skip, the default) or stop")
     b.set_defaults(func=_cmd_boxes)
 
     r = sub.add_parser("report", help="per-layer AUROC report: CSV, plots and report.md")
@@ -269,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=8)
     add_force_argument(d)
     d.set_defaults(func=_cmd_demo)
-    return p
+    return refuse_repeats(p)
 
 
 def _glue_values(argv: Sequence[str]) -> list[str]:
@@ -297,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(_glue_values(argv))
+    vars(args).pop("_given", None)
     clear_stop()
     previous = None
     if threading.current_thread() is threading.main_thread():

@@ -564,6 +564,9 @@ def check_conditions(conds: Sequence[Condition], num_layers: int | None = None,
         if not c.name or "/" in c.name or c.name.startswith("."):
             raise VislensError(f"condition name {c.name!r}: must be non-empty, without '/', "
                                "not starting with '.'")
+        if c.name in METHODS.names() and c.name != c.method:  # analyses find 'baseline' by name
+            raise VislensError(f"condition name {c.name!r}: the name of another method; a "
+                               f"{c.method} condition cannot be called that")
         METHODS.get(c.method).validate(c, num_layers, num_heads)
 
 

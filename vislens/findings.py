@@ -801,9 +801,14 @@ def write_findings(paths: Sequence[str | Path], out_dir: str | Path, *,
                    ) -> tuple[list[Finding], Path]:
     """Load the captures, evaluate the findings and write findings.md/.csv/.json."""
     paths = [Path(p) for p in paths]
+    seen: dict[Path, Path] = {}
     for p in paths:
         if not p.is_file():
             raise VislensError(f"{p}: no such capture file")
+        real = p.resolve()
+        if real in seen:  # pooled twice, its samples would count double
+            raise VislensError(f"{p}: given twice (also as {seen[real]}); each capture once")
+        seen[real] = p
     evidence = [load_evidence(p, chunk=chunk) for p in paths]
     found = run_findings(evidence, n_boot=n_boot, seed=seed)
     out = Path(out_dir)

@@ -11,7 +11,8 @@ import os
 from .errors import VislensError
 
 __all__ = ["MATCHERS", "MAX_GRID", "check_job", "check_memory", "attention_bytes",
-           "add_job_arguments", "Terminated", "request_stop", "clear_stop", "check_stop"]
+           "add_job_arguments", "refuse_repeats", "Terminated", "request_stop", "clear_stop",
+           "check_stop"]
 
 MATCHERS = ("paper", "first-word")
 
@@ -128,3 +129,28 @@ def add_job_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int,
     p.add_argument("--gpus-per-worker", type=float,
                    help="GPUs per Ray worker (default: 1 if the cluster has GPUs, else 0)")
     return p
+
+
+class _StoreOnce(argparse._StoreAction):
+    """A value option given twice with different values is refused (argparse keeps the last
+    one silently: ``--out a --out b`` would ignore ``a``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given", {})
+        if self.dest in given and given[self.dest] != values:
+            raise argparse.ArgumentError(self, f"given twice ({given[self.dest]!r}, then "
+                                         f"{values!r}); give it once")
+        given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
+
+
+def refuse_repeats(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make every value option of ``parser`` and its subcommands refuse a second, different
+    value (:class:`_StoreOnce`); returns ``parser``."""
+    for action in parser._actions:
+        if type(action) is argparse._StoreAction:
+            action.__class__ = _StoreOnce
+        elif isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                refuse_repeats(sub)
+    return parser

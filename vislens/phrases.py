@@ -70,6 +70,8 @@ def read_conversations(path: str | Path, speakers: Sequence[str] | None = None) 
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VislensError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise VislensError(f"{p}: is a folder, not a conversation JSON file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VislensError(f"{p}: not a JSON file ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, list):

@@ -231,6 +231,8 @@ class SceneStyle:
             return cls()
         for item in text.split(","):
             key, eq, val = (x.strip() for x in item.partition("="))
+            if key in kw:
+                raise VislensError(f"style {text!r}: {key} given twice")
             try:
                 if not eq or key not in ("distractors", "occlusion", "texture", "clutter",
                                          "lookalike"):

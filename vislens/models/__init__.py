@@ -30,6 +30,15 @@ def resolve_device(device: str | None) -> str:
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") or device == "balanced":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = str(device).partition(":")[2]
+        if n == 0:
+            raise VislensError(f"--device {device}: no CUDA device is available on this machine "
+                               "(use --device cpu or auto)")
+        if index.isdigit() and int(index) >= n:
+            raise VislensError(f"--device {device}: this machine has {n} CUDA device(s), "
+                               f"cuda:0-cuda:{n - 1}")
     return device
 
 

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import VislensError
-from ..io import check_output
+from ..io import add_force_argument, check_output
+from ..jobs import refuse_repeats
 from .card import write_model_card
 from .config import (DEFAULT_BATCH, DEFAULT_FAMILIAR_WEIGHT, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
                      EVAL_SEED, SCORECARD_GROUPS, SCORECARD_SEED, TRAIN_FILE)
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "lookalike=P")
     t.add_argument("--familiar-weight", type=float, default=DEFAULT_FAMILIAR_WEIGHT,
                    help="left/right scenes per scene of each rare relation (LLaVA-like skew)")
+    add_force_argument(t)
     e = sub.add_parser("eval", help="held-out accuracy/confidence per relation")
     e.add_argument("--path", default=str(DEFAULT_PATH))
     e.add_argument("--n-groups", type=int, default=100)
@@ -45,11 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="rewrite the model card from training.json and this evaluation")
     e.add_argument("--scorecard", metavar="DIR", default=None,
                    help="also capture held-out scenes and write the findings scorecard to DIR")
-    e.add_argument("--scorecard-groups", type=int, default=SCORECARD_GROUPS,
-                   help="groups of 4 scenes per subset for the scorecard")
-    e.add_argument("--scorecard-seed", type=int, default=SCORECARD_SEED)
+    e.add_argument("--scorecard-groups", type=int, default=None,
+                   help=f"groups of 4 scenes per subset for --scorecard/--diagnose "
+                        f"(default {SCORECARD_GROUPS})")
+    e.add_argument("--scorecard-seed", type=int, default=None,
+                   help=f"scene seed of --scorecard/--diagnose (default {SCORECARD_SEED})")
     e.add_argument("--style", default=None,
-                   help="scorecard scene style (default: the training scenes' style)")
+                   help="scene style of --scorecard/--diagnose (default: the training scenes' "
+                        "style)")
     e.add_argument("--diagnose", metavar="DIR", default=None,
                    help="also capture the scorecard's scenes under ScalingVis restricted to "
                         "each layer (and the wired heads) and write the gains per confidence "
@@ -109,6 +115,13 @@ def run(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 160, "display.max_columns", 20,
                            "display.float_format", "{:.3f}".format):
         if args.organism_command == "train":
+            from ..io import prepare_output_dir
+
+            if not (math.isfinite(args.lr) and args.lr > 0):
+                raise VislensError(f"--lr {args.lr:g}: must be a positive number")
+            if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
+                raise VislensError(f"--minutes {args.minutes:g}: must be a positive number")
+            prepare_output_dir(args.out, force=args.force)  # never over a folder it did not make
             stats = train_organism(args.out, seed=args.seed, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,
                                    small=args.small, style=args.style,
@@ -126,6 +139,22 @@ def run(args: argparse.Namespace) -> int:
                 raise VislensError(f"{args.path}: no model organism there (no config.json)")
             if args.control and not args.scorecard:
                 raise VislensError("--control needs --scorecard DIR")
+            unused = [flag for flag, v in (("--style", args.style),
+                                           ("--scorecard-groups", args.scorecard_groups),
+                                           ("--scorecard-seed", args.scorecard_seed))
+                      if v is not None]
+            if unused and not (args.scorecard or args.diagnose):
+                raise VislensError(f"{unused[0]} needs --scorecard DIR or --diagnose DIR (it sets "
+                                   "their scenes)")
+            if args.scorecard_groups is None:
+                args.scorecard_groups = SCORECARD_GROUPS
+            elif args.scorecard_groups < 1:
+                raise VislensError(f"--scorecard-groups {args.scorecard_groups}: must be >= 1")
+            if args.scorecard_seed is None:
+                args.scorecard_seed = SCORECARD_SEED
+            if args.write_card and not Path(args.path, TRAIN_FILE).is_file():
+                raise VislensError(f"{Path(args.path, TRAIN_FILE)}: not found; --write-card needs "
+                                   "the training statistics that vislens organism train writes")
             if args.diagnose and args.scorecard and \
                     Path(args.diagnose).resolve() == Path(args.scorecard).resolve():
                 raise VislensError(f"--diagnose and --scorecard name the same folder "
@@ -162,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``vislens organism train|eval ...`` as a function; returns the exit status."""
     parser = add_arguments(argparse.ArgumentParser(
         prog="vislens organism", description="Train or evaluate vislens's model organism."))
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = refuse_repeats(parser).parse_args(list(sys.argv[1:] if argv is None else argv))
+    vars(args).pop("_given", None)
     try:
         return run(args)
     except VislensError as exc:

@@ -307,6 +307,12 @@ def check_format(f: h5py.File, path: Path) -> None:
         raise VislensError(f"{path}: capture format_version {short_repr(version)} is not supported "
                            f"(this vislens reads versions "
                            f"{', '.join(map(str, READABLE_VERSIONS))})")
+    try:  # every group and dataset header: a corrupted file fails here in one line
+        f.visititems(lambda name, obj: None)
+    except (*IO_ERRORS, KeyError) as exc:
+        msg = str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__
+        raise VislensError(f"{path}: corrupted capture file, its HDF5 structure cannot be read "
+                           f"({msg})") from None
 
 
 def format_version(f: h5py.File) -> int:
