@@ -56,6 +56,25 @@ def test_value_flag_given_twice_with_different_values_is_refused(tmp_path, capsy
     assert "missing.h5: no such capture file" in _one_line(capsys)
 
 
+def test_abbreviated_option_names_are_refused(tmp_path, capsys):
+    """argparse would take ``--split`` for ``--split-seed``: a prefix is an error, not a guess."""
+    from vislens import figures, sweep
+
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "--model", "x", "--dataset", "jsonl:y", "--out", str(tmp_path / "s"),
+              "--split", "3"])
+    assert exc.value.code == 2 and "unrecognized arguments: --split" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["organism", "eval", "--n-group", "2"])
+    assert "--n-group" in capsys.readouterr().err
+    for entry, argv in ((sweep.main, ["--model", "x", "--dataset", "jsonl:y", "--out", "o",
+                                      "--split", "3"]),
+                        (figures.main, ["a.h5", "--ou", str(tmp_path / "f")])):
+        with pytest.raises(SystemExit):
+            entry(argv)
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_empty_split_is_one_line(tiny_dir, tmp_path, capsys):
     line = json.dumps({"id": "only", "image": "", "question": "Where? Answer with left or right.",
                        "options": ["Left", "Right"], "answer": "Left"})

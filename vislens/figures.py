@@ -377,7 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``vislens figures`` as a function: 0 on success, 2 (one error line) on bad input."""
     parser = add_arguments(argparse.ArgumentParser(
         prog="vislens figures", description="Draw the paper's figures from a capture file."))
-    args = parser.parse_args(argv)
+    from .jobs import refuse_repeats
+
+    args = refuse_repeats(parser).parse_args(argv)
     try:
         return run(args)
     except VislensError as exc:

@@ -146,7 +146,9 @@ class _StoreOnce(argparse._StoreAction):
 
 def refuse_repeats(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make every value option of ``parser`` and its subcommands refuse a second, different
-    value (:class:`_StoreOnce`); returns ``parser``."""
+    value (:class:`_StoreOnce`) and refuse abbreviated option names (argparse would take
+    ``--split 3`` for ``--split-seed 3``); returns ``parser``."""
+    parser.allow_abbrev = False
     for action in parser._actions:
         if type(action) is argparse._StoreAction:
             action.__class__ = _StoreOnce

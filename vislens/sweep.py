@@ -880,7 +880,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(
         prog="vislens sweep", description="tune ScalingVis/AdaptVis on the validation split, "
         "compare methods on the test split"))
-    args = parser.parse_args(argv)
+    from .jobs import refuse_repeats
+
+    args = refuse_repeats(parser).parse_args(argv)
     args._argv = argv
     return run_args(args)
 
