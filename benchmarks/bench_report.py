@@ -58,7 +58,8 @@ def build(path: Path, n: int, seed: int = 0) -> None:
                 res[cond] = SimpleNamespace(
                     text="Left", confidence=float(focus), option_probs=np.array([focus, 1 - focus]),
                     alpha_used=1.0, image_attention=a, image_mass=np.full((L, H), 0.3, np.float32),
-                    text_mass=np.full((L, H), 0.7, np.float32))
+                    text_mass=np.full((L, H), 0.7, np.float32), n_image_tokens=G * G,
+                    n_text_tokens=40)
             ok = bool(rng.random() < 0.3 + 0.6 * focus)
             results.append(res)
             correct.append({"baseline": ok, "scaling-2": ok})
