@@ -80,7 +80,8 @@ def big_file(tmp: Path, n: int = 24) -> dict:
     res = SimpleNamespace(text="Left", confidence=0.9, option_probs=np.array([0.9, 0.1, 0, 0]),
                           alpha_used=1.0, image_attention=attn,
                           image_mass=np.full((L, H), 0.3, np.float32),
-                          text_mass=np.full((L, H), 0.7, np.float32))
+                          text_mass=np.full((L, H), 0.7, np.float32), n_image_tokens=G * G,
+                          n_text_tokens=40)
     t0 = time.perf_counter()
     for start in range(0, n, 8):
         rows = list(range(start, min(n, start + 8)))
