@@ -642,3 +642,24 @@ def test_ray_session_is_closed_when_closing_the_file_fails(tiny_dir, tiny_adapte
         cap(tiny_dir, scenes, tmp_path / "b.h5", **kw)
     assert closed == ["writer", "session"]
     assert any("closing the capture failed" in m for m in logs), logs
+
+
+def test_a_capture_stores_the_records_own_split(tiny_dir, scenes, tmp_path):
+    """The JSONL ``split`` field decides the split the capture stores (and findings, figures
+    and the sweep read back); records without it keep the hash split."""
+    recs = [json.loads(line) for line in Path(scenes).read_text().splitlines()]
+    for r in recs:
+        r["image"] = str(Path(scenes).parent / r["image"])
+    assert len({r["group"] for r in recs[:4]}) == 1 and recs[4]["group"] != recs[3]["group"]
+    for r, split in zip(recs, ["val", "test", "test", "test", "val"]):
+        r["split"] = split  # a group split in two: no hash split does that
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    s = cap(tiny_dir, data, tmp_path / "s.h5", conditions=["baseline"], max_new_tokens=1, split="all")
+    with open_capture(s.path) as c:
+        stored = dict(zip(c.samples["id"], c.samples["split"]))
+    # records 5-7 name none and follow record 4, their group's
+    assert [stored[r["id"]] for r in recs] == ["val", "test", "test", "test"] + ["val"] * 4
+    v = cap(tiny_dir, data, tmp_path / "v.h5", conditions=["baseline"], max_new_tokens=1, split="val")
+    with open_capture(v.path) as c:
+        assert list(c.samples["id"]) == [recs[0]["id"]] + [r["id"] for r in recs[4:]]

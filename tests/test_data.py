@@ -383,6 +383,7 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
     loaded = load_dataset(f"jsonl:{path}")
     expected = _samples(tmp_path)
     expected[0].boxes = [Box("cup", (1.0, 2.0, 5.0, 6.5)), Box("plate", (0.0, 0.0, 8.0, 6.0))]
+    expected[0].given_split = "val"  # a written split is the record's own split when read back
     assert loaded == expected
     assert not (tmp_path / "out" / "data.jsonl.tmp").exists()
 
@@ -413,6 +414,10 @@ _GOOD = {"id": "a", "image": "a.png", "question": "q?", "options": ["Left", "Rig
         ({"boxes": [{"label": "cup", "xyxy": [1, 4, 3, 4]}]}, "boxes.xyxy", "y0 < y1"),
         ({"boxes": [{"label": "", "xyxy": [1, 2, 3, 4]}]}, "boxes.label", "non-empty"),
         ({"meta": [1]}, "meta", "JSON object"),
+        ({"split": "train"}, "split", "'train' is not a split vislens knows"),
+        ({"split": "all"}, "split", "'all' is not a split vislens knows"),
+        ({"split": ""}, "split", "'' is not a split vislens knows"),
+        ({"split": 1}, "split", "1 is not a split vislens knows"),
     ],
 )
 def test_jsonl_field_errors_name_file_line_and_field(tmp_path: Path, change: dict, field: str, problem: str) -> None:
@@ -510,6 +515,63 @@ def test_split_errors() -> None:
         assign_splits(samples, 1.5)
     with pytest.raises(VislensError, match="duplicated: 'x0'"):
         assign_splits(samples + _plain(1))
+
+
+def test_a_jsonl_split_field_decides_and_the_rest_are_hashed(tmp_path: Path) -> None:
+    # records 0-9 name their split (every third one test); 10-49 have none
+    named = {f"x{i}": ("test" if i % 3 == 0 else "val") for i in range(10)}
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({**_GOOD, "id": f"x{i}", **({"split": named[f"x{i}"]}
+                                        if f"x{i}" in named else {})}) + "\n" for i in range(50)))
+    samples = load_jsonl(path)
+    assign_splits(samples, 0.2, seed=4)
+    got = {s.id: s.split for s in samples}
+    assert {i: got[i] for i in named} == named  # the file decides, whatever the seed or fraction
+    # the other 40 are split as if alone: 20 % of them by hash (reference: the plain samples)
+    rest = [s for s in _plain(50) if s.id not in named]
+    assign_splits(rest, 0.2, seed=4)
+    assert {s.id: got[s.id] for s in rest} == {s.id: s.split for s in rest}
+    assert sum(got[s.id] == "val" for s in rest) == 8
+    assign_splits(samples, 1.0, seed=9)
+    assert {i: s.split for s in samples for i in [s.id] if i in named} == named
+    assert all(s.split == "val" for s in samples if s.id not in named)
+    assert [s.id for s in select_split(samples, "test")] == [i for i, v in named.items() if v == "test"]
+
+
+def test_a_named_split_takes_its_group_along() -> None:
+    samples = _plain(40)
+    for s in samples:
+        s.group = f"g{int(s.id[1:]) // 4}"
+    samples[0].given_split = "test"  # group g0 (x0-x3) follows x0
+    samples[4].given_split = samples[6].given_split = samples[7].given_split = "val"
+    samples[5].given_split = "test"  # g1: every sample names its own, in both splits
+    assign_splits(samples, 0.5, seed=0)
+    assert [s.split for s in samples[:8]] == ["test"] * 4 + ["val", "test", "val", "val"]
+    free_groups = {s.group: s.split for s in samples[8:]}
+    assert set(free_groups.values()) == {"val", "test"}
+    assert sum(v == "val" for v in free_groups.values()) == 4  # half of the 8 free groups
+    samples[7].given_split = ""  # x7 would join g1, which names both splits: ambiguous
+    with pytest.raises(VislensError, match=r"sample 'x7' names no split, but its group 'g1'"):
+        assign_splits(samples, 0.5, seed=0)
+    assign_splits(samples, 0.5, seed=0, keep_groups=False)  # without groups x7 is hashed
+    assert samples[7].split in ("val", "test") and samples[1].split in ("val", "test")
+
+
+def test_select_samples_honours_the_split_field(tmp_path: Path) -> None:
+    from vislens.capture import select_samples
+
+    path = tmp_path / "mine.jsonl"
+    splits = ["val", "test", None, "val", "val", None, "val", None, None, "val"]
+    path.write_text("".join(json.dumps({**_GOOD, "id": f"r{i}", **({"split": v} if v else {})}) + "\n"
+                            for i, v in enumerate(splits)))
+    val, _ = select_samples(f"jsonl:{path}", None, split="val", split_seed=3)
+    test, _ = select_samples(f"jsonl:{path}", None, split="test", split_seed=3)
+    ids = {s.id: ("val" if s in val else "test") for s in val + test}
+    # 5 named val records: more than a 20 % hash split of 10 could give
+    assert {i: ids[f"r{i}"] for i, v in enumerate(splits) if v} == {i: v for i, v in enumerate(splits) if v}
+    # the 4 free records: floor(0.2 * 4) = 0 of them in val
+    assert sum(ids[f"r{i}"] == "val" for i, v in enumerate(splits) if not v) == 0
+    assert len(val) == 5 and len(test) == 5
 
 
 def test_paper_sample_indices_match_the_global_random_recipe() -> None:

@@ -95,7 +95,8 @@ def select_samples(dataset: str, data_root: str | None, *, split: str = "all",
     chosen = select_split(samples, split)
     if not chosen:
         raise VislensError(f"dataset {dataset}: the {split} split of its {len(samples)} "
-                           f"sample(s) is empty (val takes {val_fraction:.0%}, whole groups); "
+                           f"sample(s) is empty (val takes {val_fraction:.0%}, whole groups, of the "
+                           "samples whose record names no split); "
                            "use more samples or --split all")
     if limit is not None:
         if limit < 1:

@@ -652,7 +652,8 @@ def _load_splits(dataset: str, data_root: str | None, split_seed: int, limit: in
     for name, part in (("validation", val), ("test", test)):
         if not part:
             raise VislensError(f"dataset {dataset}: the {name} split is empty; a sweep needs "
-                               "samples in both (the validation split is 20% of the data)")
+                               "samples in both (the validation split is 20% of the data, unless "
+                               "its records name their own split)")
     check_options_in_prompt(val + test)
     problems = check_images(val + test)
     if problems:

@@ -27,6 +27,9 @@ class Sample:
     ``question`` is the plain question text (no chat template, no image token): each model
     adapter wraps it in its own template. ``answer`` is one of ``options``; ``objects`` are
     the object names the question asks about (subject first), used to pick detector boxes.
+    ``split`` is the sample's split (``val``/``test``, set by ``assign_splits``);
+    ``given_split`` is the one its dataset names (the JSONL ``split`` field), which
+    ``assign_splits`` keeps instead of hashing.
     """
 
     id: str
@@ -40,3 +43,4 @@ class Sample:
     boxes: list[Box] = field(default_factory=list)
     split: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    given_split: str = ""

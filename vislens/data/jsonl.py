@@ -7,9 +7,10 @@ One object per line::
      "objects": ["cup", "plate"], "boxes": [{"label": "cup", "xyxy": [10, 20, 50, 60]}]}
 
 ``id``, ``image``, ``question``, ``options`` and ``answer`` are required; ``relation``,
-``group``, ``objects``, ``boxes``, ``split`` and ``meta`` (a JSON object) are optional. Any
-other key is an error, so a typo such as ``"boxs"`` cannot be dropped silently. ``image`` is
-relative to the JSONL file's folder (absolute paths are kept; ``""`` means no image).
+``group``, ``objects``, ``boxes``, ``split`` (``val`` or ``test``: the record's own split,
+which ``assign_splits`` keeps) and ``meta`` (a JSON object) are optional. Any other key, or
+another split name, is an error, so a typo such as ``"boxs"`` cannot be dropped silently.
+``image`` is relative to the JSONL file's folder (absolute paths are kept; ``""`` means no image).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import VislensError
 from .base import Box, Sample
+from .splits import SAMPLE_SPLITS
 
 __all__ = ["iter_jsonl", "load_jsonl", "write_jsonl", "decode_utf8", "JSONL_FIELDS"]
 
@@ -112,6 +114,17 @@ def parse_box(value: Any, where: str) -> Box:
     return Box(label=label, xyxy=(x0, y0, x1, y1))
 
 
+def _given_split(obj: dict[str, Any], where: str) -> str:
+    """The record's own split (``""`` when it has no ``split`` field); other names are refused."""
+    if "split" not in obj:
+        return ""
+    value = obj["split"]
+    if value not in SAMPLE_SPLITS:
+        raise _field_error(where, "split", f"{value!r} is not a split vislens knows (use "
+                           f"{' or '.join(SAMPLE_SPLITS)}, or leave the field out for the hash split)")
+    return value
+
+
 def _resolve_image(image: str, folder: str) -> str:
     if not image:
         return ""
@@ -138,6 +151,7 @@ def sample_from_record(obj: dict[str, Any], where: str, folder: str) -> Sample:
     boxes = obj.get("boxes", [])
     if not isinstance(boxes, list):
         raise _field_error(where, "boxes", "expected a list")
+    split = _given_split(obj, where)
     return Sample(
         id=_require_str(obj, "id", where, allow_empty=False),
         image_path=_resolve_image(_require_str(obj, "image", where, allow_empty=True), folder),
@@ -148,8 +162,9 @@ def sample_from_record(obj: dict[str, Any], where: str, folder: str) -> Sample:
         group=_require_str(obj, "group", where, allow_empty=True) if "group" in obj else "",
         objects=_str_list(obj["objects"], "objects", where) if "objects" in obj else [],
         boxes=[parse_box(b, where) for b in boxes],
-        split=_require_str(obj, "split", where, allow_empty=True) if "split" in obj else "",
+        split=split,
         meta=dict(meta),
+        given_split=split,
     )
 
 
@@ -202,8 +217,8 @@ def record_from_sample(sample: Sample, folder: str) -> dict[str, Any]:
         record["objects"] = list(sample.objects)
     if sample.boxes:
         record["boxes"] = [{"label": b.label, "xyxy": [float(v) for v in b.xyxy]} for b in sample.boxes]
-    if sample.split:
-        record["split"] = sample.split
+    if sample.split or sample.given_split:  # read back as the record's own split
+        record["split"] = sample.split or sample.given_split
     if sample.meta:
         record["meta"] = sample.meta
     return record

@@ -2,8 +2,9 @@
 
 AdaptVis tunes its thresholds on a 20 % sample and the paper reports on it; vislens tunes on
 ``val`` and reports on the held-out ``test``. :func:`assign_splits` is deterministic in the
-seed and the sample ids only (not the input order). :func:`paper_sample_indices` recreates
-the paper code's 20 % index sample for comparison.
+seed and the sample ids only (not the input order); a split the dataset itself names for a
+sample (``Sample.given_split``, the JSONL ``split`` field) is kept. :func:`paper_sample_indices`
+recreates the paper code's 20 % index sample for comparison.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from typing import Iterable, Literal, Sequence
 from ..errors import VislensError
 from .base import Sample
 
-__all__ = ["SPLITS", "assign_splits", "select_split", "paper_sample_indices"]
+__all__ = ["SPLITS", "SAMPLE_SPLITS", "assign_splits", "select_split", "paper_sample_indices"]
 
 SPLITS = ("val", "test", "all")
+#: The splits one sample can be in (``"all"`` only selects).
+SAMPLE_SPLITS = ("val", "test")
 
 
 def _rank_key(seed: int, unit: str) -> tuple[bytes, str]:
@@ -35,19 +38,32 @@ def assign_splits(
 ) -> None:
     """Set ``sample.split`` to ``"val"`` or ``"test"`` in place.
 
-    Units (a sample, or with ``keep_groups`` all samples sharing a non-empty ``group``) are
-    ranked by ``sha256(seed, unit)`` and taken into ``val`` until it holds
-    ``floor(val_fraction * n)`` samples. Keeping groups whole means Controlled A/B pair and
-    set accuracy are computed from complete groups (whole groups can overshoot the target by
-    less than one group). Ids must be unique, since they define the ranking.
+    A sample whose dataset names its split (``given_split``) keeps it. The others, the free
+    ones, are split by hash: units (a sample, or with ``keep_groups`` all samples sharing a
+    non-empty ``group``) are ranked by ``sha256(seed, unit)`` and taken into ``val`` until it
+    holds ``floor(val_fraction * n_free)`` samples. Keeping groups whole means Controlled A/B
+    pair and set accuracy are computed from complete groups (whole groups can overshoot the
+    target by less than one group); with ``keep_groups`` a free sample in a group whose other
+    samples name one split joins it. Ids must be unique, since they define the ranking.
     """
     if not 0.0 <= val_fraction <= 1.0 or math.isnan(val_fraction):
         raise VislensError(f"val_fraction must be in [0, 1], got {val_fraction}")
     duplicates = [i for i, c in Counter(s.id for s in samples).items() if c > 1]
     if duplicates:
         raise VislensError(f"sample ids must be unique to assign splits; duplicated: {duplicates[0]!r}")
-    sizes = Counter(_unit(s, keep_groups) for s in samples)
-    target = math.floor(val_fraction * len(samples) + 1e-9)
+    named = [s for s in samples if s.given_split]
+    for sample in named:
+        if sample.given_split not in SAMPLE_SPLITS:
+            raise VislensError(f"sample {sample.id!r}: split {sample.given_split!r} is not one of "
+                               f"{', '.join(SAMPLE_SPLITS)}")
+    group_split: dict[str, set[str]] = {}
+    if keep_groups:
+        for sample in named:
+            if sample.group:
+                group_split.setdefault(sample.group, set()).add(sample.given_split)
+    free = [s for s in samples if not s.given_split and not group_split.get(s.group)]
+    sizes = Counter(_unit(s, keep_groups) for s in free)
+    target = math.floor(val_fraction * len(free) + 1e-9)
     val_units: set[str] = set()
     taken = 0
     for unit in sorted(sizes, key=lambda u: _rank_key(seed, u)):
@@ -56,7 +72,17 @@ def assign_splits(
         val_units.add(unit)
         taken += sizes[unit]
     for sample in samples:
-        sample.split = "val" if _unit(sample, keep_groups) in val_units else "test"
+        if sample.given_split:
+            sample.split = sample.given_split
+        elif sample.group in group_split:  # only filled with keep_groups
+            names = group_split[sample.group]
+            if len(names) > 1:
+                raise VislensError(f"sample {sample.id!r} names no split, but its group "
+                                   f"{sample.group!r} has samples in both val and test; give it "
+                                   "a split field too")
+            sample.split = next(iter(names))
+        else:
+            sample.split = "val" if _unit(sample, keep_groups) in val_units else "test"
 
 
 def select_split(samples: Iterable[Sample], split: Literal["val", "test", "all"]) -> list[Sample]:
