@@ -194,6 +194,23 @@ def test_bad_baseline_options(spec, msg):
         parse_condition(spec)
 
 
+def test_the_accepted_noise_steps_are_the_schedule():
+    """``noise_steps`` 1 and 999, the ends of the accepted range, index VCD's 1000-step
+    schedule as the step-by-step reference does; 0 (no noise: nothing to contrast) is refused."""
+    from vislens.decoding import diffusion_noise
+    from vislens.errors import VislensError
+
+    pix = torch.linspace(-1, 1, 24).reshape(2, 3, 2, 2)
+    for steps in (1, 999):
+        cond = parse_condition(f"vcd:noise_steps={steps}")
+        digest = hashlib.sha256(b"0:k").digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        got = diffusion_noise(pix, int(cond["noise_steps"]), gen)
+        torch.testing.assert_close(got, plain_noise(pix, steps, "k").float(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(VislensError, match=r"^condition vcd: noise_steps=0 must be an integer in \[1, 999\]"):
+        parse_condition("vcd:noise_steps=0")
+
+
 def test_tied_embeddings_read_from_the_weights(tiny_dir):
     from vislens.models import load_model
 

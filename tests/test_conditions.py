@@ -89,6 +89,12 @@ def test_restrictions_inside_the_model_pass():
     ("scaling:alpha=1,alpha=2", "given twice"), ("scaling:alpha", "expected key=value"),
     ("adaptvis:alpha1=2,alpha2=0.5,beta=0.3", "alpha1 <= alpha2"),
     ("vcd:noise_steps=2.5", "integer"), ("vcd:beta=0", "(0, 1]"), ("scaling:alpha=-1", "> 0"),
+    ("vcd:noise_steps=0", "noise_steps=0 must be an integer in [1, 999]"),
+    ("vcd:noise_steps=-3", "noise_steps=-3 must be an integer in [1, 999]"),
+    ("vcd:alpha=-0.5", "alpha=-0.5 must be >= 0"), ("vcd:beta=1.5", "beta=1.5 must be in (0, 1]"),
+    ("adaptvis:alpha1=0,alpha2=2,beta=0.5", "alpha1=0 must be > 0"),
+    ("adaptvis:alpha1=0.5,alpha2=2,beta=1.2", "beta=1.2 must be in [0, 1]"),
+    ("scaling:alpha=0", "alpha=0 must be > 0"), ("dola:relative_top=0", "relative_top=0 must be in (0, 1)"),
     ("knockout:name=a/b", "without '/'"), ("knockout:layers=0-99999999", "spans more than"),
     ("knockout:layers=3-", "expected integers"), ("knockout:layers=-1", "expected integers"), ("warp", "unknown condition method 'warp'"),
 ])

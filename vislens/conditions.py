@@ -437,7 +437,8 @@ class VCD(Method):
     steers = False
     params = (Param("alpha", 1.0, lo=0.0), Param("beta", 0.1, lo=0.0, lo_open=True, hi=1.0,
                                                  why="the plausibility cutoff"),
-              Param("noise_steps", 500.0, kind="int", lo=0, hi=NOISE_STEPS - 1),
+              Param("noise_steps", 500.0, kind="int", lo=1, hi=NOISE_STEPS - 1,
+                    why="steps along VCD's noise schedule; 0, no noise, leaves nothing to contrast"),
               Param("seed", 0.0, kind="int"))
 
     def label(self, attrs):

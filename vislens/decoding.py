@@ -38,10 +38,12 @@ __all__ = ["BASELINE_KEY", "Condition", "ConditionResult", "DecodingEngine", "RU
 
 
 def diffusion_noise(x: torch.Tensor, noise_steps: int, generator: torch.Generator) -> torch.Tensor:
-    """VCD's distorted view: the forward diffusion process run ``noise_steps`` of 1000 steps.
+    """VCD's distorted view: the forward diffusion process ``noise_steps`` along 1000 steps.
 
     ``x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps`` with a sigmoid beta schedule from 1e-5
-    to 5e-3 (as VCD uses), applied to the processed pixel tensor.
+    to 5e-3 (as VCD uses), applied to the processed pixel tensor. ``t = noise_steps`` indexes
+    the schedule as VCD's ``noise_step`` does (``abar_t`` multiplies betas 0..t), so the
+    conditions accept 1-999: 0 would ask for no noise, which this schedule cannot give.
     """
     betas = torch.sigmoid(torch.linspace(-6, 6, NOISE_STEPS, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
     abar = torch.cumprod(1 - betas, dim=0)[int(noise_steps)]
