@@ -473,6 +473,26 @@ def test_main_cli(caps, tmp_path, capsys):
     assert figures.main([str(caps["full"]), "--out", str(out), "--only", "2"]) == 2
 
 
+def test_a_negative_layer_counts_from_the_end(caps, tmp_path, capsys):
+    """``--layer -1`` is the last layer (as the help says); one before the first is a one-line
+    error naming the flag and the value given."""
+    out = tmp_path / "neg"
+    assert figures.main([str(caps["full"]), "--out", str(out), "--layer", "-1", "--only", "5"]) == 0
+    assert [p.name for p in out.iterdir() if p.name != MARKER] == [f"fig05_heatmaps_layer{L - 1}.png"]
+    assert figures.main([str(caps["full"]), "--out", str(out), "--layer", f"-{L}", "--only", "5",
+                         "--force"]) == 0
+    assert (out / "fig05_heatmaps_layer0.png").exists()
+    capsys.readouterr()
+    assert figures.main([str(caps["full"]), "--out", str(out), "--layer", f"-{L + 1}", "--only", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vislens: error: ")
+    assert f"--layer -{L + 1} out of range" in err[0] and f"-{L} to -1 from the end" in err[0]
+    import argparse
+
+    helps = {a.dest: a.help for a in figures.add_arguments(argparse.ArgumentParser())._actions}
+    assert "-1 = the last layer" in helps["layer"]
+
+
 def test_add_arguments_parses_subcommand():
     import argparse
 

@@ -105,7 +105,7 @@ class _Context:
                                    "--split all); give --layer N instead")
             self.fixed = self.choice.layer
         elif layer is not None:
-            self.fixed = plots.check_layer(layer, self.num_layers, cap.path)
+            self.fixed = plots.check_layer(layer, self.num_layers, cap.path, "--layer")
 
     def layer_for(self, number: int) -> int:
         """The layer figure ``number`` is drawn at (the first of Figure 6's two)."""
@@ -351,8 +351,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--layer", type=_layer_arg, default=None, metavar="N|best",
                         help="layer of the per-layer figures (default: the paper's layers, 17 "
                              "(18 too for Fig. 6) and 14 for Fig. 26 of 32, at the same relative "
-                             "depth for other models); 'best': chosen on the validation split, "
-                             "Fig. 6 on the test split")
+                             "depth for other models); a negative N counts from the end (-1 = "
+                             "the last layer); 'best': chosen on the validation split, Fig. 6 on "
+                             "the test split")
     add_force_argument(parser)
     parser.add_argument("--format", default="png", choices=FORMATS, help="file format (default: png)")
     parser.add_argument("--only", type=_figure_list, default=None, metavar="N,N,...",

@@ -321,16 +321,16 @@ def _grid(cap: "Capture") -> int:
     return int(np.atleast_1d(g)[0])
 
 
-def check_layer(layer: int, n_layers: int, where: Any) -> int:
-    """``layer`` as a non-negative index (negative counts from the end), or a one-line error."""
+def check_layer(layer: int, n_layers: int, where: Any, name: str = "layer") -> int:
+    """``layer`` as a non-negative index (negative counts from the end), or a one-line error
+    naming ``where`` and ``name`` (e.g. the ``--layer`` flag) with the value given."""
     if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool):
-        raise VislensError(f"{where}: layer must be an integer, got {layer!r}")
-    layer = int(layer)
-    if layer < 0:
-        layer += n_layers
+        raise VislensError(f"{where}: {name} must be an integer, got {layer!r}")
+    given = int(layer)
+    layer = given + n_layers if given < 0 else given
     if not 0 <= layer < n_layers:
-        raise VislensError(f"{where}: layer {layer} out of range (the capture has {n_layers} "
-                           f"layers, 0-{n_layers - 1})")
+        raise VislensError(f"{where}: {name} {given} out of range (the capture has {n_layers} "
+                           f"layers, 0-{n_layers - 1}, or -{n_layers} to -1 from the end)")
     return layer
 
 
