@@ -52,3 +52,64 @@ def test_phrase_stats_refuses_to_replace_a_file(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and target.read_text() == "keep me"
     assert main(["phrase-stats", str(conv), "--out", str(target), "--force"]) == 0
     assert target.read_text() != "keep me"
+
+
+def _tree(root):
+    """Every path under ``root`` with its file content (None for folders)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+FAILING = [  # each fails after claiming its output folder, before writing into it
+    ["findings", "missing.h5", "--out", "{out}"],
+    ["figures", "missing.h5", "--out", "{out}"],
+    ["report", "missing.h5", "--out", "{out}"],
+    ["evaluate", "missing.h5", "--out", "{out}"],
+    ["synth", "--n", "4", "--style", "warp=1", "--out", "{out}"],
+]
+
+
+@pytest.mark.parametrize("argv", FAILING)
+def test_a_failed_command_leaves_no_new_output_folder(tmp_path, capsys, argv):
+    out = tmp_path / "new" / "deeper" / "out"
+    assert main([a.format(out=out) for a in argv]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor the parents it made
+
+
+@pytest.mark.parametrize("argv", FAILING)
+def test_a_failed_command_leaves_an_existing_folder_as_it_was(tmp_path, capsys, argv):
+    empty, marked, foreign = tmp_path / "empty", tmp_path / "marked", tmp_path / "foreign"
+    for d in (empty, marked, foreign):
+        d.mkdir()
+    (marked / MARKER).touch()
+    (marked / "old.csv").write_text("an earlier run's output")
+    (foreign / "notes.txt").write_text("a researcher's file")
+    before = _tree(tmp_path)
+    for out, extra in ((empty, []), (marked, []), (foreign, ["--force"])):
+        assert main([a.format(out=out) for a in argv] + extra) == 2
+    assert _tree(tmp_path) == before
+
+
+def test_figures_main_also_leaves_no_new_folder(tmp_path, capsys):
+    from vislens import figures
+
+    assert figures.main(["missing.h5", "--out", str(tmp_path / "figs")]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_written_into_is_kept_after_a_failure(tmp_path):
+    from vislens.io import prepare_output_dir, unclaim_on_failure
+
+    kept, empty = tmp_path / "kept", tmp_path / "a" / "empty"
+    with pytest.raises(RuntimeError):
+        with unclaim_on_failure():
+            prepare_output_dir(kept)
+            prepare_output_dir(empty)
+            (kept / "partial.csv").write_text("written before the failure")
+            raise RuntimeError("boom")
+    assert (kept / "partial.csv").exists() and (kept / MARKER).exists()
+    assert not (tmp_path / "a").exists()
+    with unclaim_on_failure():  # success keeps everything
+        prepare_output_dir(empty)
+    assert sorted(p.name for p in empty.iterdir()) == [MARKER]

@@ -16,7 +16,7 @@ from typing import Sequence
 from . import __version__
 from .conditions import condition_help
 from .errors import VislensError
-from .io import add_force_argument
+from .io import add_force_argument, unclaim_on_failure
 from .jobs import Terminated, add_job_arguments, clear_stop, refuse_repeats, request_stop
 
 
@@ -326,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return args.func(args)
+        with unclaim_on_failure():  # a failed command leaves no empty output folder behind
+            return args.func(args)
     except VislensError as exc:
         print(f"vislens: error: {exc}", file=sys.stderr)
         return 2

@@ -380,9 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="vislens figures", description="Draw the paper's figures from a capture file."))
     from .jobs import refuse_repeats
 
+    from .io import unclaim_on_failure
+
     args = refuse_repeats(parser).parse_args(argv)
     try:
-        return run(args)
+        with unclaim_on_failure():
+            return run(args)
     except VislensError as exc:
         print(f"vislens: error: {exc}", file=sys.stderr)
         return 2

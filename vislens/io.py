@@ -4,7 +4,8 @@ The rule (issue 11): a command may create a file or folder, or rewrite one it cr
 itself (a capture resumes its own working file; a report folder carries the marker file
 :data:`MARKER`), but never replaces anything else unless the user passes ``--force``. A
 missing or read-only output folder, or a full disk, is reported in one line naming the
-path before any work starts.
+path before any work starts. A command that fails before writing into an output folder it
+claimed leaves no trace of the claim (:func:`unclaim_on_failure`).
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import errno
 import os
 import re
 import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .errors import VislensError
 
 __all__ = ["MARKER", "human_bytes", "os_reason", "real_path", "check_folder", "check_output",
-           "prepare_output_dir", "check_free_space", "error_code", "is_disk_full",
+           "prepare_output_dir", "unclaim_on_failure", "check_free_space", "error_code", "is_disk_full",
            "IO_ERRORS", "add_force_argument"]
 
 #: what a failed read or write of an HDF5 file raises (h5py maps some HDF5 I/O failures,
@@ -134,15 +138,85 @@ def _nearest_writable(path: Path) -> None:
         raise VislensError(f"{path}: cannot create the output folder in {parent} ({why})")
 
 
+@dataclass
+class _Claim:
+    """What :func:`prepare_output_dir` did to one folder, so a failed command can undo it."""
+
+    path: Path  # absolute
+    created: list[Path]  # folders it made, the output folder first, then its new parents
+    marked: bool  # it added the marker to a folder that existed without one
+    before: frozenset | None  # that existing folder's entries then (name, size, mtime)
+
+
+_claims: list[_Claim] = []
+
+
+def _entries(folder: Path) -> frozenset:
+    """The folder's entries but the marker, as (name, size, mtime): what a run may change."""
+    out = set()
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name != MARKER:
+                st = entry.stat(follow_symlinks=False)
+                out.add((entry.name, st.st_size, st.st_mtime_ns))
+    return frozenset(out)
+
+
 def prepare_output_dir(path: str | Path, *, force: bool = False, flag: str = "--force") -> Path:
-    """:func:`check_output` for a folder, then create it and mark it as a vislens output."""
+    """:func:`check_output` for a folder, then create it and mark it as a vislens output.
+
+    The claim is remembered so that :func:`unclaim_on_failure` can take it back."""
     path = check_output(path, force=force, kind="folder", flag=flag)
+    full = Path(os.path.abspath(path))
+    created = []
+    missing = full
+    while not os.path.lexists(missing) and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    marked = not created and not (full / MARKER).exists()
+    before = _entries(full) if marked else None
     try:
         path.mkdir(parents=True, exist_ok=True)
         (path / MARKER).touch()
     except OSError as exc:
         raise VislensError(f"{path}: cannot create the output folder ({os_reason(exc)})") from None
+    _claims.append(_Claim(full, created, marked, before))
     return path
+
+
+@contextmanager
+def unclaim_on_failure() -> Iterator[None]:
+    """Run a command; if it fails, undo the output folders it claimed and wrote nothing into.
+
+    A folder :func:`prepare_output_dir` created that holds only the marker is removed again,
+    with the parents it created for it (while empty); a folder that existed keeps its
+    entries and loses only a marker this run added. Anything written is kept (a resumable
+    partial output, or what the user must see); the command's error propagates unchanged.
+    """
+    start = len(_claims)
+    try:
+        yield
+    except BaseException:
+        for claim in reversed(_claims[start:]):
+            _unclaim(claim)
+        raise
+    finally:
+        del _claims[start:]
+
+
+def _unclaim(claim: _Claim) -> None:
+    marker = claim.path / MARKER
+    try:
+        if claim.created:
+            if os.listdir(claim.path) != [MARKER]:
+                return
+            marker.unlink()
+            for folder in claim.created:  # rmdir refuses a folder something else filled
+                os.rmdir(folder)
+        elif claim.marked and _entries(claim.path) == claim.before:
+            marker.unlink()
+    except OSError:
+        pass  # best effort: never hide the command's own error
 
 
 def check_free_space(path: str | Path, need: int, what: str) -> None:

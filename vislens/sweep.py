@@ -881,11 +881,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = add_arguments(argparse.ArgumentParser(
         prog="vislens sweep", description="tune ScalingVis/AdaptVis on the validation split, "
         "compare methods on the test split"))
+    from .io import unclaim_on_failure
     from .jobs import refuse_repeats
 
     args = refuse_repeats(parser).parse_args(argv)
     args._argv = argv
-    return run_args(args)
+    with unclaim_on_failure():
+        return run_args(args)
 
 
 if __name__ == "__main__":  # python -m vislens.sweep --model ... --dataset ... --out ...

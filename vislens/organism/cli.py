@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import VislensError
-from ..io import add_force_argument, check_output
+from ..io import add_force_argument, check_output, unclaim_on_failure
 from ..jobs import refuse_repeats
 from .card import write_model_card
 from .config import (DEFAULT_BATCH, DEFAULT_FAMILIAR_WEIGHT, DEFAULT_LR, DEFAULT_PATH, DEFAULT_STEPS, DEFAULT_STYLE,
@@ -194,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = refuse_repeats(parser).parse_args(list(sys.argv[1:] if argv is None else argv))
     vars(args).pop("_given", None)
     try:
-        return run(args)
+        with unclaim_on_failure():
+            return run(args)
     except VislensError as exc:
         print(f"vislens: error: {exc}", file=sys.stderr)
         return 2
