@@ -1217,6 +1217,32 @@ def test_merge_names_the_corrupted_shard(tmp_path, name):
     assert not out.exists() and not Path(f"{out}.tmp").exists() and not Path(f"{out}.lock").exists()
 
 
+def test_merge_verifies_the_attention_chunks_it_copies(tmp_path):
+    """Merge copies a final shard's compressed attention chunks byte for byte; a damaged one
+    is refused then (one line naming the shard, condition and row), not at a later read, and
+    no merged file is written (an existing one, with --force, stays as it was)."""
+    out = tmp_path / "run.h5"
+    shards = [_shard(tmp_path, out, i, 2, 8) for i in range(2)]
+    name = "conditions/scaling-0.5/image_attention"
+    with h5py.File(shards[1], "r") as f:
+        assert f[name].compression == "gzip" and f[name].chunks == (1,) + f[name].shape[1:]
+        row = int(np.flatnonzero(f["conditions/scaling-0.5/done"][()])[-1])  # a done row
+    _corrupt_chunk(shards[1], name, row)
+    with h5py.File(shards[1], "r") as f:  # the damage shows only when the chunk is inflated
+        with pytest.raises(OSError):
+            f[name][row]
+    with pytest.raises(VislensError) as exc:
+        merge(out, shards)
+    msg = one_line(exc)
+    assert msg.startswith(f"{shards[1]}: cannot read condition 'scaling-0.5' (image_attention), "
+                          f"row {row}: the stored data is corrupted"), msg
+    assert not out.exists() and not Path(f"{out}.tmp").exists() and not Path(f"{out}.lock").exists()
+    out.write_bytes(b"an earlier merge")
+    with pytest.raises(VislensError, match=rf"^{re.escape(str(shards[1]))}: cannot read"):
+        merge(out, shards, force=True)
+    assert out.read_bytes() == b"an earlier merge"
+
+
 def test_merge_refuses_mixed_shard_counts(tmp_path):
     """Shards of different ``--shard I/N`` counts are not one job's shards: refused in one
     line naming both files, even when they happen to cover every sample."""

@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import VislensError
 from ..io import IO_ERRORS, human_bytes, is_disk_full, os_reason
 from .format import (GZIP_LEVEL, LOGIT_FIELDS, SAMPLE_TEXT_FIELDS, TIME_FIELD, WHOLE_VIEW,
-                     free_bytes, plain_value, read_text, read_values, row_runs, set_attrs)
+                     corrupt_error, free_bytes, plain_value, read_text, read_values, row_runs,
+                     set_attrs)
 
 
 
@@ -29,6 +30,24 @@ def _shuffle_deflate(arr: np.ndarray, level: int = GZIP_LEVEL) -> bytes:
     size = raw.dtype.itemsize
     shuffled = raw.view(np.uint8).reshape(-1, size).T.tobytes() if size > 1 else raw.tobytes()
     return zlib.compress(shuffled, level)
+
+
+class _BadChunk(Exception):
+    """A stored chunk that does not inflate to one row (see :func:`_verified`)."""
+
+
+def _verified(data: bytes, nbytes: int) -> bytes:
+    """``data`` (a shuffle + deflate chunk) after checking it inflates to ``nbytes`` bytes.
+
+    Deflate's zlib stream ends in an Adler-32 checksum of the uncompressed bytes, so
+    damaged bytes fail here (releases the GIL) instead of at a later read of the copy."""
+    try:
+        size = len(zlib.decompress(data))
+    except zlib.error as exc:
+        raise _BadChunk(str(exc)) from None
+    if size != nbytes:
+        raise _BadChunk(f"inflates to {size} bytes, not {nbytes}")
+    return data
 
 
 def is_final_attention(ds: h5py.Dataset) -> bool:
@@ -123,7 +142,8 @@ def build_final(dst: Path, sources: Sequence[h5py.File], src_of: np.ndarray,
 def _copy_attention(g: h5py.Group, sources: Sequence[h5py.File], name: str,
                     src_of: np.ndarray, row_of: np.ndarray, done: np.ndarray) -> None:
     """Stream ``image_attention`` into ``g``: compress chunks on a thread pool and write them
-    directly, or copy already-compressed chunks byte for byte."""
+    directly, or copy already-compressed chunks byte for byte once each is verified to
+    inflate (a damaged chunk is a one-line error naming its file, condition and row)."""
     src_ds = [s[f"{name}/image_attention"] for s in sources]
     shape = (src_of.size,) + src_ds[0].shape[1:]
     per_row = shape[1:]
@@ -134,6 +154,7 @@ def _copy_attention(g: h5py.Group, sources: Sequence[h5py.File], name: str,
         return
     raw_ok = [is_final_attention(d) for d in src_ds]
     blank = _shuffle_deflate(np.full(per_row, np.nan, dtype=np.float16))
+    nbytes = int(np.prod(per_row)) * 2  # float16
     zero_off = (0,) * len(per_row)
     workers = max(1, min(8, os.cpu_count() or 1))
     pending: deque[tuple[int, list[Any]]] = deque()
@@ -141,7 +162,12 @@ def _copy_attention(g: h5py.Group, sources: Sequence[h5py.File], name: str,
     def flush_one() -> None:
         start, items = pending.popleft()
         for k, item in enumerate(items):
-            data = item if isinstance(item, bytes) else item.result()
+            try:
+                data = item if isinstance(item, bytes) else item.result()
+            except _BadChunk as exc:
+                r = start + k
+                raise corrupt_error(src_ds[int(src_of[r])], exc,
+                                    rows=(int(row_of[r]),) * 2) from None
             out.id.write_direct_chunk((start + k,) + zero_off, data)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -156,7 +182,7 @@ def _copy_attention(g: h5py.Group, sources: Sequence[h5py.File], name: str,
                 if raw_ok[s]:
                     mask, data = src_ds[s].id.read_direct_chunk((j,) + zero_off)
                     if mask == 0:
-                        items[r - b0] = data
+                        items[r - b0] = pool.submit(_verified, data, nbytes)
                         continue
                 need.setdefault(s, []).append(r)
             for s, rs in need.items():
