@@ -405,3 +405,158 @@ def test_f10_pairs_each_baseline_with_its_own_test_samples():
                           - ok[b][test & done[b]].astype(float)) for b in ("vcd", "dola")]
     assert value == pytest.approx(min(gain), rel=1e-12)
     assert size == int(test.sum()) and np.isfinite(lo) and lo <= value <= hi
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def _evidence(rows: dict, attrs: dict, split: np.ndarray, conf: np.ndarray | None = None,
+              baseline: str | None = "baseline"):
+    """An Evidence built from plain arrays: ``rows[c] = (done mask, correct)`` per condition."""
+    from vislens.findings import Evidence
+
+    n = split.size
+    conf = np.full(n, 0.5) if conf is None else conf
+    table = pd.concat([pd.DataFrame({"row": np.flatnonzero(done), "condition": c,
+                                     "split": split[done], "correct": ok[done],
+                                     "confidence": conf[done], "relation": "left"})
+                       for c, (done, ok) in rows.items()], ignore_index=True)
+    return Evidence(Path("c.h5"), table, attrs, list(rows), baseline, L,
+                    pd.DataFrame({"split": split}), None, None)
+
+
+def test_f2_counts_only_samples_done_under_both():
+    """n (and the bootstrap) are the samples done under the baseline *and* the add condition,
+    not every baseline sample: a handful of add rows is not testable."""
+    from vislens.findings import _Ctx, f2_add_constant
+    from vislens.metrics import bootstrap_indices, percentile_interval
+
+    n = 40
+    rng = np.random.default_rng(7)
+    split = np.full(n, "test")
+    base, add = rng.random(n) < 0.5, rng.random(n) < 0.6
+    attrs = {"baseline": {"method": "baseline"}, "add+1": {"method": "add", "delta": 1.0}}
+    few = _evidence({"baseline": (np.ones(n, bool), base), "add+1": (np.arange(n) < 8, add)},
+                    attrs, split)
+    found = {f.id: f for f in run_findings([few], n_boot=50)}["F2"]
+    assert found.verdict == "not testable" and "only 8" in found.why, found
+    done = np.arange(n) < 25
+    ev = _evidence({"baseline": (np.ones(n, bool), base), "add+1": (done, add)}, attrs, split)
+    value, lo, hi, size, why, verdict = f2_add_constant([ev], _Ctx(200, 0, 0.95))
+    d = add[done].astype(float) - base[done].astype(float)  # plain paired differences
+    assert size == 25 and value == pytest.approx(100 * d.mean(), rel=1e-12)
+    reps = 100 * d[bootstrap_indices(25, 200, 0)].mean(axis=1)
+    assert (lo, hi) == pytest.approx(percentile_interval(reps), rel=1e-12)
+
+
+def test_f3_leaves_out_test_samples_without_an_overlap(scorecards):
+    """A sample without a box (all-zero mask) has no overlap: F3's n and interval rest on
+    the test samples whose overlap is defined, as the AUROC does."""
+    import dataclasses
+
+    from vislens.metrics import bootstrap_indices, percentile_interval
+
+    ev = scorecards["fails"][1]  # an overlap unrelated to correctness: an interval with width
+    st = ev.stats
+    test = np.flatnonzero(st.split == "test")
+    overlap = st.overlap.copy()
+    overlap[test[::4]] = np.nan  # every 4th test sample has no box
+    ev2 = dataclasses.replace(ev, stats=dataclasses.replace(st, overlap=overlap))
+    f3 = {f.id: f for f in run_findings([ev2], n_boot=N_BOOT)}["F3"]
+    layer = int(f3.why.split("layer ")[1].split()[0])
+    ok = np.isfinite(overlap[:, layer]) & (st.split == "test")
+    s, y = overlap[ok, layer], np.asarray(st.correct, bool)[ok]
+    assert f3.n == int(ok.sum()) == test.size - test[::4].size
+    assert f3.value == pytest.approx(roc_auc_score(y, s))
+    reps = np.array([roc_auc_score(y[i], s[i]) if 0 < y[i].sum() < i.size else np.nan
+                     for i in bootstrap_indices(s.size, N_BOOT, 0)])
+    assert f3.ci_low < f3.ci_high
+    assert (f3.ci_low, f3.ci_high) == pytest.approx(percentile_interval(reps), rel=1e-9)
+    v = np.isfinite(overlap[:, layer]) & (st.split == "val")
+    assert f"chosen on {int(v.sum())} validation samples" in f3.why
+
+
+def test_f4_resamples_within_each_file_and_relation(tmp_path):
+    """Pooled captures: F4's bootstrap keeps each capture file's count of each relation
+    (docs/findings.md), checked against a plain scikit-learn loop over the same resamples."""
+    from vislens.findings import _relation_word
+    from vislens.metrics import bootstrap_indices, percentile_interval
+
+    evs = [load_evidence(build(tmp_path / f"r{k}.h5", World(overlap="none", seed=20 + k, n=120)),
+                         chunk=64)
+           for k in range(2)]
+    f4 = {f.id: f for f in run_findings(evs, n_boot=N_BOOT)}["F4"]
+    layer = int(f4.why.split("at layer ")[1].split(";")[0])
+    sts = [ev.stats for ev in evs]
+    s = np.concatenate([st.overlap[:, layer] for st in sts])
+    y = np.concatenate([np.asarray(st.correct, bool) for st in sts])
+    rel = np.array([_relation_word(r) for st in sts for r in st.relation])
+    files = np.concatenate([np.full(len(st.rows), k) for k, st in enumerate(sts)])
+    t = (np.concatenate([st.split for st in sts]) == "test") & np.isfinite(s)
+    keep = [r for r in pd.unique(rel[t]) if min(y[t & (rel == r)].sum(), (~y[t & (rel == r)]).sum()) >= 5]
+    sel = t & np.isin(rel, keep)
+    s, y, rel, files = s[sel], y[sel], rel[sel], files[sel]
+    assert f4.n == sel.sum() and len(set(files)) == 2 and f4.ci_low < f4.ci_high
+    assert f4.value == pytest.approx(np.mean([roc_auc_score(y[rel == r], s[rel == r]) for r in keep]))
+    strata = np.char.add(files.astype(str), np.char.add(":", rel))
+    reps = []
+    for i in bootstrap_indices(s.size, N_BOOT, 0, strata):
+        per = [roc_auc_score(y[i][rel[i] == r], s[i][rel[i] == r])
+               if 0 < y[i][rel[i] == r].sum() < (rel[i] == r).sum() else np.nan for r in keep]
+        reps.append(np.mean(per))
+    assert (f4.ci_low, f4.ci_high) == pytest.approx(percentile_interval(np.array(reps)), rel=1e-9)
+
+
+def test_f8_is_the_two_cells_of_its_table_when_conditions_differ_in_done_rows():
+    """The sharpening condition done on fewer samples (an unfinished capture): the halves are
+    still split at the median of the baseline's confidence, each gain is paired on the
+    samples done under its own condition, and F8 equals its two cells of the table."""
+    from vislens.findings import _Ctx, confidence_half_gains, f8_confidence_halves
+
+    n = 60
+    rng = np.random.default_rng(11)
+    conf = rng.permutation(np.linspace(0.3, 0.9, n))
+    split = np.full(n, "test")
+    base = rng.random(n) < 0.5
+    ok = {"scaling-0.5": rng.random(n) < 0.7, "scaling-2": rng.random(n) < 0.7}
+    done_sh = np.arange(n) < 40  # 20 samples not done under sharpening
+    attrs = {"baseline": {"method": "baseline"},
+             "scaling-0.5": {"method": "scaling", "alpha": 0.5},
+             "scaling-2": {"method": "scaling", "alpha": 2.0}}
+    ev = _evidence({"baseline": (np.ones(n, bool), base),
+                    "scaling-0.5": (np.ones(n, bool), ok["scaling-0.5"]),
+                    "scaling-2": (done_sh, ok["scaling-2"])}, attrs, split, conf)
+    low = conf < np.median(conf)  # plain reference: the baseline's median, all its samples
+    gain_sm = 100 * np.mean(ok["scaling-0.5"][low].astype(float) - base[low])
+    high_sh = ~low & done_sh
+    gain_sh = 100 * np.mean(ok["scaling-2"][high_sh].astype(float) - base[high_sh])
+    value, lo, hi, size, why, verdict = f8_confidence_halves([ev], _Ctx(200, 0, 0.95))
+    assert value == pytest.approx(min(gain_sm, gain_sh), rel=1e-12)
+    assert size == low.sum() + high_sh.sum()
+    table = confidence_half_gains([ev], n_boot=200).set_index(["condition", "half"])
+    assert table.loc[("scaling-0.5", "low"), "gain_pp"] == pytest.approx(gain_sm, rel=1e-12)
+    assert table.loc[("scaling-2", "high"), "gain_pp"] == pytest.approx(gain_sh, rel=1e-12)
+    assert table.loc[("scaling-2", "high"), "n"] == high_sh.sum()
+    assert table.loc[("scaling-2", "low"), "n"] == (low & done_sh).sum()
+
+
+def test_f10_ties_on_validation_go_to_the_first_condition_in_the_file():
+    """Equal validation accuracy: the condition first in the file is chosen (as for F9), even
+    when it is an AdaptVis condition written before the ScalingVis one."""
+    from vislens.findings import _Ctx, f10_beats_contrastive
+
+    n = 50
+    split = np.where(np.arange(n) < 10, "val", "test")
+    rng = np.random.default_rng(5)
+    val_ok = np.arange(n) < 6  # both right on the same 6 of the 10 validation samples
+    ok = {"adaptvis": np.where(split == "val", val_ok, rng.random(n) < 0.8),
+          "scaling-2": np.where(split == "val", val_ok, rng.random(n) < 0.3),
+          "vcd": rng.random(n) < 0.5}
+    attrs = {"adaptvis": {"method": "adaptvis"}, "scaling-2": {"method": "scaling", "alpha": 2.0},
+             "vcd": {"method": "vcd"}}
+    ev = _evidence({c: (np.ones(n, bool), ok[c]) for c in ok}, attrs, split, baseline=None)
+    value, lo, hi, size, why, verdict = f10_beats_contrastive([ev], _Ctx(100, 0, 0.95))
+    test = split == "test"
+    assert "adaptvis vs vcd" in why, why
+    assert value == pytest.approx(100 * np.mean(ok["adaptvis"][test].astype(float)
+                                                - ok["vcd"][test]), rel=1e-12)

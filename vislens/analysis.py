@@ -161,9 +161,10 @@ def choose_layer(st: LayerStats, *, n_boot: int = metrics.N_BOOT, seed: int = 0,
 
     Ties go to the lower layer. The test AUROC's interval is a bootstrap over the test
     samples with the layer held fixed; ``strata`` (one label per sample of ``st``, e.g. the
-    capture file of pooled stats) keeps each stratum's test count in every resample. None
-    when the stats have no overlap, no split, or either split lacks a class (then no honest
-    choice exists).
+    capture file of pooled stats) keeps each stratum's test count in every resample. Samples
+    whose overlap is undefined at the chosen layer (no box: an all-zero mask) count in
+    neither the AUROCs, the interval, ``n_val`` nor ``n_test``. None when the stats have no
+    overlap, no split, or either split lacks a class (then no honest choice exists).
     """
     if st.overlap is None or st.split is None:
         return None
@@ -175,12 +176,15 @@ def choose_layer(st: LayerStats, *, n_boot: int = metrics.N_BOOT, seed: int = 0,
         return None
     best = v[np.isfinite(v["auroc"])].sort_values(["auroc", "layer"], ascending=[False, True]).iloc[0]
     layer = int(best["layer"])
+    defined = np.isfinite(st.overlap[:, layer])
+    test = test & defined
     t = metrics.auroc(st.overlap[test, layer], st.correct[test])
     if not np.isfinite(t.auroc):
         return None
     lo, hi = metrics.auroc_interval(st.overlap[test, layer], st.correct[test], n_boot=n_boot, seed=seed,
                                     strata=None if strata is None else np.asarray(strata)[test])
-    return LayerChoice(layer, float(best["auroc"]), t.auroc, lo, hi, int(val.sum()), int(test.sum()))
+    return LayerChoice(layer, float(best["auroc"]), t.auroc, lo, hi, int((val & defined).sum()),
+                       int(test.sum()))
 
 
 def per_layer_auroc_table(stats: Sequence[LayerStats], n_boot: int = 0) -> pd.DataFrame:

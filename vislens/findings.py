@@ -158,8 +158,10 @@ def _col_means(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _nanmean_cols(values: np.ndarray) -> np.ndarray:
+    """Column means leaving NaN out; NaN (no warning) for a column without values."""
     ok = np.isfinite(values)
-    return np.where(ok, values, 0.0).sum(axis=0) / ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, values, 0.0).sum(axis=0) / ok.sum(axis=0)
 
 
 def _extreme_mean(D: np.ndarray, pick: Callable, strata: np.ndarray, ctx: "_Ctx"
@@ -270,7 +272,8 @@ def f1_attention_share(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
 
 
 def _add_matrix(evs: Sequence[Evidence]) -> tuple[np.ndarray, list[str], list[np.ndarray]]:
-    """Per baseline sample and positive-delta ``add`` spec: correct[add] - correct[base]."""
+    """Per sample done under the baseline and at least one positive-delta ``add`` spec:
+    correct[add] - correct[base] (NaN where that spec is not done)."""
     specs: list[str] = []
     per: list[dict[str, np.ndarray]] = []
     for ev in evs:
@@ -291,7 +294,8 @@ def _add_matrix(evs: Sequence[Evidence]) -> tuple[np.ndarray, list[str], list[np
         if not cols:
             continue
         n = len(next(iter(cols.values())))
-        parts.append(np.stack([cols.get(k, np.full(n, np.nan)) for k in specs], axis=1))
+        part = np.stack([cols.get(k, np.full(n, np.nan)) for k in specs], axis=1)
+        parts.append(part[np.isfinite(part).any(axis=1)])  # a pair needs both done
     return (np.concatenate(parts) if parts else np.empty((0, 0))), specs, parts
 
 
@@ -366,6 +370,7 @@ def f4_within_relation(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
     s = st.overlap[test, choice.layer]
     y = np.asarray(st.correct[test], bool)
     rel = np.array([_relation_word(r) for r in st.relation[test]])
+    files = _strata(parts)[test]
     keep, skipped = [], []
     for r in pd.unique(rel):
         m = rel == r
@@ -378,10 +383,11 @@ def f4_within_relation(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
                           f"{MIN_PER_CLASS} wrong test answers")
     members = [np.flatnonzero(rel == r) for r in keep]
     value = float(np.mean([metrics.auroc(s[m], y[m]).auroc for m in members]))
-    sel = np.concatenate(members)
-    strata = rel[sel]
+    sel = np.flatnonzero(np.isin(rel, keep))
+    # each resample keeps every capture file's count of every relation
+    strata = np.char.add(files[sel].astype(str), np.char.add(":", rel[sel]))
     s2, y2 = s[sel], y[sel]
-    local = [np.flatnonzero(strata == r) for r in keep]
+    local = [np.flatnonzero(rel[sel] == r) for r in keep]
 
     def stat(idx):
         counts = metrics.resample_counts(idx, sel.size)
@@ -475,14 +481,17 @@ def _extreme_scaling(ev: Evidence, smooth: bool) -> str | None:
 
 def _halves(ev: Evidence, conditions: Sequence[str]) -> tuple[pd.Index, np.ndarray, pd.Series]:
     """Rows done under the baseline and every one of ``conditions``, which of them are in the
-    low-confidence half (baseline confidence below its median in this capture), and the
-    baseline's ``correct`` on those rows (F8's split, shared by :func:`confidence_half_gains`)."""
+    low-confidence half, and the baseline's ``correct`` on those rows (F8's split, shared by
+    :func:`confidence_half_gains`). The halves are one split of the capture: baseline
+    confidence below its median over *all* the baseline's samples, whichever conditions
+    are asked for, so every condition's cells are on the same halves."""
     t = ev.table[ev.table["condition"] == ev.baseline].set_index("row")
+    conf = t["confidence"].astype(float)
+    low = conf < conf.median()
     common = t.index
     for c in conditions:
         common = common.intersection(ev.correct(c).index)
-    conf = t["confidence"].astype(float).loc[common]
-    return common, (conf < conf.median()).to_numpy(), t["correct"].astype(float).loc[common]
+    return common, low.loc[common].to_numpy(), t["correct"].astype(float).loc[common]
 
 
 def f8_confidence_halves(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
@@ -493,16 +502,23 @@ def f8_confidence_halves(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
         sm, sh = _extreme_scaling(ev, True), _extreme_scaling(ev, False)
         if sm is None or sh is None:
             continue
-        common, low, base = _halves(ev, (sm, sh))
-        d_sm = ev.correct(sm).loc[common].to_numpy(float) - base.to_numpy()
-        d_sh = ev.correct(sh).loc[common].to_numpy(float) - base.to_numpy()
-        rows.append(np.stack([np.where(low, d_sm, np.nan), np.where(~low, d_sh, np.nan)], axis=1))
+        # each gain on its half's samples done under the baseline and its own condition
+        # (the two cells of confidence_half_gains): one row per sample, NaN in the other column
+        cells = []
+        for k, (cond, half_low) in enumerate(((sm, True), (sh, False))):
+            common, low, base = _halves(ev, (cond,))
+            pick = low if half_low else ~low
+            d = ev.correct(cond).loc[common].to_numpy(float)[pick] - base.to_numpy()[pick]
+            cell = np.full((d.size, 2), np.nan)
+            cell[:, k] = d
+            cells.append(cell)
+        rows.append(np.concatenate(cells))
         used.append(f"{ev.path.name}: {sm} / {sh}")
     if not rows:
         raise _Untestable("no capture with a baseline, a ScalingVis condition with alpha < 1 "
                           "and one with alpha > 1")
     D = np.concatenate(rows)
-    _need_n(D.shape[0], "samples done under the baseline and both ScalingVis conditions")
+    _need_n(D.shape[0], "samples done under the baseline and their half's ScalingVis condition")
     gains = 100 * _nanmean_cols(D)
     value = float(np.min(gains))
     strata = np.concatenate([np.char.add(f"{k}:", np.isnan(r[:, 0]).astype(str))
@@ -543,7 +559,7 @@ def f10_beats_contrastive(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
     rows, used, problems = [], [], []
     for ev in evs:
         try:
-            ours = ev.methods("scaling") + ev.methods("adaptvis")
+            ours = [c for c in ev.order if ev.attrs[c].get("method") in ("scaling", "adaptvis")]
             others = {m: ev.methods(m) for m in ("vcd", "dola") if ev.methods(m)}
             if not ours or not others:
                 raise _Untestable(f"{ev.path.name} lacks " + (
