@@ -503,16 +503,14 @@ def f8_confidence_halves(evs: Sequence[Evidence], ctx: _Ctx) -> _Result:
         if sm is None or sh is None:
             continue
         # each gain on its half's samples done under the baseline and its own condition
-        # (the two cells of confidence_half_gains): one row per sample, NaN in the other column
-        cells = []
-        for k, (cond, half_low) in enumerate(((sm, True), (sh, False))):
+        # (the two cells of confidence_half_gains): one row per sample in capture order,
+        # NaN in the other half's column
+        cells = {}
+        for cond, half_low in ((sm, True), (sh, False)):
             common, low, base = _halves(ev, (cond,))
             pick = low if half_low else ~low
-            d = ev.correct(cond).loc[common].to_numpy(float)[pick] - base.to_numpy()[pick]
-            cell = np.full((d.size, 2), np.nan)
-            cell[:, k] = d
-            cells.append(cell)
-        rows.append(np.concatenate(cells))
+            cells[cond] = ev.correct(cond).loc[common].astype(float)[pick] - base[pick]
+        rows.append(pd.concat(cells, axis=1).sort_index().to_numpy(float))
         used.append(f"{ev.path.name}: {sm} / {sh}")
     if not rows:
         raise _Untestable("no capture with a baseline, a ScalingVis condition with alpha < 1 "
