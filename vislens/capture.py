@@ -157,8 +157,7 @@ def annotation_masks(samples: Sequence[Sample], grid: int,
         if s.boxes and size[0] > 0:
             # the question objects' boxes, chosen as `vislens boxes --detector annotations`
             # does (never a distractor); a sample that names no objects counts every box
-            wanted = ([o.xyxy for o in annotation_objects(s) if isinstance(o, Detection)]
-                      if s.objects else [b.xyxy for b in s.boxes])
+            wanted = [o.xyxy for o in annotation_objects(s) if isinstance(o, Detection)]
             masks[k] = box_mask(np.array(wanted, dtype=np.float64).reshape(-1, 4), size, grid,
                                 view=None if views is None else views[k])
     return masks, [list(s.boxes) for s in samples], sizes
