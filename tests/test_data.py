@@ -57,6 +57,15 @@ def _real(subset: str) -> list[Sample]:
 # ---------------------------------------------------------------- real question files
 
 
+def test_published_whatsup_prompts_offer_their_options():
+    """Every published WhatsUp question offers its options as words; only the known quirk
+    (VG two-object id 56: gold Above, prompt lists top/bottom) is flagged."""
+    from vislens.capture import check_options_in_prompt
+
+    flagged = [i for subset in SUBSETS for i in check_options_in_prompt(_real(subset))]
+    assert flagged == ["vg_two-56"]
+
+
 @pytest.mark.parametrize("subset", sorted(REAL_COUNTS))
 def test_real_answer_counts_match_the_format_doc(subset: str) -> None:
     samples = _real(subset)

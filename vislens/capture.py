@@ -8,6 +8,7 @@ running the same command again.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import shlex
 import sys
 import time
@@ -62,11 +63,13 @@ def check_options_in_prompt(samples: Sequence[Sample]) -> list[str]:
     """
     flagged = []
     for s in samples:
-        q = s.question.lower()
+        q = " ".join(s.question.lower().split())
         if "answer with" not in q:
             continue
         offered = q.split("answer with", 1)[1]
-        missing = [o for o in s.options if o.lower() not in offered]
+        # whole words: "front" does not offer "on", nor "top" "to"
+        missing = [o for o in s.options if not re.search(
+            rf"(?<!\w){re.escape(' '.join(o.lower().split()))}(?!\w)", offered)]
         if missing:
             if s.meta.get("answer_not_in_options"):
                 flagged.append(s.id)
