@@ -416,6 +416,9 @@ _GOOD = {"id": "a", "image": "a.png", "question": "q?", "options": ["Left", "Rig
         ({"answer": "Up"}, "answer", "'Up' is not one of options"),
         ({"question": None}, "question", "expected a string"),
         ({"options": "Left"}, "options", "list of non-empty strings"),
+        # scored case-insensitively (option_token_ids counts "Left" and "left" as one answer)
+        ({"options": ["Left", "Right", "left"]}, "options", "'left' repeats 'Left'"),
+        ({"options": ["Left", "Right", "Left"]}, "options", "'Left' repeats 'Left'"),
         ({"boxs": []}, "boxs", "unknown field"),
         ({"boxes": [{"label": "cup", "xyxy": [1, 2, 3]}]}, "boxes.xyxy", "4 finite numbers"),
         ({"boxes": [{"label": "cup", "xyxy": [1, 2, 3, float("nan")]}]}, "boxes.xyxy", "4 finite numbers"),
