@@ -8,6 +8,7 @@ import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -616,6 +617,26 @@ def test_check_images_reports_missing_and_corrupt(tmp_path: Path) -> None:
     assert problems["gone"] == f"missing: {tmp_path / 'gone.jpg'}"
     assert problems["bad"].startswith(f"corrupt: {corrupt}") and problems["bad2"] == problems["bad"]
     assert problems["none"] == "no image path"
+
+
+def test_check_images_reports_a_truncated_jpeg(tmp_path: Path) -> None:
+    """A JPEG cut short (an interrupted download) passes Pillow's verify(), which checks no
+    JPEG data, but fails when decoded: the capture stopped at it after loading the model.
+    Reference: the capture's own reader (open_image) refuses the same file."""
+    from vislens.capture import open_image
+
+    rng = np.random.default_rng(0)
+    full, cut = tmp_path / "full.jpg", tmp_path / "cut.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(full, quality=90)
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    samples = [Sample(id=p.stem, image_path=str(p), question="q", options=["A"], answer="A")
+               for p in (full, cut)]
+    open_image(samples[0])
+    with pytest.raises(VislensError, match="truncated"):
+        open_image(samples[1])
+    problems = check_images(samples)
+    assert [sid for sid, _ in problems] == ["cut"]
+    assert problems[0][1].startswith(f"corrupt: {cut} (") and "truncated" in problems[0][1]
 
 
 _EPS = "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
