@@ -256,3 +256,32 @@ def test_annotation_boxes_of_a_sample_naming_no_objects_match_capture_time(tiny_
     with open_capture(target) as c:
         np.testing.assert_array_equal(c.box_mask()[0], want)
         assert sorted(c.boxes()["label"]) == ["blue square", "red square"]
+
+
+def test_dataset_boxes_that_cannot_be_pixels_of_the_image_are_refused(tmp_path):
+    """Boxes given as fractions of the image (YOLO-style) or lying outside it made an empty
+    or near-empty mask at capture time without a word; a box partly outside is clipped."""
+    from PIL import Image
+
+    from vislens.capture import annotation_masks
+    from vislens.data.base import Box, Sample
+
+    img = tmp_path / "p.png"
+    Image.new("RGB", (240, 120)).save(img)
+
+    def sample(sid, cup):
+        return Sample(sid, str(img), "Where is the cup in relation to the plate?", ["Left", "Right"],
+                      "Left", objects=["cup", "plate"], boxes=[Box("cup", cup), Box("plate", (200, 0, 240, 40))])
+
+    with pytest.raises(VislensError, match=r"sample frac: box 'cup' \[0\.1, 0\.2, 0\.3, 0\.4\].*"
+                                           r"in \[0, 1\].*pixels"):
+        annotation_masks([sample("frac", (0.1, 0.2, 0.3, 0.4))], 24)
+    with pytest.raises(VislensError, match=r"sample out: box 'cup' \[250\.0, 10\.0, 300\.0, 60\.0\] "
+                                           r"lies outside its 240x120 image"):
+        annotation_masks([sample("out", (250, 10, 300, 60))], 24)
+    # partly outside: clipped to the image (hand reference: 10 x 5 px cells)
+    masks, _, _ = annotation_masks([sample("part", (-20, -10, 30, 20))], 24)
+    want = np.zeros((24, 24), np.float32)
+    want[:4, :3] = 1     # cup: x 0..30, y 0..20
+    want[:8, 20:] = 1    # plate: x 200..240, y 0..40
+    np.testing.assert_array_equal(masks[0], want)

@@ -24,6 +24,7 @@ from .errors import VislensError
 
 __all__ = [
     "COCO_SYNONYMS", "Detection", "Unmatched", "DetectionResult", "box_mask", "box_masks",
+    "check_box_pixels",
     "coco_class_for", "coco_names", "match_detections", "detect_boxes", "annotation_boxes",
     "annotation_objects",
 ]
@@ -134,6 +135,22 @@ def box_mask(boxes_xyxy: np.ndarray, image_size: tuple[int, int], grid: int = 24
     if visible is not None:
         mask = mask * visible
     return mask.astype(np.float32)
+
+
+def check_box_pixels(sample_id: str, label: str, xyxy: Sequence[float],
+                     image_size: tuple[int, int]) -> None:
+    """Refuse a dataset box that cannot be xyxy pixels of its ``(W, H)`` image: one lying
+    wholly outside it, or one whose coordinates all lie in [0, 1] (fractions of the image,
+    as YOLO labels give them). Either would make an empty mask without a word."""
+    w, h = _check_size(image_size)
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    shown = f"sample {sample_id}: box {label!r} {[x0, y0, x1, y1]}"
+    if w > 1 and h > 1 and min(x0, y0) >= 0 and max(x1, y1) <= 1:
+        raise VislensError(f"{shown}: all coordinates are in [0, 1] of a {w:g}x{h:g} image; "
+                           f"boxes are xyxy pixels of the original image, not fractions of it")
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        raise VislensError(f"{shown} lies outside its {w:g}x{h:g} image (boxes are xyxy "
+                           f"pixels of the original image)")
 
 
 def box_masks(samples_boxes: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],

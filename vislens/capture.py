@@ -151,13 +151,15 @@ def annotation_masks(samples: Sequence[Sample], grid: int,
     """
     if not any(s.boxes for s in samples):
         return None, None, None
-    from .boxes import Detection, annotation_objects, box_mask
+    from .boxes import Detection, annotation_objects, box_mask, check_box_pixels
 
     sizes, masks = [], np.zeros((len(samples), grid, grid), dtype=np.float32)
     for k, s in enumerate(samples):
         size = _image_size(s) or (0, 0)
         sizes.append(size)
         if s.boxes and size[0] > 0:
+            for b in s.boxes:
+                check_box_pixels(s.id, b.label, b.xyxy, size)
             # the question objects' boxes, chosen as `vislens boxes --detector annotations`
             # does (never a distractor); a sample that names no objects counts every box
             wanted = [o.xyxy for o in annotation_objects(s) if isinstance(o, Detection)]
