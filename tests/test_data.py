@@ -331,6 +331,32 @@ def test_parse_prompt_and_relations() -> None:
         normalise_relation("next to")
 
 
+
+@pytest.mark.parametrize("clause,options", [
+    ("Answer with left, right, on or under", ["Left", "Right", "On", "Under"]),  # no full stop
+    ("answer with left or right.", ["Left", "Right"]),  # lower case
+    ("Answer with left/right/on/under.", ["Left", "Right", "On", "Under"]),
+])
+def test_parse_prompt_options_by_hand(clause: str, options: list[str]) -> None:
+    """Options were [] (no full stop, lower case) or one "Left/right/on/under" option; the
+    loader then made the gold answer the only option and called it a published quirk."""
+    parsed = parse_prompt(f"<image>\nUSER: Where is the cup in relation to the plate? {clause}\nASSISTANT:")
+    assert parsed.options == options and parsed.objects == ["cup", "plate"]
+    assert parsed.question == f"Where is the cup in relation to the plate? {clause}"
+
+
+def test_question_file_without_options_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "Controlled_Images_A_with_answer_four_options.jsonl"
+    good = {"id": 0, "question": _prompt("Where is the cup in relation to the plate?", "left or right"),
+            "answer": ["Left"]}
+    bad = {"id": 1, "question": "<image>\nUSER: Where is the cup in relation to the plate?\nASSISTANT:",
+           "answer": ["Left"]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad))
+    with pytest.raises(VislensError) as info:
+        load_adaptvis_questions(path)
+    assert str(info.value).startswith(f"{path}:2: field 'question': ") and "Answer with" in str(info.value)
+
+
 # ---------------------------------------------------------------- VSR
 
 
