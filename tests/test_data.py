@@ -345,6 +345,17 @@ def test_parse_prompt_options_by_hand(clause: str, options: list[str]) -> None:
     assert parsed.question == f"Where is the cup in relation to the plate? {clause}"
 
 
+def test_lower_case_gold_is_the_offered_option(tmp_path: Path) -> None:
+    """Gold "left" with "Answer with left or right." is offered (options are capitalised):
+    it was appended as a third option "left" and flagged as not offered."""
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": 0, "question": _prompt("Where is the cup in relation to the plate?",
+                                                             "left or right"), "answer": ["left"]}))
+    (s,) = load_adaptvis_questions(path)
+    assert s.options == ["Left", "Right"] and s.answer == "Left" and s.relation == "left"
+    assert "answer_not_in_options" not in s.meta
+
+
 def test_question_file_without_options_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "Controlled_Images_A_with_answer_four_options.jsonl"
     good = {"id": 0, "question": _prompt("Where is the cup in relation to the plate?", "left or right"),

@@ -177,6 +177,8 @@ def _question_sample(obj: dict[str, Any], where: str, subset: str, path: Path) -
         meta["open_ended"] = True
         relation = gold
     else:
+        # the options are capitalised from the prompt: "left" is the offered "Left"
+        gold = next((o for o in options if o.lower() == gold.lower()), gold)
         if gold not in options:
             meta["answer_not_in_options"] = True
             options.append(gold)
