@@ -280,6 +280,22 @@ def test_options_not_in_prompt(tiny_dir, scenes, tmp_path):
         cap(tiny_dir, p, tmp_path / "o.h5")
 
 
+def test_option_offered_only_as_part_of_a_word_is_not_offered():
+    """"On" is not offered by "left, right, front or behind" ("front" holds "on"), nor "To"
+    by "top": options are matched as whole words (they passed as substrings)."""
+    from vislens.capture import check_options_in_prompt
+    from vislens.data import Sample
+
+    q = "Where is the cup in relation to the plate? Answer with left, right, {}."
+    ok = Sample("ok", "", q.format("in front of or behind"), ["Left", "In front of", "Behind"], "Left")
+    assert check_options_in_prompt([ok]) == []
+    for offered, options in (("front or behind", ["Left", "Right", "On", "Behind"]),
+                             ("top or bottom", ["Left", "Right", "To", "Bottom"])):
+        s = Sample("s", "", q.format(offered), options, "Left")
+        with pytest.raises(VislensError, match=r"sample s: option\(s\) \['(On|To)'\] are not offered"):
+            check_options_in_prompt([s])
+
+
 def test_evaluate_tables(tiny_dir, scenes, tmp_path):
     from vislens.evaluate import evaluate_capture, match_first_word
 

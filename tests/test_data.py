@@ -8,6 +8,7 @@ import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,6 +56,15 @@ def _real(subset: str) -> list[Sample]:
 
 
 # ---------------------------------------------------------------- real question files
+
+
+def test_published_whatsup_prompts_offer_their_options():
+    """Every published WhatsUp question offers its options as words; only the known quirk
+    (VG two-object id 56: gold Above, prompt lists top/bottom) is flagged."""
+    from vislens.capture import check_options_in_prompt
+
+    flagged = [i for subset in SUBSETS for i in check_options_in_prompt(_real(subset))]
+    assert flagged == ["vg_two-56"]
 
 
 @pytest.mark.parametrize("subset", sorted(REAL_COUNTS))
@@ -321,6 +331,43 @@ def test_parse_prompt_and_relations() -> None:
         normalise_relation("next to")
 
 
+
+@pytest.mark.parametrize("clause,options", [
+    ("Answer with left, right, on or under", ["Left", "Right", "On", "Under"]),  # no full stop
+    ("answer with left or right.", ["Left", "Right"]),  # lower case
+    ("Answer with left/right/on/under.", ["Left", "Right", "On", "Under"]),
+])
+def test_parse_prompt_options_by_hand(clause: str, options: list[str]) -> None:
+    """Options were [] (no full stop, lower case) or one "Left/right/on/under" option; the
+    loader then made the gold answer the only option and called it a published quirk."""
+    parsed = parse_prompt(f"<image>\nUSER: Where is the cup in relation to the plate? {clause}\nASSISTANT:")
+    assert parsed.options == options and parsed.objects == ["cup", "plate"]
+    assert parsed.question == f"Where is the cup in relation to the plate? {clause}"
+
+
+def test_lower_case_gold_is_the_offered_option(tmp_path: Path) -> None:
+    """Gold "left" with "Answer with left or right." is offered (options are capitalised):
+    it was appended as a third option "left" and flagged as not offered."""
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": 0, "question": _prompt("Where is the cup in relation to the plate?",
+                                                             "left or right"), "answer": ["left"]}))
+    (s,) = load_adaptvis_questions(path)
+    assert s.options == ["Left", "Right"] and s.answer == "Left" and s.relation == "left"
+    assert "answer_not_in_options" not in s.meta
+
+
+def test_question_file_without_options_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "Controlled_Images_A_with_answer_four_options.jsonl"
+    good = {"id": 0, "question": _prompt("Where is the cup in relation to the plate?", "left or right"),
+            "answer": ["Left"]}
+    bad = {"id": 1, "question": "<image>\nUSER: Where is the cup in relation to the plate?\nASSISTANT:",
+           "answer": ["Left"]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad))
+    with pytest.raises(VislensError) as info:
+        load_adaptvis_questions(path)
+    assert str(info.value).startswith(f"{path}:2: field 'question': ") and "Answer with" in str(info.value)
+
+
 # ---------------------------------------------------------------- VSR
 
 
@@ -407,6 +454,9 @@ _GOOD = {"id": "a", "image": "a.png", "question": "q?", "options": ["Left", "Rig
         ({"answer": "Up"}, "answer", "'Up' is not one of options"),
         ({"question": None}, "question", "expected a string"),
         ({"options": "Left"}, "options", "list of non-empty strings"),
+        # scored case-insensitively (option_token_ids counts "Left" and "left" as one answer)
+        ({"options": ["Left", "Right", "left"]}, "options", "'left' repeats 'Left'"),
+        ({"options": ["Left", "Right", "Left"]}, "options", "'Left' repeats 'Left'"),
         ({"boxs": []}, "boxs", "unknown field"),
         ({"boxes": [{"label": "cup", "xyxy": [1, 2, 3]}]}, "boxes.xyxy", "4 finite numbers"),
         ({"boxes": [{"label": "cup", "xyxy": [1, 2, 3, float("nan")]}]}, "boxes.xyxy", "4 finite numbers"),
@@ -604,6 +654,26 @@ def test_check_images_reports_missing_and_corrupt(tmp_path: Path) -> None:
     assert problems["gone"] == f"missing: {tmp_path / 'gone.jpg'}"
     assert problems["bad"].startswith(f"corrupt: {corrupt}") and problems["bad2"] == problems["bad"]
     assert problems["none"] == "no image path"
+
+
+def test_check_images_reports_a_truncated_jpeg(tmp_path: Path) -> None:
+    """A JPEG cut short (an interrupted download) passes Pillow's verify(), which checks no
+    JPEG data, but fails when decoded: the capture stopped at it after loading the model.
+    Reference: the capture's own reader (open_image) refuses the same file."""
+    from vislens.capture import open_image
+
+    rng = np.random.default_rng(0)
+    full, cut = tmp_path / "full.jpg", tmp_path / "cut.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(full, quality=90)
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    samples = [Sample(id=p.stem, image_path=str(p), question="q", options=["A"], answer="A")
+               for p in (full, cut)]
+    open_image(samples[0])
+    with pytest.raises(VislensError, match="truncated"):
+        open_image(samples[1])
+    problems = check_images(samples)
+    assert [sid for sid, _ in problems] == ["cut"]
+    assert problems[0][1].startswith(f"corrupt: {cut} (") and "truncated" in problems[0][1]
 
 
 _EPS = "%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"

@@ -24,6 +24,7 @@ from .errors import VislensError
 
 __all__ = [
     "COCO_SYNONYMS", "Detection", "Unmatched", "DetectionResult", "box_mask", "box_masks",
+    "check_box_pixels",
     "coco_class_for", "coco_names", "match_detections", "detect_boxes", "annotation_boxes",
     "annotation_objects",
 ]
@@ -134,6 +135,22 @@ def box_mask(boxes_xyxy: np.ndarray, image_size: tuple[int, int], grid: int = 24
     if visible is not None:
         mask = mask * visible
     return mask.astype(np.float32)
+
+
+def check_box_pixels(sample_id: str, label: str, xyxy: Sequence[float],
+                     image_size: tuple[int, int]) -> None:
+    """Refuse a dataset box that cannot be xyxy pixels of its ``(W, H)`` image: one lying
+    wholly outside it, or one whose coordinates all lie in [0, 1] (fractions of the image,
+    as YOLO labels give them). Either would make an empty mask without a word."""
+    w, h = _check_size(image_size)
+    x0, y0, x1, y1 = (float(v) for v in xyxy)
+    shown = f"sample {sample_id}: box {label!r} {[x0, y0, x1, y1]}"
+    if w > 1 and h > 1 and min(x0, y0) >= 0 and max(x1, y1) <= 1:
+        raise VislensError(f"{shown}: all coordinates are in [0, 1] of a {w:g}x{h:g} image; "
+                           f"boxes are xyxy pixels of the original image, not fractions of it")
+    if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+        raise VislensError(f"{shown} lies outside its {w:g}x{h:g} image (boxes are xyxy "
+                           f"pixels of the original image)")
 
 
 def box_masks(samples_boxes: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]],
@@ -400,11 +417,18 @@ def annotation_boxes(samples: Sequence[Sample]) -> list[DetectionResult]:
 
 def annotation_objects(s: Sample) -> list[Detection | Unmatched]:
     """One record per question object of ``s``: its annotated box (rule of
-    :func:`annotation_boxes`) or why it has none. Capture-time masks use the same choice."""
+    :func:`annotation_boxes`) or why it has none. Capture-time masks use the same choice.
+
+    The question objects are ``s.objects``, else those a WhatsUp-style question names
+    (:func:`objects_from_question`); a sample naming none counts every annotated box.
+    """
+    names = s.objects or objects_from_question(s.question)
+    if not names:
+        return [Detection(b.label, b.label, tuple(float(v) for v in b.xyxy), 1.0) for b in s.boxes]
     labels = [b.label for b in s.boxes]
     used = np.zeros(len(labels), dtype=bool)
     objects: list[Detection | Unmatched] = []
-    for name in s.objects:
+    for name in names:
         i = _label_match(name, labels, used)
         if i is None:
             reason = (f"no annotated box labelled {name!r} (labels: {', '.join(labels)})"
@@ -786,26 +810,37 @@ def objects_from_question(question: str) -> list[str]:
     return []
 
 
-def capture_samples(cap: Any) -> list[Sample]:
+def capture_samples(cap: Any, *, need_boxes: bool = False) -> list[Sample]:
     """The capture's samples with their object names (and dataset boxes) restored.
 
     The dataset named in the capture's attrs is reloaded when its files are still there
     (this restores ``objects`` and ``boxes`` exactly); otherwise objects are parsed from the
-    WhatsUp-style question text.
+    WhatsUp-style question text. Where that loses something, a one-line VislensError says
+    why instead: ``need_boxes`` (the dataset's own boxes are wanted), or a question that
+    names no objects. A dataset named by a relative path reloads only from the folder the
+    capture was made in.
     """
     smp = cap.samples
     by_id: dict[str, Sample] = {}
     dataset, root = cap.attrs.get("dataset", ""), cap.attrs.get("data_root", "") or None
+    problem = "it names no dataset"
     if dataset:
         from .data import load_dataset
 
         try:
             by_id = {s.id: s for s in load_dataset(dataset, root)}
-        except VislensError:
-            by_id = {}
+            problem = ""
+        except VislensError as exc:
+            problem = f"its dataset {dataset} cannot be reloaded ({exc})"
     out = []
     for row in smp.itertuples(index=False):
         src = by_id.get(row.id)
+        if src is None and (need_boxes or not objects_from_question(row.question)):
+            why = problem or f"its dataset {dataset} has no sample {row.id} (changed since the capture?)"
+            what = ("the dataset's own boxes" if need_boxes else
+                    f"the object names of sample {row.id}, which its question does not give")
+            raise VislensError(f"{cap.path}: need {what}, but {why}; run from the folder the "
+                               "capture was made in, or restore the dataset's files")
         out.append(Sample(id=row.id, image_path=row.image_path, question=row.question,
                           options=list(row.options), answer=row.answer, relation=row.relation,
                           group=row.group, split=row.split,
@@ -829,7 +864,7 @@ def attach_boxes(path: str | Path, detector: str = "annotations", *, weights: st
         _check_weights(weights)
     with open_capture(path) as cap:
         grid = int(np.asarray(cap.attrs["grid"]).ravel()[0])
-        samples = capture_samples(cap)
+        samples = capture_samples(cap, need_boxes=detector == "annotations")
         sizes = list(zip(cap.samples["width"], cap.samples["height"]))
         views = cap.views()  # what the model saw (the whole image in files without it)
     lock = lock_output(path)  # before detection: a second writer or read-only folder fails now

@@ -8,6 +8,7 @@ running the same command again.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import shlex
 import sys
 import time
@@ -62,11 +63,13 @@ def check_options_in_prompt(samples: Sequence[Sample]) -> list[str]:
     """
     flagged = []
     for s in samples:
-        q = s.question.lower()
+        q = " ".join(s.question.lower().split())
         if "answer with" not in q:
             continue
         offered = q.split("answer with", 1)[1]
-        missing = [o for o in s.options if o.lower() not in offered]
+        # whole words: "front" does not offer "on", nor "top" "to"
+        missing = [o for o in s.options if not re.search(
+            rf"(?<!\w){re.escape(' '.join(o.lower().split()))}(?!\w)", offered)]
         if missing:
             if s.meta.get("answer_not_in_options"):
                 flagged.append(s.id)
@@ -148,17 +151,18 @@ def annotation_masks(samples: Sequence[Sample], grid: int,
     """
     if not any(s.boxes for s in samples):
         return None, None, None
-    from .boxes import Detection, annotation_objects, box_mask
+    from .boxes import Detection, annotation_objects, box_mask, check_box_pixels
 
     sizes, masks = [], np.zeros((len(samples), grid, grid), dtype=np.float32)
     for k, s in enumerate(samples):
         size = _image_size(s) or (0, 0)
         sizes.append(size)
         if s.boxes and size[0] > 0:
+            for b in s.boxes:
+                check_box_pixels(s.id, b.label, b.xyxy, size)
             # the question objects' boxes, chosen as `vislens boxes --detector annotations`
             # does (never a distractor); a sample that names no objects counts every box
-            wanted = ([o.xyxy for o in annotation_objects(s) if isinstance(o, Detection)]
-                      if s.objects else [b.xyxy for b in s.boxes])
+            wanted = [o.xyxy for o in annotation_objects(s) if isinstance(o, Detection)]
             masks[k] = box_mask(np.array(wanted, dtype=np.float64).reshape(-1, 4), size, grid,
                                 view=None if views is None else views[k])
     return masks, [list(s.boxes) for s in samples], sizes

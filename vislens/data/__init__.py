@@ -97,7 +97,11 @@ def load_dataset(
 
 
 def _image_problem(path: str) -> str | None:
-    """None if ``path`` opens and verifies as an image, else a short reason."""
+    """None if ``path`` opens, verifies and decodes as an image, else a short reason.
+
+    ``verify()`` checks PNG checksums but no JPEG data, so the pixels are decoded too: a
+    JPEG cut short (an interrupted download) fails only then.
+    """
     from PIL import Image  # imported here: loading datasets must not need PIL
 
     if not path:
@@ -107,6 +111,8 @@ def _image_problem(path: str) -> str | None:
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as image:
             image.verify()
+        with Image.open(path, formats=IMAGE_FORMATS) as image:  # verify() spends the file
+            image.load()
     except Exception as exc:  # PIL raises many types for bad files
         return f"corrupt: {path} ({type(exc).__name__}: {exc})"
     return None

@@ -142,6 +142,12 @@ def sample_from_record(obj: dict[str, Any], where: str, folder: str) -> Sample:
     options = _str_list(obj["options"], "options", where)
     if not options:
         raise _field_error(where, "options", "must list at least one option")
+    seen: dict[str, str] = {}
+    for option in options:  # models are scored on "Left" and "left" alike: one answer
+        key = " ".join(option.lower().split())
+        if key in seen:
+            raise _field_error(where, "options", f"{option!r} repeats {seen[key]!r}")
+        seen[key] = option
     answer = _require_str(obj, "answer", where, allow_empty=False)
     if answer not in options:
         raise _field_error(where, "answer", f"{answer!r} is not one of options {options}")

@@ -68,11 +68,13 @@ _VSR_PROMPTS_FILE = "VSR_with_answer.jsonl"
 _RELATIONS = ("left", "right", "on", "under", "front", "behind", "top", "bottom", "above", "below")
 _WS = re.compile(r"\s+")
 _TEMPLATE = re.compile(r"USER:(?P<body>.*?)ASSISTANT:", re.S)
-# "... Answer with left, right, on or under." plus whatever follows (a leaked caption in 2 files).
-_ANSWER_WITH = re.compile(r"^(?P<question>.*?\bAnswer with (?P<options>[^.]*)\.+)\s*(?P<rest>.*)$", re.S)
+# "... Answer with left, right, on or under." plus whatever follows (a leaked caption in 2 files);
+# any case, ended by full stops, a question mark or the end of the prompt.
+_ANSWER_WITH = re.compile(
+    r"^(?P<question>.*?\banswer with (?P<options>[^.?]*?)\s*(?:[.?]+|$))\s*(?P<rest>.*)$", re.S | re.I)
 _TWO_OBJECTS = re.compile(r"\bWhere (?:is|are) the (?P<a>.+?) in relation to (?:the )?(?P<b>.+?)\s*\?")
 _ONE_OBJECT = re.compile(r"\bWhere (?:is|are) the (?P<a>.+?) in the photo\s*\?")
-_OPTION_SPLIT = re.compile(r"\s*,\s*(?:or\s+)?|\s+or\s+")
+_OPTION_SPLIT = re.compile(r"\s*,\s*(?:or\s+)?|\s+or\s+|\s*/\s*")
 _OPEN_ENDED = re.compile(r"one word or (?:a )?(?:short )?phrase", re.I)
 
 
@@ -163,6 +165,9 @@ def _question_sample(obj: dict[str, Any], where: str, subset: str, path: Path) -
     if not isinstance(line_id, int) or isinstance(line_id, bool):
         raise VislensError(f"{where}: field 'id': expected an integer")
     parsed = parse_prompt(prompt)
+    if not parsed.options and not parsed.open_ended:
+        raise VislensError(f'{where}: field \'question\': no "Answer with ..." sentence listing '
+                           "the options (e.g. \"Answer with left, right, on or under.\")")
     gold = _gold(obj, where)
     meta: dict[str, Any] = {"prompt": prompt, "prompt_id": line_id, "prompts_file": str(path)}
     if parsed.dropped:
@@ -172,6 +177,8 @@ def _question_sample(obj: dict[str, Any], where: str, subset: str, path: Path) -
         meta["open_ended"] = True
         relation = gold
     else:
+        # the options are capitalised from the prompt: "left" is the offered "Left"
+        gold = next((o for o in options if o.lower() == gold.lower()), gold)
         if gold not in options:
             meta["answer_not_in_options"] = True
             options.append(gold)
