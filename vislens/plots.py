@@ -773,6 +773,9 @@ def attention_heatmaps(source: Source, layer: int | None = None, *, condition: s
         chosen = {o: r for o, r in chosen.items() if r}
         if not chosen:
             raise VislensError(f"{cap.path}: no examples to draw for condition {cond!r}")
+        not_done = [r for rws in chosen.values() for r in rws if r not in set(tab["row"])]
+        if not_done:
+            raise VislensError(f"{cap.path}: row {not_done[0]} is not completed under {cond!r}")
         panels = _Panels(cap)
         maps = {o: _head_mean_share(cap.attention(cond, rows=r, layers=[layer])[:, 0])
                 for o, r in chosen.items()}
@@ -1251,17 +1254,25 @@ def confidence_by_relation(source: Any, *, condition: str | None = None, max_rel
 
 def subset_labels(sources: Sequence[Any]) -> list[str]:
     """Readable, distinct labels of capture files/objects (:func:`dataset_label`); a label
-    shared by several files gets the file stem appended."""
-    labels = []
+    shared by several files gets the file stem appended, or as many of its last folders as
+    tell the files apart (``x/run.h5``, ``y/run.h5`` -> ``x/run``, ``y/run``), or its
+    position where it is the same file."""
+    base, parts = [], []
     for src in sources:
         with _capture(src) as cap:
-            labels.append(capture_label(cap))
-    for lab in set(labels):
-        if labels.count(lab) > 1:
-            for i, src in enumerate(sources):
-                if labels[i] == lab:
-                    path = src.path if hasattr(src, "path") else Path(src)
-                    labels[i] = f"{lab} ({Path(path).stem})"
+            base.append(capture_label(cap))
+            parts.append(Path(cap.path).resolve().with_suffix("").parts)
+    labels = list(base)
+    for lab in {b for b in base if base.count(b) > 1}:
+        idx = [i for i, b in enumerate(base) if b == lab]
+        for k in range(1, max(len(parts[i]) for i in idx) + 1):
+            names = [f"{lab} ({'/'.join(parts[i][-k:])})" for i in idx]
+            if len(set(names)) == len(names):
+                break
+        else:
+            names = [f"{lab} (#{i + 1})" for i in idx]
+        for i, name in zip(idx, names):
+            labels[i] = name
     return labels
 
 
@@ -1445,8 +1456,11 @@ def relation_familiarity(subsets: Any, phrase_stats: "pd.DataFrame | str | os.Pa
         px.set_xticks([])
         px.set_yticks([])
     else:
+        # one bar per group: relations of one group (on, above) add up
         counts = phrase_stats["occurrences"].astype(float)
-        names = [RELATION_GROUPS.get(str(r), str(r)) for r in counts.index]
+        counts = counts.groupby([RELATION_GROUPS.get(str(r), str(r)) for r in counts.index],
+                                sort=False).sum()
+        names = list(counts.index)
         bars = px.bar(names, counts.to_numpy(), color=_series_colors(3)[1], edgecolor="black",
                       linewidth=0.5)
         total = counts.sum()
