@@ -54,8 +54,10 @@ def _boxes(rel: str, rng: np.random.Generator) -> list[Box]:
 
 def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_boxes: bool = True,
                  with_images: bool = True, all_correct: bool = False, tokens: bool = True,
-                 attrs: dict | None = None, seed: int = 0) -> Path:
-    """Write a complete synthetic capture file at ``path``; returns ``path``."""
+                 attrs: dict | None = None, seed: int = 0, finalize: bool = True) -> Path:
+    """Write a complete synthetic capture file at ``path``; returns ``path``. With
+    ``finalize=False`` it stays a working file (every row done, not compacted), as a job
+    leaves it before its last step."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -133,7 +135,8 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
                 res.append({name: r for name, (r, _) in out.items()})
                 cor.append({name: ok for name, (_, ok) in out.items()})
             w.write_batch(rows, res, cor)
-        w.finalize()
+        if finalize:
+            w.finalize()
     finally:
         w.close()
     return path
