@@ -547,9 +547,12 @@ def test_a_file_being_written_shows_its_new_rows(tmp_path):
         srv.close()
 
 
-def test_negative_limit_is_refused(server):
-    """``limit`` caps the list; a negative one would silently drop the last samples instead."""
+def test_negative_limit_and_nan_confidence_are_refused(server):
+    """``limit`` caps the list; a negative one would silently drop the last samples instead,
+    and a confidence bound of NaN would silently match nothing."""
     status, res = get(server, "api/samples", condition="baseline", limit=-3)
     assert status == 400 and "limit" in res["error"] and "\n" not in res["error"]
+    status, res = get(server, "api/samples", condition="baseline", cmin="nan")
+    assert status == 400 and "cmin" in res["error"] and "\n" not in res["error"]
     status, res = get(server, "api/samples", condition="baseline", limit=5)
     assert status == 200 and res["shown"] == 5 and res["total"] == 12
