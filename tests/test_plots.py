@@ -35,6 +35,8 @@ def _cond(spec: str) -> Condition:
     """``scaling:0.5`` / ``add:-1`` / ``adaptvis`` / ``baseline`` -> the real condition."""
     if spec == "adaptvis":
         return parse_condition("adaptvis:alpha1=0.5,alpha2=2,beta=0.5")
+    if spec.startswith("adaptvis:"):
+        return parse_condition(spec)
     method, _, value = spec.partition(":")
     key = {"scaling": "alpha", "add": "delta"}.get(method)
     return parse_condition(f"{method}:{key}={value}" if key else method)
@@ -905,3 +907,23 @@ def test_heatmap_rows_not_done_are_one_line(caps, tmp_path):
     with pytest.raises(VislensError, match="row 3 is not completed") as info:
         plots.attention_heatmaps(p, FOCUS_LAYER, rows={"correct": [0], "incorrect": [3]})
     assert "\n" not in str(info.value)
+
+
+def test_scaling_sweep_draws_every_adaptvis_condition(tmp_path):
+    """Figure 8's AdaptVis reference: one line per AdaptVis condition in the capture (a beta
+    sweep has several), each at its own accuracy; none is left out."""
+    betas = ("0.3", "0.5", "0.7")
+    p = make_capture(tmp_path / "betas.h5", n=16, seed=6,
+                     conditions=("baseline", "scaling:0.5", "scaling:2",
+                                 *(f"adaptvis:alpha1=0.5,alpha2=2,beta={b},name=adaptvis-{b}"
+                                   for b in betas)))
+    ax = _axes(plots.scaling_sweep(p))[0]
+    with open_capture(p) as cap:
+        tab = cap.table()
+        names = [c for c in cap.conditions if c.startswith("adaptvis")]
+    assert len(names) == 3
+    refs = [ln for ln in ax.lines if "AdaptVis" in str(ln.get_label())]
+    assert len(refs) == 3
+    for name, ln in zip(names, refs):
+        acc = 100 * tab.loc[tab["condition"] == name, "correct"].mean()
+        assert ln.get_ydata()[0] == pytest.approx(acc, rel=1e-9)

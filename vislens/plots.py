@@ -987,8 +987,8 @@ def scaling_sweep(source: Source, *, max_relations: int = 8) -> "Figure":
     One line per gold relation (the ``max_relations`` most frequent) plus all samples
     (black); the baseline is ``alpha = 1``; x axis log2-scaled. Accuracies carry their 95%
     Wilson intervals: a band around the overall line, error bars on the relation lines
-    (nudged sideways so they do not overlap). An AdaptVis condition, if present, is drawn
-    as a horizontal reference (with its interval as a band) on the accuracy panel.
+    (nudged sideways so they do not overlap). Each AdaptVis condition present is drawn as a
+    horizontal reference (with its interval as a band) on the accuracy panel.
     """
     with _capture(source) as cap:
         scal = _methods(cap, "scaling")
@@ -1038,10 +1038,11 @@ def scaling_sweep(source: Source, *, max_relations: int = 8) -> "Figure":
         _pct_axis(axis)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("ScalingVis α (log₂ scale)")
-    for i, (name, attrs) in enumerate(adapt[:2]):
+    dashes = ((4, 2, 1, 2), (6, 2), (1, 1.5), (4, 1.5, 1, 1.5, 1, 1.5))
+    for i, (name, attrs) in enumerate(adapt):  # every AdaptVis condition (e.g. a beta sweep)
         acc = accuracy_interval(tab.loc[tab["condition"] == name, "correct"].to_numpy(bool))
         ax.axhspan(acc[1], acc[2], color="0.3", alpha=0.08, linewidth=0)
-        ax.axhline(acc[0], color="0.3", linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
+        ax.axhline(acc[0], color="0.3", linestyle=(0, dashes[i % len(dashes)]), linewidth=1.2,
                    label=f"{condition_label(name, attrs)}: {_acc_text(acc)}")
     alphas = sorted(set(alpha_of.values()))
     ax.set_xticks(alphas)
