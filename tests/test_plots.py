@@ -35,6 +35,8 @@ def _cond(spec: str) -> Condition:
     """``scaling:0.5`` / ``add:-1`` / ``adaptvis`` / ``baseline`` -> the real condition."""
     if spec == "adaptvis":
         return parse_condition("adaptvis:alpha1=0.5,alpha2=2,beta=0.5")
+    if spec.startswith("adaptvis:"):
+        return parse_condition(spec)
     method, _, value = spec.partition(":")
     key = {"scaling": "alpha", "add": "delta"}.get(method)
     return parse_condition(f"{method}:{key}={value}" if key else method)
@@ -54,8 +56,10 @@ def _boxes(rel: str, rng: np.random.Generator) -> list[Box]:
 
 def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_boxes: bool = True,
                  with_images: bool = True, all_correct: bool = False, tokens: bool = True,
-                 attrs: dict | None = None, seed: int = 0) -> Path:
-    """Write a complete synthetic capture file at ``path``; returns ``path``."""
+                 attrs: dict | None = None, seed: int = 0, finalize: bool = True) -> Path:
+    """Write a complete synthetic capture file at ``path``; returns ``path``. With
+    ``finalize=False`` it stays a working file (every row done, not compacted), as a job
+    leaves it before its last step."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -133,7 +137,8 @@ def make_capture(path: Path, *, n: int = 32, conditions=ALL_CONDITIONS, with_box
                 res.append({name: r for name, (r, _) in out.items()})
                 cor.append({name: ok for name, (_, ok) in out.items()})
             w.write_batch(rows, res, cor)
-        w.finalize()
+        if finalize:
+            w.finalize()
     finally:
         w.close()
     return path
@@ -837,3 +842,88 @@ def test_figures_9_10_26_prefer_unrestricted_scaling(tmp_path):
                      conditions=("baseline", "scaling:0.5,heads=0", "scaling:0.2,heads=1"))
     with open_capture(q) as cap:
         assert plots.scaling_condition(cap, "smooth") == "scaling-0.2"
+
+
+def test_subsets_with_one_label_and_one_file_name_stay_apart(tmp_path):
+    """Two captures of the same dataset named alike in different folders (x/run.h5, y/run.h5)
+    are two subsets: each gets its own box, mean and accuracy in Figure 14, its own column in
+    Figure 15, and `vislens figures` compares both (none merged into or dropped for another)."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    paths = [make_capture(tmp_path / "x" / "run.h5", n=8, conditions=("baseline",), seed=3),
+             make_capture(tmp_path / "y" / "run.h5", n=12, conditions=("baseline",), seed=4)]
+    labels = plots.subset_labels(paths)
+    assert len(set(labels)) == 2
+    fig = plots.subset_entropy_skewness(paths, FOCUS_LAYER)
+    ax, bx = _axes(fig)
+    ent_means = next(ln for ln in ax.lines if ln.get_label() == "mean").get_ydata()
+    ticks = [t.get_text() for t in bx.get_xticklabels()]
+    assert len(ticks) == 2
+    fig15 = plots.relation_familiarity(paths)
+    heat = np.ma.filled(_axes(fig15)[2].get_images()[0].get_array(), np.nan)
+    assert heat.shape[1] == 2
+    for i, path in enumerate(paths):
+        with open_capture(path) as cap:
+            attn = cap.attention("baseline", layers=[FOCUS_LAYER])[:, 0]
+            t = cap.table(conditions=["baseline"])
+        ent, _ = _eq4_eq5_by_hand(attn)
+        assert ent_means[i] == pytest.approx(ent.mean(), rel=1e-4)
+        assert ticks[i].startswith(labels[i]) and f"n={len(t)}," in ticks[i]
+        want = 100 * t.loc[t["relation"] == "left", "confidence"].mean()
+        assert heat[0, i] == pytest.approx(want, rel=1e-6)
+    notes: list[str] = []
+    figures.write_figures(paths, tmp_path / "f", only=[14], log=notes.append)
+    assert notes[0].startswith("comparing 2 subsets") and all(lab in notes[0] for lab in labels)
+    # the same file twice is still two columns, told apart
+    assert len(set(plots.subset_labels([paths[0], paths[0]]))) == 2
+
+
+def test_phrase_counts_of_one_group_are_summed(subsets, tmp_path):
+    """Figure 15's middle panel draws one bar per relation group: a table that lists several
+    relations of a group (on and above, under and below) shows their sum, not overlapping bars."""
+    import json
+
+    phr = tmp_path / "phrases.json"
+    phr.write_text(json.dumps({"left": 50, "on": 30, "above": 20, "under": 10, "below": 5}))
+    px = _axes(plots.relation_familiarity(subsets, phr))[1]
+    names = [t.get_text() for t in px.get_xticklabels()]
+    heights = [b.get_height() for b in px.patches]
+    assert names == ["left", "On etc", "Under etc"]
+    assert heights == [50, 50, 15]
+    assert [t.get_text().split("\n")[1] for t in px.texts] == ["(43%)", "(43%)", "(13%)"]
+
+
+def test_heatmap_rows_not_done_are_one_line(caps, tmp_path):
+    """Figure 5 with explicit rows: a row not completed under the condition is refused in one
+    line naming it (not a KeyError from the results table)."""
+    import shutil
+
+    import h5py
+
+    p = tmp_path / "part.h5"
+    shutil.copyfile(caps["full"], p)
+    with h5py.File(p, "r+") as f:
+        f["conditions/baseline/done"][3] = False
+    with pytest.raises(VislensError, match="row 3 is not completed") as info:
+        plots.attention_heatmaps(p, FOCUS_LAYER, rows={"correct": [0], "incorrect": [3]})
+    assert "\n" not in str(info.value)
+
+
+def test_scaling_sweep_draws_every_adaptvis_condition(tmp_path):
+    """Figure 8's AdaptVis reference: one line per AdaptVis condition in the capture (a beta
+    sweep has several), each at its own accuracy; none is left out."""
+    betas = ("0.3", "0.5", "0.7")
+    p = make_capture(tmp_path / "betas.h5", n=16, seed=6,
+                     conditions=("baseline", "scaling:0.5", "scaling:2",
+                                 *(f"adaptvis:alpha1=0.5,alpha2=2,beta={b},name=adaptvis-{b}"
+                                   for b in betas)))
+    ax = _axes(plots.scaling_sweep(p))[0]
+    with open_capture(p) as cap:
+        tab = cap.table()
+        names = [c for c in cap.conditions if c.startswith("adaptvis")]
+    assert len(names) == 3
+    refs = [ln for ln in ax.lines if "AdaptVis" in str(ln.get_label())]
+    assert len(refs) == 3
+    for name, ln in zip(names, refs):
+        acc = 100 * tab.loc[tab["condition"] == name, "correct"].mean()
+        assert ln.get_ydata()[0] == pytest.approx(acc, rel=1e-9)

@@ -503,3 +503,56 @@ def test_in_a_notebook_cell(capture, tmp_path):
     shown = nb.cells[0].outputs[0]["data"]["text/html"]
     assert re.match(r'<iframe src="http://127\.0\.0\.1:\d+/" width="100%"', shown)
     assert nb.cells[1].outputs[0]["text"].strip() == capture.name
+
+
+def test_a_file_being_written_shows_its_new_rows(tmp_path):
+    """docs/view.md: a working file a job is still writing can be viewed; reloading the page
+    shows the rows committed since. Rows a job commits after the server read them are served
+    (list, sample, maps, curves), not the cached 'not done' of before."""
+    from test_plots import make_capture
+    from vislens.viewer import ViewerServer
+
+    path = make_capture(tmp_path / "working.h5", n=12, conditions=("baseline", "scaling:2"),
+                        finalize=False)
+    with h5py.File(path, "r+", locking=False) as f:  # rows 6.. not committed yet
+        for c in ("baseline", "scaling-2"):
+            f[f"conditions/{c}/done"][6:] = False
+    srv = ViewerServer(path, port=0).start()
+    try:
+        _, res = get(srv, "api/samples", condition="scaling-2")
+        assert [s["row"] for s in res["samples"]] == list(range(6))
+        assert get(srv, "api/sample", row=8)[1]["results"]["scaling-2"] == {"done": False}
+        assert get(srv, "api/maps", row=8, layer=1)[1]["a"]["defined"] is False
+        assert get(srv, "api/share", condition="baseline")[1]["n"] == 6
+        # the job commits rows 6.. (another process, as a running capture does)
+        subprocess.run([sys.executable, "-c", (
+            "import h5py, sys\n"
+            "with h5py.File(sys.argv[1], 'r+', locking=False) as f:\n"
+            "    for c in ('baseline', 'scaling-2'):\n"
+            "        f[f'conditions/{c}/done'][6:] = True\n"), str(path)], check=True)
+        with h5py.File(path, "r", locking=False) as f:  # plain h5py, independent of the reader
+            g = f["conditions/baseline"]
+            img = g["image_attention_mass"][()].mean(axis=-1)
+            txt = g["text_attention_mass"][()].mean(axis=-1)
+            attn = g["image_attention"][8, 1].astype(np.float64).mean(axis=0)
+        _, res = get(srv, "api/samples", condition="scaling-2")
+        assert [s["row"] for s in res["samples"]] == list(range(12)) and res["of"] == 12
+        assert get(srv, "api/sample", row=8)[1]["results"]["scaling-2"]["done"] is True
+        _, maps = get(srv, "api/maps", row=8, layer=1)
+        np.testing.assert_allclose(grid(maps["a"]["values"]), attn / attn.sum() * 100, rtol=1e-9)
+        _, share = get(srv, "api/share", condition="baseline")
+        assert share["n"] == 12
+        np.testing.assert_allclose(share["share"], (img / (img + txt)).mean(axis=0) * 100, rtol=1e-5)
+    finally:
+        srv.close()
+
+
+def test_negative_limit_and_nan_confidence_are_refused(server):
+    """``limit`` caps the list; a negative one would silently drop the last samples instead,
+    and a confidence bound of NaN would silently match nothing."""
+    status, res = get(server, "api/samples", condition="baseline", limit=-3)
+    assert status == 400 and "limit" in res["error"] and "\n" not in res["error"]
+    status, res = get(server, "api/samples", condition="baseline", cmin="nan")
+    assert status == 400 and "cmin" in res["error"] and "\n" not in res["error"]
+    status, res = get(server, "api/samples", condition="baseline", limit=5)
+    assert status == 200 and res["shown"] == 5 and res["total"] == 12

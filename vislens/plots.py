@@ -773,6 +773,9 @@ def attention_heatmaps(source: Source, layer: int | None = None, *, condition: s
         chosen = {o: r for o, r in chosen.items() if r}
         if not chosen:
             raise VislensError(f"{cap.path}: no examples to draw for condition {cond!r}")
+        not_done = [r for rws in chosen.values() for r in rws if r not in set(tab["row"])]
+        if not_done:
+            raise VislensError(f"{cap.path}: row {not_done[0]} is not completed under {cond!r}")
         panels = _Panels(cap)
         maps = {o: _head_mean_share(cap.attention(cond, rows=r, layers=[layer])[:, 0])
                 for o, r in chosen.items()}
@@ -984,8 +987,8 @@ def scaling_sweep(source: Source, *, max_relations: int = 8) -> "Figure":
     One line per gold relation (the ``max_relations`` most frequent) plus all samples
     (black); the baseline is ``alpha = 1``; x axis log2-scaled. Accuracies carry their 95%
     Wilson intervals: a band around the overall line, error bars on the relation lines
-    (nudged sideways so they do not overlap). An AdaptVis condition, if present, is drawn
-    as a horizontal reference (with its interval as a band) on the accuracy panel.
+    (nudged sideways so they do not overlap). Each AdaptVis condition present is drawn as a
+    horizontal reference (with its interval as a band) on the accuracy panel.
     """
     with _capture(source) as cap:
         scal = _methods(cap, "scaling")
@@ -1035,10 +1038,11 @@ def scaling_sweep(source: Source, *, max_relations: int = 8) -> "Figure":
         _pct_axis(axis)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("ScalingVis α (log₂ scale)")
-    for i, (name, attrs) in enumerate(adapt[:2]):
+    dashes = ((4, 2, 1, 2), (6, 2), (1, 1.5), (4, 1.5, 1, 1.5, 1, 1.5))
+    for i, (name, attrs) in enumerate(adapt):  # every AdaptVis condition (e.g. a beta sweep)
         acc = accuracy_interval(tab.loc[tab["condition"] == name, "correct"].to_numpy(bool))
         ax.axhspan(acc[1], acc[2], color="0.3", alpha=0.08, linewidth=0)
-        ax.axhline(acc[0], color="0.3", linestyle=(0, (4, 2, 1, 2)), linewidth=1.2,
+        ax.axhline(acc[0], color="0.3", linestyle=(0, dashes[i % len(dashes)]), linewidth=1.2,
                    label=f"{condition_label(name, attrs)}: {_acc_text(acc)}")
     alphas = sorted(set(alpha_of.values()))
     ax.set_xticks(alphas)
@@ -1251,17 +1255,25 @@ def confidence_by_relation(source: Any, *, condition: str | None = None, max_rel
 
 def subset_labels(sources: Sequence[Any]) -> list[str]:
     """Readable, distinct labels of capture files/objects (:func:`dataset_label`); a label
-    shared by several files gets the file stem appended."""
-    labels = []
+    shared by several files gets the file stem appended, or as many of its last folders as
+    tell the files apart (``x/run.h5``, ``y/run.h5`` -> ``x/run``, ``y/run``), or its
+    position where it is the same file."""
+    base, parts = [], []
     for src in sources:
         with _capture(src) as cap:
-            labels.append(capture_label(cap))
-    for lab in set(labels):
-        if labels.count(lab) > 1:
-            for i, src in enumerate(sources):
-                if labels[i] == lab:
-                    path = src.path if hasattr(src, "path") else Path(src)
-                    labels[i] = f"{lab} ({Path(path).stem})"
+            base.append(capture_label(cap))
+            parts.append(Path(cap.path).resolve().with_suffix("").parts)
+    labels = list(base)
+    for lab in {b for b in base if base.count(b) > 1}:
+        idx = [i for i, b in enumerate(base) if b == lab]
+        for k in range(1, max(len(parts[i]) for i in idx) + 1):
+            names = [f"{lab} ({'/'.join(parts[i][-k:])})" for i in idx]
+            if len(set(names)) == len(names):
+                break
+        else:
+            names = [f"{lab} (#{i + 1})" for i in idx]
+        for i, name in zip(idx, names):
+            labels[i] = name
     return labels
 
 
@@ -1445,8 +1457,11 @@ def relation_familiarity(subsets: Any, phrase_stats: "pd.DataFrame | str | os.Pa
         px.set_xticks([])
         px.set_yticks([])
     else:
+        # one bar per group: relations of one group (on, above) add up
         counts = phrase_stats["occurrences"].astype(float)
-        names = [RELATION_GROUPS.get(str(r), str(r)) for r in counts.index]
+        counts = counts.groupby([RELATION_GROUPS.get(str(r), str(r)) for r in counts.index],
+                                sort=False).sum()
+        names = list(counts.index)
         bars = px.bar(names, counts.to_numpy(), color=_series_colors(3)[1], edgecolor="black",
                       linewidth=0.5)
         total = counts.sum()

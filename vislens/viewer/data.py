@@ -6,7 +6,9 @@ attributes: the results table on the first sample-list request, one sample's att
 (``[L, H, G, G]`` of one condition) when a map is asked for, the attention masses of one
 condition for its image-share curve, and one streamed pass per condition for its per-layer
 AUROC. Memory stays bounded: a small LRU cache of per-sample arrays, per-condition curves.
-The file is opened read-only and never written.
+The file is opened read-only and never written. A file a job is still writing is followed:
+when rows have been committed (or failures recorded) since the caches were filled, every
+endpoint drops them and reads again (:meth:`ViewerData.refresh`).
 """
 from __future__ import annotations
 
@@ -81,6 +83,10 @@ class ViewerData:
             self.cap.close()
             raise
         self._lock = threading.Lock()  # guards the caches below
+        #: the file's progress (done and failed flags) the caches were filled at, and a
+        #: counter bumped whenever it changes (a result computed under an older one is dropped)
+        self._state: bytes | None = None
+        self._version = 0
         self._table: pd.DataFrame | None = None
         self._samples: pd.DataFrame | None = None
         self._boxes: pd.DataFrame | None | bool = False
@@ -92,6 +98,25 @@ class ViewerData:
 
     def close(self) -> None:
         self.cap.close()
+
+    def refresh(self) -> int:
+        """Drop the caches when the file's progress changed since they were filled (a job
+        committed rows or recorded failures); returns the cache version to store results under.
+
+        Reads only the small per-sample done and failed flags.
+        """
+        state = b"".join([np.packbits(self.cap.done(c)).tobytes() for c in self.cap.conditions]
+                         + [str(self.cap.n_failed).encode()])
+        with self._lock:
+            if state != self._state:
+                if self._state is not None:
+                    self._table = self._samples = None
+                    self._maps.clear()
+                    self._share.clear()
+                    self._auroc.clear()
+                    self._version += 1
+                self._state = state
+            return self._version
 
     # ------------------------------------------------------------------ validation
 
@@ -124,7 +149,7 @@ class ViewerData:
     # ------------------------------------------------------------------ cached reads
 
     def table(self) -> pd.DataFrame:
-        """:meth:`Capture.table` of every condition (done rows), read once."""
+        """:meth:`Capture.table` of every condition (done rows), read once per file state."""
         with self._lock:
             if self._table is None:
                 self._table = self.cap.table()
@@ -146,20 +171,23 @@ class ViewerData:
         """``[L, H, G, G]`` float32 attention of one sample and condition (NaN if not done)."""
         key = (row, condition)
         with self._lock:
+            version = self._version
             if key in self._maps:
                 self._maps.move_to_end(key)
                 return self._maps[key]
         arr = self.cap.attention(condition, rows=[row])[0]
         with self._lock:
-            self._maps[key] = arr
-            while len(self._maps) > MAP_CACHE:
-                self._maps.popitem(last=False)
+            if version == self._version:  # not read before a change the cache was cleared for
+                self._maps[key] = arr
+                while len(self._maps) > MAP_CACHE:
+                    self._maps.popitem(last=False)
         return arr
 
     # ------------------------------------------------------------------ endpoints
 
     def meta(self) -> dict[str, Any]:
         """File-level facts the page needs to build its controls."""
+        self.refresh()
         smp = self.sample_info()
         a = self.cap.attrs
         conds = []
@@ -191,6 +219,9 @@ class ViewerData:
         """
         condition = self.check_condition(condition)
         base = self.check_condition(base or self.baseline)
+        if limit < 0:
+            raise VislensError(f"limit {limit}: expected a number of samples >= 0")
+        self.refresh()
         if outcome not in (None, "", *OUTCOMES):
             raise VislensError(f"outcome {outcome!r}: expected one of {', '.join(OUTCOMES)}")
         if changed not in (None, "", *CHANGES):
@@ -234,6 +265,7 @@ class ViewerData:
     def sample(self, row: int) -> dict[str, Any]:
         """One sample: question, gold answer, options, image, boxes, and its results per condition."""
         row = self.check_row(row)
+        self.refresh()
         s = self.sample_info().iloc[row]
         options = list(s["options"])
         tab = self.table()
@@ -298,13 +330,16 @@ class ViewerData:
         return buf.getvalue(), "image/png"
 
     def map_values(self, row: int, condition: str, layer: int, head: int | None,
-                   scale: str = "share") -> np.ndarray:
+                   scale: str = "share", *, refresh: bool = True) -> np.ndarray:
         """``[G, G]`` map of one sample/condition/layer: head mean (``head=None``) or one
-        head; ``scale="share"``: % of the map's image attention, ``"raw"``: attention weight."""
+        head; ``scale="share"``: % of the map's image attention, ``"raw"``: attention weight.
+        ``refresh=False``: the caller has just called :meth:`refresh`."""
         row, condition = self.check_row(row), self.check_condition(condition)
         layer, head = self.check_layer(layer), self.check_head(head)
         if scale not in SCALES:
             raise VislensError(f"scale {scale!r}: expected one of {', '.join(SCALES)}")
+        if refresh:
+            self.refresh()
         a = self.attention(row, condition)[layer].astype(np.float64)  # one small map: exact diffs
         m = a.mean(axis=0) if head is None else a[head]
         return metrics.normalize_maps(m) * 100.0 if scale == "share" else m
@@ -321,8 +356,9 @@ class ViewerData:
         """
         if range_ not in RANGES:
             raise VislensError(f"range {range_!r}: expected one of {', '.join(RANGES)}")
-        ma = self.map_values(row, a, layer, head, scale)
-        mb = self.map_values(row, b, layer, head, scale)
+        self.refresh()
+        ma = self.map_values(row, a, layer, head, scale, refresh=False)
+        mb = self.map_values(row, b, layer, head, scale, refresh=False)
         diff = mb - ma
 
         def top(m: np.ndarray, how: str = "max") -> float | None:
@@ -352,6 +388,7 @@ class ViewerData:
         """Per-layer image share of the answer position's attention: image mass /
         (image + text mass), head mean per sample, averaged over done samples."""
         condition = self.check_condition(condition)
+        version = self.refresh()
         with self._lock:
             if condition in self._share:
                 return self._share[condition]
@@ -365,7 +402,8 @@ class ViewerData:
         out = {"condition": condition, "n": int(done.sum()),
                "share": [_num(v * 100.0) for v in mean]}
         with self._lock:
-            self._share[condition] = out
+            if version == self._version:
+                self._share[condition] = out
         return out
 
     def auroc_curve(self, condition: str) -> dict[str, Any]:
@@ -376,6 +414,7 @@ class ViewerData:
 
         condition = self.check_condition(condition)
         with self._auroc_locks[condition]:  # a second request waits for the first pass
+            version = self.refresh()
             if condition in self._auroc:
                 return self._auroc[condition]
             out: dict[str, Any] = {"condition": condition, "auroc": None, "note": None}
@@ -394,5 +433,7 @@ class ViewerData:
                                    f"{'correct' if n_neg == 0 else 'incorrect'}")
                 else:
                     out["auroc"] = [_num(v) for v in df["auroc"]]
-            self._auroc[condition] = out
+            with self._lock:
+                if version == self._version:
+                    self._auroc[condition] = out
             return out

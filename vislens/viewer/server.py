@@ -71,9 +71,12 @@ class _Query:
         if v is None or v == "":
             return None
         try:
-            return float(v)
+            x = float(v)
         except ValueError:
             raise VislensError(f"parameter {name}={v!r}: expected a number") from None
+        if x != x:  # NaN compares false with everything: the filter would match nothing
+            raise VislensError(f"parameter {name}={v!r}: expected a number, not NaN")
+        return x
 
     def head(self) -> int | None:
         v = self.q.get("head", "mean")
