@@ -132,13 +132,28 @@ def test_a_worker_killed_mid_job_has_its_batch_retried(pool, scenes, reference, 
                 killed.append(out.worker)
             yield job, out
 
+    events: list[tuple[str, object]] = []  # the dead worker's handle is killed before a new one starts
+    real_kill, real_spawn = ray.kill, pool._spawn
+
+    def recording_kill(actor, *a, **kw):
+        events.append(("kill", actor))
+        return real_kill(actor, *a, **kw)
+
+    def recording_spawn(slot):
+        events.append(("spawn", slot.actor))
+        return real_spawn(slot)
+
     pool.imap_unordered = killing
+    pool._spawn = recording_spawn
+    ray.kill = recording_kill
     try:
         deaths0 = sum(s.deaths for s in pool.summary.stats.values())
         summary = run_capture(**_args(scenes, tmp_path / "kill.h5", model=pool))
     finally:
-        del pool.imap_unordered
+        del pool.imap_unordered, pool._spawn
+        ray.kill = real_kill
     assert killed
+    assert [e for e, _ in events][:2] == ["kill", "spawn"] and events[0][1] is not None
     assert sum(s.deaths for s in pool.summary.stats.values()) == deaths0 + 1
     assert pool.summary.retried >= 1
     rows = sorted(r for batch in seen for r in batch)

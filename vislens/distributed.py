@@ -493,6 +493,13 @@ class ReplicaPool:
         st.deaths += 1
         self.log(f"worker {slot.index} on {slot.host} (pid {slot.pid}) died ({why}); its "
                  f"batch of {len(job.rows)} sample(s) goes back to the queue")
+        if slot.actor is not None:  # unreachable is not always dead: free its GPU first
+            import ray
+
+            try:
+                ray.kill(slot.actor, no_restart=True)
+            except Exception:  # already gone
+                pass
         slot.actor, slot.ready = None, False
         if slot.replacements < MAX_REPLACEMENTS:
             slot.replacements += 1
