@@ -278,3 +278,54 @@ def test_load_model_dispatches_through_the_adapter_registry(tiny_dir, monkeypatc
     registry.add("llava", vm.AdapterEntry(MyLlava, "LlavaForConditionalGeneration"))
     adapter = load_model(tiny_dir("llava"), dtype="float32", device="cpu")
     assert type(adapter) is MyLlava and adapter.num_layers == 3
+
+
+def _float_ramp(w: int, h: int) -> np.ndarray:
+    """Float RGB image: red = normalised x, green = normalised y of each pixel centre, blue = 1."""
+    im = np.ones((h, w, 3), np.float32)
+    im[..., 0] = ((np.arange(w) + 0.5) / w)[None, :]
+    im[..., 1] = ((np.arange(h) + 0.5) / h)[:, None]
+    return im
+
+
+def test_llava_next_tile_rects_follow_the_processors_integer_resize_and_paste(tiny_adapter):
+    """Tile tokens see what the processor put on its canvas: a 500 x 377 image on the 96 x 96
+    canvas is resized to 96 x ceil(377 * 96 / 500) = 73 rows pasted at y = (96 - 73) // 2 = 11
+    (continuous arithmetic said 72.38 rows at 11.81: 0.4 of a tile token off)."""
+    import copy
+
+    adapter = tiny_adapter("llava_next")
+    lay = adapter.prepare([random_image(4, (500, 377))], [Q]).layouts[0]
+    tiles = lay.rects[lay.kinds == "tile"]
+    # the model unpads the 48 x 48 feature canvas to rows 6..41 (int(377 * 48 / 500) = 36 rows);
+    # feature row R covers canvas y in [2R, 2R + 2], i.e. original y = (2R - 11) / 73
+    np.testing.assert_allclose(tiles[0], [0, 1 / 73, 1 / 48, 3 / 73], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(tiles[-1], [47 / 48, 71 / 73, 1, 1], rtol=1e-12, atol=1e-15)
+
+    # the processor's own pixels, packed by the model: each token's mean ramp coordinate
+    ip = copy.deepcopy(adapter.processor.image_processor)
+    ip.do_rescale = ip.do_normalize = False
+    inner = getattr(adapter.model, "model", adapter.model)
+    g = adapter.config.vision_config.image_size // adapter.config.vision_config.patch_size
+    for size in [(500, 377), (97, 96), (13, 17), (200, 30), (60, 40)]:
+        enc = ip(images=[_float_ramp(*size)], return_tensors="pt")
+        pix = enc["pixel_values"][0].double()  # [1 + tiles, 3, 48, 48]
+        n, _, s, _ = pix.shape
+        u = pix.reshape(n, 3, g, s // g, g, s // g).mean((3, 5))  # per patch token
+        feats = torch.stack([u[:, 0] * u[:, 2], u[:, 1] * u[:, 2], u[:, 2]], -1).reshape(n, g * g, 3)
+        packed, _ = inner.pack_image_features([feats], enc["image_sizes"], "default",
+                                              image_newline=torch.full((3,), -1.0))
+        seen = packed[0].numpy()
+        lay = adapter.prepare([random_image(5, size)], [Q]).layouts[0]
+        assert len(seen) == lay.num_tokens
+        full = lay.spatial & (seen[:, 2] > 0.999)  # tokens wholly over the image (padding: 0)
+        assert full.sum() > 0.8 * lay.spatial.sum()
+        # resampling clamps at the border: the 2 outer original pixels hold no exact ramp
+        m = np.array([2 / size[0], 2 / size[1]])
+        with np.errstate(invalid="ignore"):
+            full &= (lay.rects[:, :2] >= m).all(1) & (lay.rects[:, 2:] <= 1 - m).all(1)
+        r = lay.rects[full]
+        for axis in (0, 1):
+            centre, width = (r[:, axis] + r[:, axis + 2]) / 2, r[:, axis + 2] - r[:, axis]
+            err = np.abs(seen[full, axis] / seen[full, 2] - centre) / width
+            assert err.max() < 0.05, (size, axis, err.max())  # was up to 0.39 of a token

@@ -7,6 +7,8 @@ the packing and stays right if transformers changes it.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -59,17 +61,30 @@ class LlavaNextAdapter(VLMAdapter):
         return out
 
 
+def _canvas_placement(size: tuple[int, int], canvas_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(new_w, new_h, paste_x, paste_y)``: where NeXT's processor puts a ``size = (W, H)``
+    image on its ``canvas_hw`` canvas, in its own integer arithmetic (transformers'
+    ``get_patch_output_size``: the fitting side fills the canvas, the other is
+    ``ceil(side * scale)``; ``_get_padding_size``: the image is pasted at ``(canvas - new) // 2``)."""
+    w, h = size
+    ch, cw = canvas_hw
+    scale_w, scale_h = cw / w, ch / h
+    if scale_w < scale_h:
+        new_w, new_h = cw, min(math.ceil(h * scale_w), ch)
+    else:
+        new_w, new_h = min(math.ceil(w * scale_h), cw), ch
+    return new_w, new_h, (cw - new_w) // 2, (ch - new_h) // 2
+
+
 def _next_rects(coords: np.ndarray, g: int, canvas_hw: tuple[int, int], size: tuple[int, int],
                 crop: int) -> tuple[np.ndarray, np.ndarray]:
     """Rectangles of base tokens (the whole image, stretched) and canvas tokens (letterboxed)."""
     w, h = size
-    ch, cw = canvas_hw
-    scale = min(cw / w, ch / h)
-    pad_x, pad_y = (cw - w * scale) / 2, (ch - h * scale) / 2
+    new_w, new_h, pad_x, pad_y = _canvas_placement(size, canvas_hw)
     p = crop / g  # canvas pixels per feature
     rects = np.full((len(coords), 4), np.nan)
     kinds = np.empty(len(coords), dtype=object)
-    for j, (kind, r, c) in enumerate(coords):
+    for j, (kind, r, c) in enumerate(np.asarray(coords, dtype=np.float64)):
         if kind < 0:
             kinds[j] = "newline"
         elif kind == 0:
@@ -77,9 +92,9 @@ def _next_rects(coords: np.ndarray, g: int, canvas_hw: tuple[int, int], size: tu
             rects[j] = [c / g, r / g, (c + 1) / g, (r + 1) / g]
         else:
             kinds[j] = "tile"
-            x0, x1 = ((c * p - pad_x) / scale, ((c + 1) * p - pad_x) / scale)
-            y0, y1 = ((r * p - pad_y) / scale, ((r + 1) * p - pad_y) / scale)
-            rects[j] = [max(x0, 0) / w, max(y0, 0) / h, min(x1, w) / w, min(y1, h) / h]
+            x0, x1 = (c * p - pad_x) / new_w, ((c + 1) * p - pad_x) / new_w
+            y0, y1 = (r * p - pad_y) / new_h, ((r + 1) * p - pad_y) / new_h
+            rects[j] = [max(x0, 0.0), max(y0, 0.0), min(x1, 1.0), min(y1, 1.0)]
             if rects[j, 2] <= rects[j, 0] or rects[j, 3] <= rects[j, 1]:
                 rects[j] = np.nan
     return rects, kinds.astype(str)
