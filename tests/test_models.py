@@ -329,3 +329,43 @@ def test_llava_next_tile_rects_follow_the_processors_integer_resize_and_paste(ti
             centre, width = (r[:, axis] + r[:, axis + 2]) / 2, r[:, axis + 2] - r[:, axis]
             err = np.abs(seen[full, axis] / seen[full, 2] - centre) / width
             assert err.max() < 0.05, (size, axis, err.max())  # was up to 0.39 of a token
+
+
+@pytest.mark.parametrize("device, why", [("gpu", "not a device"), ("", "not a device"),
+                                         ("cuda:x", "not a device"), ("meta", "holds no weights"),
+                                         ("mps", "no mps device"), ("xpu", "no xpu device")])
+def test_wrong_device_is_one_line_before_the_weights_load(tiny_dir, monkeypatch, device, why):
+    """A device torch cannot parse, or one this machine lacks, was a raw RuntimeError /
+    AssertionError (a traceback from the CLI) after the weights had loaded, and 'meta'
+    loaded a model without weights."""
+    from transformers import LlavaForConditionalGeneration
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # parsing is refused first
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    loads = []
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a)))
+    with pytest.raises(VislensError, match=f"--device {device!r}: .*{why}") as info:
+        load_model(tiny_dir("llava"), dtype="float32", device=device)
+    assert "\n" not in str(info.value) and not loads
+
+
+def test_integer_device_and_cpu_index_still_load(tiny_dir, monkeypatch):
+    from vislens.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(1) == "cuda:1"
+    with pytest.raises(VislensError, match="2 CUDA device"):
+        resolve_device(2)
+    assert load_model(tiny_dir("llava"), dtype="float32", device="cpu:0").device.type == "cpu"
+
+
+def test_non_floating_dtype_and_revision_of_a_folder_are_refused(tiny_dir):
+    with pytest.raises(VislensError, match="dtype torch.int8: .*floating"):
+        load_model(tiny_dir("llava"), dtype=torch.int8, device="cpu")
+    # a folder has no revisions: the capture would record one that was never loaded
+    with pytest.raises(VislensError, match="revision 'v1'.*local directory"):
+        load_model(tiny_dir("llava"), dtype="float32", device="cpu", revision="v1")

@@ -24,22 +24,46 @@ ADAPTERS: tuple[str, ...] = ADAPTER_REGISTRY.names()
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
-def resolve_device(device: str | None) -> str:
-    """``None``/``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``."""
+def resolve_device(device: str | int | None) -> str:
+    """``None``/``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; an int N -> ``"cuda:N"``.
+
+    Anything else must be a torch device this machine has (or ``"balanced"``): a name torch
+    cannot parse, a device type without a device here, or ``"meta"`` (no weights) is refused
+    in one line before any weights load.
+    """
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") or device == "balanced":
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"
+    if device == "balanced":
+        kind, index = "cuda", ""
+    else:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise VislensError(f"--device {device!r}: not a device; use auto, cpu, cuda, cuda:N "
+                               "or balanced") from None
+        kind, index = parsed.type, "" if parsed.index is None else str(parsed.index)
+    if kind == "meta":
+        raise VislensError(f"--device {device!r}: a meta device holds no weights; use auto, cpu, "
+                           "cuda, cuda:N or balanced")
+    if kind == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = str(device).partition(":")[2]
         if n == 0:
             raise VislensError(f"--device {device}: no CUDA device is available on this machine "
                                "(use --device cpu or auto)")
-        if index.isdigit() and int(index) >= n:
+        if index and int(index) >= n:
             raise VislensError(f"--device {device}: this machine has {n} CUDA device(s), "
                                f"cuda:0-cuda:{n - 1}")
-    return device
+    elif kind != "cpu":
+        backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise VislensError(f"--device {device!r}: no {kind} device is available on this "
+                               "machine (use --device cpu or auto)")
+    return str(device)
 
 
 def resolve_dtype(dtype: Any, device: str):
@@ -49,6 +73,9 @@ def resolve_dtype(dtype: Any, device: str):
     if dtype in (None, "auto"):
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise VislensError(f"dtype {dtype}: weights load in a floating dtype; choose one of "
+                               "auto, float32, bfloat16, float16")
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -181,6 +208,9 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
     from ..steering import register_attention
 
     name, local = _locate(name_or_path)
+    if local and revision is not None:
+        raise VislensError(f"{name}: revision {revision!r} given, but a local directory has no "
+                           "revisions (it loads as it is); drop revision or pass a hub id")
     if not local:
         local_files_only = _check_hub_id(name, revision, local_files_only)
     try:
