@@ -369,3 +369,58 @@ def test_non_floating_dtype_and_revision_of_a_folder_are_refused(tiny_dir):
     # a folder has no revisions: the capture would record one that was never loaded
     with pytest.raises(VislensError, match="revision 'v1'.*local directory"):
         load_model(tiny_dir("llava"), dtype="float32", device="cpu", revision="v1")
+
+
+def _copy_checkpoint(src, dst, rename=None, architectures=None):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if rename:
+        weights = load_file(dst / "model.safetensors")
+        save_file({rename(k): v for k, v in weights.items()}, dst / "model.safetensors",
+                  metadata={"format": "pt"})
+    if architectures:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["architectures"] = architectures
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_the_model_is_refused(tiny_dir, tmp_path):
+    """Weights stored under other names (the original LLaVA repository's ``model.layers.*``)
+    left the whole language model randomly initialised behind a log message: the run
+    'worked' on a random model."""
+    bad = _copy_checkpoint(tiny_dir("llava"), tmp_path / "renamed", rename=lambda k: k.replace(
+        "language_model.model.", "model.", 1).replace("language_model.lm_head", "lm_head"))
+    with pytest.raises(VislensError, match=r"renamed: .*29 weight\(s\) missing .*"
+                                           r"model\.language_model\.embed_tokens\.weight") as info:
+        load_model(bad, dtype="float32", device="cpu")
+    assert "\n" not in str(info.value)
+    # a weight of another shape was transformers' RuntimeError (a traceback from the CLI)
+    from safetensors.torch import load_file, save_file
+
+    odd = _copy_checkpoint(tiny_dir("llava"), tmp_path / "odd")
+    weights = load_file(odd / "model.safetensors")
+    key = "multi_modal_projector.linear_1.weight"
+    weights[key] = torch.zeros(weights[key].shape[0], weights[key].shape[1] + 1)
+    save_file(weights, odd / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(VislensError, match=r"odd: .*1 weight\(s\) of another shape "
+                                           r"\(e\.g\. model\.multi_modal_projector\.linear_1"):
+        load_model(odd, dtype="float32", device="cpu")
+
+
+def test_original_repository_llava_format_is_refused_before_loading(tiny_dir, tmp_path, monkeypatch):
+    """liuhaotian/llava-v1.5-* say model_type 'llava' but architecture
+    'LlavaLlamaForCausalLM', which is no transformers class: refused before the weights load."""
+    from transformers import LlavaForConditionalGeneration
+
+    orig = _copy_checkpoint(tiny_dir("llava"), tmp_path / "orig",
+                            architectures=["LlavaLlamaForCausalLM"])
+    loads = []
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a)))
+    with pytest.raises(VislensError, match="unsupported architecture 'LlavaLlamaForCausalLM'"):
+        load_model(orig, dtype="float32", device="cpu")
+    assert not loads

@@ -142,6 +142,20 @@ def _pickle_detail(exc: BaseException) -> str:
     return next((l for l in lines if "GLOBAL" in l), lines[0] if lines else type(exc).__name__)
 
 
+def _check_loading_info(name: str, class_name: str, info: dict[str, Any]) -> None:
+    """Refuse weights that do not fit the model: transformers fills missing ones with random
+    values and only logs it, so a checkpoint in another layout would run as a random model."""
+    missing = sorted(str(k) for k in info.get("missing_keys") or ())
+    mismatched = [str(k[0] if isinstance(k, (tuple, list)) else k)
+                  for k in info.get("mismatched_keys") or ()]
+    if missing:
+        raise VislensError(f"{name}: the checkpoint does not fit {class_name}: {len(missing)} "
+                           f"weight(s) missing (e.g. {missing[0]}) would be random")
+    if mismatched:
+        raise VislensError(f"{name}: the checkpoint does not fit {class_name}: {len(mismatched)} "
+                           f"weight(s) of another shape (e.g. {mismatched[0]})")
+
+
 def _locate(name_or_path: str | Path) -> tuple[str, bool]:
     """``(name, is_local_dir)``: ``"organism"`` -> its folder; a local folder must hold a
     config and weights; a path-like name that does not exist is refused."""
@@ -224,6 +238,12 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
         raise VislensError(f"{name}: unsupported architecture {archs[0]!r}; vislens supports "
                            f"{', '.join(ADAPTER_REGISTRY.names())}")
     adapter_cls, class_name = ADAPTER_REGISTRY.get(model_type)
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(hasattr(transformers, a) for a in archs):
+        # e.g. liuhaotian/llava-v1.5-*: model_type "llava", weights in another layout
+        raise VislensError(f"{name}: unsupported architecture {archs[0]!r} (not a transformers "
+                           f"class: a checkpoint in its original repository's format?); vislens "
+                           f"loads {class_name} checkpoints such as the llava-hf conversions")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model_cls = getattr(transformers, class_name)
@@ -234,11 +254,13 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
     if device == "balanced":
         kwargs["device_map"] = "auto"
     try:
-        model = model_cls.from_pretrained(name, **kwargs)
+        model, info = model_cls.from_pretrained(name, output_loading_info=True,
+                                                ignore_mismatched_sizes=True, **kwargs)
     except pickle.UnpicklingError as exc:  # transformers reads *.bin with weights_only=True
         raise VislensError(f"{name}: refusing to load the weights: a pickled *.bin file holds "
                            f"more than tensors ({_pickle_detail(exc)}); use *.safetensors "
                            f"weights from a source you trust") from None
+    _check_loading_info(name, class_name, info)
     if device != "balanced":
         model = model.to(device)
     model.eval()
