@@ -424,3 +424,15 @@ def test_original_repository_llava_format_is_refused_before_loading(tiny_dir, tm
     with pytest.raises(VislensError, match="unsupported architecture 'LlavaLlamaForCausalLM'"):
         load_model(orig, dtype="float32", device="cpu")
     assert not loads
+
+
+def test_auto_dtype_is_bfloat16_on_balanced_gpus(monkeypatch):
+    """--device balanced spreads the model over CUDA devices: 'auto' means bfloat16 there as on
+    one GPU (it was float32: twice the memory of the 7B model over the GPUs)."""
+    from vislens.models import resolve_device, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("balanced", "cuda", "cuda:1"):
+        assert resolve_dtype("auto", resolve_device(device)) == torch.bfloat16
+    assert resolve_dtype("auto", resolve_device("cpu")) == torch.float32

@@ -67,11 +67,13 @@ def resolve_device(device: str | int | None) -> str:
 
 
 def resolve_dtype(dtype: Any, device: str):
-    """``"auto"`` -> bfloat16 on CUDA (what 7B users run), float32 on CPU."""
+    """``"auto"`` -> bfloat16 on CUDA (one GPU or ``"balanced"``: what 7B users run), float32
+    on CPU."""
     import torch
 
     if dtype in (None, "auto"):
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        return torch.bfloat16 if str(device).startswith("cuda") or device == "balanced" \
+            else torch.float32
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:
             raise VislensError(f"dtype {dtype}: weights load in a floating dtype; choose one of "
