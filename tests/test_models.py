@@ -424,6 +424,8 @@ def test_original_repository_llava_format_is_refused_before_loading(tiny_dir, tm
     with pytest.raises(VislensError, match="unsupported architecture 'LlavaLlamaForCausalLM'"):
         load_model(orig, dtype="float32", device="cpu")
     assert not loads
+    with pytest.raises(VislensError, match="unsupported architecture 'LlavaLlamaForCausalLM'"):
+        model_dims(orig)  # (read the default LlavaConfig's dims: 32 layers, 32 heads)
 
 
 def test_auto_dtype_is_bfloat16_on_balanced_gpus(monkeypatch):

@@ -144,6 +144,24 @@ def _pickle_detail(exc: BaseException) -> str:
     return next((l for l in lines if "GLOBAL" in l), lines[0] if lines else type(exc).__name__)
 
 
+def _adapter_entry(name: str, config: Any) -> AdapterEntry:
+    """The registered family of ``config``; an unsupported architecture is one line."""
+    import transformers
+
+    model_type = getattr(config, "model_type", "")
+    archs = list(getattr(config, "architectures", None) or [])
+    if model_type not in ADAPTER_REGISTRY:
+        raise VislensError(f"{name}: unsupported architecture {(archs or [model_type])[0]!r}; "
+                           f"vislens supports {', '.join(ADAPTER_REGISTRY.names())}")
+    entry = ADAPTER_REGISTRY.get(model_type)
+    if archs and not any(hasattr(transformers, a) for a in archs):
+        # e.g. liuhaotian/llava-v1.5-*: model_type "llava", weights in another layout
+        raise VislensError(f"{name}: unsupported architecture {archs[0]!r} (not a transformers "
+                           f"class: a checkpoint in its original repository's format?); vislens "
+                           f"loads {entry.model_class} checkpoints such as the llava-hf conversions")
+    return entry
+
+
 def _check_loading_info(name: str, class_name: str, info: dict[str, Any]) -> None:
     """Refuse weights that do not fit the model: transformers fills missing ones with random
     values and only logs it, so a checkpoint in another layout would run as a random model."""
@@ -200,11 +218,7 @@ def model_dims(name_or_path: str | Path, *, revision: str | None = None) -> tupl
                                "(the hub is offline: HF_HUB_OFFLINE); download it first or "
                                "pass a local directory") from None
         return None
-    model_type = getattr(config, "model_type", "")
-    if model_type not in ADAPTERS:
-        archs = getattr(config, "architectures", None) or [model_type]
-        raise VislensError(f"{name}: unsupported architecture {archs[0]!r}; vislens supports "
-                           f"{', '.join(ADAPTERS)}")
+    _adapter_entry(name, config)
     text = getattr(config, "text_config", None) or config
     return int(text.num_hidden_layers), int(text.num_attention_heads)
 
@@ -234,18 +248,7 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
                                             local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         raise VislensError(f"{name}: cannot read the model config ({str(exc).splitlines()[0]})") from exc
-    model_type = getattr(config, "model_type", "")
-    if model_type not in ADAPTER_REGISTRY:
-        archs = getattr(config, "architectures", None) or [model_type]
-        raise VislensError(f"{name}: unsupported architecture {archs[0]!r}; vislens supports "
-                           f"{', '.join(ADAPTER_REGISTRY.names())}")
-    adapter_cls, class_name = ADAPTER_REGISTRY.get(model_type)
-    archs = list(getattr(config, "architectures", None) or [])
-    if archs and not any(hasattr(transformers, a) for a in archs):
-        # e.g. liuhaotian/llava-v1.5-*: model_type "llava", weights in another layout
-        raise VislensError(f"{name}: unsupported architecture {archs[0]!r} (not a transformers "
-                           f"class: a checkpoint in its original repository's format?); vislens "
-                           f"loads {class_name} checkpoints such as the llava-hf conversions")
+    adapter_cls, class_name = _adapter_entry(name, config)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     model_cls = getattr(transformers, class_name)
