@@ -438,3 +438,27 @@ def test_auto_dtype_is_bfloat16_on_balanced_gpus(monkeypatch):
     for device in ("balanced", "cuda", "cuda:1"):
         assert resolve_dtype("auto", resolve_device(device)) == torch.bfloat16
     assert resolve_dtype("auto", resolve_device("cpu")) == torch.float32
+
+
+def test_weights_load_straight_onto_the_device(tiny_dir, monkeypatch):
+    """A single device is given to from_pretrained as the device map, so a 7B model's weights
+    go to the GPU as they are read instead of first filling host memory; the model ends up
+    there with the same weights as a plain load moved afterwards."""
+    import transformers
+
+    seen: list[object] = []
+    cls = transformers.LlavaForConditionalGeneration
+    real = cls.from_pretrained.__func__
+
+    def recording(klass, *a, **kw):
+        seen.append(kw.get("device_map"))
+        return real(klass, *a, **kw)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    adapter = load_model(str(tiny_dir("llava")), device="cpu", dtype="float32")
+    assert seen == [{"": "cpu"}]
+    monkeypatch.undo()
+    plain = cls.from_pretrained(str(tiny_dir("llava")), dtype=torch.float32).to("cpu")
+    for (name, a), (_, b) in zip(sorted(adapter.model.state_dict().items()),
+                                 sorted(plain.state_dict().items())):
+        assert a.device.type == "cpu" and torch.equal(a, b), name

@@ -256,8 +256,8 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
                                   trust_remote_code=False)
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
-    if device == "balanced":
-        kwargs["device_map"] = "auto"
+    # straight onto the device: a 7B model never sits in host memory as a whole first
+    kwargs["device_map"] = "auto" if device == "balanced" else {"": str(device)}
     try:
         model, info = model_cls.from_pretrained(name, output_loading_info=True,
                                                 ignore_mismatched_sizes=True, **kwargs)
