@@ -422,6 +422,23 @@ class DecodingEngine:
         plans, steps, costs = self._plan_and_execute(batch, conditions, keys, t0)
         return self._collect(batch, opt_ids, conditions, plans, steps, costs)
 
+    def refusals(self, images: Sequence[Any], questions: Sequence[str],
+                 options: Sequence[Sequence[str]]) -> list[tuple[int, str]]:
+        """The samples :meth:`run` refuses on their own, as ``(index, one-line reason)``.
+
+        Each sample goes alone through what :meth:`run` checks before any forward (the
+        processor, the prompt's image and answer positions, its options' first tokens), so
+        a job can name, or skip, the sample that made a whole batch fail.
+        """
+        out = []
+        for i, (image, question, opts) in enumerate(zip(images, questions, options)):
+            try:
+                batch = self.adapter.prepare([image], [question])
+                self.adapter.option_token_ids(opts, batch.prompts[0])
+            except VislensError as exc:
+                out.append((i, str(exc)))
+        return out
+
     def _plan_and_execute(self, batch: PreparedBatch, conditions: Sequence[Condition],
                           sample_keys: Sequence[str], t0: float
                           ) -> tuple[dict[str, Plan], dict[SettingKey, _Step], dict[str, float]]:

@@ -224,7 +224,7 @@ class BatchOutput:
     rows: list[int]  # rows answered, in order of ``results``
     results: list[dict[str, Any]]  # one {condition name: ConditionResult} per row
     sizes: list[tuple[int, int]]  # original image size per answered row
-    failures: list[tuple[int, str]]  # (row, one-line reason): undecodable images
+    failures: list[tuple[int, str]]  # (row, one-line reason): undecodable or refused samples
     seconds: float = 0.0
     worker: int = -1
     host: str = ""
@@ -276,6 +276,7 @@ class Replica:
         """Decode the images and run the engine on the batch."""
         import torch
 
+        from .capture import run_engine
         from .decoding import DecodingEngine
 
         t0 = time.perf_counter()
@@ -293,11 +294,13 @@ class Replica:
                 ok.append(i)
             except VislensError as exc:
                 failures.append((job.rows[i], str(exc)))
-        results = []
-        if ok:
-            results = engine.run(images, [job.questions[i] for i in ok],
-                                 [job.options[i] for i in ok], job.conditions,
-                                 sample_keys=[job.keys[i] for i in ok])
+        results: list = []
+        if ok:  # samples the engine refuses are failures too, their batch-mates still run
+            kept, results = run_engine(engine, images, [job.questions[i] for i in ok],
+                                       [job.options[i] for i in ok], job.conditions,
+                                       [job.keys[i] for i in ok],
+                                       lambda k, reason: failures.append((job.rows[ok[k]], reason)))
+            ok, images = [ok[k] for k in kept], [images[k] for k in kept]
         return BatchOutput([job.rows[i] for i in ok], results, [im.size for im in images],
                            failures, time.perf_counter() - t0, host=self.host)
 
