@@ -767,3 +767,35 @@ def test_a_ray_worker_reports_a_refused_sample_and_runs_its_batch_mates(tiny_dir
         for name in ref:
             assert got[name].text == ref[name].text
             np.testing.assert_array_equal(got[name].image_attention, ref[name].image_attention)
+
+
+def test_paper_prompts_that_a_model_cannot_take_verbatim_are_refused(tiny_dir, tiny_adapter,
+                                                                       tmp_path):
+    """--prompt-style paper promises the published LLaVA-1.5 prompt strings verbatim. A model
+    whose image placeholder is not their ``<image>`` (Qwen2-VL) would wrap the whole string,
+    its USER:/ASSISTANT: and a literal "<image>", in its own chat template: refused before the
+    output exists. LLaVA takes them verbatim (the prompt the engine runs is the string)."""
+    data = _qwen_data(tmp_path, [(60, 40), (44, 52)])
+    recs = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in recs:
+        r["meta"] = {"prompt": f"USER: <image>\n{r['question']} ASSISTANT:"}
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    kw = dict(dataset=f"jsonl:{data}", conditions=["baseline"], max_new_tokens=1,
+              device="cpu", prompt_style="paper", progress=False, log=lambda m: None)
+    for arch in ("qwen2_vl", "qwen2_5_vl"):
+        for model in (str(tiny_dir(arch)), tiny_adapter(arch)):
+            out = tmp_path / f"{arch}.h5"
+            with pytest.raises(VislensError, match=r"--prompt-style paper: .*sample s0.*verbatim") as e:
+                run_capture(model=model, out=out, **kw)
+            assert "\n" not in str(e.value) and not out.exists()
+    llava = tiny_adapter("llava")
+    assert llava.prepare([random_image_for_test()], [recs[0]["meta"]["prompt"]]).prompts == \
+        [recs[0]["meta"]["prompt"]]
+    s = run_capture(model=llava, out=tmp_path / "llava.h5", **kw)
+    assert s.complete and s.n_written == 2
+
+
+def random_image_for_test():
+    from conftest import random_image
+
+    return random_image(1)

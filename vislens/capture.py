@@ -263,6 +263,25 @@ def plan_capture(*, model: str | Any, dataset: str, out: str | Path,
     return plan
 
 
+def check_prompt_style(adapter: Any, samples: Sequence[Sample], prompt_style: str) -> None:
+    """``--prompt-style paper`` runs each sample's published prompt verbatim: refuse a model
+    (an adapter or a Ray pool) that would wrap it in its own chat template instead, i.e. one
+    whose image placeholder is not the prompts' ``<image>`` (Qwen2-VL)."""
+    if prompt_style != "paper":
+        return
+    prompts = [s.meta["prompt"] for s in samples]
+    if hasattr(adapter, "format_prompts"):  # a Ray worker pool: one remote call
+        formatted = adapter.format_prompts(prompts)
+    else:
+        formatted = [adapter.format_prompt(p) for p in prompts]
+    for s, prompt, got in zip(samples, prompts, formatted):
+        if got != prompt:
+            raise VislensError(f"--prompt-style paper: {adapter.name} cannot take sample {s.id}'s "
+                               "published prompt verbatim (its image placeholder is not the "
+                               "prompt's <image>; it would wrap the whole prompt in its own chat "
+                               "template); use --prompt-style chat")
+
+
 def check_resources(plan: CapturePlan, *, grid: int, batch_size: int) -> None:
     """Memory for one batch, and (for a new file) disk space for the working file."""
     from .io import check_free_space
@@ -527,6 +546,7 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
             plan.dims = (adapter.num_layers, adapter.num_heads)
             check_conditions(plan.conditions, *plan.dims)
             check_resources(plan, grid=grid, batch_size=batch_size)
+        check_prompt_style(adapter, plan.samples, prompt_style)
         attrs = capture_attrs(adapter, plan, dataset=dataset, data_root=data_root, split=split,
                               split_seed=split_seed, limit=limit, max_new_tokens=max_new_tokens,
                               matcher=matcher, shard=shard, prompt_style=prompt_style,

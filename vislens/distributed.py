@@ -272,6 +272,10 @@ class Replica:
         """The part of each image size the model sees (``adapter.image_view``), normalised."""
         return [tuple(float(v) for v in self.adapter.image_view(tuple(size))) for size in sizes]
 
+    def format_prompts(self, prompts: list[str]) -> list[str]:
+        """Each prompt as the model runs it (``adapter.format_prompt``)."""
+        return [self.adapter.format_prompt(p) for p in prompts]
+
     def run(self, job: BatchJob) -> BatchOutput:
         """Decode the images and run the engine on the batch."""
         import torch
@@ -407,6 +411,13 @@ class ReplicaPool:
         slot = next(s for s in self.slots if s.ready and s.actor is not None)
         views = ray.get(slot.actor.image_views.remote([tuple(map(int, z)) for z in sizes]))
         return np.asarray(views, dtype=np.float32).reshape(len(sizes), 4)
+
+    def format_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt as the workers' model runs it, asked of one ready worker."""
+        import ray
+
+        slot = next(s for s in self.slots if s.ready and s.actor is not None)
+        return list(ray.get(slot.actor.format_prompts.remote(list(prompts))))
 
     def describe(self) -> dict[str, Any]:
         """The model's description as a worker reports it, plus Ray provenance."""
