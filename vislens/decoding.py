@@ -412,13 +412,16 @@ class DecodingEngine:
         fully for each.
         """
         check_conditions(conditions, self.adapter.num_layers, self.adapter.num_heads)
+        keys = list(sample_keys) if sample_keys is not None else list(questions)
+        if len(keys) != len(images):  # VCD seeds each sample's noise with its own key
+            raise VislensError(f"{len(images)} samples but {len(keys)} sample key"
+                               f"{'s' if len(keys) != 1 else ''}")
         t0 = self._now()
         batch = self.adapter.prepare(images, questions)
         if len(options) != batch.size:
             raise VislensError(f"{batch.size} samples but {len(options)} option lists")
         # before decoding: an option the tokenizer cannot score is refused at no cost
         opt_ids = [self.adapter.option_token_ids(o, p) for o, p in zip(options, batch.prompts)]
-        keys = list(sample_keys) if sample_keys is not None else list(questions)
         plans, steps, costs = self._plan_and_execute(batch, conditions, keys, t0)
         return self._collect(batch, opt_ids, conditions, plans, steps, costs)
 
