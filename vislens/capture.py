@@ -323,36 +323,6 @@ class Batch:
     correct: list[dict[str, bool]]
 
 
-def run_engine(engine: "DecodingEngine", images: Sequence[Any], questions: Sequence[str],
-               options: Sequence[Sequence[str]], conditions: Sequence[Condition],
-               keys: Sequence[str], refused: Callable[[int, str], None]
-               ) -> tuple[list[int], list[dict[str, ConditionResult]]]:
-    """``engine.run`` on one batch, leaving out the samples it refuses on their own.
-
-    When the engine refuses the batch (a :class:`VislensError`: the processor rejects one
-    image, an option cannot be scored, ...), each sample it refuses alone
-    (:meth:`~vislens.decoding.DecodingEngine.refusals`) is reported as
-    ``refused(index, "sample ID: reason")`` (which may raise) and the others run again as
-    one batch, as if those samples had not been in it. Returns the indices kept and their
-    results; an error no single sample explains is raised as it was.
-    """
-    try:
-        return list(range(len(images))), engine.run(images, questions, options, conditions,
-                                                     sample_keys=keys)
-    except VislensError:
-        bad = dict(engine.refusals(images, questions, options))
-        if not bad:
-            raise
-    for i, reason in bad.items():
-        refused(i, f"sample {keys[i]}: {reason}")
-    keep = [i for i in range(len(images)) if i not in bad]
-    if not keep:
-        return [], []
-    return keep, engine.run([images[i] for i in keep], [questions[i] for i in keep],
-                            [options[i] for i in keep], conditions,
-                            sample_keys=[keys[i] for i in keep])
-
-
 def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Sequence[int],
                 conditions: Sequence[Condition], *, batch_size: int, matcher: str = "paper",
                 prompt_style: str = "chat",
@@ -360,8 +330,8 @@ def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Seque
                 progress: bool = False, desc: str = "capture") -> Iterator[Batch]:
     """Stage 3: run ``conditions`` on ``samples[rows]``, ``batch_size`` at a time.
 
-    An unreadable image, or one the engine refuses (:func:`run_engine`), raises (one line
-    naming the sample), or with ``on_failure`` is reported as ``on_failure(row, reason)``
+    An unreadable image, or a sample the engine refuses
+    (:meth:`~vislens.decoding.DecodingEngine.run_leaving_out`), raises (one line naming it), or with ``on_failure`` is reported as ``on_failure(row, reason)``
     and left out of its batch (``--on-error skip``).
     ``prompt_style="paper"`` uses each sample's published prompt verbatim.
     """
@@ -390,8 +360,9 @@ def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Seque
                         raise VislensError(reason)
                     on_failure(ok_rows[i], reason)
 
-                kept, results = run_engine(engine, images, questions, [s.options for s in batch],
-                                           conditions, [s.id for s in batch], refused)
+                kept, results = engine.run_leaving_out(images, questions,
+                                                       [s.options for s in batch], conditions,
+                                                       [s.id for s in batch], refused)
                 batch = [batch[i] for i in kept]
                 correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
                            for rs, s in zip(results, batch)]

@@ -442,6 +442,34 @@ class DecodingEngine:
                 out.append((i, str(exc)))
         return out
 
+    def run_leaving_out(self, images: Sequence[Any], questions: Sequence[str],
+                        options: Sequence[Sequence[str]], conditions: Sequence[Condition],
+                        sample_keys: Sequence[str], refused: Callable[[int, str], None]
+                        ) -> tuple[list[int], list[dict[str, ConditionResult]]]:
+        """:meth:`run`, leaving out the samples it refuses on their own (a job's batch).
+
+        When :meth:`run` refuses the batch (a :class:`VislensError`: the processor rejects one
+        image, an option cannot be scored, ...), each sample :meth:`refusals` finds is
+        reported as ``refused(index, "sample KEY: reason")`` (which may raise) and the others
+        run again as one batch, as if those samples had not been in it. Returns the indices
+        kept and their results; an error that no single sample explains is raised as it was.
+        """
+        try:
+            return list(range(len(images))), self.run(images, questions, options, conditions,
+                                                      sample_keys=sample_keys)
+        except VislensError:
+            bad = dict(self.refusals(images, questions, options))
+            if not bad:
+                raise
+        for i, reason in bad.items():
+            refused(i, f"sample {sample_keys[i]}: {reason}")
+        keep = [i for i in range(len(images)) if i not in bad]
+        if not keep:
+            return [], []
+        return keep, self.run([images[i] for i in keep], [questions[i] for i in keep],
+                              [options[i] for i in keep], conditions,
+                              sample_keys=[sample_keys[i] for i in keep])
+
     def _plan_and_execute(self, batch: PreparedBatch, conditions: Sequence[Condition],
                           sample_keys: Sequence[str], t0: float
                           ) -> tuple[dict[str, Plan], dict[SettingKey, _Step], dict[str, float]]:

@@ -280,7 +280,6 @@ class Replica:
         """Decode the images and run the engine on the batch."""
         import torch
 
-        from .capture import run_engine
         from .decoding import DecodingEngine
 
         t0 = time.perf_counter()
@@ -300,10 +299,10 @@ class Replica:
                 failures.append((job.rows[i], str(exc)))
         results: list = []
         if ok:  # samples the engine refuses are failures too, their batch-mates still run
-            kept, results = run_engine(engine, images, [job.questions[i] for i in ok],
-                                       [job.options[i] for i in ok], job.conditions,
-                                       [job.keys[i] for i in ok],
-                                       lambda k, reason: failures.append((job.rows[ok[k]], reason)))
+            kept, results = engine.run_leaving_out(
+                images, [job.questions[i] for i in ok], [job.options[i] for i in ok],
+                job.conditions, [job.keys[i] for i in ok],
+                lambda k, reason: failures.append((job.rows[ok[k]], reason)))
             ok, images = [ok[k] for k in kept], [images[k] for k in kept]
         return BatchOutput([job.rows[i] for i in ok], results, [im.size for im in images],
                            failures, time.perf_counter() - t0, host=self.host)
