@@ -330,11 +330,14 @@ def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Seque
                 progress: bool = False, desc: str = "capture") -> Iterator[Batch]:
     """Stage 3: run ``conditions`` on ``samples[rows]``, ``batch_size`` at a time.
 
-    An unreadable image, or a sample the engine refuses
-    (:meth:`~vislens.decoding.DecodingEngine.run_leaving_out`), raises (one line naming it), or with ``on_failure`` is reported as ``on_failure(row, reason)``
-    and left out of its batch (``--on-error skip``).
+    An unreadable image, or a sample the engine refuses on its own
+    (:func:`vislens.decoding.run_leaving_out`), raises (one line naming it), or with
+    ``on_failure`` is reported as ``on_failure(row, reason)`` and left out of its batch
+    (``--on-error skip``).
     ``prompt_style="paper"`` uses each sample's published prompt verbatim.
     """
+    from .decoding import run_leaving_out
+
     rows = list(rows)
     bar = _progress(len(rows), progress, desc)
     try:
@@ -360,9 +363,9 @@ def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Seque
                         raise VislensError(reason)
                     on_failure(ok_rows[i], reason)
 
-                kept, results = engine.run_leaving_out(images, questions,
-                                                       [s.options for s in batch], conditions,
-                                                       [s.id for s in batch], refused)
+                kept, results = run_leaving_out(engine, images, questions,
+                                                [s.options for s in batch], conditions,
+                                                [s.id for s in batch], refused)
                 batch = [batch[i] for i in kept]
                 correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
                            for rs, s in zip(results, batch)]

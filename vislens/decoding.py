@@ -34,7 +34,8 @@ from .steering import Steerer, interventions_for
 
 __all__ = ["BASELINE_KEY", "Condition", "ConditionResult", "DecodingEngine", "RULES",
            "SettingKey", "adaptvis_alpha", "check_conditions", "diffusion_noise",
-           "dola_candidates", "dola_scores", "parse_condition", "run_conditions", "vcd_scores"]
+           "dola_candidates", "dola_scores", "parse_condition", "run_conditions",
+           "run_leaving_out", "vcd_scores"]
 
 
 def diffusion_noise(x: torch.Tensor, noise_steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -442,34 +443,6 @@ class DecodingEngine:
                 out.append((i, str(exc)))
         return out
 
-    def run_leaving_out(self, images: Sequence[Any], questions: Sequence[str],
-                        options: Sequence[Sequence[str]], conditions: Sequence[Condition],
-                        sample_keys: Sequence[str], refused: Callable[[int, str], None]
-                        ) -> tuple[list[int], list[dict[str, ConditionResult]]]:
-        """:meth:`run`, leaving out the samples it refuses on their own (a job's batch).
-
-        When :meth:`run` refuses the batch (a :class:`VislensError`: the processor rejects one
-        image, an option cannot be scored, ...), each sample :meth:`refusals` finds is
-        reported as ``refused(index, "sample KEY: reason")`` (which may raise) and the others
-        run again as one batch, as if those samples had not been in it. Returns the indices
-        kept and their results; an error that no single sample explains is raised as it was.
-        """
-        try:
-            return list(range(len(images))), self.run(images, questions, options, conditions,
-                                                      sample_keys=sample_keys)
-        except VislensError:
-            bad = dict(self.refusals(images, questions, options))
-            if not bad:
-                raise
-        for i, reason in bad.items():
-            refused(i, f"sample {sample_keys[i]}: {reason}")
-        keep = [i for i in range(len(images)) if i not in bad]
-        if not keep:
-            return [], []
-        return keep, self.run([images[i] for i in keep], [questions[i] for i in keep],
-                              [options[i] for i in keep], conditions,
-                              sample_keys=[sample_keys[i] for i in keep])
-
     def _plan_and_execute(self, batch: PreparedBatch, conditions: Sequence[Condition],
                           sample_keys: Sequence[str], t0: float
                           ) -> tuple[dict[str, Plan], dict[SettingKey, _Step], dict[str, float]]:
@@ -569,6 +542,35 @@ class DecodingEngine:
             text_mass=None if st.text_mass is None else st.text_mass[i],
             image_logit_mean=None if st.logit_mean is None else st.logit_mean[i],
             image_logit_max=None if st.logit_max is None else st.logit_max[i])
+
+
+def run_leaving_out(engine: DecodingEngine, images: Sequence[Any], questions: Sequence[str],
+                    options: Sequence[Sequence[str]], conditions: Sequence[Condition],
+                    sample_keys: Sequence[str], refused: Callable[[int, str], None]
+                    ) -> tuple[list[int], list[dict[str, ConditionResult]]]:
+    """``engine.run`` on a job's batch, leaving out the samples it refuses on their own.
+
+    When the engine refuses the batch (a :class:`VislensError`: the processor rejects one
+    image, an option cannot be scored, ...), each sample ``engine.refusals`` finds is
+    reported as ``refused(index, "sample KEY: reason")`` (which may raise) and the others
+    run again as one batch, as if those samples had not been in it. Returns the indices
+    kept and their results; an error that no single sample explains is raised as it was.
+    """
+    try:
+        return list(range(len(images))), engine.run(images, questions, options, conditions,
+                                                     sample_keys=sample_keys)
+    except VislensError:
+        bad = dict(engine.refusals(images, questions, options))
+        if not bad:
+            raise
+    for i, reason in bad.items():
+        refused(i, f"sample {sample_keys[i]}: {reason}")
+    keep = [i for i in range(len(images)) if i not in bad]
+    if not keep:
+        return [], []
+    return keep, engine.run([images[i] for i in keep], [questions[i] for i in keep],
+                            [options[i] for i in keep], conditions,
+                            sample_keys=[sample_keys[i] for i in keep])
 
 
 def _repeat_rows(batch: PreparedBatch, times: int) -> PreparedBatch:

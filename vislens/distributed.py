@@ -280,7 +280,7 @@ class Replica:
         """Decode the images and run the engine on the batch."""
         import torch
 
-        from .decoding import DecodingEngine
+        from .decoding import DecodingEngine, run_leaving_out
 
         t0 = time.perf_counter()
         kw = dict(job.engine)
@@ -299,8 +299,8 @@ class Replica:
                 failures.append((job.rows[i], str(exc)))
         results: list = []
         if ok:  # samples the engine refuses are failures too, their batch-mates still run
-            kept, results = engine.run_leaving_out(
-                images, [job.questions[i] for i in ok], [job.options[i] for i in ok],
+            kept, results = run_leaving_out(
+                engine, images, [job.questions[i] for i in ok], [job.options[i] for i in ok],
                 job.conditions, [job.keys[i] for i in ok],
                 lambda k, reason: failures.append((job.rows[ok[k]], reason)))
             ok, images = [ok[k] for k in kept], [images[k] for k in kept]
