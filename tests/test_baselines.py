@@ -221,3 +221,19 @@ def test_tied_embeddings_read_from_the_weights(tiny_dir):
     assert adapter.tied_embeddings
     head.weight = torch.nn.Parameter(emb.weight.detach().clone())
     assert not adapter.tied_embeddings
+
+
+def test_sample_keys_must_be_one_per_sample(tiny_adapter):
+    """VCD seeds each sample's noise with its key: a key list of another length would seed
+    samples with other samples' keys, or leave pixels out (a traceback deep in the model)."""
+    from vislens.errors import VislensError
+
+    adapter = tiny_adapter("llava")
+    engine = DecodingEngine(adapter, max_new_tokens=1)
+    images, qs = [random_image(3), random_image(4)], [Q, Q]
+    for keys in (["a"], ["a", "b", "c"]):
+        with pytest.raises(VislensError, match="3 sample keys|1 sample key") as e:
+            engine.run(images, qs, [OPTS] * 2, [parse_condition("vcd")], sample_keys=keys)
+        assert "\n" not in str(e.value)
+    ok = engine.run(images, qs, [OPTS] * 2, [parse_condition("vcd")], sample_keys=["a", "b"])
+    assert len(ok) == 2

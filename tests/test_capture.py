@@ -679,3 +679,123 @@ def test_a_capture_stores_the_records_own_split(tiny_dir, scenes, tmp_path):
     v = cap(tiny_dir, data, tmp_path / "v.h5", conditions=["baseline"], max_new_tokens=1, split="val")
     with open_capture(v.path) as c:
         assert list(c.samples["id"]) == [recs[0]["id"]] + [r["id"] for r in recs[4:]]
+
+
+def _qwen_data(tmp_path, sizes):
+    """A JSONL dataset of plain (box-free) samples with random images of the given sizes."""
+    from conftest import random_image
+
+    q = "Where is the ball in relation to the box? Answer with left, right, on or under."
+    recs = []
+    for k, size in enumerate(sizes):
+        path = tmp_path / f"img{k}.png"
+        random_image(60 + k, size).save(path)
+        recs.append({"id": f"s{k}", "image": path.name, "question": q,
+                     "options": ["Left", "Right", "On", "Under"], "answer": "Left"})
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    return data
+
+
+def test_a_sample_the_processor_refuses_is_named_or_skipped_not_its_whole_batch(
+        tiny_dir, tiny_adapter, tmp_path):
+    """Qwen2-VL's processor refuses an image of aspect ratio > 200 (it decodes fine): that
+    sample, not its batch, is the failure. Without --on-error skip the error names it; with
+    skip its batch-mates are captured as if it had been left out of the batch (reference:
+    the engine on those samples alone, no failing sample in sight)."""
+    from PIL import Image
+
+    from vislens.decoding import DecodingEngine, parse_condition
+
+    data = _qwen_data(tmp_path, [(60, 40), (1000, 2), (44, 52)])
+    kw = dict(model=str(tiny_dir("qwen2_vl")), dataset=f"jsonl:{data}", conditions=CONDS,
+              batch_size=3, max_new_tokens=3, device="cpu", progress=False, log=lambda m: None)
+    with pytest.raises(VislensError, match=r"^sample s1: .*aspect ratio") as exc:
+        run_capture(out=tmp_path / "stop.h5", **kw)
+    assert "\n" not in str(exc.value)
+    s = run_capture(out=tmp_path / "skip.h5", on_error="skip", **kw)
+    assert s.complete and (s.n_written, s.n_failed) == (2, 1)
+    engine = DecodingEngine(tiny_adapter("qwen2_vl"), max_new_tokens=3)
+    good = [0, 2]
+    images = [Image.open(tmp_path / f"img{k}.png").convert("RGB") for k in good]
+    q = json.loads(data.read_text().splitlines()[0])["question"]
+    ref = engine.run(images, [q] * 2, [["Left", "Right", "On", "Under"]] * 2,
+                     [parse_condition(c) for c in CONDS], sample_keys=["s0", "s2"])
+    with open_capture(s.path) as c:
+        smp = c.samples
+        assert list(smp["failed"]) == [False, True, False]
+        assert "aspect ratio" in smp["reason"].iloc[1]
+        tab = c.table()
+        for name in c.conditions:
+            t = tab[tab["condition"] == name].sort_values("row")
+            assert list(t["row"]) == good
+            assert list(t["prediction"]) == [r[name].text for r in ref]
+            np.testing.assert_allclose(t["confidence"], [r[name].confidence for r in ref],
+                                       rtol=1e-4)
+            np.testing.assert_allclose(c.attention(name)[good],
+                                       np.stack([r[name].image_attention for r in ref]),
+                                       atol=2e-3)
+
+
+def test_a_ray_worker_reports_a_refused_sample_and_runs_its_batch_mates(tiny_dir, tmp_path):
+    """The worker side of --ray (no cluster needed: the actor class is plain Python) treats a
+    sample the engine refuses as a failure of that row and answers the others."""
+    from vislens.capture import run_batches, select_samples
+    from vislens.decoding import DecodingEngine, parse_condition
+    from vislens.distributed import Replica, make_jobs
+
+    data = _qwen_data(tmp_path, [(60, 40), (1000, 2), (44, 52)])
+    samples, rows = select_samples(f"jsonl:{data}", None)
+    conds = [parse_condition(c) for c in CONDS]
+    engine = {"max_new_tokens": 2, "grid": 24, "attention_dtype": "float16"}
+    (job,) = make_jobs(samples, rows, conds, batch_size=3, engine=engine,
+                       on_failure=lambda r, why: None)
+    worker = Replica(str(tiny_dir("qwen2_vl")), "float32", "cpu")
+    out = worker.run(job)
+    assert out.rows == [0, 2] and [r for r, _ in out.failures] == [1]
+    assert out.failures[0][1].startswith("sample s1: ") and "aspect ratio" in out.failures[0][1]
+    assert out.sizes == [(60, 40), (44, 52)]
+    import torch
+
+    failed: list[int] = []
+    local = list(run_batches(DecodingEngine(worker.adapter, max_new_tokens=2,
+                                            attention_dtype=torch.float16),
+                             samples, rows, conds, batch_size=3,
+                             on_failure=lambda r, why: failed.append(r)))
+    assert failed == [1] and [b.rows for b in local] == [[0, 2]]
+    for got, ref in zip(out.results, local[0].results):
+        for name in ref:
+            assert got[name].text == ref[name].text
+            np.testing.assert_array_equal(got[name].image_attention, ref[name].image_attention)
+
+
+def test_paper_prompts_that_a_model_cannot_take_verbatim_are_refused(tiny_dir, tiny_adapter,
+                                                                       tmp_path):
+    """--prompt-style paper promises the published LLaVA-1.5 prompt strings verbatim. A model
+    whose image placeholder is not their ``<image>`` (Qwen2-VL) would wrap the whole string,
+    its USER:/ASSISTANT: and a literal "<image>", in its own chat template: refused before the
+    output exists. LLaVA takes them verbatim (the prompt the engine runs is the string)."""
+    data = _qwen_data(tmp_path, [(60, 40), (44, 52)])
+    recs = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in recs:
+        r["meta"] = {"prompt": f"USER: <image>\n{r['question']} ASSISTANT:"}
+    data.write_text("\n".join(json.dumps(r) for r in recs))
+    kw = dict(dataset=f"jsonl:{data}", conditions=["baseline"], max_new_tokens=1,
+              device="cpu", prompt_style="paper", progress=False, log=lambda m: None)
+    for arch in ("qwen2_vl", "qwen2_5_vl"):
+        for model in (str(tiny_dir(arch)), tiny_adapter(arch)):
+            out = tmp_path / f"{arch}.h5"
+            with pytest.raises(VislensError, match=r"--prompt-style paper: .*sample s0.*verbatim") as e:
+                run_capture(model=model, out=out, **kw)
+            assert "\n" not in str(e.value) and not out.exists()
+    llava = tiny_adapter("llava")
+    assert llava.prepare([random_image_for_test()], [recs[0]["meta"]["prompt"]]).prompts == \
+        [recs[0]["meta"]["prompt"]]
+    s = run_capture(model=llava, out=tmp_path / "llava.h5", **kw)
+    assert s.complete and s.n_written == 2
+
+
+def random_image_for_test():
+    from conftest import random_image
+
+    return random_image(1)

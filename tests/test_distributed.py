@@ -116,6 +116,17 @@ def test_ray_capture_equals_one_process_and_records_provenance(pool, scenes, ref
             == [socket.gethostname()]
 
 
+def test_the_pool_formats_prompts_as_its_model_does(pool):
+    """--prompt-style paper asks the pool how its model runs a prompt (a verbatim check)."""
+    from vislens.models import load_model
+
+    local = load_model("organism", device="cpu")
+    prompts = ["<image>\nUSER: Where is the cube? ASSISTANT:", "Where is the cube?"]
+    got = pool.format_prompts(prompts)
+    assert got == [local.format_prompt(p) for p in prompts]
+    assert got[0] == prompts[0] and got[1] != prompts[1]  # verbatim / wrapped in the template
+
+
 def test_a_worker_killed_mid_job_has_its_batch_retried(pool, scenes, reference, tmp_path):
     """SIGKILL one worker after its first batch: the batch it is sent next goes to the other
     worker, a replacement starts, and every sample is written exactly once."""

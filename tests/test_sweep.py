@@ -402,3 +402,42 @@ def test_val_curves_figure_is_readable(rule, tmp_path):
     else:
         assert "yes/no rule" in ax_a.get_title()
     assert sweep.plot_curves(choice, tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def yes_no_scenes(tmp_path_factory):
+    """A yes/no (VSR-style) JSONL dataset of random images, both answers on each split."""
+    from conftest import random_image
+
+    out = tmp_path_factory.mktemp("yes-no")
+    recs = []
+    for k in range(10):
+        random_image(80 + k).save(out / f"i{k}.png")
+        recs.append({"id": f"yn{k}", "image": f"i{k}.png", "options": ["Yes", "No"],
+                     "question": "Is the ball on the box? Answer with yes or no.",
+                     "answer": "Yes" if k % 2 else "No", "split": "val" if k < 4 else "test"})
+    path = out / "yn.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    return path
+
+
+def test_betas_that_the_beta_rule_would_not_use_are_refused(answering_adapter, yes_no_scenes,
+                                                             tmp_path):
+    """On yes/no data the label-mean rule (auto's choice there) sets beta itself: --betas
+    given with it would be ignored, so it is refused before the model runs; the grid rule
+    uses them, and leaving --betas out keeps the label-mean rule working."""
+    kw = dict(model=answering_adapter, dataset=f"jsonl:{yes_no_scenes}", max_new_tokens=1,
+              batch_size=4, baselines="", progress=False, log=lambda m: None,
+              alphas="0.5,2", alpha1="0.5", alpha2="2")
+    for rule in ("auto", "label-mean"):
+        with pytest.raises(VislensError, match=r"^--betas '0.3,0.4': .*label-mean") as e:
+            sweep.run_sweep(out=tmp_path / rule, betas="0.3,0.4", beta_rule=rule, **kw)
+        assert "\n" not in str(e.value) and not (tmp_path / rule).exists()
+    grid = sweep.run_sweep(out=tmp_path / "grid", betas="0.3,0.4", beta_rule="grid", **kw)
+    assert grid.choice.beta_rule == "grid" and set(grid.choice.adaptvis["beta"]) == {0.3, 0.4}
+    auto = sweep.run_sweep(out=tmp_path / "auto", **kw)
+    assert auto.choice.beta_rule == "label-mean"
+    assert auto.choice.beta == pytest.approx(sweep.label_mean_beta(auto.val), rel=1e-12)
+    with pytest.raises(VislensError, match="^--betas"):
+        sweep.main(["--model", str(tmp_path / "none"), "--dataset", f"jsonl:{yes_no_scenes}",
+                    "--out", str(tmp_path / "cli"), "--betas", "0.3"])

@@ -263,6 +263,25 @@ def plan_capture(*, model: str | Any, dataset: str, out: str | Path,
     return plan
 
 
+def check_prompt_style(adapter: Any, samples: Sequence[Sample], prompt_style: str) -> None:
+    """``--prompt-style paper`` runs each sample's published prompt verbatim: refuse a model
+    (an adapter or a Ray pool) that would wrap it in its own chat template instead, i.e. one
+    whose image placeholder is not the prompts' ``<image>`` (Qwen2-VL)."""
+    if prompt_style != "paper":
+        return
+    prompts = [s.meta["prompt"] for s in samples]
+    if hasattr(adapter, "format_prompts"):  # a Ray worker pool: one remote call
+        formatted = adapter.format_prompts(prompts)
+    else:
+        formatted = [adapter.format_prompt(p) for p in prompts]
+    for s, prompt, got in zip(samples, prompts, formatted):
+        if got != prompt:
+            raise VislensError(f"--prompt-style paper: {adapter.name} cannot take sample {s.id}'s "
+                               "published prompt verbatim (its image placeholder is not the "
+                               "prompt's <image>; it would wrap the whole prompt in its own chat "
+                               "template); use --prompt-style chat")
+
+
 def check_resources(plan: CapturePlan, *, grid: int, batch_size: int) -> None:
     """Memory for one batch, and (for a new file) disk space for the working file."""
     from .io import check_free_space
@@ -311,10 +330,14 @@ def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Seque
                 progress: bool = False, desc: str = "capture") -> Iterator[Batch]:
     """Stage 3: run ``conditions`` on ``samples[rows]``, ``batch_size`` at a time.
 
-    An unreadable image raises (one line), or with ``on_failure`` is reported as
-    ``on_failure(row, reason)`` and left out of its batch (``--on-error skip``).
+    An unreadable image, or a sample the engine refuses on its own
+    (:func:`vislens.decoding.run_leaving_out`), raises (one line naming it), or with
+    ``on_failure`` is reported as ``on_failure(row, reason)`` and left out of its batch
+    (``--on-error skip``).
     ``prompt_style="paper"`` uses each sample's published prompt verbatim.
     """
+    from .decoding import run_leaving_out
+
     rows = list(rows)
     bar = _progress(len(rows), progress, desc)
     try:
@@ -334,11 +357,21 @@ def run_batches(engine: "DecodingEngine", samples: Sequence[Sample], rows: Seque
                 batch = [samples[r] for r in ok_rows]
                 questions = [s.meta["prompt"] if prompt_style == "paper" else s.question
                              for s in batch]  # a prompt holding <image> is used verbatim
-                results = engine.run(images, questions, [s.options for s in batch], conditions,
-                                     sample_keys=[s.id for s in batch])
+
+                def refused(i: int, reason: str) -> None:
+                    if on_failure is None:
+                        raise VislensError(reason)
+                    on_failure(ok_rows[i], reason)
+
+                kept, results = run_leaving_out(engine, images, questions,
+                                                [s.options for s in batch], conditions,
+                                                [s.id for s in batch], refused)
+                batch = [batch[i] for i in kept]
                 correct = [{name: is_correct(res.text, s, matcher) for name, res in rs.items()}
                            for rs, s in zip(results, batch)]
-                yield Batch(ok_rows, batch, [im.size for im in images], results, correct)
+                if kept:
+                    yield Batch([ok_rows[i] for i in kept], batch, [images[i].size for i in kept],
+                                results, correct)
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -487,6 +520,7 @@ def run_capture(*, model: str | Any, dataset: str, out: str | Path,
             plan.dims = (adapter.num_layers, adapter.num_heads)
             check_conditions(plan.conditions, *plan.dims)
             check_resources(plan, grid=grid, batch_size=batch_size)
+        check_prompt_style(adapter, plan.samples, prompt_style)
         attrs = capture_attrs(adapter, plan, dataset=dataset, data_root=data_root, split=split,
                               split_seed=split_seed, limit=limit, max_new_tokens=max_new_tokens,
                               matcher=matcher, shard=shard, prompt_style=prompt_style,

@@ -34,7 +34,8 @@ from .steering import Steerer, interventions_for
 
 __all__ = ["BASELINE_KEY", "Condition", "ConditionResult", "DecodingEngine", "RULES",
            "SettingKey", "adaptvis_alpha", "check_conditions", "diffusion_noise",
-           "dola_candidates", "dola_scores", "parse_condition", "run_conditions", "vcd_scores"]
+           "dola_candidates", "dola_scores", "parse_condition", "run_conditions",
+           "run_leaving_out", "vcd_scores"]
 
 
 def diffusion_noise(x: torch.Tensor, noise_steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -412,15 +413,35 @@ class DecodingEngine:
         fully for each.
         """
         check_conditions(conditions, self.adapter.num_layers, self.adapter.num_heads)
+        keys = list(sample_keys) if sample_keys is not None else list(questions)
+        if len(keys) != len(images):  # VCD seeds each sample's noise with its own key
+            raise VislensError(f"{len(images)} samples but {len(keys)} sample key"
+                               f"{'s' if len(keys) != 1 else ''}")
         t0 = self._now()
         batch = self.adapter.prepare(images, questions)
         if len(options) != batch.size:
             raise VislensError(f"{batch.size} samples but {len(options)} option lists")
         # before decoding: an option the tokenizer cannot score is refused at no cost
         opt_ids = [self.adapter.option_token_ids(o, p) for o, p in zip(options, batch.prompts)]
-        keys = list(sample_keys) if sample_keys is not None else list(questions)
         plans, steps, costs = self._plan_and_execute(batch, conditions, keys, t0)
         return self._collect(batch, opt_ids, conditions, plans, steps, costs)
+
+    def refusals(self, images: Sequence[Any], questions: Sequence[str],
+                 options: Sequence[Sequence[str]]) -> list[tuple[int, str]]:
+        """The samples :meth:`run` refuses on their own, as ``(index, one-line reason)``.
+
+        Each sample goes alone through what :meth:`run` checks before any forward (the
+        processor, the prompt's image and answer positions, its options' first tokens), so
+        a job can name, or skip, the sample that made a whole batch fail.
+        """
+        out = []
+        for i, (image, question, opts) in enumerate(zip(images, questions, options)):
+            try:
+                batch = self.adapter.prepare([image], [question])
+                self.adapter.option_token_ids(opts, batch.prompts[0])
+            except VislensError as exc:
+                out.append((i, str(exc)))
+        return out
 
     def _plan_and_execute(self, batch: PreparedBatch, conditions: Sequence[Condition],
                           sample_keys: Sequence[str], t0: float
@@ -521,6 +542,35 @@ class DecodingEngine:
             text_mass=None if st.text_mass is None else st.text_mass[i],
             image_logit_mean=None if st.logit_mean is None else st.logit_mean[i],
             image_logit_max=None if st.logit_max is None else st.logit_max[i])
+
+
+def run_leaving_out(engine: DecodingEngine, images: Sequence[Any], questions: Sequence[str],
+                    options: Sequence[Sequence[str]], conditions: Sequence[Condition],
+                    sample_keys: Sequence[str], refused: Callable[[int, str], None]
+                    ) -> tuple[list[int], list[dict[str, ConditionResult]]]:
+    """``engine.run`` on a job's batch, leaving out the samples it refuses on their own.
+
+    When the engine refuses the batch (a :class:`VislensError`: the processor rejects one
+    image, an option cannot be scored, ...), each sample ``engine.refusals`` finds is
+    reported as ``refused(index, "sample KEY: reason")`` (which may raise) and the others
+    run again as one batch, as if those samples had not been in it. Returns the indices
+    kept and their results; an error that no single sample explains is raised as it was.
+    """
+    try:
+        return list(range(len(images))), engine.run(images, questions, options, conditions,
+                                                     sample_keys=sample_keys)
+    except VislensError:
+        bad = dict(engine.refusals(images, questions, options))
+        if not bad:
+            raise
+    for i, reason in bad.items():
+        refused(i, f"sample {sample_keys[i]}: {reason}")
+    keep = [i for i in range(len(images)) if i not in bad]
+    if not keep:
+        return [], []
+    return keep, engine.run([images[i] for i in keep], [questions[i] for i in keep],
+                            [options[i] for i in keep], conditions,
+                            sample_keys=[sample_keys[i] for i in keep])
 
 
 def _repeat_rows(batch: PreparedBatch, times: int) -> PreparedBatch:

@@ -224,7 +224,7 @@ class BatchOutput:
     rows: list[int]  # rows answered, in order of ``results``
     results: list[dict[str, Any]]  # one {condition name: ConditionResult} per row
     sizes: list[tuple[int, int]]  # original image size per answered row
-    failures: list[tuple[int, str]]  # (row, one-line reason): undecodable images
+    failures: list[tuple[int, str]]  # (row, one-line reason): undecodable or refused samples
     seconds: float = 0.0
     worker: int = -1
     host: str = ""
@@ -272,11 +272,15 @@ class Replica:
         """The part of each image size the model sees (``adapter.image_view``), normalised."""
         return [tuple(float(v) for v in self.adapter.image_view(tuple(size))) for size in sizes]
 
+    def format_prompts(self, prompts: list[str]) -> list[str]:
+        """Each prompt as the model runs it (``adapter.format_prompt``)."""
+        return [self.adapter.format_prompt(p) for p in prompts]
+
     def run(self, job: BatchJob) -> BatchOutput:
         """Decode the images and run the engine on the batch."""
         import torch
 
-        from .decoding import DecodingEngine
+        from .decoding import DecodingEngine, run_leaving_out
 
         t0 = time.perf_counter()
         kw = dict(job.engine)
@@ -293,11 +297,13 @@ class Replica:
                 ok.append(i)
             except VislensError as exc:
                 failures.append((job.rows[i], str(exc)))
-        results = []
-        if ok:
-            results = engine.run(images, [job.questions[i] for i in ok],
-                                 [job.options[i] for i in ok], job.conditions,
-                                 sample_keys=[job.keys[i] for i in ok])
+        results: list = []
+        if ok:  # samples the engine refuses are failures too, their batch-mates still run
+            kept, results = run_leaving_out(
+                engine, images, [job.questions[i] for i in ok], [job.options[i] for i in ok],
+                job.conditions, [job.keys[i] for i in ok],
+                lambda k, reason: failures.append((job.rows[ok[k]], reason)))
+            ok, images = [ok[k] for k in kept], [images[k] for k in kept]
         return BatchOutput([job.rows[i] for i in ok], results, [im.size for im in images],
                            failures, time.perf_counter() - t0, host=self.host)
 
@@ -404,6 +410,13 @@ class ReplicaPool:
         slot = next(s for s in self.slots if s.ready and s.actor is not None)
         views = ray.get(slot.actor.image_views.remote([tuple(map(int, z)) for z in sizes]))
         return np.asarray(views, dtype=np.float32).reshape(len(sizes), 4)
+
+    def format_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt as the workers' model runs it, asked of one ready worker."""
+        import ray
+
+        slot = next(s for s in self.slots if s.ready and s.actor is not None)
+        return list(ray.get(slot.actor.format_prompts.remote(list(prompts))))
 
     def describe(self) -> dict[str, Any]:
         """The model's description as a worker reports it, plus Ray provenance."""

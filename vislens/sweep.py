@@ -188,11 +188,13 @@ class SweepGrid:
 def make_grid(alphas: str | Iterable[float] = DEFAULT_ALPHAS,
               alpha1: str | Iterable[float] = DEFAULT_ALPHA1,
               alpha2: str | Iterable[float] = DEFAULT_ALPHA2,
-              betas: str | Iterable[float] = DEFAULT_BETAS,
+              betas: str | Iterable[float] | None = None,
               baselines: str | Iterable[str] | None = (), *, log: Log = _stderr) -> SweepGrid:
-    """Validate the flags into a :class:`SweepGrid`; warns (via ``log``) about alpha1 > alpha2."""
+    """Validate the flags into a :class:`SweepGrid`; warns (via ``log``) about alpha1 > alpha2.
+    ``betas`` None means :data:`DEFAULT_BETAS`."""
     grid = SweepGrid(parse_values("--alphas", alphas), parse_values("--alpha1", alpha1),
-                     parse_values("--alpha2", alpha2), parse_betas(betas),
+                     parse_values("--alpha2", alpha2),
+                     parse_betas(DEFAULT_BETAS if betas is None else betas),
                      parse_baselines(baselines))
     skipped = grid.skipped_pairs
     if skipped and not grid.pairs:
@@ -398,12 +400,14 @@ def label_mean_beta(val: ValResults) -> float:
     return float(np.mean(means))
 
 
-def resolve_beta_rule(val: ValResults, rule: str = "auto") -> str:
-    """``grid`` or ``label-mean``: ``auto`` picks ``label-mean`` on yes/no data."""
+def resolve_beta_rule(val: "ValResults | Sequence[str]", rule: str = "auto") -> str:
+    """``grid`` or ``label-mean``: ``auto`` picks ``label-mean`` on yes/no data (``val``: the
+    validation table or its gold answers)."""
     if rule not in BETA_RULES:
         raise VislensError(f"--beta-rule {rule!r}: choose {', '.join(BETA_RULES)}")
     if rule == "auto":
-        return "label-mean" if is_yes_no(val.samples["answer"]) else "grid"
+        answers = val.samples["answer"] if isinstance(val, ValResults) else val
+        return "label-mean" if is_yes_no(answers) else "grid"
     return rule
 
 
@@ -690,7 +694,7 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
               alphas: str | Iterable[float] = DEFAULT_ALPHAS,
               alpha1: str | Iterable[float] = DEFAULT_ALPHA1,
               alpha2: str | Iterable[float] = DEFAULT_ALPHA2,
-              betas: str | Iterable[float] = DEFAULT_BETAS,
+              betas: str | Iterable[float] | None = None,
               baselines: str | Iterable[str] | None = (), batch_size: int = 8,
               max_new_tokens: int = 8, matcher: str = "paper", split_seed: int = 0,
               limit: int | None = None, dtype: str = "auto", device: str = "auto",
@@ -706,8 +710,9 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
     Ray actors that load the model once (``docs/scale.md``).
     Every flag is validated before the model is loaded. ``out`` must be new, empty or a
     sweep's own folder (``force`` writes into any other). ``beta_rule`` (:data:`BETA_RULES`)
-    picks AdaptVis's beta by grid search or, on yes/no data, by the paper's label-mean rule
-    (:func:`choose`). Writes into ``out``:
+    picks AdaptVis's beta by grid search over ``betas`` (None: :data:`DEFAULT_BETAS`) or, on
+    yes/no data, by the paper's label-mean rule (:func:`choose`), which refuses ``betas``
+    (they would be ignored). Writes into ``out``:
     ``val_results.csv``, ``val_scaling.csv``, ``val_adaptvis.csv``, ``val_curves.png``,
     ``chosen.json``, ``test.h5`` (resumed if compatible), ``table1.csv``, ``table1.md``.
     """
@@ -725,6 +730,11 @@ def run_sweep(*, model: str | Any, dataset: str, out: str | Path, data_root: str
 
         check_loaded_model(model, dtype=dtype, device=device)  # never silently ignored
     val_samples, test_samples = _load_splits(dataset, data_root, split_seed, limit)
+    if betas is not None and resolve_beta_rule([s.answer for s in val_samples],
+                                               beta_rule) == "label-mean":
+        raise VislensError(f"--betas {_show(betas)}: not used by the label-mean beta rule (on "
+                           "yes/no data beta is the mean of the two labels' average "
+                           "confidences); leave --betas out or pass --beta-rule grid")
     out = prepare_output_dir(out, force=force)
     job = dict(space=space, val_samples=val_samples, test_samples=test_samples, out=out,
                model=model, dataset=dataset, data_root=data_root, batch_size=batch_size,
@@ -847,7 +857,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"AdaptVis smoothing candidates (default {DEFAULT_ALPHA1})")
     p.add_argument("--alpha2", default=DEFAULT_ALPHA2,
                    help=f"AdaptVis sharpening candidates (default {DEFAULT_ALPHA2})")
-    p.add_argument("--betas", default=DEFAULT_BETAS,
+    p.add_argument("--betas", default=None,
                    help=f"AdaptVis thresholds: start:stop:step (stop included) or a comma list "
                         f"(default {DEFAULT_BETAS})")
     p.add_argument("--beta-rule", default="auto", choices=BETA_RULES,
