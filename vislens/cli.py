@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--on-error", default="stop", choices=["stop", "skip"])
     c.add_argument("--prompt-style", default="chat", choices=["chat", "paper"],
                    help="chat: the model's chat template around the plain question; paper: the "
-                        "published AdaptVis prompt strings verbatim (LLaVA-1.5 only)")
+                        "published AdaptVis prompt strings verbatim (written for LLaVA-1.5; refused for "
+                        "models whose image placeholder is not <image>, e.g. Qwen2-VL)")
     c.set_defaults(func=_cmd_capture)
 
     e = sub.add_parser("evaluate", help="accuracy tables of a capture file")
