@@ -281,3 +281,24 @@ def test_vsr_table_counts_an_answer_that_is_neither_yes_nor_no_as_wrong(tmp_path
         assert row.f1 == pytest.approx(f1_score(y, pred))
         assert row.precision == pytest.approx(precision_score(y, pred))
         assert 100 * row.accuracy == pytest.approx(acc[acc["matcher"] == matcher]["acc"].iloc[0])
+
+
+def test_evaluate_csvs_carry_no_unnamed_row_number_column(tmp_path):
+    """The CSVs vislens evaluate writes start with a named column (a table's meaningful
+    index, e.g. ``condition``), never pandas' unnamed 0, 1, ... row numbers (vsr.csv did)."""
+    import h5py
+    from test_plots import make_capture
+
+    path = make_capture(tmp_path / "vsr.h5", n=8, conditions=("baseline",), with_boxes=False)
+    with h5py.File(path, "r+") as f:
+        f["samples/answer"][...] = ["Yes"] * 4 + ["No"] * 4
+        f["samples/options"][...] = [["Yes", "No", "Yes", "No"]] * 8
+        f["conditions/baseline/prediction"][...] = ["Yes", "No"] * 4
+    tables = evaluate.evaluate_capture(path, log=None, out_dir=tmp_path / "eval")
+    assert "vsr" in tables
+    for name in tables:
+        header = (tmp_path / "eval" / f"{name}.csv").read_text().splitlines()[0].split(",")
+        assert header[0] and not header[0].startswith("Unnamed"), (name, header)
+    vsr = pd.read_csv(tmp_path / "eval" / "vsr.csv")
+    assert list(vsr.columns[:2]) == ["matcher", "condition"]
+    assert list(vsr["tp"]) == [int(r.tp) for r in tables["vsr"].itertuples()]

@@ -514,5 +514,7 @@ def evaluate_capture(path: str | Path, out_dir: str | Path | None = None, *,
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for name, df in tables.items():
-            df.to_csv(out / f"{name}.csv")
+            # a table's index is written when it means something (condition, relation...),
+            # never pandas' plain row numbers
+            df.to_csv(out / f"{name}.csv", index=not isinstance(df.index, pd.RangeIndex))
     return tables
