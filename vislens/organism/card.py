@@ -27,6 +27,8 @@ def _md_table(df) -> str:
 
 def _command(stats: Mapping[str, Any], out: str = "data/organism") -> str:
     cmd = f"vislens organism train --out {out} --seed {stats['seed']} --steps {stats['steps_planned']}"
+    if stats.get("small"):
+        cmd += " --small"
     if stats.get("style", "plain") != "plain":
         cmd += f" --style {stats['style']}"
     weights = stats.get("relation_weights")
