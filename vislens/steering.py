@@ -210,7 +210,8 @@ class Steerer:
     ``logit_stats`` (when ``record``) holds the mean and max over each row's image keys of
     the last query's logits ``q.k * scale`` after the interventions and ``attn.logits``
     hooks, before the mask and softmax (Figure 26's "attention logits"; ScalingVis
-    multiplies them by alpha). A row without image keys gets NaN; knocked-out keys -inf.
+    multiplies them by alpha). A row without image keys gets NaN; knocked-out keys -inf;
+    a sliding-window layer counts only the image keys in its window.
 
     ``image_keys`` [B, K] marks image-token keys over the full (padded) sequence, K being
     the key length of the steered forward (prefix cache included). Hooks are removed when
