@@ -138,6 +138,9 @@ def test_small_evaluation_table(small_run):
     card = write_model_card(path, stats, df, {"n_groups": 2, "seed": 11})
     text = card.read_text()
     assert "| subset | relation |" in text and "vislens organism train" in text
+    # the small variant's own grid (image 32, patch 2), not the full organism's 24x24 / 576
+    assert "the 16x16 grid they cover" in text and "256 mostly-background tokens" in text
+    assert "24x24" not in text and "576" not in text and " --small" in text
     meta = json.loads((path / "organism.json").read_text())
     assert meta["eval"]["n_groups"] == 2 and len(meta["eval"]["table"]) == 10
 
