@@ -485,3 +485,16 @@ def test_card_command_parses_back_to_the_run():
             stats["seed"], stats["steps_planned"], stats["batch_size"], stats["lr"],
             stats["small"], stats["style"])
         assert relation_weights(args.familiar_weight) == stats["relation_weights"]
+
+
+def test_card_command_of_a_run_stopped_by_its_time_limit():
+    """A ``--minutes`` run stopped before its planned steps: the card's command says that it
+    trains all planned steps while the checkpoint had only the steps it ran."""
+    from vislens.organism.card import _command
+
+    stats = {"seed": 0, "steps": 7, "steps_planned": 400, "stopped_early": "time limit of 1 min "
+             "reached after 7 steps"}
+    cmd = _command(stats)
+    assert cmd.startswith("vislens organism train --out data/organism --seed 0 --steps 400")
+    assert "stopped after 7 of 400 steps" in cmd.splitlines()[-1]
+    assert _command({**stats, "steps": 400, "stopped_early": None}).count("\n") == 0

@@ -38,6 +38,9 @@ def _command(stats: Mapping[str, Any], out: str = "data/organism") -> str:
         cmd += f" --batch-size {stats['batch_size']}"
     if stats.get("lr", DEFAULT_LR) != DEFAULT_LR:
         cmd += f" --lr {stats['lr']:g}"
+    if stats.get("stopped_early"):  # a time limit cannot be repeated exactly
+        cmd += (f"\n# this checkpoint stopped after {stats['steps']} of {stats['steps_planned']} "
+                f"steps ({stats['stopped_early']}); the command runs all {stats['steps_planned']}")
     return cmd
 
 
