@@ -138,6 +138,9 @@ def test_small_evaluation_table(small_run):
     card = write_model_card(path, stats, df, {"n_groups": 2, "seed": 11})
     text = card.read_text()
     assert "| subset | relation |" in text and "vislens organism train" in text
+    # the small variant's own grid (image 32, patch 2), not the full organism's 24x24 / 576
+    assert "the 16x16 grid they cover" in text and "256 mostly-background tokens" in text
+    assert "24x24" not in text and "576" not in text and " --small" in text
     meta = json.loads((path / "organism.json").read_text())
     assert meta["eval"]["n_groups"] == 2 and len(meta["eval"]["table"]) == 10
 
@@ -435,3 +438,63 @@ def test_eval_diagnose_cli_writes_halves_and_card(small_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(foreign) in err
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_train_refuses_bad_n_groups_before_training(tmp_path, monkeypatch, capsys):
+    """``train --n-groups 0`` is refused at once (naming the flag), not after a whole training
+    run, and claims no output folder."""
+    from vislens.cli import main
+    from vislens.organism import cli as organism_cli
+
+    trained = []
+    monkeypatch.setattr(organism_cli, "train_organism", lambda *a, **k: trained.append(1))
+    out = tmp_path / "o"
+    for bad in ("0", "-3"):
+        assert main(["organism", "train", "--out", str(out), "--small", "--n-groups", bad]) == 2
+        assert capsys.readouterr().err == f"vislens: error: --n-groups {bad}: must be >= 1\n"
+    assert not trained and not out.exists()
+
+
+def test_training_scenes_of_any_count(tmp_path):
+    """One scene in all (``--steps 1 --batch-size 1``) is subset A's; no empty subset B draw."""
+    from vislens.organism.training import _training_scenes
+
+    for n, want in ((1, {"a": 1}), (2, {"a": 1, "b": 1}), (5, {"a": 3, "b": 2})):
+        scenes = _training_scenes(n, 0, RELATION_WEIGHTS, 32)
+        got = {s: sum(x.sample.meta["subset"] == s for x in scenes) for s in ("a", "b")}
+        assert {k: v for k, v in got.items() if v} == want
+
+
+def test_card_command_parses_back_to_the_run():
+    """The card's reproduce command, parsed by the CLI's own parser, names the run's options
+    (``--small`` included: without it the command would train the full-size organism)."""
+    import argparse
+    import shlex
+
+    from vislens.organism.card import _command
+    from vislens.organism.cli import add_arguments
+    from vislens.organism.config import relation_weights
+
+    parser = add_arguments(argparse.ArgumentParser())
+    for stats in ({"seed": 3, "steps_planned": 20, "batch_size": 4, "lr": 3e-3, "small": True,
+                   "style": "plain", "relation_weights": relation_weights()},
+                  {"seed": 0, "steps_planned": 1100, "batch_size": 16, "lr": 1e-3, "small": False,
+                   "style": "lookalike=1", "relation_weights": relation_weights(1.5)}):
+        args = parser.parse_args(shlex.split(_command(stats))[2:])
+        assert (args.seed, args.steps, args.batch_size, args.lr, args.small, args.style) == (
+            stats["seed"], stats["steps_planned"], stats["batch_size"], stats["lr"],
+            stats["small"], stats["style"])
+        assert relation_weights(args.familiar_weight) == stats["relation_weights"]
+
+
+def test_card_command_of_a_run_stopped_by_its_time_limit():
+    """A ``--minutes`` run stopped before its planned steps: the card's command says that it
+    trains all planned steps while the checkpoint had only the steps it ran."""
+    from vislens.organism.card import _command
+
+    stats = {"seed": 0, "steps": 7, "steps_planned": 400, "stopped_early": "time limit of 1 min "
+             "reached after 7 steps"}
+    cmd = _command(stats)
+    assert cmd.startswith("vislens organism train --out data/organism --seed 0 --steps 400")
+    assert "stopped after 7 of 400 steps" in cmd.splitlines()[-1]
+    assert _command({**stats, "steps": 400, "stopped_early": None}).count("\n") == 0

@@ -38,7 +38,10 @@ def engine_step(adapter, batch, alpha):
     engine = DecodingEngine(adapter, max_new_tokens=1)
     with torch.no_grad():
         cache = engine.prefill(batch)
-        key = BASELINE_KEY if alpha == 1.0 else SettingKey("scale", float(alpha))
+        if isinstance(alpha, SettingKey):
+            key = alpha
+        else:
+            key = BASELINE_KEY if alpha == 1.0 else SettingKey("scale", float(alpha))
         return engine.step(batch, cache, key, keep_rows=True)
 
 
@@ -452,3 +455,89 @@ def test_fused_settings_equal_one_pass_per_setting(tiny_adapter, arch):
                     break
                 s = scores[i, t]
                 assert s[tokens[i, t]] >= s.max() - 1e-4 * s.abs().max(), (key, i, t)
+
+
+@pytest.fixture(scope="module")
+def sliding_adapter(tiny_dir, tmp_path_factory):
+    """The tiny Qwen2-VL with a 16-token sliding window on layers 1-2 (layer 0 full)."""
+    import json
+    import shutil
+
+    from vislens.models import load_model
+
+    dest = tmp_path_factory.mktemp("sliding") / "qwen2_vl"
+    shutil.copytree(tiny_dir("qwen2_vl"), dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    text = cfg["text_config"]
+    text.update(use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    text.pop("layer_types", None)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return load_model(dest, dtype="float32", device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["scale", "knockout"])
+def test_sliding_window_layers_match_eager_reference_on_the_prefix_cache(sliding_adapter, kind):
+    """A sliding-window layer's cache keeps only the window: the steered last row on the
+    prefix cache equals the eager full-matrix reference (sliding mask), its recorded row
+    covers every key (zero outside the window) and the window really hides image keys."""
+    from eager_reference import knockout_edit
+
+    adapter = sliding_adapter
+    assert adapter.model.config.text_config.layer_types[1:] == ["sliding_attention"] * 2
+    batch = adapter.prepare([random_image(1, (60, 40)), random_image(2, (44, 52))], [QUESTION, SHORT])
+    n_keys = batch.input_ids.shape[1]
+    outside = batch.image_keys[:, :n_keys - 16]
+    assert bool(outside.any(-1).all()), "the window must hide image keys of every row"
+    alpha = [0.5, 2.0]
+    edit = alpha if kind == "scale" else knockout_edit()
+    ref_logits, ref_rows = reference_forward(adapter, batch, edit)
+    key = SettingKey("scale", tuple(alpha)) if kind == "scale" else SettingKey("knockout", 0.0)
+    st = engine_step(adapter, batch, key)
+    assert_close(st.logits, ref_logits)
+    valid = batch.attention_mask.bool()
+    for layer, row in ref_rows.items():
+        assert st.rows[layer].shape == row.shape
+        for i in range(2):
+            assert_close(st.rows[layer][i][:, valid[i]], row[i][:, valid[i]])
+    assert bool((st.rows[2][:, :, :n_keys - 16] == 0).all())
+    base = engine_step(adapter, batch, BASELINE_KEY)
+    assert (st.logits - base.logits).abs().max() > 1e-2 * base.logits.abs().max()
+    # settings share one prefix cache: a generating step is cropped back to the prefix
+    engine = DecodingEngine(adapter, max_new_tokens=4)
+    with torch.no_grad():
+        cache = engine.prefill(batch)
+        engine.step(batch, cache, BASELINE_KEY, generate=True)
+        again = engine.step(batch, cache, key)
+    assert_close(again.logits, ref_logits)
+
+
+def test_sliding_window_logit_stats_cover_the_image_keys_in_the_window(sliding_adapter):
+    """Image-key logit statistics of a sliding layer are over the image keys its window
+    shows, the same on a full prefill and on the prefix cache (eager reference logits)."""
+    from vislens.steering import image_logit_stats
+
+    adapter = sliding_adapter
+    batch = adapter.prepare([random_image(1, (60, 40)), random_image(2, (44, 52))], [QUESTION, SHORT])
+    alpha = torch.tensor([0.5, 2.0])
+    ref = {}
+    reference_forward(adapter, batch, alpha.tolist(), logits=ref)
+    n_keys = batch.input_ids.shape[1]
+    with torch.no_grad(), Steerer(batch.image_keys, [Intervention("scale", alpha)]) as full:
+        adapter.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, **batch.vision)
+    engine = DecodingEngine(adapter, max_new_tokens=1)
+    with torch.no_grad():
+        cache = engine.prefill(batch)
+        with Steerer(batch.image_keys, [Intervention("scale", alpha)]) as last:
+            adapter.model(**engine._last(batch), **{engine._cache_kw: cache})
+    for layer, logits in ref.items():
+        keys = batch.image_keys.clone()
+        if layer > 0:  # sliding layers: the last 16 keys
+            keys[:, :n_keys - 16] = False
+        if layer > 0:  # row 1's window holds image keys, and so do the keys before it
+            assert bool(keys[1].any()) and bool(batch.image_keys[1, :n_keys - 16].any())
+        want = image_logit_stats(logits.float(), keys)
+        for got in (full.logit_stats[layer], last.logit_stats[layer]):
+            for g, w in zip(got, want):  # NaN: a row without image keys in its window
+                assert torch.equal(g.isnan(), w.isnan())
+                assert_close(g[~w.isnan()], w[~w.isnan()])

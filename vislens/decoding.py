@@ -163,7 +163,12 @@ class DecodingEngine:
                             attention_mask=batch.attention_mask[:, :-1],
                             position_ids=batch.position_ids[..., :-1], use_cache=True,
                             **batch.vision)
-        return self._cache_of(out)
+        cache = self._cache_of(out)
+        # sliding-window layers drop keys beyond the window on update; recording the past
+        # lets each setting's step be cropped back to this prefix
+        if hasattr(cache, "activate_past_recording"):
+            cache.activate_past_recording()
+        return cache
 
     @staticmethod
     def _last(batch: PreparedBatch) -> dict[str, Any]:

@@ -210,7 +210,8 @@ class Steerer:
     ``logit_stats`` (when ``record``) holds the mean and max over each row's image keys of
     the last query's logits ``q.k * scale`` after the interventions and ``attn.logits``
     hooks, before the mask and softmax (Figure 26's "attention logits"; ScalingVis
-    multiplies them by alpha). A row without image keys gets NaN; knocked-out keys -inf.
+    multiplies them by alpha). A row without image keys gets NaN; knocked-out keys -inf;
+    a sliding-window layer counts only the image keys in its window.
 
     ``image_keys`` [B, K] marks image-token keys over the full (padded) sequence, K being
     the key length of the steered forward (prefix cache included). Hooks are removed when
@@ -277,15 +278,17 @@ class Steerer:
         return bool(self._hooks_at("attn.logits", layer)) or any(iv.applies(layer)
                                                                  for iv in self.interventions)
 
-    def _keys(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+    def _keys(self, layer: int, logits: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """The image-key mask of the keys the layer holds: from key ``first`` on (a
+        sliding-window cache keeps only the last keys of the sequence)."""
         keys = self.image_keys.to(logits.device)
-        if keys.shape[-1] != logits.shape[-1]:
-            raise ValueError(f"image key mask covers {keys.shape[-1]} keys but layer {layer} "
-                             f"attends over {logits.shape[-1]}")
-        return keys
+        if keys.shape[-1] - first != logits.shape[-1]:
+            raise ValueError(f"image key mask covers {keys.shape[-1] - first} keys but layer "
+                             f"{layer} attends over {logits.shape[-1]}")
+        return keys[:, first:]
 
-    def steer_logits(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
-        keys = self._keys(layer, logits)
+    def steer_logits(self, layer: int, logits: torch.Tensor, first: int = 0) -> torch.Tensor:
+        keys = self._keys(layer, logits, first)
         for iv in self.interventions:
             if iv.applies(layer):
                 logits = iv.apply(logits, keys)
@@ -294,12 +297,22 @@ class Steerer:
             logits = logits if out is None else out
         return logits
 
-    def see_logits(self, layer: int, logits: torch.Tensor) -> None:
-        """Record the mean and max of the (edited, unmasked) logits over image keys."""
+    def see_logits(self, layer: int, logits: torch.Tensor, first: int = 0,
+                   visible: torch.Tensor | None = None) -> None:
+        """Record the mean and max of the (edited, unmasked) logits over the image keys the
+        row may attend to (``visible`` [B, K]: not hidden by the mask, e.g. a sliding window;
+        padding is never an image key)."""
         if self.record:
-            self.logit_stats[layer] = image_logit_stats(logits.detach(), self._keys(layer, logits))
+            keys = self._keys(layer, logits, first)
+            if visible is not None:
+                keys = keys & visible
+            self.logit_stats[layer] = image_logit_stats(logits.detach(), keys)
 
-    def see_pattern(self, layer: int, probs: torch.Tensor) -> None:
+    def see_pattern(self, layer: int, probs: torch.Tensor, first: int = 0) -> None:
+        """Record the softmax row over all keys of the sequence: the ``first`` keys a
+        sliding-window cache no longer holds get weight 0, as under the full mask."""
+        if first:
+            probs = torch.nn.functional.pad(probs, (first, 0))
         if self.record:
             self.records[layer] = probs.detach()
         for hook, fn in self._hooks_at("attn.pattern", layer):
@@ -342,6 +355,14 @@ def _mask_row(attention_mask: torch.Tensor | None, batch: int) -> torch.Tensor |
     return row
 
 
+def _visible(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Keys a mask row lets the query see: bool masks say so, additive ones are 0 there (and
+    the dtype's minimum or -inf where hidden)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
 def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None,
                       scaling: float | None = None, dropout: float = 0.0, **kwargs):
@@ -378,16 +399,21 @@ def vislens_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
                                             scaling=scaling, dropout=dropout, **kwargs)
         logits = last_row_logits(query, key, scaling)
+    # a sliding-window layer's cache holds only the last keys of the sequence
+    first = steerer.image_keys.shape[-1] - logits.shape[-1] \
+        if getattr(module, "sliding_window", None) else 0
+    first = max(first, 0)
     if edits:
-        logits = steerer.steer_logits(layer, logits)
-    steerer.see_logits(layer, logits)
+        logits = steerer.steer_logits(layer, logits, first)
     mask = _mask_row(attention_mask, logits.shape[0])
     if mask is not None:
         mask = mask.to(logits.device)
+    steerer.see_logits(layer, logits, first, _visible(mask))
+    if mask is not None:
         logits = logits.masked_fill(~mask[:, None, :], float("-inf")) if mask.dtype == torch.bool \
             else logits + mask[:, None, :].float()
     probs = torch.softmax(logits, dim=-1)
-    steerer.see_pattern(layer, probs)
+    steerer.see_pattern(layer, probs, first)
     if shared is not None:
         return shared.output(probs, value), None
     if not edits:

@@ -27,6 +27,8 @@ def _md_table(df) -> str:
 
 def _command(stats: Mapping[str, Any], out: str = "data/organism") -> str:
     cmd = f"vislens organism train --out {out} --seed {stats['seed']} --steps {stats['steps_planned']}"
+    if stats.get("small"):
+        cmd += " --small"
     if stats.get("style", "plain") != "plain":
         cmd += f" --style {stats['style']}"
     weights = stats.get("relation_weights")
@@ -36,6 +38,9 @@ def _command(stats: Mapping[str, Any], out: str = "data/organism") -> str:
         cmd += f" --batch-size {stats['batch_size']}"
     if stats.get("lr", DEFAULT_LR) != DEFAULT_LR:
         cmd += f" --lr {stats['lr']:g}"
+    if stats.get("stopped_early"):  # a time limit cannot be repeated exactly
+        cmd += (f"\n# this checkpoint stopped after {stats['steps']} of {stats['steps_planned']} "
+                f"steps ({stats['stopped_early']}); the command runs all {stats['steps_planned']}")
     return cmd
 
 

@@ -121,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
                 raise VislensError(f"--lr {args.lr:g}: must be a positive number")
             if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
                 raise VislensError(f"--minutes {args.minutes:g}: must be a positive number")
+            if args.n_groups < 1:  # refused now, not after the training run
+                raise VislensError(f"--n-groups {args.n_groups}: must be >= 1")
             prepare_output_dir(args.out, force=args.force)  # never over a folder it did not make
             stats = train_organism(args.out, seed=args.seed, steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, minutes=args.minutes,

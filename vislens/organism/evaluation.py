@@ -35,7 +35,7 @@ def evaluate_organism(path: str | Path = DEFAULT_PATH, *, n_groups: int = 100,
     answer token), ``p_correct`` (mean probability of the right option), and the
     answer position's attention on the objects, averaged over layers and heads:
     ``box_attention`` (share of its image attention inside the union of the two object
-    boxes), ``box_area`` (share of the 24x24 grid they cover), ``box_ratio`` (attention
+    boxes), ``box_area`` (share of the patch grid they cover), ``box_ratio`` (attention
     per cell inside the boxes over attention per cell outside; 1 means no preference) and
     ``lookalike_attention`` (share inside the look-alike's box, over the scenes that hold
     one; NaN when none do). Rows

@@ -24,7 +24,8 @@ def _training_scenes(n: int, seed: int, weights: Mapping[str, Mapping[str, float
     style = style or PLAIN
     n_a = (n + 1) // 2
     scenes = generate_scenes(n_a, "a", seed, dict(weights["a"]), size=size, style=style)
-    scenes += generate_scenes(n - n_a, "b", seed, dict(weights["b"]), size=size, style=style)
+    if n > n_a:  # one scene in all is subset A's (generate_scenes refuses n=0)
+        scenes += generate_scenes(n - n_a, "b", seed, dict(weights["b"]), size=size, style=style)
     return scenes
 
 
