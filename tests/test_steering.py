@@ -318,11 +318,11 @@ def test_bad_hook_names_and_layers_outside_the_model_are_refused(tiny_adapter):
     kw = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
               position_ids=batch.position_ids, **batch.vision)
     with torch.no_grad():
-        with pytest.raises(ValueError, match=r"\[7\].*never ran.*0-2"):
+        with pytest.raises(VislensError, match=r"\[7\].*never ran.*0-2"):
             with Steerer(batch.image_keys) as s:
                 s.add_hook("blocks.7.attn.pattern", lambda t, hook: None)
                 adapter.model(**kw)
-        with pytest.raises(ValueError, match="never ran"):
+        with pytest.raises(VislensError, match="never ran"):
             with Steerer(batch.image_keys, [Intervention("scale", torch.tensor([2.0]),
                                                          layers=frozenset({5}))]):
                 adapter.model(**kw)
@@ -541,3 +541,11 @@ def test_sliding_window_logit_stats_cover_the_image_keys_in_the_window(sliding_a
             for g, w in zip(got, want):  # NaN: a row without image keys in its window
                 assert torch.equal(g.isnan(), w.isnan())
                 assert_close(g[~w.isnan()], w[~w.isnan()])
+
+
+@pytest.mark.parametrize("field", ["layers", "heads"])
+def test_an_intervention_on_no_layer_or_head_is_refused(field):
+    """An empty selection would steer nothing; it is refused in one line (VislensError, the
+    CLI's one-line error), not a silent no-op nor a max() of an empty list later."""
+    with pytest.raises(VislensError, match=rf"scale: {field} is empty"):
+        Intervention("scale", torch.tensor([2.0]), **{field: frozenset() if field == "layers" else ()})

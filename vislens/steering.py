@@ -34,6 +34,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .errors import VislensError
 from .registry import Registry
 
 ATTN_NAME = "vislens"
@@ -98,14 +99,19 @@ class Intervention:
 
     def __post_init__(self) -> None:
         if self.kind not in INTERVENTIONS:
-            raise ValueError(f"intervention kind must be one of {', '.join(INTERVENTIONS)}, "
+            raise VislensError(f"intervention kind must be one of {', '.join(INTERVENTIONS)}, "
                              f"got {self.kind!r}")
         self.edit = INTERVENTIONS.get(self.kind)
         if not torch.isfinite(self.value).all():
-            raise ValueError(f"intervention {self.kind} has a non-finite value: {self.value.tolist()}")
+            raise VislensError(f"intervention {self.kind} has a non-finite value: {self.value.tolist()}")
         if self.rows is not None and self.rows.shape != self.value.shape:
-            raise ValueError(f"intervention rows {tuple(self.rows.shape)} do not match its values "
+            raise VislensError(f"intervention rows {tuple(self.rows.shape)} do not match its values "
                              f"{tuple(self.value.shape)}")
+        for name in ("layers", "heads"):  # empty would steer nothing: a silent no-op
+            chosen = getattr(self, name)
+            if chosen is not None and not len(chosen):
+                raise VislensError(f"intervention {self.kind}: {name} is empty; give at least one, "
+                                 "or None for all")
 
     def is_identity(self) -> bool:
         neutral = self.edit.neutral
@@ -125,7 +131,7 @@ class Intervention:
         if self.heads is not None:
             n_heads = logits.shape[1]
             if max(self.heads) >= n_heads or min(self.heads) < 0:
-                raise ValueError(f"intervention heads {list(self.heads)} outside the model's "
+                raise VislensError(f"intervention heads {list(self.heads)} outside the model's "
                                  f"heads 0-{n_heads - 1}")
             head_sel = torch.zeros(n_heads, dtype=torch.bool, device=logits.device)
             head_sel[list(self.heads)] = True
@@ -167,12 +173,12 @@ def _matcher(names) -> tuple[Callable[[str, int, str], bool], set[int]]:
         return (lambda point, layer, full: bool(names(full))), set()
     items = [names] if isinstance(names, str) else list(names)
     if not items:
-        raise ValueError("add_hook: no hook name given")
+        raise VislensError("add_hook: no hook name given")
     wanted: set[tuple[int | None, str]] = set()
     for item in items:
         m = _NAME.match(item) if isinstance(item, str) else None
         if m is None:
-            raise ValueError(f"unknown hook point {item!r}; use attn.logits, attn.pattern or "
+            raise VislensError(f"unknown hook point {item!r}; use attn.logits, attn.pattern or "
                              "blocks.{layer}.attn.logits / blocks.{layer}.attn.pattern")
         wanted.add((None if m.group(1) is None else int(m.group(1)), m.group(2)))
     explicit = {layer for layer, _ in wanted if layer is not None}
@@ -260,7 +266,7 @@ class Steerer:
             named |= set().union(*(iv.layers for iv in self.interventions if iv.layers is not None))
             missing = sorted(named - self._seen)
             if missing:
-                raise ValueError(f"layer(s) {missing} named by a hook or intervention never ran; "
+                raise VislensError(f"layer(s) {missing} named by a hook or intervention never ran; "
                                  f"the model ran layers {min(self._seen)}-{max(self._seen)}")
 
     # -- called from the attention function -------------------------------------------
@@ -283,7 +289,7 @@ class Steerer:
         sliding-window cache keeps only the last keys of the sequence)."""
         keys = self.image_keys.to(logits.device)
         if keys.shape[-1] - first != logits.shape[-1]:
-            raise ValueError(f"image key mask covers {keys.shape[-1] - first} keys but layer "
+            raise VislensError(f"image key mask covers {keys.shape[-1] - first} keys but layer "
                              f"{layer} attends over {logits.shape[-1]}")
         return keys[:, first:]
 
