@@ -308,3 +308,16 @@ def test_workers_that_loaded_other_weights_or_dtype_are_refused(monkeypatch):
         msg = str(err.value)
         assert "\n" not in msg and msg.startswith("worker 1 on b ")
         assert key in msg and repr(value) in msg and repr(info("a")["describe"][key]) in msg
+
+
+def test_asking_a_pool_without_a_ready_worker_is_one_line():
+    """Every worker gone (replacements spent): a question to the pool is a VislensError, not
+    a StopIteration out of the slot search."""
+    from vislens.distributed import ReplicaPool, _Slot
+    from vislens.errors import VislensError
+
+    pool = object.__new__(ReplicaPool)
+    pool.slots = [_Slot(0), _Slot(1, actor=object(), ready=False)]
+    for ask in (lambda: pool.format_prompts(["q"]), lambda: pool.image_views([(4, 4)])):
+        with pytest.raises(VislensError, match="no Ray worker is ready"):
+            ask()

@@ -402,21 +402,25 @@ class ReplicaPool:
     def name(self) -> str:
         return str(self.info.get("name") or self.model)
 
-    def image_views(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
-        """``[len(sizes), 4]``: what the model sees of each image size, asked of one ready
-        worker in one call (the processor is the same on every replica)."""
+    def _ask(self, method: str, *args: Any) -> Any:
+        """``Replica.method(*args)`` on one ready worker, in one call (every replica has the
+        same model and processor)."""
         import ray
 
-        slot = next(s for s in self.slots if s.ready and s.actor is not None)
-        views = ray.get(slot.actor.image_views.remote([tuple(map(int, z)) for z in sizes]))
+        slot = next((s for s in self.slots if s.ready and s.actor is not None), None)
+        if slot is None:
+            raise VislensError("no Ray worker is ready (see the lines above); run the same "
+                               "command again to resume")
+        return ray.get(getattr(slot.actor, method).remote(*args))
+
+    def image_views(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        """``[len(sizes), 4]``: what the model sees of each image size."""
+        views = self._ask("image_views", [tuple(map(int, z)) for z in sizes])
         return np.asarray(views, dtype=np.float32).reshape(len(sizes), 4)
 
     def format_prompts(self, prompts: Sequence[str]) -> list[str]:
-        """Each prompt as the workers' model runs it, asked of one ready worker."""
-        import ray
-
-        slot = next(s for s in self.slots if s.ready and s.actor is not None)
-        return list(ray.get(slot.actor.format_prompts.remote(list(prompts))))
+        """Each prompt as the workers' model runs it."""
+        return list(self._ask("format_prompts", list(prompts)))
 
     def describe(self) -> dict[str, Any]:
         """The model's description as a worker reports it, plus Ray provenance."""

@@ -266,8 +266,8 @@ def load_model(name_or_path: str | Path, dtype: Any = "auto", device: str | None
                            f"more than tensors ({_pickle_detail(exc)}); use *.safetensors "
                            f"weights from a source you trust") from None
     _check_loading_info(name, class_name, info)
-    if device != "balanced":
-        model = model.to(device)
+    if device != "balanced":  # weights are there already; this places any buffer the
+        model = model.to(device)  # model made outside the device map (a no-op otherwise)
     model.eval()
     model.set_attn_implementation({"text_config": register_attention()})
     try:
